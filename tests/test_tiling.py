@@ -1,0 +1,115 @@
+import cv2
+import numpy as np
+import openslide
+import pytest
+
+from slidemil.demo import make_slide
+from slidemil.slides import SlideError, open_slide, pick_level
+from slidemil.tiling import TilingParams, is_tissue, load_tiles, tile_slide
+
+
+def _flat(value):
+    return np.full((256, 256, 3), value, np.uint8)
+
+
+def test_background_rule_thresholds():
+    p = TilingParams()
+    rng = np.random.default_rng(0)
+    white = np.clip(_flat(245) + rng.integers(-3, 4, (256, 256, 3)), 0, 255).astype(np.uint8)
+    assert not is_tissue(white, p)                      # bright
+    assert not is_tissue(_flat(150), p)                  # dark but flat: Sobel rule
+    textured = rng.integers(60, 200, (256, 256, 3)).astype(np.uint8)
+    assert is_tissue(textured, p)
+    # Exactly the Sobel criterion: a half-textured, half-flat mid-gray tile has > 40 % flat pixels.
+    half = textured.copy()
+    half[:, :160] = 150
+    assert not is_tissue(half, p)
+    assert is_tissue(half, TilingParams(max_flat_fraction=0.7))
+
+
+def test_cmu_small_region_keeps_tissue_drops_white(shared_slides, tmp_path):
+    slide_path = shared_slides / "CMU-1-Small-Region.svs"
+    out, qc = tmp_path / "cmu.h5", tmp_path / "cmu.png"
+    summary = tile_slide(str(slide_path), str(out), str(qc), {"mpp": 0.5, "tile_px": 256})
+    coords, attrs = load_tiles(str(out))
+    assert attrs["level"] == 0 and attrs["tile_size_level0"] == 257  # 256 px * 0.5 / 0.499
+    assert attrs["slide_mpp"] == pytest.approx(0.499)
+    assert 20 <= len(coords) < summary["n_grid"]
+    slide = openslide.OpenSlide(str(slide_path))
+    p = TilingParams()
+    kept = {tuple(c) for c in coords.tolist()}
+    step = attrs["tile_size_level0"]
+    w, h = slide.dimensions
+    grays_kept, grays_dropped = [], []
+    for y in range(0, h - step + 1, step):
+        for x in range(0, w - step + 1, step):
+            tile = np.asarray(slide.read_region((x, y), 0, (step, step)).convert("RGB"))
+            gray = cv2.cvtColor(tile, cv2.COLOR_RGB2GRAY).mean()
+            (grays_kept if (x, y) in kept else grays_dropped).append(gray)
+            if (x, y) in kept:  # every kept tile passes the rule at full resolution
+                assert is_tissue(cv2.resize(tile, (256, 256), interpolation=cv2.INTER_AREA), p)
+    assert max(grays_kept) < 225                       # no white tile kept
+    assert sum(g > 235 for g in grays_dropped) >= 20   # the white margins are dropped
+    qc_img = cv2.imread(str(qc))
+    assert qc_img.shape[0] == 1024
+    green = (qc_img[..., 1] > 150) & (qc_img[..., 0] < 40) & (qc_img[..., 2] < 40)
+    assert green.sum() > 100  # kept tiles are outlined
+
+
+def test_demo_slide_reads_finer_level_and_resizes(tmp_path):
+    path = tmp_path / "s.tiff"
+    make_slide(str(path), label=0, seed=1, slide_px=(2048, 2048), mpp=0.25, objective_power=40)
+    slide = openslide.OpenSlide(str(path))
+    assert pick_level(slide, path, 0.25, 0.5) == 0       # 0.25 and 1.0 mpp levels: never upsample 1.0
+    assert pick_level(slide, path, 0.25, 1.0) == 1
+    tile_slide(str(path), str(tmp_path / "t.h5"), None, {"mpp": 0.5, "tile_px": 256})
+    coords, attrs = load_tiles(str(tmp_path / "t.h5"))
+    assert attrs["read_px"] == 512 and attrs["tile_size_level0"] == 512
+    assert len(coords) > 0 and (coords % 512 == 0).all()
+
+
+def test_blank_slide_gives_empty_valid_output(tmp_path, caplog):
+    path = tmp_path / "blank.tiff"
+    make_slide(str(path), label=0, seed=1, slide_px=(1024, 1024), tissue=False)
+    out = tmp_path / "blank.h5"
+    summary = tile_slide(str(path), str(out), str(tmp_path / "blank.png"), {})
+    coords, attrs = load_tiles(str(out))
+    assert summary["n_tiles"] == 0 and coords.shape == (0, 2)
+    assert "no tissue tiles" in caplog.text and "blank" in caplog.text
+
+
+def test_slide_without_mpp_fails_naming_slide_and_fix(tmp_path):
+    path = tmp_path / "nompp.tiff"
+    make_slide(str(path), label=0, seed=1, slide_px=(1024, 1024), mpp=None, objective_power=None)
+    with pytest.raises(SlideError, match=r"nompp\.tiff.*'mpp' column"):
+        tile_slide(str(path), str(tmp_path / "x.h5"), None, {})
+    assert not (tmp_path / "x.h5").exists()
+    # The sheet's mpp rescues it.
+    tile_slide(str(path), str(tmp_path / "x.h5"), None, {}, mpp_override=0.5)
+    assert (load_tiles(str(tmp_path / "x.h5"))[1]["mpp_source"]) == "sheet"
+
+
+def test_upsampling_is_refused(tmp_path):
+    path = tmp_path / "s.tiff"
+    make_slide(str(path), label=0, seed=1, slide_px=(1024, 1024), mpp=0.5)
+    with pytest.raises(SlideError, match="upsampled"):
+        tile_slide(str(path), str(tmp_path / "x.h5"), None, {"mpp": 0.25})
+
+
+@pytest.mark.parametrize("name, message", [
+    ("unopenable.tiff", "OpenSlide cannot open"),
+    ("unreadable.svs", "reading pixels"),
+    ("broken.svs", "not a slide format"),
+])
+def test_bad_slides_give_clear_errors(shared_slides, tmp_path, name, message):
+    path = shared_slides / "bad" / name
+    out = tmp_path / "bad.h5"
+    with pytest.raises(SlideError) as info:
+        tile_slide(str(path), str(out), str(tmp_path / "bad.png"), {"mpp": 0.5, "tile_px": 8, "mask_min_fraction": 0})
+    assert name in str(info.value) and message in str(info.value)
+    assert not out.exists() and not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(SlideError, match="not found"):
+        open_slide(tmp_path / "nope.svs")

@@ -1,0 +1,248 @@
+"""The training stage on tiny synthetic bags (CPU, seconds)."""
+
+import json
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from slidemil import train
+from slidemil.io import read_h5, write_h5
+from slidemil.models import create_model
+
+DIM = 16
+N_PATIENTS = 30  # every third patient has two slides: 40 slides, multi-slide patients in every partition
+FAST = {"epochs": 6, "lr": 1e-3}
+MODEL_KWARGS = {"dropout": 0.25}  # the default architecture: on 16-d inputs it is fast and learns quickly
+
+
+def make_bag(rng, label):
+    """10-30 Gaussian instances; a positive bag has 3-5 instances shifted by 6 sd along one axis."""
+    n = int(rng.integers(10, 31))
+    feats = rng.normal(size=(n, DIM)).astype(np.float32)
+    if label:
+        hot = rng.choice(n, size=int(rng.integers(3, 6)), replace=False)
+        feats[hot, 0] += 6.0
+    return feats
+
+
+def partition(patient, fold):
+    # fold 0: patients 0-17 train, 18-23 val, 24-29 test; fold 1 rotates and
+    # excludes two patients.
+    p = (patient + 6 * fold) % N_PATIENTS
+    if fold == 1 and patient in (0, 1):
+        return "excluded"
+    return "train" if p < 18 else "val" if p < 24 else "test"
+
+
+def write_dataset(root):
+    """Feature files and a splits CSV with folds 0 and 1 under ``root``."""
+    rng = np.random.default_rng(0)
+    rows, features = [], {}
+    for patient in range(N_PATIENTS):
+        label = patient % 2
+        for k in range(2 if patient % 3 == 0 else 1):
+            slide = f"S{patient:02d}_{k}"
+            feats = make_bag(rng, label)
+            path = root / f"{slide}.h5"
+            # float16 on some slides: both stored precisions must load.
+            write_h5(path, {"features": feats.astype(np.float16 if k else np.float32),
+                            "coords": np.zeros((len(feats), 2), dtype=np.int64)}, {})
+            features[slide] = str(path)
+            rows.append({"slide_id": slide, "patient_id": f"P{patient:02d}", "label": label,
+                         "fold_0": partition(patient, 0), "fold_1": partition(patient, 1)})
+    splits = root / "splits.csv"
+    pd.DataFrame(rows).to_csv(splits, index=False)
+    return {"root": root, "features": features, "splits": str(splits), "table": pd.DataFrame(rows)}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("data"))
+
+
+def run(dataset, out, fold=0, training=None, seed=0, model="abmil", features=None, splits=None):
+    return train.train_fold(
+        features or dataset["features"], splits or dataset["splits"], fold, model, MODEL_KWARGS,
+        {**FAST, **(training or {})}, seed, str(out), device="cpu", num_threads=1,
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    return run(dataset, out), out
+
+
+def test_learns_easy_task(trained):
+    summary, _ = trained
+    assert summary["test_auc"] >= 0.9
+    assert 1 <= summary["best_epoch"] <= summary["epochs_run"] <= FAST["epochs"]
+    assert summary["n_slides"] == {"train": 24, "val": 8, "test": 8}
+
+
+def test_outputs(trained, dataset):
+    summary, out = trained
+    history = pd.read_csv(out / "history.csv")
+    assert list(history.columns) == ["epoch", "train_loss", "val_loss", "val_auc", "lr"]
+    assert history["epoch"].tolist() == list(range(1, summary["epochs_run"] + 1))
+    assert (history["lr"].diff().dropna() < 0).all()  # cosine decay, stepped per batch
+
+    slides = pd.read_csv(out / "predictions_slides.csv", dtype={"slide_id": str, "patient_id": str})
+    assert list(slides.columns) == ["slide_id", "patient_id", "label", "partition", "prob"]
+    table = dataset["table"]
+    expected = table.loc[table["fold_0"].isin(["val", "test"]), "slide_id"]
+    assert sorted(slides["slide_id"]) == sorted(expected)
+    assert slides["prob"].between(0, 1).all()
+
+    ckpt = torch.load(out / "model.pt", weights_only=False)
+    assert {"state_dict", "model", "model_kwargs", "in_dim", "epoch", "val_auc", "training", "seed"} <= set(ckpt)
+    assert ckpt["epoch"] == summary["best_epoch"] and ckpt["val_auc"] == summary["val_auc"]
+    assert ckpt["training"]["patience"] == 5  # defaults filled in
+
+    # The saved checkpoint reproduces the saved predictions.
+    model = create_model(ckpt["model"], ckpt["in_dim"], **ckpt["model_kwargs"]).eval()
+    model.load_state_dict(ckpt["state_dict"])
+    row = slides.iloc[0]
+    bag, _ = read_h5(dataset["features"][row["slide_id"]], names=("features",))
+    x = torch.from_numpy(bag["features"].astype(np.float32))
+    # Features are standardised with the training-slide statistics saved in the checkpoint.
+    train_ids = table.loc[table["fold_0"] == "train", "slide_id"]
+    train_x = np.concatenate([read_h5(dataset["features"][s], names=("features",))[0]["features"]
+                              for s in train_ids]).astype(np.float64)
+    np.testing.assert_allclose(ckpt["feature_mean"].numpy(), train_x.mean(0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(ckpt["feature_std"].numpy(), train_x.std(0), rtol=1e-3, atol=1e-5)
+    x = (x - ckpt["feature_mean"]) / ckpt["feature_std"]
+    with torch.no_grad():
+        logits = model(x[None])["logits"]
+    assert torch.softmax(logits, 1)[0, 1].item() == pytest.approx(row["prob"], abs=1e-6)
+
+
+def test_patient_prob_is_mean_of_slides(trained):
+    _, out = trained
+    slides = pd.read_csv(out / "predictions_slides.csv", dtype={"patient_id": str})
+    patients = pd.read_csv(out / "predictions_patients.csv", dtype={"patient_id": str})
+    assert list(patients.columns) == ["patient_id", "label", "partition", "n_slides", "prob"]
+    expected = slides.groupby("patient_id").agg(prob=("prob", "mean"), n=("prob", "size"), label=("label", "first"))
+    merged = patients.merge(expected, left_on="patient_id", right_index=True, suffixes=("", "_slides"))
+    assert len(merged) == slides["patient_id"].nunique()
+    np.testing.assert_allclose(merged["prob"], merged["prob_slides"], rtol=1e-12)
+    assert (merged["n_slides"] == merged["n"]).all() and (merged["label"] == merged["label_slides"]).all()
+    assert (merged["n_slides"] == 2).any()
+
+
+def test_same_seed_same_predictions(dataset, tmp_path):
+    settings = {"epochs": 2, "batch_size": 4, "max_tiles": 12}
+    runs = [run(dataset, tmp_path / name, training=settings, seed=seed) for name, seed in (("a", 3), ("b", 3), ("c", 4))]
+    probs = [pd.read_csv(tmp_path / name / "predictions_slides.csv")["prob"].to_numpy() for name in "abc"]
+    np.testing.assert_array_equal(probs[0], probs[1])
+    assert not np.array_equal(probs[0], probs[2])
+    history = [pd.read_csv(tmp_path / name / "history.csv") for name in "ab"]
+    pd.testing.assert_frame_equal(history[0], history[1])
+    assert runs[0]["val_auc"] == runs[1]["val_auc"]
+
+
+def test_max_tiles_subset_fixed_per_slide(dataset):
+    idx = train.subsample_indices(30, 12, seed=7, slide_id="S01_0")
+    assert len(idx) == 12 and len(set(idx)) == 12 and (np.diff(idx) > 0).all() and idx.max() < 30
+    np.testing.assert_array_equal(idx, train.subsample_indices(30, 12, seed=7, slide_id="S01_0"))
+    assert not np.array_equal(idx, train.subsample_indices(30, 12, seed=8, slide_id="S01_0"))
+    assert not np.array_equal(idx, train.subsample_indices(30, 12, seed=7, slide_id="S02_0"))
+    assert train.subsample_indices(12, 12, seed=7, slide_id="S01_0") is None
+
+    ids = sorted(dataset["features"])
+    bags, _ = train.load_bags(ids, dataset["features"], max_tiles=12, seed=7)
+    # The subset depends on the slide alone, not on which other slides are loaded.
+    again, _ = train.load_bags(ids[::-1][:5], dataset["features"], max_tiles=12, seed=7)
+    for slide in again:
+        torch.testing.assert_close(again[slide], bags[slide], rtol=0, atol=0)
+    for slide, bag in bags.items():
+        full = read_h5(dataset["features"][slide], names=("features",))[0]["features"].astype(np.float32)
+        keep = train.subsample_indices(len(full), 12, 7, slide)
+        assert len(bag) == min(len(full), 12)
+        np.testing.assert_array_equal(bag.float().numpy(), full if keep is None else full[keep])
+
+
+def test_empty_slides_skipped_and_missing_ones_fail(dataset, tmp_path, caplog):
+    empty = tmp_path / "EMPTY.h5"
+    write_h5(empty, {"features": np.zeros((0, DIM), np.float32), "coords": np.zeros((0, 2), np.int64)}, {})
+    table = dataset["table"].copy()
+    table.loc[len(table)] = {"slide_id": "EMPTY", "patient_id": "P25", "label": 1, "fold_0": "test", "fold_1": "test"}
+    splits = tmp_path / "splits.csv"
+    table.to_csv(splits, index=False)
+    features = {**dataset["features"], "EMPTY": str(empty)}
+
+    with caplog.at_level(logging.WARNING, logger="slidemil.train"):
+        summary = run(dataset, tmp_path / "out", training={"epochs": 1}, features=features, splits=str(splits))
+    assert summary["skipped_slides"] == ["EMPTY"]
+    assert any("EMPTY" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    slides = pd.read_csv(tmp_path / "out" / "predictions_slides.csv")
+    assert "EMPTY" not in set(slides["slide_id"])
+
+    missing = dict(features)
+    del missing["S27_0"]
+    with pytest.raises(ValueError, match="S27_0"):
+        run(dataset, tmp_path / "out2", training={"epochs": 1}, features=missing, splits=str(splits))
+
+
+def test_early_stopping_when_val_cannot_improve(dataset, tmp_path):
+    # lr 0 leaves the weights untouched: validation AUC and loss never improve after epoch 1.
+    summary = run(dataset, tmp_path, training={"epochs": 20, "patience": 3, "lr": 0.0})
+    assert summary["best_epoch"] == 1
+    assert summary["epochs_run"] == 4
+    assert len(pd.read_csv(tmp_path / "history.csv")) == 4
+
+
+def test_single_class_validation_selects_on_loss(dataset, tmp_path, caplog):
+    table = dataset["table"].copy()
+    table.loc[(table["fold_0"] == "val") & (table["label"] == 1), "fold_0"] = "excluded"
+    splits = tmp_path / "splits.csv"
+    table.to_csv(splits, index=False)
+    with caplog.at_level(logging.WARNING, logger="slidemil.train"):
+        summary = run(dataset, tmp_path / "out", training={"epochs": 2}, splits=str(splits))
+    assert summary["val_auc"] is None
+    assert any("one class" in r.getMessage() for r in caplog.records)
+    history = pd.read_csv(tmp_path / "out" / "history.csv")
+    assert summary["best_epoch"] == int(history.loc[history["val_loss"].idxmin(), "epoch"])
+
+
+def test_excluded_slides_unused(dataset, tmp_path):
+    summary = run(dataset, tmp_path, fold=1, training={"epochs": 1})
+    slides = pd.read_csv(tmp_path / "predictions_slides.csv", dtype={"patient_id": str})
+    assert not set(slides["patient_id"]) & {"P00", "P01"}
+    assert sum(summary["n_slides"].values()) == 40 - 3
+
+
+def test_bad_settings_fail_clearly(dataset, tmp_path):
+    with pytest.raises(ValueError, match="epoch"):
+        run(dataset, tmp_path, training={"epoch": 3})
+    with pytest.raises(TypeError, match="'abmil'.*width"):
+        train.train_fold(dataset["features"], dataset["splits"], 0, "abmil", {"width": 3}, FAST, 0, str(tmp_path))
+    with pytest.raises(ValueError, match="fold_5"):
+        run(dataset, tmp_path, fold=5)
+
+
+def test_cli(dataset, tmp_path, capsys):
+    out = tmp_path / "cli"
+    train.main([
+        "--features-dir", str(dataset["root"]), "--splits", dataset["splits"], "--fold", "0",
+        "--model", "abmil_gated", "--model-kwargs", json.dumps({"attn_dim": 64}),
+        "--training", json.dumps({"epochs": 1, "batch_size": 8}), "--seed", "1", "--out", str(out),
+        "--device", "cpu", "--num-threads", "1",
+    ])
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["model"] == "abmil_gated" and summary["epochs_run"] == 1
+    for name in ("model.pt", "history.csv", "predictions_slides.csv", "predictions_patients.csv"):
+        assert (out / name).is_file()
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_collate_pads_with_mask_and_keeps_precision():
+    a = torch.tensor([[1.0, 2.0]], dtype=torch.float16)
+    b = torch.tensor([[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]])
+    x, mask = train.collate([a, b])
+    assert x.dtype == torch.float32 and x.shape == (2, 3, 2)
+    assert mask.tolist() == [[True, False, False], [True, True, True]]
+    assert torch.equal(x[1], b) and (x[0, 1:] == 0).all()

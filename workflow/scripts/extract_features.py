@@ -1,0 +1,22 @@
+import _step
+
+_step.start(snakemake)
+from slidemil.features import extract_features  # noqa: E402
+
+settings = dict(snakemake.params.extractor)
+_step.run(
+    extract_features,
+    snakemake.input.slide,
+    snakemake.input.tiles,
+    snakemake.output[0],
+    extractor=snakemake.wildcards.extractor,
+    weights=settings["weights"],
+    input_px=settings["input_px"],
+    dtype=settings["dtype"],
+    seed=settings.get("seed", 0),
+    device=snakemake.resources.device,
+    batch_size=snakemake.resources.batch_size,
+    workers=snakemake.resources.loader_workers,
+    threads=snakemake.threads,
+    slide_id=snakemake.wildcards.slide,
+)

@@ -1,0 +1,21 @@
+from pathlib import Path
+
+import _step
+
+_step.start(snakemake)
+from slidemil.train import train_fold  # noqa: E402
+
+features = {Path(p).stem: p for p in snakemake.input.features}
+_step.run(
+    train_fold,
+    features=features,
+    splits_csv=snakemake.input.splits,
+    fold=int(snakemake.wildcards.fold),
+    model=snakemake.wildcards.model,
+    model_kwargs=dict(snakemake.params.model),
+    training=dict(snakemake.params.training),
+    seed=snakemake.params.seed,
+    out_dir=str(Path(snakemake.output[0]).parent),
+    device=snakemake.resources.device,
+    num_threads=snakemake.threads,
+)

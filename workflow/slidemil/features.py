@@ -1,0 +1,152 @@
+"""Stage 2: one feature vector per tile, written as a CLAM-compatible HDF5 file.
+
+Tiles are read from the slide through the tiling coordinates by DataLoader
+workers, each with its own OpenSlide handle; they travel as uint8 and are
+normalised on the device, which keeps the workers and the host-to-device copy
+light. Mixed precision on CUDA; CPU when there is no GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from .extractors import IMAGENET_MEAN, IMAGENET_STD, create_extractor, get_spec
+from .io import write_h5
+from .logs import setup_logging
+from .slides import SlideError, open_slide, read_rgb
+from .tiling import load_tiles
+
+logger = logging.getLogger(__name__)
+
+
+class TileDataset(Dataset):
+    """Tiles of one slide at the tiling's level and size, resized to ``input_px``, as uint8 CHW."""
+
+    def __init__(self, slide_path: str, coords: np.ndarray, level: int, read_px: int, input_px: int):
+        self.slide_path, self.coords = str(slide_path), coords
+        self.level, self.read_px, self.input_px = level, read_px, input_px
+        self._slide = None  # opened lazily, so each worker process gets its own handle
+
+    def __len__(self) -> int:
+        return len(self.coords)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if self._slide is None:
+            self._slide = open_slide(self.slide_path)
+        x, y = (int(v) for v in self.coords[i])
+        tile = read_rgb(self._slide, self.slide_path, (x, y), self.level, (self.read_px, self.read_px))
+        if self.read_px != self.input_px:
+            interp = cv2.INTER_AREA if self.read_px > self.input_px else cv2.INTER_LINEAR
+            tile = cv2.resize(tile, (self.input_px, self.input_px), interpolation=interp)
+        return torch.from_numpy(np.ascontiguousarray(tile.transpose(2, 0, 1)))
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def autocast_for(device: torch.device, precision: str):
+    """Mixed precision where it helps: fp16/bf16 on CUDA by default, bf16 on CPU only on request."""
+    if precision == "auto":
+        precision = "fp16" if device.type == "cuda" else "fp32"
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def extract_features(
+    slide_path: str,
+    tiles_h5: str,
+    out_h5: str,
+    extractor: str = "resnet50_trunc",
+    weights: str = "imagenet",
+    input_px: int = 224,
+    seed: int = 0,
+    dtype: str = "float32",
+    device: str = "auto",
+    batch_size: int = 64,
+    workers: int = 0,
+    precision: str = "auto",
+    threads: int | None = None,
+    slide_id: str | None = None,
+) -> dict:
+    """Extract features of every tile listed in ``tiles_h5``; write ``out_h5`` atomically."""
+    slide_id = slide_id or Path(slide_path).stem
+    coords, tile_attrs = load_tiles(tiles_h5)
+    dev = resolve_device(device)
+    if threads:
+        torch.set_num_threads(threads)
+    model, digest = create_extractor(extractor, weights, seed)
+    model = model.to(dev, memory_format=torch.channels_last)
+    mean = torch.tensor(IMAGENET_MEAN, device=dev).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=dev).view(1, 3, 1, 1) * 255
+
+    dim = get_spec(extractor).dim
+    feats = np.zeros((len(coords), dim), dtype=np.float32)
+    if len(coords) == 0:
+        logger.warning("%s: no tiles in %s; writing an empty feature file", slide_id, tiles_h5)
+    else:
+        dataset = TileDataset(slide_path, coords, int(tile_attrs["level"]), int(tile_attrs["read_px"]), input_px)
+        loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False,
+                            pin_memory=dev.type == "cuda", persistent_workers=False,
+                            prefetch_factor=4 if workers else None)
+        start = 0
+        with torch.inference_mode(), autocast_for(dev, precision):
+            for batch in tqdm(loader, desc=f"features {slide_id}", mininterval=2, disable=None):
+                x = batch.to(dev, non_blocking=True).float().sub_(mean).div_(std)
+                out = model(x.contiguous(memory_format=torch.channels_last))
+                feats[start:start + len(out)] = out.float().cpu().numpy()
+                start += len(out)
+    if not np.isfinite(feats).all():
+        raise RuntimeError(f"{slide_id}: non-finite features from {extractor} ({weights}); check the weights")
+    attrs = {
+        "slide_id": slide_id, "extractor": extractor, "weights": str(weights), "weights_digest": digest,
+        "input_px": input_px, "tile_px": int(tile_attrs["tile_px"]), "target_mpp": float(tile_attrs["target_mpp"]),
+        "level": int(tile_attrs["level"]), "tile_size_level0": int(tile_attrs["tile_size_level0"]),
+        "precision": precision if precision != "auto" else ("fp16" if dev.type == "cuda" else "fp32"),
+    }
+    write_h5(out_h5, {"features": feats.astype(dtype), "coords": coords.reshape(-1, 2)}, attrs)
+    logger.info("%s: %d tiles -> %s (%s, digest %s)", slide_id, len(coords), out_h5, extractor, digest)
+    return {"slide_id": slide_id, "n_tiles": len(coords), "dim": dim, "weights_digest": digest}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m slidemil.features", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("slide")
+    ap.add_argument("--tiles", required=True, help="HDF5 from the tiling stage")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--extractor", default="resnet50_trunc")
+    ap.add_argument("--weights", default="imagenet", help="imagenet, random or a path to a state dict")
+    ap.add_argument("--input-px", type=int, default=224)
+    ap.add_argument("--seed", type=int, default=0, help="seeds random weights")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    ap.add_argument("--threads", type=int)
+    args = ap.parse_args(argv)
+    setup_logging()
+    try:
+        print(extract_features(args.slide, args.tiles, args.out, args.extractor, args.weights, args.input_px,
+                               args.seed, args.dtype, args.device, args.batch_size, args.workers,
+                               args.precision, args.threads))
+    except SlideError as err:
+        raise SystemExit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    main()

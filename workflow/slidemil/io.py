@@ -1,0 +1,86 @@
+"""Atomic file output and small HDF5/CSV helpers shared by the stages."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import h5py
+import numpy as np
+import pandas as pd
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` on success.
+
+    The temporary file lives in the same directory so the final ``os.replace``
+    is atomic: a reader (or a resumed run) sees either the old file, no file,
+    or the complete new one, never a half-written file. On any exception the
+    temporary file is removed and ``path`` is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def _attr_value(value):
+    # HDF5 attributes hold scalars, strings and arrays; anything nested goes in as JSON.
+    if value is None:
+        return "null"
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value)
+    return value
+
+
+def write_h5(path: str | os.PathLike, datasets: Mapping[str, np.ndarray], attrs: Mapping | None = None) -> None:
+    """Write datasets and file attributes to an HDF5 file atomically."""
+    with atomic_output(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            for name, data in datasets.items():
+                f.create_dataset(name, data=np.asarray(data))
+            for key, value in (attrs or {}).items():
+                f.attrs[key] = _attr_value(value)
+
+
+def read_h5(path: str | os.PathLike, names: tuple[str, ...] | None = None) -> tuple[dict, dict]:
+    """Read datasets (all, or ``names``) and attributes from an HDF5 file."""
+    with h5py.File(path, "r") as f:
+        keys = names if names is not None else tuple(f.keys())
+        data = {k: f[k][()] for k in keys}
+        attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+    return data, attrs
+
+
+def write_csv(path: str | os.PathLike, frame: pd.DataFrame) -> None:
+    with atomic_output(path) as tmp:
+        frame.to_csv(tmp, index=False)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_output(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o)}")

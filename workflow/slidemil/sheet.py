@@ -1,0 +1,110 @@
+"""Sample sheet: one row per slide with slide_id, patient_id, path, label (optional mpp).
+
+The sheet is checked as a whole and every problem is reported at once, so a
+user fixes a 1,000-row sheet in one go instead of one error per run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import pandas as pd
+
+REQUIRED_COLUMNS = ("slide_id", "patient_id", "path", "label")
+
+
+class SheetError(ValueError):
+    """The sample sheet is malformed; the message lists every problem found."""
+
+    def __init__(self, sheet: str | os.PathLike, problems: list[str]):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"sample sheet {sheet}: {len(problems)} problem(s):\n{lines}")
+
+
+def read_table(path: str | os.PathLike) -> pd.DataFrame:
+    """Read a CSV or TSV table with ids kept as strings."""
+    sep = "\t" if str(path).endswith((".tsv", ".txt")) else ","
+    return pd.read_csv(path, sep=sep, dtype={"slide_id": str, "patient_id": str})
+
+
+def load_sheet(path: str | os.PathLike, check_files: bool = True) -> pd.DataFrame:
+    """Read and check a sample sheet; relative slide paths resolve against the sheet's folder.
+
+    Returns the sheet with ``path`` made absolute. Raises SheetError listing all problems.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SheetError(path, [f"file not found: {path}"])
+    try:
+        sheet = read_table(path)
+    except Exception as err:  # pandas raises many types for unreadable tables
+        raise SheetError(path, [f"cannot be read as a table: {err}"]) from err
+    problems = check_sheet(sheet, base_dir=path.parent, check_files=check_files)
+    if problems:
+        raise SheetError(path, problems)
+    sheet = sheet.copy()
+    sheet["path"] = [str(resolve_path(p, path.parent)) for p in sheet["path"]]
+    return sheet
+
+
+def resolve_path(value: str, base_dir: str | os.PathLike) -> Path:
+    p = Path(str(value)).expanduser()
+    return p if p.is_absolute() else (Path(base_dir) / p).resolve()
+
+
+def check_sheet(sheet: pd.DataFrame, base_dir: str | os.PathLike = ".", check_files: bool = True) -> list[str]:
+    """Every problem of the sheet as a readable line; empty when the sheet is fine."""
+    problems = []
+    missing = [c for c in REQUIRED_COLUMNS if c not in sheet.columns]
+    if missing:
+        problems.append(f"missing column(s) {', '.join(missing)} (found: {', '.join(map(str, sheet.columns))})")
+        return problems
+    if sheet.empty:
+        return ["has no rows"]
+    for col in ("slide_id", "patient_id", "path"):
+        empty = sheet.index[sheet[col].isna() | (sheet[col].astype(str).str.strip() == "")]
+        if len(empty):
+            problems.append(f"empty {col} in row(s) {_rows(empty)}")
+    dup = sheet["slide_id"][sheet["slide_id"].duplicated(keep=False)].dropna().unique()
+    if len(dup):
+        problems.append(f"duplicate slide_id(s): {', '.join(map(str, dup[:20]))}")
+    bad_ids = [s for s in sheet["slide_id"].dropna().astype(str) if "/" in s or s.startswith(".")]
+    if bad_ids:
+        problems.append(f"slide_id(s) unusable as file names: {', '.join(bad_ids[:20])}")
+    no_label = sheet.index[sheet["label"].isna()]
+    if len(no_label):
+        problems.append(f"missing label in row(s) {_rows(no_label)}")
+    labels = sheet.dropna(subset=["label"]).groupby("patient_id")["label"].nunique()
+    conflicting = labels.index[labels > 1].tolist()
+    if conflicting:
+        problems.append(f"patient(s) with different labels on their slides: {', '.join(map(str, conflicting[:20]))}")
+    if "mpp" in sheet.columns:
+        mpp = pd.to_numeric(sheet["mpp"], errors="coerce")
+        bad = sheet.index[sheet["mpp"].notna() & ~(mpp > 0)]
+        if len(bad):
+            problems.append(f"mpp must be a positive number (row(s) {_rows(bad)})")
+    if check_files:
+        unreadable = [
+            str(p) for p in sheet["path"].dropna()
+            if not os.access(resolve_path(p, base_dir), os.R_OK) or not resolve_path(p, base_dir).is_file()
+        ]
+        if unreadable:
+            more = f" and {len(unreadable) - 10} more" if len(unreadable) > 10 else ""
+            problems.append(f"slide file(s) missing or unreadable: {', '.join(unreadable[:10])}{more}")
+    return problems
+
+
+def _rows(index) -> str:
+    # Rows as a user sees them in a spreadsheet: header is line 1.
+    return ", ".join(str(i + 2) for i in list(index)[:20])
+
+
+def sheet_mpp(row) -> float | None:
+    """The mpp override of a sheet row, or None."""
+    value = row.get("mpp") if hasattr(row, "get") else None
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return float(value)

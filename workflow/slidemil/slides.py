@@ -1,0 +1,95 @@
+"""Opening slides with OpenSlide, with errors that name the slide and the fix."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import openslide
+
+logger = logging.getLogger(__name__)
+
+# A pyramid level counts as "at or below" the target mpp within this relative
+# tolerance, so a 0.5040 mpp scan still serves a 0.5 mpp grid from level 0.
+MPP_TOLERANCE = 0.05
+
+
+class SlideError(RuntimeError):
+    """A slide cannot be used; the message names the file and what to do."""
+
+
+def open_slide(path: str | os.PathLike) -> openslide.OpenSlide:
+    path = Path(path)
+    if not path.is_file():
+        raise SlideError(f"{path}: slide file not found; fix the path in the sample sheet")
+    try:
+        return openslide.OpenSlide(str(path))
+    except openslide.OpenSlideUnsupportedFormatError as err:
+        raise SlideError(f"{path}: not a slide format OpenSlide can open ({err}); "
+                         "convert it or remove it from the sample sheet") from err
+    except openslide.OpenSlideError as err:
+        raise SlideError(f"{path}: OpenSlide cannot open this file ({err}); "
+                         "it may be corrupt or truncated: re-export or re-copy it") from err
+
+
+def read_rgb(slide: openslide.OpenSlide, path, location, level: int, size) -> np.ndarray:
+    """Read a region as an RGB uint8 array; pixel-decoding failures name the slide."""
+    try:
+        region = slide.read_region(location, level, size)
+    except openslide.OpenSlideError as err:
+        raise SlideError(f"{path}: reading pixels at level {level}, {location} failed ({err}); "
+                         "the file is probably corrupt: re-export or re-copy it") from err
+    rgba = np.asarray(region)
+    # Transparent (outside-the-scan) pixels come back as zeros: paint them white, i.e. background.
+    rgb = rgba[..., :3].copy()
+    rgb[rgba[..., 3] == 0] = 255
+    return rgb
+
+
+@dataclass(frozen=True)
+class SlideMpp:
+    mpp: float
+    source: str  # "sheet", "metadata" or "objective-power"
+
+
+def slide_mpp(slide: openslide.OpenSlide, path, mpp_override: float | None = None) -> SlideMpp:
+    """Level-0 microns per pixel: the sheet's value, else metadata, else 10 / objective power."""
+    if mpp_override is not None:
+        return SlideMpp(float(mpp_override), "sheet")
+    props = slide.properties
+    mpp_x, mpp_y = props.get(openslide.PROPERTY_NAME_MPP_X), props.get(openslide.PROPERTY_NAME_MPP_Y)
+    if mpp_x:
+        mpp = float(mpp_x) if not mpp_y else (float(mpp_x) + float(mpp_y)) / 2
+        if mpp > 0:
+            return SlideMpp(mpp, "metadata")
+    power = props.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER) or props.get("aperio.AppMag")
+    if power and float(power) > 0:
+        # The usual convention (20x ~ 0.5 mpp, 40x ~ 0.25 mpp); scanners differ by a few percent.
+        mpp = 10.0 / float(power)
+        logger.warning("%s: no mpp in metadata; using %.4g mpp from objective power %sx", path, mpp, power)
+        return SlideMpp(mpp, "objective-power")
+    raise SlideError(
+        f"{path}: no resolution in the slide metadata (neither openslide.mpp-x nor objective power), "
+        "so the tile grid cannot be placed in microns; add an 'mpp' column to the sample sheet "
+        "with this slide's level-0 microns per pixel"
+    )
+
+
+def level_mpps(slide: openslide.OpenSlide, base_mpp: float) -> list[float]:
+    return [base_mpp * d for d in slide.level_downsamples]
+
+
+def pick_level(slide: openslide.OpenSlide, path, base_mpp: float, target_mpp: float) -> int:
+    """The coarsest level whose mpp is still at or below the target (never upsample from coarser)."""
+    mpps = level_mpps(slide, base_mpp)
+    ok = [i for i, m in enumerate(mpps) if m <= target_mpp * (1 + MPP_TOLERANCE)]
+    if not ok:
+        raise SlideError(
+            f"{path}: finest level is {mpps[0]:.4g} mpp, coarser than the target {target_mpp:.4g} mpp; "
+            "tiles would have to be upsampled: set a target mpp of at least "
+            f"{mpps[0]:.4g} or leave this slide out"
+        )
+    return max(ok, key=lambda i: mpps[i])

@@ -1,0 +1,202 @@
+"""Stage 1: tile a slide on a grid in physical units and drop the background.
+
+Two passes, so background is never decoded at full resolution:
+1. a coarse tissue mask (Otsu on HSV saturation) from a low-resolution level
+   selects candidate grid cells;
+2. only candidates are read at the target resolution and judged by the
+   per-tile rule of DeepSMILE / Fu et al. 2020 (brightness and Sobel gradient).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from .io import atomic_output, read_h5, write_h5
+from .logs import setup_logging
+from .slides import SlideError, open_slide, pick_level, read_rgb, slide_mpp
+
+logger = logging.getLogger(__name__)
+
+MASK_PX_PER_TILE = 8  # mask resolution: each grid cell spans about 8 x 8 mask pixels
+QC_MAX_PX = 1024
+
+
+@dataclass(frozen=True)
+class TilingParams:
+    mpp: float = 0.5                       # target microns per pixel of the tiles
+    tile_px: int = 256                     # tile edge at the target mpp
+    bright_threshold: int = 240            # gray level above which a pixel is "white"
+    max_bright_fraction: float = 0.5       # background if more than this fraction is white
+    sobel_threshold: float = 20.0          # gradient magnitude at or below this is "flat"
+    max_flat_fraction: float = 0.6         # kept only if fewer than this fraction is flat
+    mask_min_saturation: int = 15          # floor for the Otsu threshold (blank slides)
+    mask_min_fraction: float = 0.05        # a grid cell is a candidate above this tissue fraction
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "TilingParams":
+        d = dict(d or {})
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown tiling setting(s): {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+
+def is_tissue(tile_rgb: np.ndarray, p: TilingParams) -> bool:
+    """Fu et al.'s rule: not mostly white, and not mostly flat (Sobel magnitude)."""
+    gray = cv2.cvtColor(tile_rgb, cv2.COLOR_RGB2GRAY)
+    if np.mean(gray > p.bright_threshold) > p.max_bright_fraction:
+        return False
+    gx = cv2.Sobel(gray, cv2.CV_32F, 1, 0, ksize=3)
+    gy = cv2.Sobel(gray, cv2.CV_32F, 0, 1, ksize=3)
+    magnitude = 0.5 * np.abs(gx) + 0.5 * np.abs(gy)
+    return bool(np.mean(magnitude <= p.sobel_threshold) < p.max_flat_fraction)
+
+
+def tissue_mask(thumb_rgb: np.ndarray, min_saturation: int) -> np.ndarray:
+    """Boolean tissue mask: Otsu on median-blurred HSV saturation, as CLAM does."""
+    sat = cv2.cvtColor(thumb_rgb, cv2.COLOR_RGB2HSV)[..., 1]
+    sat = cv2.medianBlur(sat, 5)
+    otsu, _ = cv2.threshold(sat, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    # On a blank slide Otsu splits noise; the floor keeps it from calling noise tissue.
+    return sat > max(otsu, min_saturation)
+
+
+def grid_fractions(mask: np.ndarray, scale: tuple[float, float], step0: int, nx: int, ny: int) -> np.ndarray:
+    """Tissue fraction of the mask inside each grid cell (ny x nx), via an integral image."""
+    integral = cv2.integral(mask.astype(np.uint8))
+    h, w = mask.shape
+    xs = np.clip(np.round(np.arange(nx + 1) * step0 * scale[0]).astype(int), 0, w)
+    ys = np.clip(np.round(np.arange(ny + 1) * step0 * scale[1]).astype(int), 0, h)
+    x0, x1 = xs[:-1][None, :], xs[1:][None, :]
+    y0, y1 = ys[:-1][:, None], ys[1:][:, None]
+    total = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+    area = np.maximum((x1 - x0) * (y1 - y0), 1)
+    return total / area
+
+
+def tile_slide(
+    slide_path: str,
+    out_h5: str,
+    out_qc: str | None = None,
+    params: dict | TilingParams | None = None,
+    slide_id: str | None = None,
+    mpp_override: float | None = None,
+    threads: int = 1,
+) -> dict:
+    """Tile one slide; write its coordinates (HDF5) and a QC picture. Returns a summary."""
+    p = params if isinstance(params, TilingParams) else TilingParams.from_dict(params)
+    slide_id = slide_id or Path(slide_path).stem
+    slide = open_slide(slide_path)
+    base = slide_mpp(slide, slide_path, mpp_override)
+    level = pick_level(slide, slide_path, base.mpp, p.mpp)
+    level_mpp = base.mpp * slide.level_downsamples[level]
+    step0 = int(round(p.tile_px * p.mpp / base.mpp))  # grid step (= tile edge) at level 0
+    read_px = int(round(step0 / slide.level_downsamples[level]))
+    w0, h0 = slide.dimensions
+    nx, ny = w0 // step0, h0 // step0
+
+    thumb = _thumbnail(slide, slide_path, max(step0 / MASK_PX_PER_TILE, 1.0))
+    mask = tissue_mask(thumb, p.mask_min_saturation)
+    scale = (thumb.shape[1] / w0, thumb.shape[0] / h0)
+    fractions = grid_fractions(mask, scale, step0, nx, ny) if nx and ny else np.zeros((0, 0))
+    iy, ix = np.nonzero(fractions > p.mask_min_fraction)
+    candidates = np.stack([ix * step0, iy * step0], axis=1).astype(np.int64)
+    logger.info("%s: %.4g mpp (%s), level %d (%.4g mpp), grid %dx%d of %d px at level 0, %d candidates",
+                slide_id, base.mpp, base.source, level, level_mpp, nx, ny, step0, len(candidates))
+
+    def judge(xy):
+        tile = read_rgb(slide, slide_path, (int(xy[0]), int(xy[1])), level, (read_px, read_px))
+        if read_px != p.tile_px:
+            interp = cv2.INTER_AREA if read_px > p.tile_px else cv2.INTER_LINEAR
+            tile = cv2.resize(tile, (p.tile_px, p.tile_px), interpolation=interp)
+        return is_tissue(tile, p)
+
+    # OpenSlide handles are thread-safe and ctypes drops the GIL while decoding.
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        keep = list(tqdm(pool.map(judge, candidates), total=len(candidates),
+                         desc=f"tiling {slide_id}", mininterval=2, disable=None))
+    coords = candidates[np.asarray(keep, dtype=bool)] if len(candidates) else np.zeros((0, 2), np.int64)
+    if len(coords) == 0:
+        logger.warning("%s: no tissue tiles found (%s); it will be skipped downstream", slide_id, slide_path)
+
+    attrs = {
+        "slide_id": slide_id, "slide_path": str(slide_path), "level": level,
+        "tile_px": p.tile_px, "tile_size_level0": step0, "read_px": read_px,
+        "target_mpp": p.mpp, "slide_mpp": base.mpp, "mpp_source": base.source, "level_mpp": level_mpp,
+        "n_grid": nx * ny, "n_candidates": len(candidates), "n_tiles": len(coords),
+        "params": asdict(p),
+    }
+    write_h5(out_h5, {"coords": coords.reshape(-1, 2)}, attrs)
+    if out_qc:
+        write_qc(slide, slide_path, out_qc, coords, candidates, step0)
+    slide.close()
+    return {k: attrs[k] for k in ("slide_id", "level", "tile_size_level0", "n_grid", "n_candidates", "n_tiles")}
+
+
+def _thumbnail(slide, slide_path, downsample: float) -> np.ndarray:
+    """The slide at about ``downsample`` x, read from the best pyramid level for it."""
+    w0, h0 = slide.dimensions
+    level = slide.get_best_level_for_downsample(downsample)
+    lw, lh = slide.level_dimensions[level]
+    img = read_rgb(slide, slide_path, (0, 0), level, (lw, lh))
+    size = (max(1, round(w0 / downsample)), max(1, round(h0 / downsample)))
+    return cv2.resize(img, size, interpolation=cv2.INTER_AREA)
+
+
+def write_qc(slide, slide_path, out_png, coords, candidates, step0) -> None:
+    """Thumbnail with kept tiles outlined in green and rejected candidates in red."""
+    w0, h0 = slide.dimensions
+    thumb = _thumbnail(slide, slide_path, max(w0, h0) / QC_MAX_PX)
+    s = thumb.shape[1] / w0
+    img = np.ascontiguousarray(thumb[..., ::-1])  # OpenCV draws and encodes BGR
+    kept = {tuple(c) for c in coords.tolist()}
+    rejected = [c for c in candidates.tolist() if tuple(c) not in kept]
+    # Rejected first so the outlines of kept tiles stay on top where they touch.
+    for color, boxes in (((0, 0, 220), rejected), ((0, 170, 0), coords.tolist())):
+        for x, y in boxes:
+            cv2.rectangle(img, (int(x * s), int(y * s)),
+                          (int((x + step0) * s) - 1, int((y + step0) * s) - 1), color, 1)
+    ok, buf = cv2.imencode(".png", img)
+    if not ok:
+        raise RuntimeError(f"could not encode the QC picture of {slide_path}")
+    with atomic_output(out_png) as tmp:
+        tmp.write_bytes(buf.tobytes())
+
+
+def load_tiles(path: str) -> tuple[np.ndarray, dict]:
+    data, attrs = read_h5(path, ("coords",))
+    return data["coords"], attrs
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m slidemil.tiling", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("slide", help="slide file (any format OpenSlide opens)")
+    ap.add_argument("--out", required=True, help="output HDF5 with level-0 tile coordinates")
+    ap.add_argument("--qc", help="output PNG: thumbnail with kept tiles outlined")
+    ap.add_argument("--slide-id")
+    ap.add_argument("--mpp-override", type=float, help="level-0 mpp when the slide has none")
+    ap.add_argument("--threads", type=int, default=1)
+    for name, field in TilingParams.__dataclass_fields__.items():
+        ap.add_argument("--" + name.replace("_", "-"), type=type(field.default), default=field.default)
+    args = ap.parse_args(argv)
+    setup_logging()
+    params = {k: getattr(args, k) for k in TilingParams.__dataclass_fields__}
+    try:
+        summary = tile_slide(args.slide, args.out, args.qc, params, args.slide_id, args.mpp_override, args.threads)
+    except SlideError as err:
+        raise SystemExit(f"error: {err}")
+    print(summary)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,508 @@
+"""Training stage: one MIL model on one fold of the splits.
+
+Bags (one per slide) are loaded into memory once, the model is trained with
+Adam and a per-step cosine schedule on the fold's ``train`` slides, evaluated
+after every epoch on its ``val`` slides at the patient level (mean of a
+patient's slide probabilities), and the checkpoint with the best validation
+patient AUC is kept (ties and single-class validation sets: lowest validation
+loss). Validation and test predictions of that checkpoint are written out.
+
+Outputs in ``out_dir``: model.pt, history.csv, predictions_slides.csv,
+predictions_patients.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import math
+import sys
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
+from tqdm import tqdm
+
+from .io import atomic_output, read_h5, write_csv
+from .models import create_model
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TRAINING = {
+    "epochs": 20,
+    "patience": 5,
+    "lr": 2e-4,
+    "weight_decay": 1e-5,
+    "betas": [0.9, 0.999],
+    "batch_size": 1,
+    "max_tiles": None,
+    "class_weighted": True,
+    # z-score each feature dimension with training-slide statistics: extractors differ in scale by
+    # orders of magnitude (random-weight CNNs especially), and the MIL models should not care.
+    "standardize": True,
+}
+PARTITIONS = ("train", "val", "test", "excluded")
+N_CLASSES = 2
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def resolve_training(training: dict | None) -> dict:
+    """``training`` completed with the defaults; unknown keys and bad values are errors."""
+    training = dict(training or {})
+    unknown = sorted(set(training) - set(DEFAULT_TRAINING))
+    if unknown:
+        raise ValueError(
+            f"unknown training setting(s) {', '.join(unknown)}; known: {', '.join(DEFAULT_TRAINING)}"
+        )
+    cfg = {**DEFAULT_TRAINING, **training}
+    for key in ("epochs", "patience", "batch_size"):
+        if not isinstance(cfg[key], int) or cfg[key] < 1:
+            raise ValueError(f"training.{key} must be a positive integer, got {cfg[key]!r}")
+    if cfg["max_tiles"] is not None and (not isinstance(cfg["max_tiles"], int) or cfg["max_tiles"] < 1):
+        raise ValueError(f"training.max_tiles must be null or a positive integer, got {cfg['max_tiles']!r}")
+    if len(cfg["betas"]) != 2:
+        raise ValueError(f"training.betas must be two numbers, got {cfg['betas']!r}")
+    cfg["betas"] = [float(b) for b in cfg["betas"]]
+    cfg["lr"] = float(cfg["lr"])
+    cfg["weight_decay"] = float(cfg["weight_decay"])
+    cfg["class_weighted"] = bool(cfg["class_weighted"])
+    return cfg
+
+
+def read_split(splits_csv: str, fold: int) -> pd.DataFrame:
+    """Slides of ``fold`` outside ``excluded``: slide_id, patient_id, label, partition."""
+    table = pd.read_csv(splits_csv, dtype={"slide_id": str, "patient_id": str})
+    column = f"fold_{fold}"
+    missing = [c for c in ("slide_id", "patient_id", "label", column) if c not in table.columns]
+    if missing:
+        raise ValueError(f"{splits_csv}: missing column(s) {', '.join(missing)}")
+    bad = sorted(set(table[column].dropna()) - set(PARTITIONS))
+    if bad or table[column].isna().any():
+        raise ValueError(f"{splits_csv}: {column} must be one of {', '.join(PARTITIONS)}; found {bad or 'empty cells'}")
+    split = table.loc[table[column] != "excluded", ["slide_id", "patient_id", "label", column]]
+    split = split.rename(columns={column: "partition"}).reset_index(drop=True)
+    labels = pd.to_numeric(split["label"], errors="coerce")
+    if not labels.isin([0, 1]).all():
+        raise ValueError(f"{splits_csv}: labels of the slides used in {column} must be 0 or 1")
+    split["label"] = labels.astype(int)
+    shared = split.groupby("patient_id")["partition"].nunique()
+    if (shared > 1).any():
+        raise ValueError(f"{splits_csv}: patient(s) in two partitions of {column}: {', '.join(shared.index[shared > 1][:20])}")
+    for part in ("train", "val"):
+        if not (split["partition"] == part).any():
+            raise ValueError(f"{splits_csv}: {column} has no {part} slides")
+    return split
+
+
+def subsample_indices(n_tiles: int, max_tiles: int | None, seed: int, slide_id: str) -> np.ndarray | None:
+    """Tile indices kept for a slide, or None to keep all.
+
+    Drawn from the seed and the slide id alone, so a slide keeps the same subset
+    in every epoch, in every model trained with that seed, and whatever the
+    order in which slides are loaded. Sorted to keep the tiles' stored order.
+    """
+    if max_tiles is None or n_tiles <= max_tiles:
+        return None
+    rng = np.random.default_rng([seed, zlib.crc32(slide_id.encode())])
+    return np.sort(rng.choice(n_tiles, size=max_tiles, replace=False))
+
+
+def load_bags(
+    slide_ids, features: dict[str, str], max_tiles: int | None = None, seed: int = 0
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Read every slide's features once, as tensors [N, D].
+
+    float16 features stay float16 in memory (half the RAM of a large cohort)
+    and are cast to float32 per batch. Returns the bags and the slides skipped because they have no tiles.
+    A slide without a feature file is an error (all such slides are listed).
+    """
+    missing = [s for s in slide_ids if s not in features]
+    if missing:
+        more = f" and {len(missing) - 20} more" if len(missing) > 20 else ""
+        raise ValueError(f"no feature file for slide(s) {', '.join(missing[:20])}{more}")
+    bags, skipped = {}, []
+    for slide_id in slide_ids:
+        data, _ = read_h5(features[slide_id], names=("features",))
+        feats = data["features"]
+        if feats.size == 0:
+            logger.warning("slide %s has no tiles (%s); skipped", slide_id, features[slide_id])
+            skipped.append(slide_id)
+            continue
+        if feats.ndim != 2:
+            raise ValueError(f"slide {slide_id}: features must be N x D, got shape {feats.shape}")
+        keep = subsample_indices(len(feats), max_tiles, seed, slide_id)
+        if keep is not None:
+            feats = feats[keep]
+        dtype = feats.dtype if feats.dtype in (np.float16, np.float32) else np.float32
+        bags[slide_id] = torch.from_numpy(np.ascontiguousarray(feats, dtype=dtype))
+    dims = {b.shape[1] for b in bags.values()}
+    if len(dims) > 1:
+        raise ValueError(f"feature dimensions differ between slides: {sorted(dims)}")
+    return bags, skipped
+
+
+def feature_stats(bags: dict[str, torch.Tensor], ids: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and std over all tiles of the given slides, accumulated bag by bag."""
+    total = sum(len(bags[s]) for s in ids)
+    acc = sum(bags[s].double().sum(0) for s in ids)
+    acc_sq = sum(bags[s].double().pow(2).sum(0) for s in ids)
+    mean = acc / total
+    std = (acc_sq / total - mean.pow(2)).clamp_min(0).sqrt()
+    # Constant dimensions carry no information; dividing by 1 leaves them at zero after centring.
+    std[std < 1e-12] = 1.0
+    return mean.float(), std.float()
+
+
+def standardize_bags(bags: dict[str, torch.Tensor], mean: torch.Tensor, std: torch.Tensor) -> None:
+    for s, b in bags.items():
+        bags[s] = ((b.float() - mean) / std).to(b.dtype)
+
+
+# --------------------------------------------------------------------------- batches and losses
+
+
+def collate(bags: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad bags [N_i, D] to x [B, max N, D] with mask [B, max N] (True = real tile)."""
+    n_max = max(len(b) for b in bags)
+    # Promote, so a float32 bag batched with float16 ones is never rounded down.
+    dtype = functools.reduce(torch.promote_types, (b.dtype for b in bags))
+    x = torch.zeros((len(bags), n_max, bags[0].shape[1]), dtype=dtype)
+    mask = torch.zeros((len(bags), n_max), dtype=torch.bool)
+    for i, bag in enumerate(bags):
+        x[i, : len(bag)] = bag
+        mask[i, : len(bag)] = True
+    return x, mask
+
+
+def batch_ids(slide_ids: list[str], batch_size: int, rng: np.random.Generator | None = None) -> list[list[str]]:
+    """Slides in minibatches, shuffled by ``rng`` when given."""
+    order = rng.permutation(len(slide_ids)) if rng is not None else np.arange(len(slide_ids))
+    ordered = [slide_ids[i] for i in order]
+    return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
+
+
+def class_weights(labels: np.ndarray, enabled: bool) -> torch.Tensor:
+    """Per-class loss weights n / (n_classes * n_c): each class weighs the same in total."""
+    counts = np.bincount(labels, minlength=N_CLASSES)
+    if (counts == 0).any():
+        raise ValueError(f"the training slides must contain both classes; class counts: {counts.tolist()}")
+    if not enabled:
+        return torch.ones(N_CLASSES)
+    return torch.tensor(len(labels) / (N_CLASSES * counts), dtype=torch.float32)
+
+
+def weighted_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    # Per-bag weight times loss, averaged over bags. PyTorch's weighted "mean"
+    # divides by the summed weights instead, which cancels the weighting
+    # entirely at batch size 1.
+    losses = F.cross_entropy(logits.float(), labels, weight=weights, reduction="none")
+    return losses.mean() if reduction == "mean" else losses.sum()
+
+
+# --------------------------------------------------------------------------- device
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def autocast(device: torch.device):
+    # bf16 needs no loss scaling; on CPU autocast stays off so results are exact float32.
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+# --------------------------------------------------------------------------- epochs
+
+
+@dataclass
+class Data:
+    """What the epoch loops need: bags, slide labels and the loss weights."""
+
+    bags: dict[str, torch.Tensor]
+    labels: dict[str, int]
+    weights: torch.Tensor
+    device: torch.device
+
+    def batch(self, ids: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x, mask = collate([self.bags[s] for s in ids])
+        y = torch.tensor([self.labels[s] for s in ids], dtype=torch.long)
+        return x.to(self.device).float(), mask.to(self.device), y.to(self.device)
+
+
+def train_epoch(model, data: Data, ids: list[str], batch_size: int, optimizer, scheduler, rng) -> tuple[float, float]:
+    """One pass over the training slides; returns (mean batch loss, lr of the last step)."""
+    model.train()
+    total, n_batches, lr = 0.0, 0, float("nan")
+    for chunk in batch_ids(ids, batch_size, rng):
+        x, mask, y = data.batch(chunk)
+        with autocast(data.device):
+            logits = model(x, mask)["logits"]
+        loss = weighted_loss(logits, y, data.weights)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        total += loss.item()
+        n_batches += 1
+    return total / max(n_batches, 1), lr
+
+
+@torch.inference_mode()
+def predict(model, data: Data, ids: list[str], batch_size: int) -> tuple[np.ndarray, float]:
+    """Slide probabilities of class 1 and the mean (weighted) loss over ``ids``."""
+    model.eval()
+    probs, loss_sum = [], 0.0
+    for chunk in batch_ids(ids, batch_size):
+        x, mask, y = data.batch(chunk)
+        with autocast(data.device):
+            logits = model(x, mask)["logits"].float()
+        loss_sum += weighted_loss(logits, y, data.weights, reduction="sum").item()
+        probs.append(torch.softmax(logits, dim=1)[:, 1].cpu().numpy())
+    return np.concatenate(probs).astype(np.float64), loss_sum / max(len(ids), 1)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def patient_predictions(slides: pd.DataFrame) -> pd.DataFrame:
+    """Patient probability = mean of its slides' probabilities (DeepSMILE section 3.2)."""
+    grouped = slides.groupby(["partition", "patient_id"], sort=False)
+    patients = grouped.agg(label=("label", "first"), n_slides=("slide_id", "size"), prob=("prob", "mean"))
+    return patients.reset_index()[["patient_id", "label", "partition", "n_slides", "prob"]]
+
+
+def auc_or_none(labels, probs) -> float | None:
+    labels = np.asarray(labels)
+    if len(np.unique(labels)) < 2:
+        return None
+    return float(roc_auc_score(labels, probs))
+
+
+@dataclass
+class Selection:
+    """Best checkpoint so far: highest validation AUC, ties (or no AUC) by lowest loss."""
+
+    use_auc: bool
+    epoch: int = 0
+    auc: float | None = None
+    loss: float = math.inf
+    state: dict = field(default_factory=dict)
+
+    def improves(self, auc: float | None, loss: float) -> bool:
+        if self.epoch == 0:
+            return True
+        if self.use_auc:
+            return auc > self.auc or (auc == self.auc and loss < self.loss)
+        return loss < self.loss
+
+    def update(self, epoch: int, auc: float | None, loss: float, model: torch.nn.Module) -> None:
+        self.epoch, self.auc, self.loss = epoch, auc, loss
+        self.state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def fit(net, data: Data, train_ids: list[str], val: pd.DataFrame, cfg: dict, seed: int, desc: str):
+    """Train with early stopping on the validation slides; returns (Selection, history rows)."""
+    optimizer = torch.optim.Adam(
+        net.parameters(), lr=cfg["lr"], betas=tuple(cfg["betas"]), weight_decay=cfg["weight_decay"]
+    )
+    steps = cfg["epochs"] * math.ceil(len(train_ids) / cfg["batch_size"])
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    shuffle_rng = np.random.default_rng(seed)
+
+    use_auc = val.groupby("patient_id")["label"].first().nunique() == 2
+    if not use_auc:
+        logger.warning("%s: validation patients are all of one class; selecting on validation loss alone", desc)
+    best = Selection(use_auc)
+    history = []
+    progress = tqdm(range(1, cfg["epochs"] + 1), desc=desc, unit="epoch", file=sys.stderr)
+    for epoch in progress:
+        train_loss, lr = train_epoch(net, data, train_ids, cfg["batch_size"], optimizer, scheduler, shuffle_rng)
+        val_auc, val_loss = _validate(net, data, val, cfg["batch_size"])
+        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_auc": val_auc, "lr": lr})
+        improved = best.improves(val_auc, val_loss)
+        if improved:
+            best.update(epoch, val_auc, val_loss, net)
+        logger.info(
+            "%s epoch %d/%d train_loss %.4f val_loss %.4f val_auc %s lr %.3g%s",
+            desc, epoch, cfg["epochs"], train_loss, val_loss, _fmt(val_auc), lr, " (best)" if improved else "",
+        )
+        progress.set_postfix(val_auc=_fmt(val_auc), best_epoch=best.epoch)
+        if epoch - best.epoch >= cfg["patience"]:
+            logger.info("%s: early stop after epoch %d, no improvement for %d epochs", desc, epoch, cfg["patience"])
+            break
+    progress.close()
+    return best, history
+
+
+# --------------------------------------------------------------------------- stage
+
+
+def train_fold(
+    features: dict[str, str],
+    splits_csv: str,
+    fold: int,
+    model: str,
+    model_kwargs: dict,
+    training: dict,
+    seed: int,
+    out_dir: str,
+    device: str = "auto",
+    num_threads: int | None = None,
+) -> dict:
+    """Train ``model`` on fold ``fold`` and write its checkpoint, history and predictions.
+
+    ``features`` maps slide_id to its HDF5 feature file. Returns a summary dict.
+    """
+    started = time.monotonic()
+    cfg = resolve_training(training)
+    model_kwargs = dict(model_kwargs or {})
+    reserved = sorted({"in_dim", "n_classes"} & set(model_kwargs))
+    if reserved:
+        raise ValueError(f"model_kwargs must not set {', '.join(reserved)}: they come from the data")
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    dev = resolve_device(device)
+
+    split = read_split(splits_csv, fold)
+    bags, skipped = load_bags(split["slide_id"].tolist(), features, cfg["max_tiles"], seed)
+    split = split[split["slide_id"].isin(bags)].reset_index(drop=True)
+    ids = {p: split.loc[split["partition"] == p, "slide_id"].tolist() for p in ("train", "val", "test")}
+    for part in ("train", "val"):
+        if not ids[part]:
+            raise ValueError(f"fold {fold}: no {part} slide has tiles")
+    in_dim = next(iter(bags.values())).shape[1]
+    logger.info(
+        "fold %d: %d train, %d val, %d test slides (%d skipped without tiles); in_dim %d; device %s",
+        fold, len(ids["train"]), len(ids["val"]), len(ids["test"]), len(skipped), in_dim, dev,
+    )
+
+    norm = None
+    if cfg["standardize"]:
+        norm = feature_stats(bags, ids["train"])
+        standardize_bags(bags, *norm)
+
+    labels = dict(zip(split["slide_id"], split["label"]))
+    weights = class_weights(np.array([labels[s] for s in ids["train"]]), cfg["class_weighted"])
+    data = Data(bags, labels, weights.to(dev), dev)
+
+    torch.manual_seed(seed)
+    net = create_model(model, in_dim=in_dim, n_classes=N_CLASSES, **model_kwargs).to(dev)
+    val = split[split["partition"] == "val"]
+    best, history = fit(net, data, ids["train"], val, cfg, seed, desc=f"{model} fold {fold}")
+
+    net.load_state_dict(best.state)
+    slides = _final_predictions(net, data, split, cfg["batch_size"])
+    patients = patient_predictions(slides)
+    test = patients[patients["partition"] == "test"]
+    summary = {
+        "model": model,
+        "fold": fold,
+        "seed": seed,
+        "best_epoch": best.epoch,
+        "epochs_run": len(history),
+        "val_auc": best.auc,
+        "val_loss": best.loss,
+        "test_auc": auc_or_none(test["label"], test["prob"]) if len(test) else None,
+        "n_slides": {p: len(v) for p, v in ids.items()},
+        "skipped_slides": skipped,
+        "device": str(dev),
+        "seconds": round(time.monotonic() - started, 2),
+    }
+    _write_outputs(Path(out_dir), best, model, model_kwargs, in_dim, cfg, seed, fold, history, slides, patients, norm)
+    logger.info(
+        "fold %d done: best epoch %d, val auc %s, test auc %s",
+        fold, best.epoch, _fmt(best.auc), _fmt(summary["test_auc"]),
+    )
+    return summary
+
+
+def _validate(net, data: Data, val: pd.DataFrame, batch_size: int) -> tuple[float | None, float]:
+    probs, loss = predict(net, data, val["slide_id"].tolist(), batch_size)
+    patients = patient_predictions(val.assign(prob=probs))
+    return auc_or_none(patients["label"], patients["prob"]), loss
+
+
+def _final_predictions(net, data: Data, split: pd.DataFrame, batch_size: int) -> pd.DataFrame:
+    slides = split[split["partition"].isin(["val", "test"])].reset_index(drop=True)
+    probs, _ = predict(net, data, slides["slide_id"].tolist(), batch_size)
+    return slides.assign(prob=probs)[["slide_id", "patient_id", "label", "partition", "prob"]]
+
+
+def _write_outputs(out, best, model, model_kwargs, in_dim, cfg, seed, fold, history, slides, patients, norm) -> None:
+    checkpoint = {
+        "state_dict": best.state,
+        "model": model,
+        "model_kwargs": model_kwargs,
+        "in_dim": in_dim,
+        "n_classes": N_CLASSES,
+        "epoch": best.epoch,
+        "val_auc": best.auc,
+        "training": cfg,
+        "seed": seed,
+        "fold": fold,
+        # Features must be standardised with these before the model sees them.
+        "feature_mean": None if norm is None else norm[0],
+        "feature_std": None if norm is None else norm[1],
+    }
+    with atomic_output(out / "model.pt") as tmp:
+        torch.save(checkpoint, tmp)
+    write_csv(out / "history.csv", pd.DataFrame(history, columns=["epoch", "train_loss", "val_loss", "val_auc", "lr"]))
+    write_csv(out / "predictions_slides.csv", slides)
+    write_csv(out / "predictions_patients.csv", patients)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m slidemil.train",
+        description="Train one MIL model on one fold; writes model.pt, history.csv and predictions.",
+    )
+    parser.add_argument("--features-dir", required=True, help="folder of feature files named {slide_id}.h5")
+    parser.add_argument("--splits", required=True, help="splits CSV (slide_id, patient_id, label, fold_0..)")
+    parser.add_argument("--fold", type=int, required=True)
+    parser.add_argument("--model", required=True, help="registered MIL model name, e.g. abmil")
+    parser.add_argument("--model-kwargs", type=json.loads, default={}, help="model keyword arguments as JSON")
+    parser.add_argument("--training", type=json.loads, default={},
+                        help=f"training settings as JSON; defaults: {json.dumps(DEFAULT_TRAINING)}")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--log", default=None, help="log file (default: stderr)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    from .logs import setup_logging
+
+    args = _parse_args(argv)
+    setup_logging(args.log)
+    features = {p.stem: str(p) for p in sorted(Path(args.features_dir).glob("*.h5"))}
+    summary = train_fold(
+        features, args.splits, args.fold, args.model, args.model_kwargs, args.training,
+        args.seed, args.out, device=args.device, num_threads=args.num_threads,
+    )
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
