@@ -36,20 +36,29 @@ else:
 validate(SAMPLES, "../config/schemas/samples.schema.yaml")
 SAMPLES = SAMPLES.set_index("slide_id", drop=False)
 SLIDES = SAMPLES["slide_id"].tolist()
-EXTRACTORS = config["features"]["extractors"]
+# A cohort with its own per-slide feature files enters at training: the sheet's paths are those files.
+PRECOMPUTED = config["features"]["precomputed"]
+EXTRACTORS = [PRECOMPUTED] if PRECOMPUTED else config["features"]["extractors"]
 MODELS = config["mil"]["models"]
-FOLDS = list(range(config["splits"]["folds"]))
+FOLD_COLUMN = config["splits"]["fold_column"]
+if FOLD_COLUMN:
+    if FOLD_COLUMN not in SAMPLES.columns:
+        raise SheetError(SHEET, [f"splits.fold_column {FOLD_COLUMN!r} is not a column of the sheet"])
+    FOLDS = list(range(SAMPLES[FOLD_COLUMN].nunique()))
+else:
+    FOLDS = list(range(config["splits"]["folds"]))
+MHIM_PREFIX = "mhim_"
+
+
+def base_model(model):
+    """The baseline an MHIM-MIL model is built on (its teacher), or None."""
+    return model[len(MHIM_PREFIX):] if model.startswith(MHIM_PREFIX) else None
+
+
 
 
 def _alternation(names):
     return "|".join(re.escape(str(n)) for n in names)
-
-
-wildcard_constraints:
-    slide=_alternation(SLIDES),
-    extractor=_alternation(EXTRACTORS),
-    model=_alternation(MODELS),
-    fold=r"\d+",
 
 
 # ---- inputs ----------------------------------------------------------------
@@ -78,8 +87,17 @@ def train_dir(extractor, model, fold):
     return f"{RESULTS}/train/{extractor}/{model}/fold_{fold}"
 
 
+def trained_models():
+    """The configured models plus the baselines MHIM-MIL models need, reported side by side."""
+    models = list(MODELS)
+    for m in MODELS:
+        if base_model(m) and base_model(m) not in models:
+            models.insert(models.index(m), base_model(m))
+    return models
+
+
 def train_runs():
-    return [(e, m, f) for e in EXTRACTORS for m in MODELS for f in FOLDS]
+    return [(e, m, f) for e in EXTRACTORS for m in trained_models() for f in FOLDS]
 
 
 def report_predictions(wildcards):
@@ -91,7 +109,7 @@ def report_histories(wildcards):
 
 
 def report_outputs():
-    pngs = [f"{RESULTS}/report/roc_{e}_{m}.png" for e in EXTRACTORS for m in MODELS]
+    pngs = [f"{RESULTS}/report/roc_{e}_{m}.png" for e in EXTRACTORS for m in trained_models()]
     tables = [f"{RESULTS}/report/{name}" for name in ("summary.csv", "summary.md", "per_fold.csv")]
     return tables + pngs
 
@@ -113,4 +131,22 @@ def extractor_params(wildcards):
 
 
 def model_params(wildcards):
-    return dict(config["mil"]["settings"].get(wildcards.model) or {})
+    settings = dict(config["mil"]["settings"].get(wildcards.model) or {})
+    base = base_model(wildcards.model)
+    if base:
+        # The student and teacher must have the architecture of the checkpoint they start from.
+        settings["base_kwargs"] = dict(config["mil"]["settings"].get(base) or {})
+    return settings
+
+
+def init_checkpoint(wildcards):
+    """MHIM-MIL starts from its baseline trained on the same fold."""
+    base = base_model(wildcards.model)
+    return [f"{train_dir(wildcards.extractor, base, wildcards.fold)}/model.pt"] if base else []
+
+
+wildcard_constraints:
+    slide=_alternation(SLIDES),
+    extractor=_alternation(EXTRACTORS),
+    model=_alternation(trained_models()),
+    fold=r"\d+",

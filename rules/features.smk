@@ -1,22 +1,39 @@
-rule extract_features:
-    input:
-        slide=slide_path,
-        tiles=f"{RESULTS}/tiles/{{slide}}.h5",
-    output:
-        f"{RESULTS}/features/{{extractor}}/{{slide}}.h5",
-    params:
-        extractor=extractor_params,
-    # How features are computed (device, batch, workers) is not what they are: resources, not params.
-    threads: config["compute"]["threads"]
-    resources:
-        device=config["compute"]["device"],
-        batch_size=config["compute"]["batch_size"],
-        loader_workers=config["compute"]["loader_workers"],
-    conda:
-        "../envs/slidemil.yaml"
-    log:
-        f"{LOGS}/features/{{extractor}}/{{slide}}.log",
-    benchmark:
-        f"{LOGS}/features/{{extractor}}/{{slide}}.benchmark.tsv"
-    script:
-        "../workflow/scripts/extract_features.py"
+if PRECOMPUTED:
+
+    # Features made elsewhere (CLAM/TRIDENT .h5 or .pt): normalised to our HDF5, no tiling.
+    rule import_features:
+        input:
+            slide_path,
+        output:
+            f"{RESULTS}/features/{PRECOMPUTED}/{{slide}}.h5",
+        conda:
+            "../envs/slidemil.yaml"
+        log:
+            f"{LOGS}/features/{PRECOMPUTED}/{{slide}}.log",
+        script:
+            "../workflow/scripts/import_features.py"
+
+else:
+
+    rule extract_features:
+        input:
+            slide=slide_path,
+            tiles=f"{RESULTS}/tiles/{{slide}}.h5",
+        output:
+            f"{RESULTS}/features/{{extractor}}/{{slide}}.h5",
+        params:
+            extractor=extractor_params,
+        # How features are computed (device, batch, workers) is not what they are: resources, not params.
+        threads: config["compute"]["threads"]
+        resources:
+            device=config["compute"]["device"],
+            batch_size=config["compute"]["batch_size"],
+            loader_workers=config["compute"]["loader_workers"],
+        conda:
+            "../envs/slidemil.yaml"
+        log:
+            f"{LOGS}/features/{{extractor}}/{{slide}}.log",
+        benchmark:
+            f"{LOGS}/features/{{extractor}}/{{slide}}.benchmark.tsv"
+        script:
+            "../workflow/scripts/extract_features.py"

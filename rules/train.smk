@@ -2,6 +2,7 @@ rule train:
     input:
         features=extractor_features,
         splits=f"{RESULTS}/splits/splits.csv",
+        init=init_checkpoint,
     output:
         [f"{RESULTS}/train/{{extractor}}/{{model}}/fold_{{fold}}/{name}" for name in TRAIN_FILES],
     params:

@@ -14,4 +14,5 @@ _step.run(
     test_column=s.get("test_column"),
     binarize=s.get("binarize"),
     positive_class=s.get("positive_class"),
+    **({"fold_column": s["fold_column"]} if s.get("fold_column") else {}),
 )

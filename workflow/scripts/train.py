@@ -18,4 +18,5 @@ _step.run(
     out_dir=str(Path(snakemake.output[0]).parent),
     device=snakemake.resources.device,
     num_threads=snakemake.threads,
+    init_checkpoint=snakemake.input.init[0] if snakemake.input.init else None,
 )

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import contextlib
-import ctypes
 import hashlib
 import logging
 import multiprocessing
@@ -535,43 +533,9 @@ def _make_slide_job(kwargs: dict) -> dict:
     return make_slide(**kwargs)
 
 
-# glibc mallopt parameters and their defaults.
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-_DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 65536
-
-
-def _mallopt(*settings: tuple[int, int]) -> bool:
-    """Apply glibc ``mallopt`` settings; False where there is no glibc."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    return all(mallopt(param, value) == 1 for param, value in settings)
-
-
-@contextlib.contextmanager
-def _reuse_freed_memory():
-    """Keep freed whole-slide buffers in the heap while rendering many slides.
-
-    A slide allocates a few dozen ~40 MB float32 temporaries. glibc serves
-    each from fresh mmap pages that the kernel must zero-fill, and that page
-    faulting took as long as the rendering itself (0.75 s vs 0.49 s per
-    3072-px slide). Serving them from a heap that is not trimmed reuses the
-    same pages; peak memory is unchanged.
-    """
-    changed = _mallopt((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 1 << 30))
-    try:
-        yield
-    finally:
-        if changed:
-            _mallopt((_M_MMAP_MAX, _DEFAULT_MMAP_MAX), (_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD))
-
-
 def _init_worker() -> None:
     # Processes already share the cores; cv2's own thread pool would oversubscribe them.
     cv2.setNumThreads(1)
-    # A worker process lives only for the cohort, so nothing needs restoring.
-    _mallopt((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 1 << 30))
 
 
 def make_cohort(
@@ -617,9 +581,8 @@ def make_cohort(
             for result in tqdm(pool.map(_make_slide_job, jobs), **progress):
                 facts.append(result)
     else:
-        with _reuse_freed_memory():
-            for job in tqdm(jobs, **progress):
-                facts.append(make_slide(**job))
+        for job in tqdm(jobs, **progress):
+            facts.append(make_slide(**job))
     write_csv(out_dir / "samples.csv", table)
 
     summary = pd.DataFrame(facts)

@@ -6,7 +6,6 @@ user fixes a 1,000-row sheet in one go instead of one error per run.
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
@@ -100,11 +99,3 @@ def check_sheet(sheet: pd.DataFrame, base_dir: str | os.PathLike = ".", check_fi
 def _rows(index) -> str:
     # Rows as a user sees them in a spreadsheet: header is line 1.
     return ", ".join(str(i + 2) for i in list(index)[:20])
-
-
-def sheet_mpp(row) -> float | None:
-    """The mpp override of a sheet row, or None."""
-    value = row.get("mpp") if hasattr(row, "get") else None
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    return float(value)
