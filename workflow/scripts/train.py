@@ -18,5 +18,6 @@ _step.run(
     out_dir=str(Path(snakemake.output[0]).parent),
     device=snakemake.resources.device,
     num_threads=snakemake.threads,
-    init_checkpoint=snakemake.input.init[0] if snakemake.input.init else None,
+    # MHIM-MIL starts from its baseline's checkpoint; other models take no such argument.
+    **({"init_checkpoint": snakemake.input.init[0]} if snakemake.input.init else {}),
 )
