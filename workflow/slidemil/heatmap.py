@@ -201,6 +201,8 @@ def make_heatmap(
     and ``note`` says why). Returns what was drawn, top tiles included.
     """
     slide_id = slide_id or Path(slide_path).name.split(".")[0]
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     model, ckpt = load_checkpoint(checkpoint, device)
     data, feature_attrs = read_h5(features_h5, ("features", "coords"))
     features, coords = data["features"], data["coords"].astype(np.int64)
@@ -303,13 +305,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output PNG")
     parser.add_argument("--top-k", type=int, default=8, help="most attended tiles shown as crops (default 8)")
     parser.add_argument("--slide-id", help="name in the title (default: the slide's file name)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, auto")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
     args = parser.parse_args(argv)
     setup_logging()
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     try:
         result = make_heatmap(args.slide, args.features, args.checkpoint, args.out, tiles_h5=args.tiles,
-                              top_k=args.top_k, slide_id=args.slide_id, device=device)
+                              top_k=args.top_k, slide_id=args.slide_id, device=args.device)
     except (SlideError, CheckpointError, ValueError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}")
     print(json.dumps(result.to_dict(), indent=2))
