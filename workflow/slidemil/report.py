@@ -372,7 +372,7 @@ def plot_history(folds: list[tuple[object, str | os.PathLike]], title: str, png:
 def plot_comparison(comparison: pd.DataFrame, png: str | os.PathLike) -> None:
     """Forest plot: each model's AUC difference to the reference, mean over folds (with CI) and per fold."""
     means = comparison[comparison["fold"] == "mean"].reset_index(drop=True)
-    fig, ax = plt.subplots(figsize=(7, 1.6 + 0.45 * max(len(means), 1)), dpi=100)
+    fig, ax = plt.subplots(figsize=(7, 1.3 + 0.4 * max(len(means), 1)), dpi=100)
     try:
         for i, row in means.iterrows():
             y = len(means) - 1 - i
@@ -391,10 +391,10 @@ def plot_comparison(comparison: pd.DataFrame, png: str | os.PathLike) -> None:
         ax.set_xlabel(f"test AUC difference to {ref} (paired bootstrap over patients)")
         if len(means):
             # Below the axes, so it never hides an interval.
-            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.45), ncol=2, frameon=False)
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=2, frameon=False)
         fig.tight_layout()
         with atomic_output(png) as tmp:
-            fig.savefig(tmp, format="png")
+            fig.savefig(tmp, format="png", bbox_inches="tight")
     finally:
         plt.close(fig)
 
