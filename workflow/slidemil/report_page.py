@@ -60,6 +60,14 @@ def _records(frame: pd.DataFrame) -> list[dict]:
     return out
 
 
+def _fold_key(fold) -> tuple:
+    # Numeric folds in numeric order (fold 10 after fold 2), anything else after them by name.
+    try:
+        return (0, int(fold), "")
+    except (TypeError, ValueError):
+        return (1, 0, str(fold))
+
+
 def pick_heatmap_slides(splits: pd.DataFrame, fold, usable: set[str], n: int, seed: int) -> list[tuple[str, int]]:
     """``n`` test slides of ``fold`` with tiles, alternating positive and negative, drawn by ``seed``.
 
@@ -86,7 +94,7 @@ def _heatmaps(runs, splits, sheet, features, tiles, n, top_k, seed, usable, out,
     from .heatmap import make_heatmap  # torch is only needed here
 
     first = {}
-    for run in sorted(runs, key=lambda r: str(r["fold"])):
+    for run in sorted(runs, key=lambda r: _fold_key(r["fold"])):
         if run.get("checkpoint"):
             first.setdefault((str(run["extractor"]), str(run["model"])), run)
     items, notes = [], []
@@ -156,7 +164,7 @@ def build_report(
                    if (str(r["extractor"]), str(r["model"])) == (extractor, model) and r.get("history")]
         if history:
             name = f"history_{extractor}_{model}.png"
-            plot_history(sorted(history, key=lambda h: str(h[0])), f"{extractor} / {model}: training", out / name)
+            plot_history(sorted(history, key=lambda h: _fold_key(h[0])), f"{extractor} / {model}: training", out / name)
             figures["history"].append({"extractor": extractor, "model": model, "file": name})
 
     doc = {
