@@ -366,6 +366,9 @@ def _heatmap_section(doc: dict, out: Path) -> str:
         caption = (f"{_e(item['extractor'])} / {_e(item['model'])}, fold {_e(item['fold'])}: slide "
                    f"{_e(item['slide_id'])}, label {_e(item['label'])}, predicted P(positive) "
                    f"{_f(item['prob'])}, {item['n_tiles']} tiles")
+        if str(item["model"]).startswith("mhim_"):
+            # MHIM-MIL checkpoints hold the trained network that makes the predictions (the student).
+            caption += " (MHIM-MIL: attention of the checkpoint's network, which sees the full bag here)"
         parts.append(f"<h3>{caption}</h3><figure class='heat'>{_img_jpeg(out / item['file'], item['slide_id'], None)}"
                      "</figure>")
     return f"<section id='heatmaps'><h2>Attention heatmaps</h2>{text}{notes}{''.join(parts)}</section>"
