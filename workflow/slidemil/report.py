@@ -385,13 +385,14 @@ def plot_comparison(comparison: pd.DataFrame, png: str | os.PathLike) -> None:
             ax.plot(folds["auc_diff"], [y] * len(folds), "o", color="C1", ms=4, alpha=0.8,
                     label="single folds" if i == 0 else None)
         ax.axvline(0, color="grey", ls="--", lw=1)
+        ax.set_ylim(-0.6, max(len(means), 1) - 0.4)
         ax.set_yticks(range(len(means)))
         ax.set_yticklabels([f"{r.extractor} / {r.model}" for r in means.itertuples()][::-1], fontsize=8)
         ref = ", ".join(sorted(comparison["reference"].unique())) or "reference"
         ax.set_xlabel(f"test AUC difference to {ref} (paired bootstrap over patients)")
         if len(means):
-            # Below the axes, so it never hides an interval.
-            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=2, frameon=False)
+            # Right of the axes, so it never hides an interval or the axis label.
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
         fig.tight_layout()
         with atomic_output(png) as tmp:
             fig.savefig(tmp, format="png", bbox_inches="tight")
