@@ -9,7 +9,7 @@ min_version("8.0")
 configfile: f"{workflow.basedir}/config/config.yaml"
 
 
-# `snakemake --report report.zip` after a run: the report rule's figures, introduced by this page.
+# `snakemake --report report.zip` after a run: the report rule's figures, introduced by report/workflow.rst.
 report: "report/workflow.rst"
 
 
