@@ -9,6 +9,10 @@ min_version("8.0")
 configfile: f"{workflow.basedir}/config/config.yaml"
 
 
+# `snakemake --report report.zip` after a run: the report rule's figures, introduced by report/workflow.rst.
+report: "report/workflow.rst"
+
+
 include: "rules/common.smk"
 include: "rules/demo.smk"
 include: "rules/tiling.smk"

@@ -331,3 +331,96 @@ def test_invalid_inputs_raise(tmp_path):
     pd.concat([frame, test.iloc[:1]]).to_csv(runs[0]["predictions"], index=False)
     with pytest.raises(ValueError, match="listed twice"):
         make_report(runs, str(tmp_path / "out"))
+
+
+# ---------------------------------------------------------------------------
+# Paired comparison with a reference model
+# ---------------------------------------------------------------------------
+
+def _fold_tests(ids, labels, prob):
+    return pd.DataFrame({"patient_id": ids, "label": labels, "prob": prob})
+
+
+def test_paired_difference_of_identical_models_is_exactly_zero():
+    rng = np.random.default_rng(20)
+    ids = [f"p{i}" for i in range(30)]
+    folds = {k: _fold_tests(ids, _labels(30, rng), rng.uniform(size=30)) for k in range(3)}
+    rows = report.paired_auc_difference(folds, folds, n_bootstrap=300, seed=0)
+    assert [r["fold"] for r in rows] == [0, 1, 2, "mean"]
+    for row in rows:
+        assert row["auc_diff"] == 0 and row["ci_low"] == 0 and row["ci_high"] == 0
+        assert 0 < row["n_bootstrap_used"] <= 300
+    assert rows[-1]["auc_model"] == pytest.approx(np.mean([roc_auc_score(f["label"], f["prob"])
+                                                           for f in folds.values()]))
+
+
+def test_paired_ci_is_above_zero_for_a_clearly_better_model():
+    rng = np.random.default_rng(21)
+    ids = [f"p{i}" for i in range(80)]
+    labels = _labels(80, rng)
+    noise = rng.normal(size=80)
+    better = {k: _fold_tests(ids, labels, 3.0 * labels + rng.normal(size=80)) for k in range(2)}
+    worse = {k: _fold_tests(ids, labels, 0.3 * labels + noise) for k in range(2)}
+    rows = report.paired_auc_difference(better, worse, n_bootstrap=400, seed=1)
+    for row in rows:
+        assert row["auc_diff"] > 0.2 and row["ci_low"] > 0 and row["ci_low"] <= row["auc_diff"] <= row["ci_high"]
+    # Swapping the roles mirrors the difference.
+    swapped = report.paired_auc_difference(worse, better, n_bootstrap=400, seed=1)
+    assert swapped[-1]["auc_diff"] == pytest.approx(-rows[-1]["auc_diff"])
+    assert swapped[-1]["ci_high"] < 0
+
+
+def test_paired_ci_equals_direct_reimplementation():
+    """Plain loop over replicates: one draw of the shared patients, both models scored on it."""
+    rng = np.random.default_rng(22)
+    ids = [f"p{i:02d}" for i in range(12)]
+    labels = np.array([0, 1] * 6)
+    a = {k: _fold_tests(ids, labels, rng.uniform(size=12) + 0.3 * labels) for k in range(2)}
+    b = {k: _fold_tests(ids, labels, rng.uniform(size=12)) for k in range(2)}
+    # The reference lists its patients in another order and has one extra patient: only shared ones count.
+    b = {k: pd.concat([t.iloc[::-1], _fold_tests(["zz"], [1], [0.5])]) for k, t in b.items()}
+    rows = report.paired_auc_difference(a, b, n_bootstrap=150, seed=9)
+
+    draw = np.random.default_rng(9)
+    y = labels  # ids are already sorted
+    pa = [a[k]["prob"].to_numpy() for k in range(2)]
+    pb = [b[k].set_index("patient_id").loc[ids, "prob"].to_numpy() for k in range(2)]
+    means, per_fold = [], [[], []]
+    for _ in range(150):
+        idx = draw.integers(0, 12, size=12)
+        if y[idx].min() == y[idx].max():
+            continue
+        d = [roc_auc_score(y[idx], pa[k][idx]) - roc_auc_score(y[idx], pb[k][idx]) for k in range(2)]
+        means.append(np.mean(d))
+        for k in range(2):
+            per_fold[k].append(d[k])
+    assert rows[-1]["n_bootstrap_used"] == len(means) < 150
+    assert rows[-1]["ci_low"] == pytest.approx(np.percentile(means, 2.5), abs=1e-12)
+    assert rows[-1]["ci_high"] == pytest.approx(np.percentile(means, 97.5), abs=1e-12)
+    for k in range(2):
+        assert rows[k]["n_test_patients"] == 12
+        assert rows[k]["auc_diff"] == pytest.approx(roc_auc_score(y, pa[k]) - roc_auc_score(y, pb[k]), abs=1e-12)
+        assert rows[k]["ci_low"] == pytest.approx(np.percentile(per_fold[k], 2.5), abs=1e-12)
+
+
+def test_compare_models_pairs_within_extractor(tmp_path):
+    runs = (shared_runs(tmp_path, "uni", "abmil", 2, 25, signal=1.0, seed=30)
+            + shared_runs(tmp_path / "g", "uni", "abmil_gated", 2, 25, signal=1.0, seed=30)
+            + shared_runs(tmp_path / "c", "ctp", "abmil_gated", 2, 25, signal=1.0, seed=31))
+    _, tests = report.load_tests(runs)
+    table = report.compare_models(tests, "abmil", n_bootstrap=50, seed=0)
+    assert list(table.columns) == report.COMPARISON_COLUMNS
+    # ctp has no abmil: nothing to compare it with; uni/abmil_gated gets two folds and the mean.
+    assert set(table["extractor"]) == {"uni"} and list(table["fold"]) == ["0", "1", "mean"]
+    for row in table[table["fold"] != "mean"].itertuples():
+        gated = test_rows(runs[2 + int(row.fold)])
+        base = test_rows(runs[int(row.fold)])
+        assert row.auc_model == pytest.approx(roc_auc_score(gated["label"], gated["prob"]))
+        assert row.auc_reference == pytest.approx(roc_auc_score(base["label"], base["prob"]))
+
+
+def test_paired_difference_rejects_disagreeing_labels():
+    a = {0: _fold_tests(["a", "b", "c"], [0, 1, 1], [0.1, 0.8, 0.7])}
+    b = {0: _fold_tests(["a", "b", "c"], [0, 1, 0], [0.2, 0.6, 0.4])}
+    with pytest.raises(ValueError, match="different labels"):
+        report.paired_auc_difference(a, b, 10, 0)

@@ -88,3 +88,45 @@ def test_second_run_does_nothing(run):
     proc = snakemake(run, "-n")
     assert proc.returncode == 0
     assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+def test_report_page_and_snakemake_report(run, tmp_path):
+    """report.json/html agree with the prediction and feature files; `snakemake --report` holds the figures."""
+    import json
+    import re
+    import zipfile
+    from pathlib import Path
+
+    import h5py
+
+    res = run / "results"
+    doc = json.loads((res / "report" / "report.json").read_text())
+    page = (res / "report" / "report.html").read_text()
+    for row in doc["per_fold"]:
+        preds = pd.read_csv(res / "train" / row["extractor"] / row["model"] / f"fold_{row['fold']}"
+                            / "predictions_patients.csv")
+        test = preds[preds["partition"] == "test"]
+        assert row["test_auc"] == pytest.approx(roc_auc_score(test["label"], test["prob"]))
+    s = doc["summary"][0]
+    assert re.search(rf"<tr id=\"summary-shufflenet_v2-abmil\".*?{s['auc_mean']:.3f} ± {s['auc_std']:.3f}", page)
+    sheet = pd.read_csv(res / "demo" / "samples.csv")
+    assert doc["cohort"]["n_slides"] == len(sheet) and doc["cohort"]["n_patients"] == sheet["patient_id"].nunique()
+    for row in doc["cohort"]["slides"]:
+        with h5py.File(res / "features" / "shufflenet_v2" / f"{row['slide_id']}.h5") as f:
+            assert row["n_tiles"] == len(f["features"]) and row["excluded"] == ("" if len(f["features"]) else
+                                                                                "no tissue tiles")
+    test0 = [r for r in doc["splits"] if r["fold"] == 0 and r["partition"] == "test"][0]
+    assert test0["n_patients"] == 4
+    splits = pd.read_csv(res / "splits" / "splits.csv")
+    assert len(doc["heatmaps"]) == 2
+    for item in doc["heatmaps"]:
+        assert (res / "report" / item["file"]).stat().st_size > 10_000
+        assert splits.set_index("slide_id").loc[item["slide_id"], "fold_0"] == "test"
+    assert all(src.startswith("data:image/") for src in re.findall(r'src="([^"]*)"', page))
+
+    proc = snakemake(run, "--report", str(tmp_path / "report.zip"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    names = [Path(n).name for n in zipfile.ZipFile(tmp_path / "report.zip").namelist()]
+    for figure in ["report.html", "roc_shufflenet_v2_abmil.png", "history_shufflenet_v2_abmil.png"] + [
+            Path(h["file"]).name for h in doc["heatmaps"]]:
+        assert figure in names, figure

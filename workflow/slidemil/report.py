@@ -41,6 +41,10 @@ SUMMARY_COLUMNS = [
     "extractor", "model", "n_folds", "n_folds_excluded", "auc_mean", "auc_std",
     "ci_low", "ci_high", "n_bootstrap_used",
 ]
+COMPARISON_COLUMNS = [
+    "extractor", "model", "reference", "fold", "n_test_patients", "auc_model", "auc_reference",
+    "auc_diff", "ci_low", "ci_high", "n_bootstrap_used",
+]
 # Bootstrap AUCs are computed on this many replicates at a time so that the
 # (replicates x patients) rank matrices stay small for large cohorts.
 _BOOTSTRAP_CHUNK = 256
@@ -178,12 +182,9 @@ def bootstrap_mean_auc(
     if shared:
         ids = np.array(sorted(id_sets[0]))
         aligned = [f.set_index("patient_id").loc[ids] for f in folds]
-        index = np.stack([rng.integers(0, len(ids), size=len(ids)) for _ in range(n_bootstrap)])
-        indices = [index] * len(folds)
     else:
         aligned = folds
-        per_replicate = [[rng.integers(0, len(f), size=len(f)) for f in folds] for _ in range(n_bootstrap)]
-        indices = [np.stack([rep[k] for rep in per_replicate]) for k in range(len(folds))]
+    indices = _draws(rng, [len(f) for f in aligned], shared, n_bootstrap)
 
     fold_aucs = np.stack([
         _auc_rows(f["label"].to_numpy()[idx], f["prob"].to_numpy()[idx])
@@ -198,6 +199,108 @@ def bootstrap_mean_auc(
     means = fold_aucs[:, usable].mean(axis=0)
     low, high = np.percentile(means, [2.5, 97.5])
     return float(low), float(high), n_used
+
+
+def _draws(rng: np.random.Generator, sizes: list[int], shared: bool, n_bootstrap: int) -> list[np.ndarray]:
+    """Resample indices [n_bootstrap, n_f] per fold; one draw shared by all folds when ``shared``."""
+    if shared:
+        index = np.stack([rng.integers(0, sizes[0], size=sizes[0]) for _ in range(n_bootstrap)])
+        return [index] * len(sizes)
+    per_replicate = [[rng.integers(0, n, size=n) for n in sizes] for _ in range(n_bootstrap)]
+    return [np.stack([rep[k] for rep in per_replicate]) for k in range(len(sizes))]
+
+
+def paired_auc_difference(
+    model_folds: dict, reference_folds: dict, n_bootstrap: int, seed: int
+) -> list[dict]:
+    """AUC(model) - AUC(reference) on the same test patients, per fold and as the mean over folds.
+
+    ``model_folds`` / ``reference_folds`` map fold -> test predictions
+    (patient_id, label, prob). Folds present for both enter; within a fold,
+    the patients both models were scored on (their labels must agree).
+
+    Paired bootstrap, with ``rng = np.random.default_rng(seed)``: each
+    replicate draws one resample of a fold's patients (``rng.integers(0, n,
+    size=n)``, the ids sorted) and scores *both* models on it, so what the two
+    models share (which patients are easy) cancels in the difference and only
+    their disagreement is left. When every fold has the same patients, one
+    draw per replicate serves all folds (as in :func:`bootstrap_mean_auc`);
+    otherwise each fold draws its own, in fold order. A fold's CI is the
+    2.5/97.5 percentile of its replicate differences, skipping replicates in
+    which its resample has one class; the CI of the mean uses the mean over
+    folds of the replicate differences, skipping replicates where any fold's
+    resample has one class. Folds where either AUC is undefined are listed
+    but left out of the mean.
+
+    Returns one row per fold and a last row with ``fold`` "mean": fold,
+    n_test_patients, auc_model, auc_reference, auc_diff, ci_low, ci_high,
+    n_bootstrap_used.
+    """
+    folds = sorted(set(model_folds) & set(reference_folds), key=lambda f: (str(type(f)), f))
+    rows, aligned = [], []
+    for fold in folds:
+        both = model_folds[fold].merge(reference_folds[fold], on="patient_id", suffixes=("_model", "_ref"))
+        if (both["label_model"] != both["label_ref"]).any():
+            raise ValueError(f"fold {fold}: the two models' prediction files give different labels "
+                             "for the same patient(s)")
+        both = both.sort_values("patient_id").reset_index(drop=True)
+        y = both["label_model"].to_numpy(int)
+        pm, pr = both["prob_model"].to_numpy(float), both["prob_ref"].to_numpy(float)
+        defined = 0 < y.sum() < len(y)
+        auc_m = float(_auc_rows(y[None], pm[None])[0]) if defined else math.nan
+        auc_r = float(_auc_rows(y[None], pr[None])[0]) if defined else math.nan
+        rows.append({"fold": fold, "n_test_patients": len(both), "auc_model": auc_m, "auc_reference": auc_r,
+                     "auc_diff": auc_m - auc_r, "ci_low": math.nan, "ci_high": math.nan, "n_bootstrap_used": 0})
+        if defined:
+            aligned.append((len(rows) - 1, both["patient_id"].to_numpy(), y, pm, pr))
+
+    mean_row = {"fold": "mean", "n_test_patients": int(np.mean([r["n_test_patients"] for r in rows])) if rows else 0,
+                "ci_low": math.nan, "ci_high": math.nan, "n_bootstrap_used": 0}
+    for key in ("auc_model", "auc_reference", "auc_diff"):
+        mean_row[key] = float(np.mean([rows[i][key] for i, *_ in aligned])) if aligned else math.nan
+    if aligned and n_bootstrap > 0:
+        rng = np.random.default_rng(seed)
+        shared = all(np.array_equal(a[1], aligned[0][1]) for a in aligned[1:])
+        draws = _draws(rng, [len(a[2]) for a in aligned], shared, n_bootstrap)
+        diffs = np.stack([
+            _auc_rows(y[idx], pm[idx]) - _auc_rows(y[idx], pr[idx])
+            for (_, _, y, pm, pr), idx in zip(aligned, draws)
+        ])  # [folds, replicates], NaN where a resample has one class
+        for (i, *_), fold_diffs in zip(aligned, diffs):
+            ok = fold_diffs[~np.isnan(fold_diffs)]
+            if len(ok):
+                rows[i].update(ci_low=float(np.percentile(ok, 2.5)), ci_high=float(np.percentile(ok, 97.5)),
+                               n_bootstrap_used=len(ok))
+        usable = ~np.isnan(diffs).any(axis=0)
+        if usable.any():
+            means = diffs[:, usable].mean(axis=0)
+            mean_row.update(ci_low=float(np.percentile(means, 2.5)), ci_high=float(np.percentile(means, 97.5)),
+                            n_bootstrap_used=int(usable.sum()))
+    return rows + [mean_row] if rows else []
+
+
+def compare_models(
+    tests: dict[tuple[str, str], list[tuple[object, pd.DataFrame, float]]],
+    reference: str,
+    n_bootstrap: int,
+    seed: int,
+) -> pd.DataFrame:
+    """Every model against ``reference`` trained on the same extractor: :func:`paired_auc_difference` rows.
+
+    ``tests`` maps (extractor, model) to (fold, test predictions, AUC) items.
+    Each comparison starts its bootstrap from ``seed``, so its CI does not
+    depend on which other models are in the report.
+    """
+    rows = []
+    for (extractor, model), folds in sorted(tests.items()):
+        ref = tests.get((extractor, reference))
+        if model == reference or ref is None:
+            continue
+        diff = paired_auc_difference({f: t for f, t, _ in folds}, {f: t for f, t, _ in ref}, n_bootstrap, seed)
+        rows += [{"extractor": extractor, "model": model, "reference": reference, **row} for row in diff]
+    frame = pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
+    frame["fold"] = frame["fold"].astype(str)
+    return frame
 
 
 # ---------------------------------------------------------------------------
@@ -241,6 +344,62 @@ def plot_roc(
         plt.close(fig)
 
 
+def plot_history(folds: list[tuple[object, str | os.PathLike]], title: str, png: str | os.PathLike) -> None:
+    """Validation AUC (left) and training/validation loss (right) per epoch, one line per fold."""
+    fig, (ax_auc, ax_loss) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=100)
+    try:
+        for k, (fold, path) in enumerate(folds):
+            history = pd.read_csv(path)
+            color = f"C{k % 10}"
+            ax_auc.plot(history["epoch"], pd.to_numeric(history["val_auc"], errors="coerce"),
+                        marker="o", ms=3, color=color, label=f"fold {fold}")
+            ax_loss.plot(history["epoch"], history["train_loss"], color=color, label=f"fold {fold} train")
+            ax_loss.plot(history["epoch"], history["val_loss"], color=color, ls="--", label=f"fold {fold} val")
+        ax_auc.set_ylim(0, 1.02)
+        ax_auc.set_xlabel("epoch")
+        ax_auc.set_ylabel("validation AUC (patient level)")
+        ax_loss.set_xlabel("epoch")
+        ax_loss.set_ylabel("loss (train solid, val dashed)")
+        ax_auc.legend(fontsize=7, loc="lower right")
+        fig.suptitle(title, fontsize=10)
+        fig.tight_layout()
+        with atomic_output(png) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
+
+
+def plot_comparison(comparison: pd.DataFrame, png: str | os.PathLike) -> None:
+    """Forest plot: each model's AUC difference to the reference, mean over folds (with CI) and per fold."""
+    means = comparison[comparison["fold"] == "mean"].reset_index(drop=True)
+    fig, ax = plt.subplots(figsize=(7, 1.3 + 0.4 * max(len(means), 1)), dpi=100)
+    try:
+        for i, row in means.iterrows():
+            y = len(means) - 1 - i
+            if np.isfinite(row.ci_low):
+                ax.plot([row.ci_low, row.ci_high], [y, y], color="C0", lw=2)
+            ax.plot([row.auc_diff], [y], "D", color="C0", ms=7,
+                    label="mean over folds, 95 % CI" if i == 0 else None)
+            folds = comparison[(comparison["extractor"] == row.extractor) & (comparison["model"] == row.model)
+                               & (comparison["fold"] != "mean")]
+            ax.plot(folds["auc_diff"], [y] * len(folds), "o", color="C1", ms=4, alpha=0.8,
+                    label="single folds" if i == 0 else None)
+        ax.axvline(0, color="grey", ls="--", lw=1)
+        ax.set_ylim(-0.6, max(len(means), 1) - 0.4)
+        ax.set_yticks(range(len(means)))
+        ax.set_yticklabels([f"{r.extractor} / {r.model}" for r in means.itertuples()][::-1], fontsize=8)
+        ref = ", ".join(sorted(comparison["reference"].unique())) or "reference"
+        ax.set_xlabel(f"test AUC difference to {ref} (paired bootstrap over patients)")
+        if len(means):
+            # Right of the axes, so it never hides an interval or the axis label.
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        fig.tight_layout()
+        with atomic_output(png) as tmp:
+            fig.savefig(tmp, format="png", bbox_inches="tight")
+    finally:
+        plt.close(fig)
+
+
 def _markdown(summary: pd.DataFrame, per_fold: pd.DataFrame, n_bootstrap: int) -> str:
     lines = [
         "# Model comparison",
@@ -277,21 +436,9 @@ def _markdown(summary: pd.DataFrame, per_fold: pd.DataFrame, n_bootstrap: int) -
 # Entry points
 # ---------------------------------------------------------------------------
 
-def make_report(runs: list[dict], out_dir: str, n_bootstrap: int = 1000, seed: int = 0) -> pd.DataFrame:
-    """Write per_fold.csv, summary.csv, summary.md and one ROC figure per model into ``out_dir``.
-
-    ``runs``: dicts with extractor, model, fold, predictions (path to
-    predictions_patients.csv) and history (path to history.csv).
-    Returns the summary table, sorted by mean test AUC (best first).
-
-    Every model's bootstrap starts from ``default_rng(seed)`` so that its CI
-    does not depend on which other models are in the report, and models
-    scored on the same test patients are resampled identically (paired).
-    """
+def load_tests(runs: list[dict]) -> tuple[pd.DataFrame, dict[tuple[str, str], list[tuple[object, pd.DataFrame, float]]]]:
+    """The per-fold table and, per (extractor, model), its (fold, test predictions, test AUC) items."""
     _check_runs(runs)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-
     per_fold_rows = []
     tests: dict[tuple[str, str], list[tuple[object, pd.DataFrame, float]]] = {}
     for run in runs:
@@ -313,6 +460,23 @@ def make_report(runs: list[dict], out_dir: str, n_bootstrap: int = 1000, seed: i
         .sort_values(["extractor", "model", "fold"], kind="stable")
         .reset_index(drop=True)
     )
+    return per_fold, tests
+
+
+def make_report(runs: list[dict], out_dir: str, n_bootstrap: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Write per_fold.csv, summary.csv, summary.md and one ROC figure per model into ``out_dir``.
+
+    ``runs``: dicts with extractor, model, fold, predictions (path to
+    predictions_patients.csv) and history (path to history.csv).
+    Returns the summary table, sorted by mean test AUC (best first).
+
+    Every model's bootstrap starts from ``default_rng(seed)`` so that its CI
+    does not depend on which other models are in the report, and models
+    scored on the same test patients are resampled identically (paired).
+    """
+    out = Path(out_dir)
+    per_fold, tests = load_tests(runs)
+    out.mkdir(parents=True, exist_ok=True)
 
     summary_rows = []
     for (extractor, model), folds in tests.items():

@@ -1,0 +1,118 @@
+"""Who is in the study: slides, patients, tiles kept, excluded slides and split sizes.
+
+Read from the files the pipeline already wrote: the sample sheet, the feature
+HDF5 files (number of tiles, and the ``excluded`` attribute that names why a
+slide cannot be used), the tiles HDF5 files (how many grid cells were tissue
+candidates) and splits.csv.
+"""
+
+from __future__ import annotations
+
+import os
+
+import h5py
+import numpy as np
+import pandas as pd
+
+COHORT_COLUMNS = ["slide_id", "patient_id", "label", "n_tiles", "n_candidates", "excluded"]
+SPLIT_COLUMNS = [
+    "fold", "partition", "n_patients", "n_slides", "n_slides_without_tiles",
+    "n_patients_negative", "n_patients_positive",
+]
+NO_TILES = "no tissue tiles"
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def feature_file_facts(path: str | os.PathLike) -> tuple[int, str]:
+    """(number of tiles, exclusion reason) of a feature file; "" when the slide is usable.
+
+    A file with zero rows and no recorded reason is a slide where tiling found no tissue.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: feature file not found")
+    with h5py.File(path, "r") as f:
+        if "features" not in f:
+            raise ValueError(f"{path}: no 'features' dataset; not a slidemil feature file")
+        n = int(f["features"].shape[0])
+        reason = _text(f.attrs.get("excluded", "")).strip()
+    if reason in ("null", "None"):
+        reason = ""
+    if n == 0 and not reason:
+        reason = NO_TILES
+    return n, reason
+
+
+def tiles_candidates(path: str | os.PathLike) -> float:
+    """Grid cells the tiling judged (tissue candidates), NaN when the file does not say."""
+    with h5py.File(path, "r") as f:
+        value = f.attrs.get("n_candidates")
+    return float(value) if value is not None else np.nan
+
+
+def cohort_table(sheet: pd.DataFrame, features: dict[str, str], tiles: dict[str, str] | None = None) -> pd.DataFrame:
+    """One row per slide of the sheet: patient, label, tiles kept (and candidates), exclusion reason."""
+    rows = []
+    for row in sheet.itertuples(index=False):
+        slide = str(row.slide_id)
+        if slide not in features:
+            raise ValueError(f"no feature file given for slide {slide}")
+        n, reason = feature_file_facts(features[slide])
+        candidates = tiles_candidates(tiles[slide]) if tiles and slide in tiles else np.nan
+        rows.append({"slide_id": slide, "patient_id": str(row.patient_id), "label": row.label,
+                     "n_tiles": n, "n_candidates": candidates, "excluded": reason})
+    return pd.DataFrame(rows, columns=COHORT_COLUMNS)
+
+
+def cohort_facts(table: pd.DataFrame) -> dict:
+    """Counts a reader wants first: slides, patients, per label, tiles per usable slide, exclusions."""
+    usable = table[table["excluded"] == ""]
+    labels = {}
+    for label, group in table.groupby(table["label"].astype(str), sort=True):
+        labels[label] = {"slides": int(len(group)), "patients": int(group["patient_id"].nunique())}
+    tiles = usable["n_tiles"]
+    return {
+        "n_slides": int(len(table)),
+        "n_patients": int(table["patient_id"].nunique()),
+        "n_slides_excluded": int(len(table) - len(usable)),
+        "labels": labels,
+        "tiles_per_slide": {
+            "min": int(tiles.min()) if len(tiles) else 0,
+            "median": float(tiles.median()) if len(tiles) else 0.0,
+            "max": int(tiles.max()) if len(tiles) else 0,
+            "total": int(tiles.sum()),
+        },
+    }
+
+
+def split_summary(splits_csv: str | os.PathLike, without_tiles: set[str] | None = None) -> pd.DataFrame:
+    """Patients and slides per fold and partition, with the patients of each label.
+
+    ``without_tiles``: slides with no usable tiles; they are counted in their
+    partition but training skips them, so they are also counted apart.
+    """
+    table = pd.read_csv(splits_csv, dtype={"slide_id": str, "patient_id": str})
+    folds = sorted((c for c in table.columns if c.startswith("fold_")), key=lambda c: int(c.split("_")[1]))
+    if not folds or not {"slide_id", "patient_id", "label"} <= set(table.columns):
+        raise ValueError(f"{splits_csv}: expected slide_id, patient_id, label and fold_0.. columns")
+    without_tiles = without_tiles or set()
+    label = pd.to_numeric(table["label"], errors="coerce")
+    rows = []
+    for column in folds:
+        for partition in ("train", "val", "test", "excluded"):
+            part = table[table[column] == partition]
+            if part.empty:
+                continue
+            patients = part.assign(y=label[part.index]).groupby("patient_id")["y"].first()
+            rows.append({
+                "fold": int(column.split("_")[1]),
+                "partition": partition,
+                "n_patients": int(len(patients)),
+                "n_slides": int(len(part)),
+                "n_slides_without_tiles": int(part["slide_id"].isin(without_tiles).sum()),
+                "n_patients_negative": int((patients == 0).sum()),
+                "n_patients_positive": int((patients == 1).sum()),
+            })
+    return pd.DataFrame(rows, columns=SPLIT_COLUMNS)
