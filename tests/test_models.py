@@ -236,3 +236,17 @@ def test_transmil_defaults():
     # A bag larger than the minimum 7 x 7 grid, padded to the next square.
     out = model(torch.randn(1, 70, 1024))
     assert out["logits"].shape == (1, 2) and torch.isfinite(out["logits"]).all()
+
+
+def test_config_settings_build_every_model():
+    import yaml
+
+    from conftest import ROOT
+
+    settings = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())["mil"]["settings"]
+    assert {"meanpool", "maxpool", "varmil", "transmil", "mhim_abmil", "mhim_transmil"} <= set(settings)
+    for name, kwargs in settings.items():
+        kwargs = dict(kwargs)
+        if name.startswith("mhim_"):
+            kwargs["base_kwargs"] = settings[name[len("mhim_"):]]
+        assert isinstance(create_model(name, in_dim=IN_DIM, **kwargs), torch.nn.Module)
