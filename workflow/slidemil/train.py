@@ -7,6 +7,10 @@ patient's slide probabilities), and the checkpoint with the best validation
 patient AUC is kept (ties and single-class validation sets: lowest validation
 loss). Validation and test predictions of that checkpoint are written out.
 
+Models that train differently (MHIM-MIL: teacher, masking, EMA) do so through
+the optional hooks described in ``slidemil.models``; a model that starts from
+another one's checkpoint gets it as ``init_checkpoint``.
+
 Outputs in ``out_dir``: model.pt, history.csv, predictions_slides.csv,
 predictions_patients.csv.
 """

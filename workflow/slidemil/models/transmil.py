@@ -86,12 +86,12 @@ class PPEG(nn.Module):
 
     def forward(self, h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         if mask is None:
-            return torch.stack([self.grid(b) for b in h])
+            return torch.stack([self.grid(b) for b in h]).to(h.dtype)
         out = torch.zeros_like(h)
         for b in range(h.shape[0]):
             idx = mask[b].nonzero().squeeze(1)
             if len(idx):
-                out[b, idx] = self.grid(h[b, idx])
+                out[b, idx] = self.grid(h[b, idx]).to(out.dtype)  # autocast may return another dtype
         return out
 
 
