@@ -11,6 +11,7 @@ DeepSMILE applies the attention to the extractor's features directly
 instances (``variance_n: real``, the paper) or, as in the reference code, the
 number of non-zero attention weights (``variance_n: nonzero``; they differ
 only where a softmax weight underflows to 0). A bag with N = 1 has S = 0.
+Weights use He initialisation, as in the paper.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from . import register_model
-from .abmil import AttentionPool, _init_linear
+from .abmil import AttentionPool
 
 VARIANCE_N = ("real", "nonzero")
 
@@ -46,7 +47,7 @@ class VarMIL(nn.Module):
             self.project = nn.Sequential(nn.Linear(in_dim, embed_dim), nn.ReLU(), nn.Dropout(dropout))
         self.pool = AttentionPool(embed_dim, attn_dim, gated)
         self.classifier = nn.Linear(2 * embed_dim, n_classes)
-        self.apply(_init_linear)
+        self.apply(_init_he)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
         h = self.project(x)
@@ -65,6 +66,14 @@ class VarMIL(nn.Module):
         variance = factor * weighted_sq
         embedding = torch.cat([mean.squeeze(1), variance], dim=1)
         return {"logits": self.classifier(embedding), "attention": attention, "embedding": embedding}
+
+
+def _init_he(module: nn.Module) -> None:
+    # DeepSMILE section 4.2.2: He initialisation.
+    if isinstance(module, nn.Linear):
+        nn.init.kaiming_normal_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
 
 
 @register_model("varmil")
