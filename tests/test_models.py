@@ -1,5 +1,6 @@
 """The MIL model registry and the model contract, checked for every registered model."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -33,8 +34,12 @@ def bags():
     return [torch.randn(n, IN_DIM, generator=g) for n in (7, 3, 5)]
 
 
-def test_registry_lists_abmil_family():
-    assert {"abmil", "abmil_gated"} <= set(list_models())
+ORDER_INVARIANT = ["abmil", "abmil_gated", "varmil", "meanpool", "maxpool"]
+
+
+def test_registry_lists_model_zoo():
+    assert {"abmil", "abmil_gated", "meanpool", "maxpool", "varmil", "transmil", "mhim_abmil", "mhim_transmil"} \
+        <= set(list_models())
 
 
 @pytest.mark.parametrize("name", list_models())
@@ -82,8 +87,8 @@ def test_mask_none_equals_all_true(name, bags):
     torch.testing.assert_close(model(x, None)["logits"], model(x, torch.ones(1, len(bags[0]), dtype=torch.bool))["logits"])
 
 
-@pytest.mark.parametrize("name", ["abmil", "abmil_gated"])
-def test_abmil_ignores_padding_content(name, bags):
+@pytest.mark.parametrize("name", list_models())
+def test_ignores_padding_content(name, bags):
     model = build(name)
     x, mask = padded(bags)
     noisy = x.clone()
@@ -91,14 +96,35 @@ def test_abmil_ignores_padding_content(name, bags):
     torch.testing.assert_close(model(noisy, mask)["logits"], model(x, mask)["logits"])
 
 
-@pytest.mark.parametrize("name", ["abmil", "abmil_gated"])
-def test_abmil_invariant_to_instance_order(name, bags):
+@pytest.mark.parametrize("name", ORDER_INVARIANT)
+def test_invariant_to_instance_order(name, bags):
     model = build(name)
     bag = bags[0]
     perm = torch.randperm(len(bag), generator=torch.Generator().manual_seed(3))
     out, shuffled = model(bag.unsqueeze(0)), model(bag[perm].unsqueeze(0))
     torch.testing.assert_close(shuffled["logits"], out["logits"], atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(shuffled["attention"][0], out["attention"][0, perm])
+    if out["attention"] is not None:
+        torch.testing.assert_close(shuffled["attention"][0], out["attention"][0, perm])
+
+
+def test_transmil_depends_on_instance_order(bags):
+    # The positional encoding makes the order matter: the other side of the test above.
+    model = build("transmil")
+    bag = torch.cat(bags)
+    perm = torch.randperm(len(bag), generator=torch.Generator().manual_seed(3))
+    assert not torch.allclose(model(bag[perm][None])["logits"], model(bag[None])["logits"], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_single_instance_and_all_padding_rows_are_safe(name, bags):
+    model = build(name).train()
+    x, mask = padded(bags)
+    mask[1] = False
+    mask[2, 1:] = False
+    out = model(x, mask)
+    assert torch.isfinite(out["logits"]).all() and torch.isfinite(out["embedding"]).all()
+    out["logits"].sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
 @pytest.mark.parametrize("name", ["abmil", "abmil_gated"])
@@ -144,3 +170,83 @@ def test_register_new_model(monkeypatch):
     assert create_model("toy", in_dim=3, width=5).out_features == 5
     with pytest.raises(ValueError, match="already registered"):
         register_model("toy")(toy)
+
+
+def test_varmil_matches_numpy(bags):
+    model = build("varmil")
+    bag = bags[0]
+    out = model(bag[None])
+    with torch.no_grad():
+        h = model.project(bag).double().numpy()
+    a = out["attention"][0].detach().double().numpy()
+    n, e = h.shape
+    assert out["embedding"].shape == (1, 2 * e)
+    mean = (a[:, None] * h).sum(0)
+    var = n / (n - 1) * (a[:, None] * (h - mean) ** 2).sum(0)
+    np.testing.assert_allclose(out["embedding"][0, :e].detach().numpy(), mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out["embedding"][0, e:].detach().numpy(), var, rtol=1e-5, atol=1e-6)
+    w, b = model.classifier.weight.detach().double().numpy(), model.classifier.bias.detach().double().numpy()
+    np.testing.assert_allclose(out["logits"][0].detach().numpy(), w @ np.concatenate([mean, var]) + b, rtol=1e-5, atol=1e-5)
+
+
+def test_varmil_single_instance_has_zero_variance(bags):
+    out = create_model("varmil", in_dim=IN_DIM).eval()(bags[0][:1][None])  # DeepSMILE: no projection
+    assert out["embedding"].shape == (1, 2 * IN_DIM)
+    assert (out["embedding"][0, IN_DIM:] == 0).all() and torch.isfinite(out["logits"]).all()
+
+
+def test_varmil_nonzero_count_differs_only_on_underflow(bags):
+    real = create_model("varmil", in_dim=IN_DIM).eval()
+    nonzero = create_model("varmil", in_dim=IN_DIM, variance_n="nonzero").eval()
+    nonzero.load_state_dict(real.state_dict())
+    x = bags[0][None]
+    torch.testing.assert_close(real(x)["embedding"], nonzero(x)["embedding"])
+    with pytest.raises(ValueError, match="variance_n"):
+        create_model("varmil", in_dim=IN_DIM, variance_n="all")
+
+
+def test_pooling_baselines_match_direct_pooling(bags):
+    x, mask = padded(bags)
+    for name, pool in (("meanpool", lambda h: h.mean(0)), ("maxpool", lambda h: h.amax(0))):
+        model = build(name)
+        out = model(x, mask)
+        for i, bag in enumerate(bags):
+            with torch.no_grad():
+                expected = pool(model.project(bag))
+            torch.testing.assert_close(out["embedding"][i], expected)
+
+
+def test_transmil_head_attention(bags):
+    model = create_model("transmil", in_dim=IN_DIM, embed_dim=32, n_heads=4).eval()
+    x, mask = padded(bags)
+    out = model(x, mask)
+    heads = out["head_attention"]
+    assert heads.shape == (3, 4, x.shape[1])
+    assert (heads.permute(0, 2, 1)[~mask] == 0).all()
+    torch.testing.assert_close(heads.sum(-1), torch.ones(3, 4))
+    torch.testing.assert_close(out["attention"], heads.mean(1))
+    alone = model(bags[1][None])["head_attention"][0]
+    torch.testing.assert_close(heads[1, :, : len(bags[1])], alone, atol=1e-6, rtol=1e-5)
+
+
+def test_transmil_defaults():
+    model = create_model("transmil", in_dim=1024)
+    assert model.project[0].out_features == 512 and model.layer1.n_heads == 8
+    assert [c.kernel_size for c in (model.ppeg.proj7, model.ppeg.proj5, model.ppeg.proj3)] == [(7, 7), (5, 5), (3, 3)]
+    # A bag larger than the minimum 7 x 7 grid, padded to the next square.
+    out = model(torch.randn(1, 70, 1024))
+    assert out["logits"].shape == (1, 2) and torch.isfinite(out["logits"]).all()
+
+
+def test_config_settings_build_every_model():
+    import yaml
+
+    from conftest import ROOT
+
+    settings = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())["mil"]["settings"]
+    assert {"meanpool", "maxpool", "varmil", "transmil", "mhim_abmil", "mhim_transmil"} <= set(settings)
+    for name, kwargs in settings.items():
+        kwargs = dict(kwargs)
+        if name.startswith("mhim_"):
+            kwargs["base_kwargs"] = settings[name[len("mhim_"):]]
+        assert isinstance(create_model(name, in_dim=IN_DIM, **kwargs), torch.nn.Module)

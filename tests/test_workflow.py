@@ -20,7 +20,8 @@ TINY = {
     "features": {"extractors": ["shufflenet_v2"],
                  "settings": {"shufflenet_v2": {"weights": "random", "input_px": 128, "dtype": "float32"}}},
     "splits": {"folds": 2, "test_fraction": 0.25},
-    "mil": {"models": ["abmil"], "training": {"epochs": 8, "patience": 4, "lr": 0.0005}},
+    # mhim_abmil: MHIM-MIL starts from abmil trained on the same fold, and is reported beside it.
+    "mil": {"models": ["abmil", "mhim_abmil"], "training": {"epochs": 8, "patience": 4, "lr": 0.0005}},
     "report": {"n_bootstrap": 200},
     "compute": {"threads": 1, "loader_workers": 0, "batch_size": 32},
 }
@@ -53,19 +54,21 @@ def test_report_numbers_match_predictions(run):
     report = run / "results" / "report"
     per_fold = pd.read_csv(report / "per_fold.csv")
     summary = pd.read_csv(report / "summary.csv")
-    assert len(per_fold) == 2 and set(per_fold["model"]) == {"abmil"}
+    assert len(per_fold) == 4 and set(per_fold["model"]) == {"abmil", "mhim_abmil"}
+    assert sorted(per_fold.loc[per_fold["model"] == "mhim_abmil", "fold"]) == [0, 1]
     for row in per_fold.itertuples():
         preds = pd.read_csv(run / "results" / "train" / row.extractor / row.model / f"fold_{row.fold}"
                             / "predictions_patients.csv")
         test = preds[preds["partition"] == "test"]
         assert row.test_auc == pytest.approx(roc_auc_score(test["label"], test["prob"]))
         assert row.n_test_patients == len(test) == 4   # 25 % of 16 patients
-    s = summary.iloc[0]
-    assert s["auc_mean"] == pytest.approx(per_fold["test_auc"].mean())
-    assert s["ci_low"] <= s["auc_mean"] <= s["ci_high"]
+    assert set(summary["model"]) == {"abmil", "mhim_abmil"}
+    for s in summary.itertuples():
+        assert s.auc_mean == pytest.approx(per_fold.loc[per_fold["model"] == s.model, "test_auc"].mean())
+        assert s.ci_low <= s.auc_mean <= s.ci_high
+        assert f"{s.auc_mean:.3f}" in (report / "summary.md").read_text()
     # The tiny cohort still carries the demo's signal.
-    assert s["auc_mean"] > 0.5
-    assert f"{s['auc_mean']:.3f}" in (report / "summary.md").read_text()
+    assert summary.set_index("model").loc["abmil", "auc_mean"] > 0.5
 
 
 def test_every_stage_output_is_consistent(run):

@@ -7,6 +7,10 @@ patient's slide probabilities), and the checkpoint with the best validation
 patient AUC is kept (ties and single-class validation sets: lowest validation
 loss). Validation and test predictions of that checkpoint are written out.
 
+Models that train differently (MHIM-MIL: teacher, masking, EMA) do so through
+the optional hooks described in ``slidemil.models``; a model that starts from
+another one's checkpoint gets it as ``init_checkpoint``.
+
 Outputs in ``out_dir``: model.pt, history.csv, predictions_slides.csv,
 predictions_patients.csv.
 """
@@ -241,20 +245,34 @@ class Data:
         return x.to(self.device).float(), mask.to(self.device), y.to(self.device)
 
 
-def train_epoch(model, data: Data, ids: list[str], batch_size: int, optimizer, scheduler, rng) -> tuple[float, float]:
-    """One pass over the training slides; returns (mean batch loss, lr of the last step)."""
+def train_epoch(
+    model, data: Data, ids: list[str], batch_size: int, optimizer, scheduler, rng, step: int = 0, total_steps: int = 1
+) -> tuple[float, float]:
+    """One pass over the training slides; returns (mean batch loss, lr of the last step).
+
+    ``step`` counts optimiser steps from the start of training (of ``total_steps``) for
+    models whose own schedules follow training progress (the hooks in ``slidemil.models``).
+    """
     model.train()
+    loss_fn = functools.partial(weighted_loss, weights=data.weights)
+    training_step = getattr(model, "training_step", None)
+    after_step = getattr(model, "after_optimizer_step", None)
     total, n_batches, lr = 0.0, 0, float("nan")
     for chunk in batch_ids(ids, batch_size, rng):
         x, mask, y = data.batch(chunk)
         with autocast(data.device):
-            logits = model(x, mask)["logits"]
-        loss = weighted_loss(logits, y, data.weights)
+            if training_step is not None:
+                loss = training_step(x, mask, y, loss_fn, step, total_steps)
+            else:
+                loss = loss_fn(model(x, mask)["logits"], y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
+        if after_step is not None:
+            after_step(step, total_steps)
+        step += 1
         total += loss.item()
         n_batches += 1
     return total / max(n_batches, 1), lr
@@ -316,9 +334,11 @@ class Selection:
 def fit(net, data: Data, train_ids: list[str], val: pd.DataFrame, cfg: dict, seed: int, desc: str):
     """Train with early stopping on the validation slides; returns (Selection, history rows)."""
     optimizer = torch.optim.Adam(
-        net.parameters(), lr=cfg["lr"], betas=tuple(cfg["betas"]), weight_decay=cfg["weight_decay"]
+        [p for p in net.parameters() if p.requires_grad],
+        lr=cfg["lr"], betas=tuple(cfg["betas"]), weight_decay=cfg["weight_decay"],
     )
-    steps = cfg["epochs"] * math.ceil(len(train_ids) / cfg["batch_size"])
+    steps_per_epoch = math.ceil(len(train_ids) / cfg["batch_size"])
+    steps = cfg["epochs"] * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     shuffle_rng = np.random.default_rng(seed)
 
@@ -329,7 +349,10 @@ def fit(net, data: Data, train_ids: list[str], val: pd.DataFrame, cfg: dict, see
     history = []
     progress = tqdm(range(1, cfg["epochs"] + 1), desc=desc, unit="epoch", file=sys.stderr)
     for epoch in progress:
-        train_loss, lr = train_epoch(net, data, train_ids, cfg["batch_size"], optimizer, scheduler, shuffle_rng)
+        train_loss, lr = train_epoch(
+            net, data, train_ids, cfg["batch_size"], optimizer, scheduler, shuffle_rng,
+            step=(epoch - 1) * steps_per_epoch, total_steps=steps,
+        )
         val_auc, val_loss = _validate(net, data, val, cfg["batch_size"])
         history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_auc": val_auc, "lr": lr})
         improved = best.improves(val_auc, val_loss)
@@ -361,10 +384,14 @@ def train_fold(
     out_dir: str,
     device: str = "auto",
     num_threads: int | None = None,
+    init_checkpoint: str | None = None,
 ) -> dict:
     """Train ``model`` on fold ``fold`` and write its checkpoint, history and predictions.
 
     ``features`` maps slide_id to its HDF5 feature file. Returns a summary dict.
+    ``init_checkpoint``: the model.pt a model that starts from another one (MHIM-MIL:
+    its baseline trained on the same fold) is initialised from; features are then
+    standardised with that checkpoint's statistics, the ones its weights were trained on.
     """
     started = time.monotonic()
     cfg = resolve_training(training)
@@ -389,17 +416,28 @@ def train_fold(
         fold, len(ids["train"]), len(ids["val"]), len(ids["test"]), len(skipped), in_dim, dev,
     )
 
+    torch.manual_seed(seed)
+    net = create_model(model, in_dim=in_dim, n_classes=N_CLASSES, **model_kwargs)
+    start = _init_checkpoint(net, model, init_checkpoint, in_dim, fold)
     norm = None
-    if cfg["standardize"]:
+    if start is not None:
+        if (start.get("feature_mean") is not None) != cfg["standardize"]:
+            logger.warning(
+                "%s: training.standardize is %s but the initial checkpoint was trained %s standardisation; "
+                "following the checkpoint", model, cfg["standardize"], "with" if start.get("feature_mean") is not None else "without",
+            )
+        if start.get("feature_mean") is not None:
+            norm = (start["feature_mean"].float(), start["feature_std"].float())
+    elif cfg["standardize"]:
         norm = feature_stats(bags, ids["train"])
+    if norm is not None:
         standardize_bags(bags, *norm)
 
     labels = dict(zip(split["slide_id"], split["label"]))
     weights = class_weights(np.array([labels[s] for s in ids["train"]]), cfg["class_weighted"])
     data = Data(bags, labels, weights.to(dev), dev)
 
-    torch.manual_seed(seed)
-    net = create_model(model, in_dim=in_dim, n_classes=N_CLASSES, **model_kwargs).to(dev)
+    net = net.to(dev)
     val = split[split["partition"] == "val"]
     best, history = fit(net, data, ids["train"], val, cfg, seed, desc=f"{model} fold {fold}")
 
@@ -427,6 +465,36 @@ def train_fold(
         fold, best.epoch, _fmt(best.auc), _fmt(summary["test_auc"]),
     )
     return summary
+
+
+def _init_checkpoint(net, model: str, path: str | None, in_dim: int, fold: int) -> dict | None:
+    """Load ``path`` into ``net`` if the model starts from a checkpoint; returns the checkpoint."""
+    needs = getattr(net, "needs_init_checkpoint", False)
+    if not needs:
+        if path is not None:
+            raise ValueError(f"model {model!r} does not start from a checkpoint, but init_checkpoint={path!r} was given")
+        return None
+    if path is None:
+        raise ValueError(
+            f"model {model!r} starts from its baseline trained on the same fold: "
+            f"pass init_checkpoint (that baseline's model.pt for fold {fold})"
+        )
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: initial checkpoint for {model!r} not found") from None
+    except Exception as err:  # a truncated or foreign file
+        raise ValueError(f"{path}: not a slidemil model checkpoint ({err.__class__.__name__}: {err})") from None
+    missing = [k for k in ("state_dict", "model", "in_dim") if k not in checkpoint]
+    if missing:
+        raise ValueError(f"{path}: not a slidemil model checkpoint (missing {', '.join(missing)})")
+    if checkpoint["in_dim"] != in_dim:
+        raise ValueError(f"{path}: trained on {checkpoint['in_dim']}-d features, but these features are {in_dim}-d")
+    if checkpoint.get("fold") is not None and checkpoint["fold"] != fold:
+        raise ValueError(f"{path}: trained on fold {checkpoint['fold']}, not fold {fold}; its weights may have been fitted on this fold's validation or test slides")
+    net.init_from_checkpoint(checkpoint, source=path)
+    logger.info("%s initialised from %s (%s, epoch %s)", model, path, checkpoint["model"], checkpoint.get("epoch"))
+    return checkpoint
 
 
 def _validate(net, data: Data, val: pd.DataFrame, batch_size: int) -> tuple[float | None, float]:
@@ -487,6 +555,8 @@ def _parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--init-checkpoint", default=None,
+                        help="model.pt to start from (MHIM-MIL models: the baseline trained on the same fold)")
     parser.add_argument("--log", default=None, help="log file (default: stderr)")
     return parser.parse_args(argv)
 
@@ -500,6 +570,7 @@ def main(argv=None) -> None:
     summary = train_fold(
         features, args.splits, args.fold, args.model, args.model_kwargs, args.training,
         args.seed, args.out, device=args.device, num_threads=args.num_threads,
+        init_checkpoint=args.init_checkpoint,
     )
     print(json.dumps(summary, indent=2))
 

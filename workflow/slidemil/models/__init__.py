@@ -11,6 +11,16 @@ Every model follows one contract so the training stage never special-cases one:
 ``mask`` is True for real instances and False for padding; None means every
 instance is real. Padding must not change a bag's output.
 
+Optional hooks the training stage uses when a model has them (MHIM-MIL does):
+
+    needs_init_checkpoint = True      train_fold must be given a checkpoint ...
+    init_from_checkpoint(ckpt, source)   ... and passes it here before training
+    training_step(x, mask, y, loss_fn, step, total_steps) -> loss
+                                      replaces loss_fn(model(x, mask)["logits"], y)
+    after_optimizer_step(step, total_steps)   called after every optimiser step
+
+Parameters with ``requires_grad=False`` (a teacher) are left out of the optimiser.
+
 Adding a model is one file defining a builder decorated with
 ``@register_model("name")`` whose signature is ``(in_dim, n_classes=2, **its
 own keyword arguments with defaults)``, plus one import line at the bottom of
@@ -91,4 +101,5 @@ def _check_kwargs(name: str, builder: Callable, kwargs: dict) -> None:
 
 # Imported last: the model modules need register_model defined above, and
 # importing them here is what registers them.
-from . import abmil  # noqa: E402,F401
+from . import abmil, pooling, transmil, varmil  # noqa: E402,F401
+from . import mhim  # noqa: E402,F401  (wraps the models above)
