@@ -16,26 +16,10 @@ from matplotlib import colormaps  # noqa: E402
 from slidemil import heatmap  # noqa: E402
 from slidemil.demo import write_pyramidal_tiff  # noqa: E402
 from slidemil.io import write_h5  # noqa: E402
-from slidemil.models import create_model, list_models, register_model  # noqa: E402
+from slidemil.models import create_model  # noqa: E402
 from slidemil.slides import open_slide  # noqa: E402
 
 W, H, SIZE0, IN_DIM = 2048, 1536, 256, 6
-
-
-class _NoAttention(torch.nn.Module):
-    """Max pooling: a model without instance attention."""
-
-    def __init__(self, in_dim, n_classes=2):
-        super().__init__()
-        self.fc = torch.nn.Linear(in_dim, n_classes)
-
-    def forward(self, x, mask=None):
-        embedding = x.max(dim=1).values
-        return {"logits": self.fc(embedding), "attention": None, "embedding": embedding}
-
-
-if "test_noattention" not in list_models():
-    register_model("test_noattention")(_NoAttention)
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +137,7 @@ def test_cli_writes_heatmap_and_lists_top_tiles(cohort, tmp_path, capsys):
 
 
 def test_model_without_attention_is_skipped_with_note(cohort, tmp_path):
-    save_checkpoint(tmp_path / "model.pt", "test_noattention", kwargs={})
+    save_checkpoint(tmp_path / "model.pt", "maxpool", kwargs={"embed_dim": 16})
     result = heatmap.make_heatmap(cohort["slide"], cohort["feats"], tmp_path / "model.pt", tmp_path / "h.png")
     assert result.png is None and "no instance attention" in result.note
     assert not (tmp_path / "h.png").exists()
