@@ -350,6 +350,78 @@ def fit(net, data: Data, train_ids: list[str], val: pd.DataFrame, cfg: dict, see
 # --------------------------------------------------------------------------- stage
 
 
+@dataclass
+class Trained:
+    """What ``train_bags`` returns: the best checkpoint loaded into ``net``, and its predictions."""
+
+    net: torch.nn.Module
+    best: Selection
+    history: list[dict]
+    slides: pd.DataFrame  # val and test slides: slide_id, patient_id, label, partition, prob
+    norm: tuple[torch.Tensor, torch.Tensor] | None
+    in_dim: int
+    cfg: dict
+
+
+def train_bags(
+    bags: dict[str, torch.Tensor],
+    split: pd.DataFrame,
+    model: str,
+    model_kwargs: dict,
+    training: dict,
+    seed: int,
+    device: str = "auto",
+    desc: str | None = None,
+    init_state: dict | None = None,
+) -> Trained:
+    """Train ``model`` on in-memory bags; the core of ``train_fold``, usable without files.
+
+    ``bags`` maps slide_id to a feature tensor [N, D] (not modified); ``split``
+    has one row per slide: slide_id, patient_id, label (0/1), partition
+    (train/val/test). Slides of ``split`` missing from ``bags`` are an error.
+    ``init_state`` is a checkpoint dict (as ``checkpoint`` makes and model.pt
+    holds) that models built on a baseline (MHIM-MIL) start from; the model
+    takes it through its ``init_from(checkpoint)`` method.
+    """
+    cfg = resolve_training(training)
+    model_kwargs = dict(model_kwargs or {})
+    reserved = sorted({"in_dim", "n_classes"} & set(model_kwargs))
+    if reserved:
+        raise ValueError(f"model_kwargs must not set {', '.join(reserved)}: they come from the data")
+    dev = resolve_device(device)
+    missing = sorted(set(split["slide_id"]) - set(bags))
+    if missing:
+        raise ValueError(f"no bag for slide(s) {', '.join(missing[:20])}")
+    ids = {p: split.loc[split["partition"] == p, "slide_id"].tolist() for p in ("train", "val", "test")}
+    for part in ("train", "val"):
+        if not ids[part]:
+            raise ValueError(f"{desc or model}: no {part} slide")
+    # A new dict: standardising replaces its tensors, never the caller's.
+    bags = {s: bags[s] for s in split["slide_id"]}
+    in_dim = next(iter(bags.values())).shape[1]
+
+    norm = None
+    if cfg["standardize"]:
+        norm = feature_stats(bags, ids["train"])
+        standardize_bags(bags, *norm)
+
+    labels = dict(zip(split["slide_id"], split["label"].astype(int)))
+    weights = class_weights(np.array([labels[s] for s in ids["train"]]), cfg["class_weighted"])
+    data = Data(bags, labels, weights.to(dev), dev)
+
+    torch.manual_seed(seed)
+    net = create_model(model, in_dim=in_dim, n_classes=N_CLASSES, **model_kwargs).to(dev)
+    if init_state is not None:
+        if not hasattr(net, "init_from"):
+            raise ValueError(f"model {model!r} does not start from a checkpoint (it has no init_from method)")
+        net.init_from(init_state)
+    val = split[split["partition"] == "val"]
+    best, history = fit(net, data, ids["train"], val, cfg, seed, desc=desc or model)
+    net.load_state_dict(best.state)
+    slides = _final_predictions(net, data, split, cfg["batch_size"])
+    return Trained(net, best, history, slides, norm, in_dim, cfg)
+
+
 def train_fold(
     features: dict[str, str],
     splits_csv: str,
@@ -369,12 +441,8 @@ def train_fold(
     started = time.monotonic()
     cfg = resolve_training(training)
     model_kwargs = dict(model_kwargs or {})
-    reserved = sorted({"in_dim", "n_classes"} & set(model_kwargs))
-    if reserved:
-        raise ValueError(f"model_kwargs must not set {', '.join(reserved)}: they come from the data")
     if num_threads:
         torch.set_num_threads(num_threads)
-    dev = resolve_device(device)
 
     split = read_split(splits_csv, fold)
     bags, skipped = load_bags(split["slide_id"].tolist(), features, cfg["max_tiles"], seed)
@@ -383,28 +451,14 @@ def train_fold(
     for part in ("train", "val"):
         if not ids[part]:
             raise ValueError(f"fold {fold}: no {part} slide has tiles")
-    in_dim = next(iter(bags.values())).shape[1]
     logger.info(
         "fold %d: %d train, %d val, %d test slides (%d skipped without tiles); in_dim %d; device %s",
-        fold, len(ids["train"]), len(ids["val"]), len(ids["test"]), len(skipped), in_dim, dev,
+        fold, len(ids["train"]), len(ids["val"]), len(ids["test"]), len(skipped),
+        next(iter(bags.values())).shape[1], resolve_device(device),
     )
 
-    norm = None
-    if cfg["standardize"]:
-        norm = feature_stats(bags, ids["train"])
-        standardize_bags(bags, *norm)
-
-    labels = dict(zip(split["slide_id"], split["label"]))
-    weights = class_weights(np.array([labels[s] for s in ids["train"]]), cfg["class_weighted"])
-    data = Data(bags, labels, weights.to(dev), dev)
-
-    torch.manual_seed(seed)
-    net = create_model(model, in_dim=in_dim, n_classes=N_CLASSES, **model_kwargs).to(dev)
-    val = split[split["partition"] == "val"]
-    best, history = fit(net, data, ids["train"], val, cfg, seed, desc=f"{model} fold {fold}")
-
-    net.load_state_dict(best.state)
-    slides = _final_predictions(net, data, split, cfg["batch_size"])
+    run = train_bags(bags, split, model, model_kwargs, cfg, seed, device, desc=f"{model} fold {fold}")
+    best, history, slides = run.best, run.history, run.slides
     patients = patient_predictions(slides)
     test = patients[patients["partition"] == "test"]
     summary = {
@@ -418,10 +472,10 @@ def train_fold(
         "test_auc": auc_or_none(test["label"], test["prob"]) if len(test) else None,
         "n_slides": {p: len(v) for p, v in ids.items()},
         "skipped_slides": skipped,
-        "device": str(dev),
+        "device": str(resolve_device(device)),
         "seconds": round(time.monotonic() - started, 2),
     }
-    _write_outputs(Path(out_dir), best, model, model_kwargs, in_dim, cfg, seed, fold, history, slides, patients, norm)
+    _write_outputs(Path(out_dir), checkpoint(run, model, model_kwargs, seed, fold), history, slides, patients)
     logger.info(
         "fold %d done: best epoch %d, val auc %s, test auc %s",
         fold, best.epoch, _fmt(best.auc), _fmt(summary["test_auc"]),
@@ -441,24 +495,28 @@ def _final_predictions(net, data: Data, split: pd.DataFrame, batch_size: int) ->
     return slides.assign(prob=probs)[["slide_id", "patient_id", "label", "partition", "prob"]]
 
 
-def _write_outputs(out, best, model, model_kwargs, in_dim, cfg, seed, fold, history, slides, patients, norm) -> None:
-    checkpoint = {
-        "state_dict": best.state,
+def checkpoint(run: Trained, model: str, model_kwargs: dict, seed: int, fold: int) -> dict:
+    """The model.pt content of a trained run."""
+    return {
+        "state_dict": run.best.state,
         "model": model,
         "model_kwargs": model_kwargs,
-        "in_dim": in_dim,
+        "in_dim": run.in_dim,
         "n_classes": N_CLASSES,
-        "epoch": best.epoch,
-        "val_auc": best.auc,
-        "training": cfg,
+        "epoch": run.best.epoch,
+        "val_auc": run.best.auc,
+        "training": run.cfg,
         "seed": seed,
         "fold": fold,
         # Features must be standardised with these before the model sees them.
-        "feature_mean": None if norm is None else norm[0],
-        "feature_std": None if norm is None else norm[1],
+        "feature_mean": None if run.norm is None else run.norm[0],
+        "feature_std": None if run.norm is None else run.norm[1],
     }
+
+
+def _write_outputs(out: Path, ckpt: dict, history, slides, patients) -> None:
     with atomic_output(out / "model.pt") as tmp:
-        torch.save(checkpoint, tmp)
+        torch.save(ckpt, tmp)
     write_csv(out / "history.csv", pd.DataFrame(history, columns=["epoch", "train_loss", "val_loss", "val_auc", "lr"]))
     write_csv(out / "predictions_slides.csv", slides)
     write_csv(out / "predictions_patients.csv", patients)
