@@ -268,3 +268,53 @@ def test_fold_column_errors(change, message):
         make_splits(change(sheet), fold_column="fold")
     with pytest.raises(SplitError, match="cannot be combined"):
         make_splits(sheet, fold_column="fold", binarize="median")
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.workflow
+def test_workflow_on_musk1_with_predefined_folds(tmp_path):
+    """from-npz, then the DAG from precomputed features: 10 predefined folds, no tiling, report = predictions."""
+    import yaml
+    from sklearn.metrics import roc_auc_score
+
+    npz = SHARED_DATA / "mil" / "musk1.npz"
+    if not npz.is_file():
+        pytest.skip(f"MIL benchmark data not found at {npz}")
+    env = {"PYTHONPATH": str(ROOT / "workflow"), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    conv = subprocess.run([sys.executable, "-m", "slidemil.byof", "from-npz", str(npz), "--out", str(tmp_path / "musk1")],
+                          capture_output=True, text=True, env=env)
+    assert conv.returncode == 0, conv.stderr
+    # Two bags of each class per fold keep all 10 predefined folds while halving the jobs (one import per bag).
+    sheet = pd.read_csv(tmp_path / "musk1" / "samples.csv", dtype={"slide_id": str, "patient_id": str})
+    sheet = sheet.groupby(["fold", "label"], group_keys=False).head(2).reset_index(drop=True)
+    sheet.to_csv(tmp_path / "musk1" / "subset.csv", index=False)
+    config = {
+        "samples": str(tmp_path / "musk1" / "subset.csv"),
+        "results": "results",
+        "features": {"precomputed": "musk1"},
+        "splits": {"fold_column": "fold"},
+        "mil": {"models": ["abmil"], "training": {"epochs": 3, "patience": 3, "lr": 0.0005},
+                "settings": {"abmil": {"embed_dim": 64, "attn_dim": 32, "dropout": 0.0}}},
+        "report": {"n_bootstrap": 50},
+        "compute": {"train_threads": 1},
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--configfile", "config.yaml",
+           "--cores", "2"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    log = proc.stdout + proc.stderr
+    assert "tile_slide" not in log and "extract_features" not in log
+    assert not (tmp_path / "results" / "tiles").exists()
+    assert sorted(p.stem for p in (tmp_path / "results" / "features" / "musk1").glob("*.h5")) == sorted(sheet["slide_id"])
+
+    per_fold = pd.read_csv(tmp_path / "results" / "report" / "per_fold.csv")
+    assert sorted(per_fold["fold"]) == list(range(10)) and set(per_fold["model"]) == {"abmil"}
+    for row in per_fold.itertuples():
+        preds = pd.read_csv(tmp_path / "results" / "train" / "musk1" / "abmil" / f"fold_{row.fold}"
+                            / "predictions_patients.csv", dtype={"patient_id": str})
+        test = preds[preds["partition"] == "test"]
+        assert set(test["patient_id"]) == set(sheet.loc[sheet["fold"] == row.fold, "patient_id"])
+        assert row.test_auc == pytest.approx(roc_auc_score(test["label"], test["prob"]))
