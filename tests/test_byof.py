@@ -318,3 +318,24 @@ def test_workflow_on_musk1_with_predefined_folds(tmp_path):
         test = preds[preds["partition"] == "test"]
         assert set(test["patient_id"]) == set(sheet.loc[sheet["fold"] == row.fold, "patient_id"])
         assert row.test_auc == pytest.approx(roc_auc_score(test["label"], test["prob"]))
+
+
+def test_train_bags_in_memory_leaves_caller_bags_alone():
+    from slidemil.train import train_bags
+
+    rng = np.random.default_rng(0)
+    ids = [f"b{i}" for i in range(24)]
+    labels = [i % 2 for i in range(24)]
+    bags = {b: torch.from_numpy(rng.normal(loc=2.0 * y, size=(3 + i % 4, 6)).astype(np.float32))
+            for i, (b, y) in enumerate(zip(ids, labels))}
+    before = {b: t.clone() for b, t in bags.items()}
+    split = pd.DataFrame({"slide_id": ids, "patient_id": ids, "label": labels,
+                          "partition": ["train"] * 16 + ["val"] * 4 + ["test"] * 4})
+    run = train_bags(bags, split, "abmil", {"embed_dim": 16, "attn_dim": 8}, {"epochs": 3, "batch_size": 4}, 0, "cpu")
+    assert all(torch.equal(bags[b], before[b]) for b in ids)          # standardised copies, not the caller's
+    assert sorted(run.slides["partition"].unique()) == ["test", "val"] and len(run.slides) == 8
+    assert run.in_dim == 6 and run.norm is not None and 1 <= run.best.epoch <= len(run.history) == 3
+    with pytest.raises(ValueError, match="does not start from a checkpoint"):
+        train_bags(bags, split, "abmil", {}, {"epochs": 1}, 0, "cpu", init_state={"state_dict": {}})
+    with pytest.raises(ValueError, match="no bag for slide"):
+        train_bags({b: bags[b] for b in ids[1:]}, split, "abmil", {}, {"epochs": 1}, 0, "cpu")
