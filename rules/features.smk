@@ -6,6 +6,8 @@ if PRECOMPUTED:
             slide_path,
         output:
             f"{RESULTS}/features/{PRECOMPUTED}/{{slide}}.h5",
+        params:
+            extractor=PRECOMPUTED,
         conda:
             "../envs/slidemil.yaml"
         log:

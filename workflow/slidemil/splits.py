@@ -5,6 +5,12 @@ train/validation folds over the remaining patients. Assignment is made per
 patient and copied to the patient's slides, so no patient can sit in two
 partitions of a fold by construction. Optional binarisation of a continuous
 label uses quantiles of the non-test patients only (DeepSMILE, METHODS 3).
+
+Predefined folds (``fold_column``, e.g. the published 10-fold CV of a MIL
+benchmark): the column holds each patient's test fold 0..K-1 and split k tests
+on fold k. Its validation set is a label-stratified draw from the other K-1
+folds' patients, the size of one fold (1/(K-1) of them) but at most a quarter,
+seeded by (seed, k); the rest is its training set.
 """
 
 from __future__ import annotations
@@ -95,8 +101,11 @@ def make_splits(
     test_column: str | None = None,
     binarize: str | None = None,
     positive_class=None,
+    fold_column: str | None = None,
 ) -> pd.DataFrame:
     """Splits table: slide_id, patient_id, label (0/1), label_value, fold_0..fold_{k-1}."""
+    if fold_column:
+        return _predefined_splits(sheet, fold_column, seed, test_column, binarize, positive_class)
     if folds < 2:
         raise SplitError("splits.folds must be at least 2 (each fold needs a validation set)")
     patients = sheet.groupby("patient_id", sort=True)["label"].first().to_frame("label_value")
@@ -149,6 +158,64 @@ def make_splits(
     return out.reset_index(drop=True)
 
 
+def validation_fraction(n_folds: int) -> float:
+    """Share of a predefined split's non-test patients held out for validation: one fold's worth, at most 1/4."""
+    return 1.0 / max(n_folds - 1, 4)
+
+
+def patient_folds(sheet: pd.DataFrame, column: str) -> pd.Series:
+    """Each patient's predefined test fold (0..K-1, all present) from the sheet column ``column``."""
+    if column not in sheet.columns:
+        raise SplitError(f"splits.fold_column {column!r} is not a column of the sample sheet")
+    values = pd.to_numeric(sheet[column], errors="coerce")
+    bad = sheet.loc[values.isna() | (values != values.round()), column]
+    if len(bad):
+        raise SplitError(f"fold column {column!r} must hold integer fold numbers; found {sorted(map(str, set(bad)))[:10]}")
+    per_patient = values.astype(int).groupby(sheet["patient_id"]).agg(["min", "max"])
+    mixed = per_patient.index[per_patient["min"] != per_patient["max"]].tolist()
+    if mixed:
+        raise SplitError(f"patients with slides in two folds of {column!r}: {mixed[:10]}")
+    folds = per_patient["min"]
+    expected = list(range(folds.max() + 1))
+    if folds.min() < 0 or sorted(folds.unique()) != expected or len(expected) < 2:
+        raise SplitError(f"fold column {column!r} must number at least 2 folds 0..K-1 with none empty; "
+                         f"found {sorted(folds.unique().tolist())}")
+    return folds
+
+
+def _predefined_splits(sheet, column, seed, test_column, binarize, positive_class) -> pd.DataFrame:
+    if test_column or binarize:
+        # A predefined fold is the test set; a drawn/flagged test set or labels binarised with
+        # quantiles of all patients (which include each split's test patients) would contradict it.
+        raise SplitError("splits.fold_column cannot be combined with splits.test_column or splits.binarize")
+    patients = sheet.groupby("patient_id", sort=True)["label"].first().to_frame("label_value")
+    patients["label"] = binary_labels(patients["label_value"], positive_class).astype(float)
+    folds = patient_folds(sheet, column)
+    n_folds = int(folds.max()) + 1
+    table = pd.DataFrame(index=patients.index)
+    for k in range(n_folds):
+        rest = patients.index[folds != k]
+        # One generator per split, from the seed and the split, so splits do not depend on each other.
+        rng = np.random.RandomState(np.random.SeedSequence([seed, k]).generate_state(1)[0])
+        try:
+            _, val_ids = train_test_split(rest.to_numpy(), test_size=validation_fraction(n_folds),
+                                          stratify=patients.loc[rest, "label"].to_numpy(), random_state=rng)
+        except ValueError as err:
+            raise SplitError(f"fold {k} of {column!r}: cannot draw a stratified validation set from "
+                             f"{len(rest)} patients: {err}") from err
+        col = pd.Series("train", index=patients.index)
+        col[val_ids] = "val"
+        col[folds.index[folds == k]] = "test"
+        table[f"fold_{k}"] = col
+    out = sheet[["slide_id", "patient_id"]].merge(
+        patients[["label", "label_value"]].join(table), left_on="patient_id", right_index=True, how="left")
+    out["label"] = out["label"].astype("Int64")
+    check_splits(out)
+    for k in range(n_folds):
+        logger.info("predefined fold %d: %s", k, out.drop_duplicates("patient_id")[f"fold_{k}"].value_counts().to_dict())
+    return out.reset_index(drop=True)
+
+
 def fold_columns(splits: pd.DataFrame) -> list[str]:
     return sorted((c for c in splits.columns if c.startswith("fold_")), key=lambda c: int(c.split("_")[1]))
 
@@ -195,11 +262,13 @@ def main(argv=None) -> None:
     ap.add_argument("--test-column")
     ap.add_argument("--binarize", choices=["median", "tertiles"])
     ap.add_argument("--positive-class")
+    ap.add_argument("--fold-column", help="sheet column of predefined test folds 0..K-1 (replaces --folds/--test-*)")
     args = ap.parse_args(argv)
     setup_logging()
     try:
         write_splits(args.sheet, args.out, folds=args.folds, test_fraction=args.test_fraction, seed=args.seed,
-                     test_column=args.test_column, binarize=args.binarize, positive_class=args.positive_class)
+                     test_column=args.test_column, binarize=args.binarize, positive_class=args.positive_class,
+                     fold_column=args.fold_column)
     except SplitError as err:
         raise SystemExit(f"error: {err}")
 

@@ -373,6 +373,79 @@ def fit(net, data: Data, train_ids: list[str], val: pd.DataFrame, cfg: dict, see
 # --------------------------------------------------------------------------- stage
 
 
+@dataclass
+class Trained:
+    """What ``train_bags`` returns: the best checkpoint loaded into ``net``, and its predictions."""
+
+    net: torch.nn.Module
+    best: Selection
+    history: list[dict]
+    slides: pd.DataFrame  # val and test slides: slide_id, patient_id, label, partition, prob
+    norm: tuple[torch.Tensor, torch.Tensor] | None
+    in_dim: int
+    cfg: dict
+
+
+def train_bags(
+    bags: dict[str, torch.Tensor],
+    split: pd.DataFrame,
+    model: str,
+    model_kwargs: dict,
+    training: dict,
+    seed: int,
+    device: str = "auto",
+    desc: str | None = None,
+    init_state: dict | None = None,
+    init_source: str | None = None,
+) -> Trained:
+    """Train ``model`` on in-memory bags; the core of ``train_fold``, usable without files.
+
+    ``bags`` maps slide_id to a feature tensor [N, D] (not modified); ``split``
+    has one row per slide: slide_id, patient_id, label (0/1), partition
+    (train/val/test). Slides of ``split`` missing from ``bags`` are an error.
+    ``init_state`` is a checkpoint dict (as ``checkpoint`` makes and model.pt
+    holds) that models built on a baseline (MHIM-MIL) start from; the model
+    takes it through its ``init_from_checkpoint`` method, and features are then
+    standardised with the checkpoint's statistics, the ones its weights were
+    trained on. ``init_source`` names it in errors.
+    """
+    cfg = resolve_training(training)
+    model_kwargs = dict(model_kwargs or {})
+    reserved = sorted({"in_dim", "n_classes"} & set(model_kwargs))
+    if reserved:
+        raise ValueError(f"model_kwargs must not set {', '.join(reserved)}: they come from the data")
+    dev = resolve_device(device)
+    missing = sorted(set(split["slide_id"]) - set(bags))
+    if missing:
+        raise ValueError(f"no bag for slide(s) {', '.join(missing[:20])}")
+    ids = {p: split.loc[split["partition"] == p, "slide_id"].tolist() for p in ("train", "val", "test")}
+    for part in ("train", "val"):
+        if not ids[part]:
+            raise ValueError(f"{desc or model}: no {part} slide")
+    # A new dict: standardising replaces its tensors, never the caller's.
+    bags = {s: bags[s] for s in split["slide_id"]}
+    in_dim = next(iter(bags.values())).shape[1]
+
+    torch.manual_seed(seed)
+    net = create_model(model, in_dim=in_dim, n_classes=N_CLASSES, **model_kwargs)
+    norm = _start_from(net, model, init_state, init_source, in_dim, cfg["standardize"])
+    if norm is None and cfg["standardize"] and init_state is None:
+        norm = feature_stats(bags, ids["train"])
+    if norm is not None:
+        standardize_bags(bags, *norm)
+
+    labels = dict(zip(split["slide_id"], split["label"].astype(int)))
+    weights = class_weights(np.array([labels[s] for s in ids["train"]]), cfg["class_weighted"])
+    data = Data(bags, labels, weights.to(dev), dev)
+
+    net = net.to(dev)
+    val = split[split["partition"] == "val"]
+    best, history = fit(net, data, ids["train"], val, cfg, seed, desc=desc or model)
+    net.load_state_dict(best.state)
+    slides = _final_predictions(net, data, split, cfg["batch_size"])
+    return Trained(net, best, history, slides, norm, in_dim, cfg)
+
+
 def train_fold(
     features: dict[str, str],
     splits_csv: str,
@@ -396,12 +469,8 @@ def train_fold(
     started = time.monotonic()
     cfg = resolve_training(training)
     model_kwargs = dict(model_kwargs or {})
-    reserved = sorted({"in_dim", "n_classes"} & set(model_kwargs))
-    if reserved:
-        raise ValueError(f"model_kwargs must not set {', '.join(reserved)}: they come from the data")
     if num_threads:
         torch.set_num_threads(num_threads)
-    dev = resolve_device(device)
 
     split = read_split(splits_csv, fold)
     bags, skipped = load_bags(split["slide_id"].tolist(), features, cfg["max_tiles"], seed)
@@ -410,39 +479,16 @@ def train_fold(
     for part in ("train", "val"):
         if not ids[part]:
             raise ValueError(f"fold {fold}: no {part} slide has tiles")
-    in_dim = next(iter(bags.values())).shape[1]
     logger.info(
         "fold %d: %d train, %d val, %d test slides (%d skipped without tiles); in_dim %d; device %s",
-        fold, len(ids["train"]), len(ids["val"]), len(ids["test"]), len(skipped), in_dim, dev,
+        fold, len(ids["train"]), len(ids["val"]), len(ids["test"]), len(skipped),
+        next(iter(bags.values())).shape[1], resolve_device(device),
     )
 
-    torch.manual_seed(seed)
-    net = create_model(model, in_dim=in_dim, n_classes=N_CLASSES, **model_kwargs)
-    start = _init_checkpoint(net, model, init_checkpoint, in_dim, fold)
-    norm = None
-    if start is not None:
-        if (start.get("feature_mean") is not None) != cfg["standardize"]:
-            logger.warning(
-                "%s: training.standardize is %s but the initial checkpoint was trained %s standardisation; "
-                "following the checkpoint", model, cfg["standardize"], "with" if start.get("feature_mean") is not None else "without",
-            )
-        if start.get("feature_mean") is not None:
-            norm = (start["feature_mean"].float(), start["feature_std"].float())
-    elif cfg["standardize"]:
-        norm = feature_stats(bags, ids["train"])
-    if norm is not None:
-        standardize_bags(bags, *norm)
-
-    labels = dict(zip(split["slide_id"], split["label"]))
-    weights = class_weights(np.array([labels[s] for s in ids["train"]]), cfg["class_weighted"])
-    data = Data(bags, labels, weights.to(dev), dev)
-
-    net = net.to(dev)
-    val = split[split["partition"] == "val"]
-    best, history = fit(net, data, ids["train"], val, cfg, seed, desc=f"{model} fold {fold}")
-
-    net.load_state_dict(best.state)
-    slides = _final_predictions(net, data, split, cfg["batch_size"])
+    init_state = load_init_checkpoint(init_checkpoint, model, fold) if init_checkpoint else None
+    run = train_bags(bags, split, model, model_kwargs, cfg, seed, device, desc=f"{model} fold {fold}",
+                     init_state=init_state, init_source=init_checkpoint)
+    best, history, slides = run.best, run.history, run.slides
     patients = patient_predictions(slides)
     test = patients[patients["partition"] == "test"]
     summary = {
@@ -456,10 +502,10 @@ def train_fold(
         "test_auc": auc_or_none(test["label"], test["prob"]) if len(test) else None,
         "n_slides": {p: len(v) for p, v in ids.items()},
         "skipped_slides": skipped,
-        "device": str(dev),
+        "device": str(resolve_device(device)),
         "seconds": round(time.monotonic() - started, 2),
     }
-    _write_outputs(Path(out_dir), best, model, model_kwargs, in_dim, cfg, seed, fold, history, slides, patients, norm)
+    _write_outputs(Path(out_dir), checkpoint(run, model, model_kwargs, seed, fold), history, slides, patients)
     logger.info(
         "fold %d done: best epoch %d, val auc %s, test auc %s",
         fold, best.epoch, _fmt(best.auc), _fmt(summary["test_auc"]),
@@ -467,38 +513,52 @@ def train_fold(
     return summary
 
 
-def _init_checkpoint(net, model: str, path: str | None, in_dim: int, fold: int) -> dict | None:
-    """Load ``path`` into ``net`` if the model starts from a checkpoint; returns the checkpoint."""
-    needs = getattr(net, "needs_init_checkpoint", False)
-    if not needs:
-        if path is not None:
-            raise ValueError(f"model {model!r} does not start from a checkpoint, but init_checkpoint={path!r} was given")
-        return None
-    if path is None:
-        raise ValueError(
-            f"model {model!r} starts from its baseline trained on the same fold: "
-            f"pass init_checkpoint (that baseline's model.pt for fold {fold})"
-        )
+def load_init_checkpoint(path: str, model: str, fold: int) -> dict:
+    """Read the model.pt a model starts from (MHIM-MIL: its baseline on the same fold)."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ValueError(f"{path}: initial checkpoint for {model!r} not found") from None
     except Exception as err:  # a truncated or foreign file
         raise ValueError(f"{path}: not a slidemil model checkpoint ({err.__class__.__name__}: {err})") from None
-    missing = [k for k in ("state_dict", "model", "in_dim") if k not in checkpoint]
+    missing = [k for k in ("state_dict", "model", "in_dim") if k not in ckpt]
     if missing:
         raise ValueError(f"{path}: not a slidemil model checkpoint (missing {', '.join(missing)})")
-    if checkpoint["in_dim"] != in_dim:
-        raise ValueError(f"{path}: trained on {checkpoint['in_dim']}-d features, but these features are {in_dim}-d")
-    if checkpoint.get("fold") is not None and checkpoint["fold"] != fold:
-        raise ValueError(f"{path}: trained on fold {checkpoint['fold']}, not fold {fold}; its weights may have been fitted on this fold's validation or test slides")
-    net.init_from_checkpoint(checkpoint, source=path)
-    logger.info("%s initialised from %s (%s, epoch %s)", model, path, checkpoint["model"], checkpoint.get("epoch"))
-    return checkpoint
+    if ckpt.get("fold") is not None and ckpt["fold"] != fold:
+        raise ValueError(f"{path}: trained on fold {ckpt['fold']}, not fold {fold}; its weights may have been fitted on this fold's validation or test slides")
+    return ckpt
+
+
+def _start_from(net, model: str, ckpt: dict | None, source: str | None, in_dim: int, standardize: bool):
+    """Initialise ``net`` from ``ckpt`` if the model starts from one; returns the checkpoint's feature statistics."""
+    source = source or "initial checkpoint"
+    if not getattr(net, "needs_init_checkpoint", False):
+        if ckpt is not None:
+            raise ValueError(f"model {model!r} does not start from a checkpoint, but {source} was given")
+        return None
+    if ckpt is None:
+        raise ValueError(
+            f"model {model!r} starts from its baseline trained on the same fold: "
+            "pass init_checkpoint (that baseline's model.pt for this fold)"
+        )
+    if ckpt["in_dim"] != in_dim:
+        raise ValueError(f"{source}: trained on {ckpt['in_dim']}-d features, but these features are {in_dim}-d")
+    net.init_from_checkpoint(ckpt, source=source)
+    logger.info("%s initialised from %s (%s, epoch %s)", model, source, ckpt["model"], ckpt.get("epoch"))
+    trained_standardized = ckpt.get("feature_mean") is not None
+    if trained_standardized != standardize:
+        logger.warning(
+            "%s: training.standardize is %s but %s was trained %s standardisation; following the checkpoint",
+            model, standardize, source, "with" if trained_standardized else "without",
+        )
+    return (ckpt["feature_mean"].float(), ckpt["feature_std"].float()) if trained_standardized else None
 
 
 def _validate(net, data: Data, val: pd.DataFrame, batch_size: int) -> tuple[float | None, float]:
     probs, loss = predict(net, data, val["slide_id"].tolist(), batch_size)
+    if val["patient_id"].is_unique:
+        # One slide per patient (MIL benchmarks): no grouping needed, and this runs every epoch.
+        return auc_or_none(val["label"], probs), loss
     patients = patient_predictions(val.assign(prob=probs))
     return auc_or_none(patients["label"], patients["prob"]), loss
 
@@ -509,24 +569,28 @@ def _final_predictions(net, data: Data, split: pd.DataFrame, batch_size: int) ->
     return slides.assign(prob=probs)[["slide_id", "patient_id", "label", "partition", "prob"]]
 
 
-def _write_outputs(out, best, model, model_kwargs, in_dim, cfg, seed, fold, history, slides, patients, norm) -> None:
-    checkpoint = {
-        "state_dict": best.state,
+def checkpoint(run: Trained, model: str, model_kwargs: dict, seed: int, fold: int) -> dict:
+    """The model.pt content of a trained run."""
+    return {
+        "state_dict": run.best.state,
         "model": model,
         "model_kwargs": model_kwargs,
-        "in_dim": in_dim,
+        "in_dim": run.in_dim,
         "n_classes": N_CLASSES,
-        "epoch": best.epoch,
-        "val_auc": best.auc,
-        "training": cfg,
+        "epoch": run.best.epoch,
+        "val_auc": run.best.auc,
+        "training": run.cfg,
         "seed": seed,
         "fold": fold,
         # Features must be standardised with these before the model sees them.
-        "feature_mean": None if norm is None else norm[0],
-        "feature_std": None if norm is None else norm[1],
+        "feature_mean": None if run.norm is None else run.norm[0],
+        "feature_std": None if run.norm is None else run.norm[1],
     }
+
+
+def _write_outputs(out: Path, ckpt: dict, history, slides, patients) -> None:
     with atomic_output(out / "model.pt") as tmp:
-        torch.save(checkpoint, tmp)
+        torch.save(ckpt, tmp)
     write_csv(out / "history.csv", pd.DataFrame(history, columns=["epoch", "train_loss", "val_loss", "val_auc", "lr"]))
     write_csv(out / "predictions_slides.csv", slides)
     write_csv(out / "predictions_patients.csv", patients)
