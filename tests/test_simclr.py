@@ -129,10 +129,12 @@ def test_resume_equals_uninterrupted_run(cohort, tmp_path):
 
 
 def test_a_few_epochs_lower_the_loss(cohort, tmp_path):
-    # Mild augmentations: on 32 tiny tiles the full-strength task needs far more steps than a unit test has.
-    summary = run(cohort, tmp_path, epochs=4, tiles_per_slide=16, lr=1e-3, min_crop_scale=0.6, color_strength=0.2)
+    # Views differ only by flips and grayscale here: on 32 tiny synthetic tiles the paper's crops and
+    # colour jitter keep the loss at chance for far more steps than a unit test can afford.
+    summary = run(cohort, tmp_path, epochs=4, tiles_per_slide=16, lr=1e-3, min_crop_scale=1.0, color_strength=0.0)
     losses = summary["epoch_loss"]
-    assert losses[0] > 2.0 and losses[-1] < losses[0] - 0.1, losses
+    chance = math.log(2 * TINY["batch_size"] - 1)
+    assert losses[-1] < losses[0] - 0.1 and losses[-1] < chance - 0.3, losses
 
 
 def test_settings_are_checked():

@@ -14,7 +14,7 @@ from test_workflow import TINY, snakemake
 pytestmark = pytest.mark.workflow
 
 CONFIG = copy.deepcopy(TINY)
-CONFIG["demo"] = {"n_patients": 12, "slide_px": [1024, 1024]}
+CONFIG["demo"] = {"n_patients": 10, "slide_px": [1024, 1024]}
 CONFIG["features"] = {"extractors": ["shufflenet_simclr"],
                       "settings": {"shufflenet_simclr": {"weights": "simclr", "input_px": 64, "dtype": "float32"}}}
 CONFIG["simclr"] = {"epochs": 1, "batch_size": 16, "tiles_per_slide": 4, "input_px": 64}

@@ -230,7 +230,7 @@ def pretrain_simclr(
                     "settings": cfg, "slides": pool.slide_ids, "weights_digest": digest}, tmp)
     curve = pd.DataFrame(history, columns=["epoch", "step", "loss"])
     write_csv(out / "loss.csv", curve)
-    plot_loss(curve, out / "loss.png", f"SimCLR {arch}")
+    plot_loss(curve, out / "loss.png", f"SimCLR {arch}", chance=float(np.log(2 * batch_size - 1)))
     summary = {
         "arch": arch, "first_epoch": first_epoch, "epochs": cfg["epochs"], "n_tiles": len(pool),
         "slides": pool.slide_ids, "weights_digest": digest, "device": str(dev),
@@ -265,7 +265,8 @@ def _save_checkpoint(path: Path, epoch, signature, model, optimizer, scaler, his
                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "history": history}, tmp)
 
 
-def plot_loss(curve: pd.DataFrame, out_png: Path, title: str) -> None:
+def plot_loss(curve: pd.DataFrame, out_png: Path, title: str, chance: float | None = None) -> None:
+    """Loss per step and per epoch; ``chance`` (log(2B - 1)) is the loss of embeddings that tell nothing apart."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -276,6 +277,8 @@ def plot_loss(curve: pd.DataFrame, out_png: Path, title: str) -> None:
     ax.plot(steps, curve["loss"], lw=0.8, alpha=0.6, label="step")
     ends = curve.groupby("epoch").size().cumsum()
     ax.plot(ends.to_numpy(), curve.groupby("epoch")["loss"].mean().to_numpy(), "o-", label="epoch mean")
+    if chance is not None:
+        ax.axhline(chance, ls="--", lw=0.8, color="gray", label="chance, log(2B-1)")
     ax.set(xlabel="step", ylabel="NT-Xent loss", title=title)
     ax.legend()
     fig.tight_layout()
