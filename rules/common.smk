@@ -186,16 +186,24 @@ def _check_simclr_config():
         init = (config["mil"]["settings"].get(TILE_MODEL) or {}).get("init")
         if init == SIMCLR_WEIGHTS and tile_model_settings()["arch"] not in SIMCLR_EXTRACTORS.values():
             problems.append(f"mil.settings.{TILE_MODEL}.arch has no SimCLR pre-training")
+    uses_simclr = any(_simclr_backbones(e) for e in ([] if PRECOMPUTED else EXTRACTORS))
+    if FOLD_COLUMN and (uses_simclr or (TILE_MODEL in MODELS and tile_model_init(None))):
+        problems.append(f"splits.fold_column {FOLD_COLUMN!r} makes every slide a test slide in some fold, so SimCLR "
+                        "pre-training would see test tiles; give the extractor a weights file made elsewhere")
     if problems:
         raise ValueError("config: " + "; ".join(problems))
 
 
-def extractor_simclr_weights(wildcards):
-    """The SimCLR backbone an extractor with weights "simclr" is loaded from (nothing for other weights)."""
-    settings = config["features"]["settings"].get(wildcards.extractor, {})
+def _simclr_backbones(extractor):
+    settings = config["features"]["settings"].get(extractor) or {}
     if settings.get("weights") != SIMCLR_WEIGHTS:
         return []
-    return [simclr_backbone(SIMCLR_EXTRACTORS[wildcards.extractor])]
+    return [simclr_backbone(SIMCLR_EXTRACTORS[extractor])]
+
+
+def extractor_simclr_weights(wildcards):
+    """The SimCLR backbone an extractor with weights "simclr" is loaded from (nothing for other weights)."""
+    return _simclr_backbones(wildcards.extractor)
 
 
 def tile_model_settings():
