@@ -30,7 +30,8 @@ def dag_edges(workdir):
     """(upstream rule, downstream rule) pairs of the job graph, from ``snakemake --dag``."""
     proc = snakemake(workdir, "--dag")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    names = dict(re.findall(r'^\s*(\d+)\[label = "([^"]+)"', proc.stdout, re.M))
+    # Node labels are the rule name, then the wildcards after an escaped newline.
+    names = {n: label.split("\\n")[0] for n, label in re.findall(r'^\s*(\d+)\[label = "([^"]+)"', proc.stdout, re.M)}
     return {(names[a], names[b]) for a, b in re.findall(r"^\s*(\d+) -> (\d+)", proc.stdout, re.M)}
 
 
