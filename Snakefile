@@ -16,9 +16,11 @@ report: "report/workflow.rst"
 include: "rules/common.smk"
 include: "rules/demo.smk"
 include: "rules/tiling.smk"
+include: "rules/simclr.smk"
 include: "rules/features.smk"
 include: "rules/splits.smk"
 include: "rules/train.smk"
+include: "rules/tile_supervised.smk"
 include: "rules/report.smk"
 
 

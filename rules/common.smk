@@ -48,6 +48,9 @@ if FOLD_COLUMN:
 else:
     FOLDS = list(range(config["splits"]["folds"]))
 MHIM_PREFIX = "mhim_"
+# The tile-supervised baseline trains on pixels, not features: its runs sit under this "extractor".
+TILE_MODEL = "tile_supervised"
+TILE_SLOT = "tiles"
 
 
 def base_model(model):
@@ -89,15 +92,18 @@ def train_dir(extractor, model, fold):
 
 def trained_models():
     """The configured models plus the baselines MHIM-MIL models need, reported side by side."""
-    models = list(MODELS)
-    for m in MODELS:
+    models = [m for m in MODELS if m != TILE_MODEL]
+    for m in models:
         if base_model(m) and base_model(m) not in models:
             models.insert(models.index(m), base_model(m))
     return models
 
 
 def train_runs():
-    return [(e, m, f) for e in EXTRACTORS for m in trained_models() for f in FOLDS]
+    runs = [(e, m, f) for e in EXTRACTORS for m in trained_models() for f in FOLDS]
+    if TILE_MODEL in MODELS:
+        runs += [(TILE_SLOT, TILE_MODEL, f) for f in FOLDS]
+    return runs
 
 
 def report_predictions(wildcards):
@@ -109,7 +115,7 @@ def report_histories(wildcards):
 
 
 def report_outputs():
-    pngs = [f"{RESULTS}/report/roc_{e}_{m}.png" for e in EXTRACTORS for m in trained_models()]
+    pngs = [f"{RESULTS}/report/roc_{e}_{m}.png" for e, m in dict.fromkeys((e, m) for e, m, _ in train_runs())]
     tables = [f"{RESULTS}/report/{name}" for name in ("summary.csv", "summary.md", "per_fold.csv")]
     return tables + pngs + report_page_outputs()
 
@@ -127,6 +133,8 @@ def extractor_params(wildcards):
     # The seed shapes features only through random weights; elsewhere it must not trigger reruns.
     if settings.get("weights") == "random":
         settings["seed"] = config["seed"]
+    if settings.get("weights") == SIMCLR_WEIGHTS:
+        settings["seed"], settings["simclr"] = config["seed"], dict(config["simclr"])
     return settings
 
 
@@ -177,7 +185,7 @@ def report_qc(wildcards):
 
 
 def report_histories_png():
-    return [(e, m, f"{REPORT}/history_{e}_{m}.png") for e in EXTRACTORS for m in trained_models()]
+    return [(e, m, f"{REPORT}/history_{e}_{m}.png") for e, m in dict.fromkeys((e, m) for e, m, _ in train_runs())]
 
 
 def report_has_comparison():
@@ -194,3 +202,78 @@ def report_page_outputs():
     files += [png for _, _, png in report_histories_png()]
     files += [f"{REPORT}/comparison.png"] if report_has_comparison() else []
     return files + ([f"{REPORT}/heatmaps"] if report_has_heatmaps() else [])
+
+
+# ---- SimCLR pre-training and the tile-supervised baseline -------------------
+from slidemil.archs import SIMCLR_EXTRACTORS, SIMCLR_WEIGHTS  # noqa: E402
+
+
+def simclr_backbone(arch):
+    return f"{RESULTS}/simclr/{arch}/backbone.pt"
+
+
+def _check_simclr_config():
+    problems = []
+    for name in [] if PRECOMPUTED else EXTRACTORS:
+        settings = config["features"]["settings"].get(name)
+        if settings is None:
+            problems.append(f"features.settings has no entry for extractor {name!r}")
+        elif settings["weights"] == SIMCLR_WEIGHTS and name not in SIMCLR_EXTRACTORS:
+            problems.append(f"features.settings.{name}.weights: {SIMCLR_WEIGHTS!r} is for the SimCLR extractors "
+                            f"({', '.join(SIMCLR_EXTRACTORS)}) only")
+        elif settings["weights"] == SIMCLR_WEIGHTS and settings["input_px"] != config["simclr"]["input_px"]:
+            problems.append(f"features.settings.{name}.input_px ({settings['input_px']}) must equal simclr.input_px "
+                            f"({config['simclr']['input_px']}): the encoder would see tiles at another scale")
+    if TILE_MODEL in MODELS:
+        if PRECOMPUTED:
+            problems.append(f"mil.models lists {TILE_MODEL}, which trains on tiles; precomputed features have none")
+        init = (config["mil"]["settings"].get(TILE_MODEL) or {}).get("init")
+        if init == SIMCLR_WEIGHTS and tile_model_settings()["arch"] not in SIMCLR_EXTRACTORS.values():
+            problems.append(f"mil.settings.{TILE_MODEL}.arch has no SimCLR pre-training")
+    uses_simclr = any(_simclr_backbones(e) for e in ([] if PRECOMPUTED else EXTRACTORS))
+    if FOLD_COLUMN and (uses_simclr or (TILE_MODEL in MODELS and tile_model_init(None))):
+        problems.append(f"splits.fold_column {FOLD_COLUMN!r} makes every slide a test slide in some fold, so SimCLR "
+                        "pre-training would see test tiles; give the extractor a weights file made elsewhere")
+    if problems:
+        raise ValueError("config: " + "; ".join(problems))
+
+
+def _simclr_backbones(extractor):
+    settings = config["features"]["settings"].get(extractor) or {}
+    if settings.get("weights") != SIMCLR_WEIGHTS:
+        return []
+    return [simclr_backbone(SIMCLR_EXTRACTORS[extractor])]
+
+
+def extractor_simclr_weights(wildcards):
+    """The SimCLR backbone an extractor with weights "simclr" is loaded from (nothing for other weights)."""
+    return _simclr_backbones(wildcards.extractor)
+
+
+def tile_model_settings():
+    settings = dict(config["mil"]["settings"].get(TILE_MODEL) or {})
+    settings.setdefault("arch", "shufflenet_v2")
+    return settings
+
+
+def tile_model_params(wildcards):
+    settings = tile_model_settings()
+    if settings.get("init") == SIMCLR_WEIGHTS:
+        settings["simclr"] = dict(config["simclr"])
+    return settings
+
+
+def tile_model_init(wildcards):
+    settings = tile_model_settings()
+    return [simclr_backbone(settings["arch"])] if settings.get("init") == SIMCLR_WEIGHTS else []
+
+
+def all_slide_files(wildcards=None):
+    return [SAMPLES.loc[s, "path"] for s in SLIDES]
+
+
+def all_tiles(wildcards=None):
+    return [tiles_h5(s) for s in SLIDES]
+
+
+_check_simclr_config()

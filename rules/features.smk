@@ -21,6 +21,7 @@ else:
         input:
             slide=slide_path,
             tiles=f"{RESULTS}/tiles/{{slide}}.h5",
+            simclr=extractor_simclr_weights,
         output:
             f"{RESULTS}/features/{{extractor}}/{{slide}}.h5",
         params:

@@ -4,13 +4,15 @@ _step.start(snakemake)
 from slidemil.features import extract_features  # noqa: E402
 
 settings = dict(snakemake.params.extractor)
+# "simclr" weights are the cohort's own backbone, made by pretrain_simclr.
+weights = snakemake.input.simclr[0] if snakemake.input.simclr else settings["weights"]
 _step.run(
     extract_features,
     snakemake.input.slide,
     snakemake.input.tiles,
     snakemake.output[0],
     extractor=snakemake.wildcards.extractor,
-    weights=settings["weights"],
+    weights=weights,
     input_px=settings["input_px"],
     dtype=settings["dtype"],
     seed=settings.get("seed", 0),

@@ -8,6 +8,7 @@ e.g. the cohort's own SimCLR backbone).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,8 @@ from typing import Callable
 import torch
 import torchvision
 from torch import nn
+
+from .archs import SIMCLR_EXTRACTORS, SIMCLR_WEIGHTS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -75,12 +78,34 @@ register_extractor(ExtractorSpec(
     _shufflenet_trunc, ("fc",)))
 
 
+def _resnet18_trunc(m: nn.Module) -> nn.Module:
+    # DeepSMILE (TCGA-CRCk): the whole ResNet-18 up to global average pooling (512-d).
+    return nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool, m.layer1, m.layer2, m.layer3, m.layer4,
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+
+
+register_extractor(ExtractorSpec(
+    "resnet18", 512,
+    lambda: torchvision.models.resnet18(weights=None),
+    lambda: torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
+    _resnet18_trunc, ("fc",)))
+
+# SimCLR extractors share their architecture's spec under their own name; their
+# weights setting "simclr" is resolved by the workflow to the cohort's backbone file.
+for _name, _arch in SIMCLR_EXTRACTORS.items():
+    register_extractor(dataclasses.replace(_REGISTRY[_arch], name=_name))
+
+
 def create_extractor(name: str, weights: str = "imagenet", seed: int = 0) -> tuple[nn.Module, str]:
     """Build the truncated extractor in eval mode; returns (model, digest of its weights)."""
     spec = get_spec(name)
     if weights == "random":
         torch.manual_seed(seed)  # every slide of a cohort must see the same random network
         full = variance_preserving_init(spec.build_full())
+    elif weights == SIMCLR_WEIGHTS:
+        raise ValueError(
+            f"{name}: weights {SIMCLR_WEIGHTS!r} stands for the cohort's SimCLR backbone, which the workflow "
+            "resolves to a file; outside it, pass the path of a backbone.pt written by slidemil.simclr")
     elif weights == "imagenet":
         full = spec.build_full()
         full.load_state_dict(_download_imagenet(spec))
