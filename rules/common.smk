@@ -114,8 +114,13 @@ def report_histories(wildcards):
     return [f"{train_dir(e, m, f)}/history.csv" for e, m, f in train_runs()]
 
 
+def report_pairs():
+    """Each reported (extractor, model) once, in the order of train_runs()."""
+    return list(dict.fromkeys((e, m) for e, m, _ in train_runs()))
+
+
 def report_outputs():
-    pngs = [f"{RESULTS}/report/roc_{e}_{m}.png" for e, m in dict.fromkeys((e, m) for e, m, _ in train_runs())]
+    pngs = [f"{RESULTS}/report/roc_{e}_{m}.png" for e, m in report_pairs()]
     tables = [f"{RESULTS}/report/{name}" for name in ("summary.csv", "summary.md", "per_fold.csv")]
     return tables + pngs + report_page_outputs()
 
@@ -185,7 +190,7 @@ def report_qc(wildcards):
 
 
 def report_histories_png():
-    return [(e, m, f"{REPORT}/history_{e}_{m}.png") for e, m in dict.fromkeys((e, m) for e, m, _ in train_runs())]
+    return [(e, m, f"{REPORT}/history_{e}_{m}.png") for e, m in report_pairs()]
 
 
 def report_has_comparison():

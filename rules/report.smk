@@ -23,8 +23,7 @@ rule report:
                 labels={"extractor": e, "model": m},
                 caption="../report/roc.rst",
             )
-            for e in EXTRACTORS
-            for m in trained_models()
+            for e, m in report_pairs()
         ],
         history=[
             report(
