@@ -2,6 +2,7 @@ rule report:
     input:
         predictions=report_predictions,
         histories=report_histories,
+        features=report_features,
     output:
         report_outputs(),
     params:
