@@ -55,7 +55,7 @@ install() {
 
 write_conf() {
     local cpus mem
-    cpus=$(nproc)
+    cpus=$(getconf _NPROCESSORS_ONLN)  # not nproc: it follows OMP_NUM_THREADS
     # Leave the OS some memory; SLURM refuses jobs asking more than RealMemory.
     mem=$(awk '/MemTotal/ {printf "%d", $2 / 1024 * 0.8}' /proc/meminfo)
     mkdir -p "$DIR/ctld" "$DIR/d" "$DIR/log"

@@ -40,11 +40,11 @@ def snakemake_cli(workdir, *args, configfile="config.yaml", timeout=900, env=Non
 
 
 def make_tiny_cohort(folder: Path) -> Path:
-    """The demo's 16-patient cohort plus unusable slides (no mpp, no tissue, unreadable); returns the sheet."""
+    """An 8-patient demo cohort plus unusable slides (no mpp, no tissue, unreadable); returns the sheet."""
     import pandas as pd
     from slidemil.demo import make_cohort, make_slide
 
-    make_cohort(str(folder), n_patients=16, seed=7, slide_px=(1536, 1536))
+    make_cohort(str(folder), n_patients=8, seed=7, slide_px=(1536, 1536))
     sheet = pd.read_csv(folder / "samples.csv", dtype=str)
     extra = folder / "extra"
     extra.mkdir()

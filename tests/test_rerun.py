@@ -218,7 +218,11 @@ def test_kill_during_extraction_leaves_no_file_and_rerun_matches(shared_slides, 
     leftovers = list(out.parent.glob("*")) if out.parent.exists() else []
     assert all(p.name.startswith(".") and p.name.endswith(".tmp") for p in leftovers)
 
+    stale = out.parent / f".{out.name}.killed.tmp"   # what a kill during the final write leaves
+    out.parent.mkdir(exist_ok=True)
+    stale.write_bytes(b"half an HDF5 file")
     subprocess.run(extract(out), env=env, check=True, capture_output=True, timeout=300)
+    assert not stale.exists()
     reference = tmp_path / "reference.h5"
     subprocess.run(extract(reference), env=env, check=True, capture_output=True, timeout=300)
     with h5py.File(out) as a, h5py.File(reference) as b:

@@ -131,8 +131,6 @@ def _label_problem(labels: pd.Series, binarize: str | None, positive_class) -> s
     if not binary:
         return (f"the label column is not binary (values: {shown}); use 0/1 labels, name the positive class "
                 "(splits.positive_class), or binarise a numeric label (splits.binarize: median or tertiles)")
-    if len(distinct) < 2:
-        return f"every slide has label {distinct[0]}: a classifier needs both classes"
     return None
 
 

@@ -168,7 +168,8 @@ def _tile(slide_path, out_h5, out_qc, p: TilingParams, slide_id: str, mpp_overri
     if len(coords) == 0:
         slide.close()
         # Blank, or tissue too faint for the thresholds: nothing to learn from.
-        raise SlideError(f"{slide_path}: no tissue tiles found ({len(candidates)} candidates rejected); "
+        raise SlideError(f"{slide_path}: no tissue tiles found ({len(candidates)} candidate tiles in the "
+                         "tissue mask, none kept); "
                          "check the slide and its QC picture, or lower tiling.mask_min_saturation")
 
     attrs = {
