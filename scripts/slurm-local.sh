@@ -139,8 +139,8 @@ start() {
         stop_daemons
         write_conf
         link_conf
-        # -i: ignore saved state from an earlier run of this script.
-        SLURM_CONF=$CONF slurmctld -i
+        # -c: start clean, without the jobs of an earlier run of this script.
+        SLURM_CONF=$CONF slurmctld -c
         SLURM_CONF=$CONF slurmd
     fi
     export SLURM_CONF=$CONF

@@ -57,7 +57,7 @@ def test_profile_on_local_slurm_equals_local_run(slurm_cluster, tiny_sheet_run, 
     shutil.copy(tiny_sheet_run / "config.yaml", tmp_path / "config.yaml")   # same sheet, same settings
 
     env = dict(os.environ, SLURM_CONF=slurm_conf)
-    proc = snakemake_cli(tmp_path, "--profile", str(tmp_path / "profile"), timeout=600, env=env)
+    proc = snakemake_cli(tmp_path, "--profile", str(tmp_path / "profile"), timeout=1500, env=env)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-5000:]
 
