@@ -15,6 +15,8 @@ validate(config, "../config/schemas/config.schema.yaml")
 RESULTS = config["results"].rstrip("/")
 LOGS = f"{RESULTS}/logs"
 DEMO = not config.get("samples")
+# The label column must fit the split settings; checked with the rest of the sheet before any job runs.
+LABEL_SETTINGS = {"binarize": config["splits"]["binarize"], "positive_class": config["splits"]["positive_class"]}
 
 if DEMO:
     # The demo cohort is planned from its settings alone, so the DAG is known before any slide exists.
@@ -26,12 +28,12 @@ if DEMO:
         positive_fraction=config["demo"]["positive_fraction"],
     )
     SAMPLES["path"] = [f"{RESULTS}/demo/{p}" for p in SAMPLES["path"]]
-    _problems = check_sheet(SAMPLES, check_files=False)
+    _problems = check_sheet(SAMPLES, check_files=False, **LABEL_SETTINGS)
     if _problems:
         raise SheetError("demo cohort", _problems)
 else:
     SHEET = config["samples"]
-    SAMPLES = load_sheet(SHEET)
+    SAMPLES = load_sheet(SHEET, **LABEL_SETTINGS)
 
 validate(SAMPLES, "../config/schemas/samples.schema.yaml")
 SAMPLES = SAMPLES.set_index("slide_id", drop=False)
@@ -121,11 +123,16 @@ def report_pairs():
 
 def report_outputs():
     pngs = [f"{RESULTS}/report/roc_{e}_{m}.png" for e, m in report_pairs()]
-    tables = [f"{RESULTS}/report/{name}" for name in ("summary.csv", "summary.md", "per_fold.csv")]
+    tables = [f"{RESULTS}/report/{name}" for name in ("summary.csv", "summary.md", "per_fold.csv", "excluded.csv")]
     return tables + pngs + report_page_outputs()
 
 
 # ---- params: exactly the config slice that shapes each output ---------------
+
+
+def tiling_params(wildcards):
+    # on_error only decides what happens to unusable slides: changing it must not retile good ones.
+    return {k: v for k, v in config["tiling"].items() if k != "on_error"}
 
 
 def slide_mpp_override(wildcards):

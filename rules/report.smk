@@ -13,7 +13,7 @@ rule report:
         html=report(
             f"{REPORT}/report.html", category="1. Results report", caption="../report/report_html.rst"
         ),
-        tables=[f"{REPORT}/{name}" for name in ("summary.csv", "summary.md", "per_fold.csv")],
+        tables=[f"{REPORT}/{name}" for name in ("summary.csv", "summary.md", "per_fold.csv", "excluded.csv")],
         page_tables=[f"{REPORT}/{name}" for name in REPORT_TABLES],
         roc=[
             report(

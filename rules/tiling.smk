@@ -5,7 +5,7 @@ rule tile_slide:
         h5=f"{RESULTS}/tiles/{{slide}}.h5",
         qc=f"{RESULTS}/tiles/qc/{{slide}}.png",
     params:
-        tiling=config["tiling"],
+        tiling=tiling_params,
         mpp=slide_mpp_override,
     threads: 1
     conda:

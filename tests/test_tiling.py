@@ -72,17 +72,18 @@ def test_blank_slide_gives_empty_valid_output(tmp_path, caplog):
     path = tmp_path / "blank.tiff"
     make_slide(str(path), label=0, seed=1, slide_px=(1024, 1024), tissue=False)
     out = tmp_path / "blank.h5"
-    summary = tile_slide(str(path), str(out), str(tmp_path / "blank.png"), {})
+    summary = tile_slide(str(path), str(out), str(tmp_path / "blank.png"), {}, on_error="exclude")
     coords, attrs = load_tiles(str(out))
     assert summary["n_tiles"] == 0 and coords.shape == (0, 2)
     assert "no tissue tiles" in caplog.text and "blank" in caplog.text
+    assert "no tissue tiles" in attrs["excluded"]
 
 
 def test_slide_without_mpp_fails_naming_slide_and_fix(tmp_path):
     path = tmp_path / "nompp.tiff"
     make_slide(str(path), label=0, seed=1, slide_px=(1024, 1024), mpp=None, objective_power=None)
     with pytest.raises(SlideError, match=r"nompp\.tiff.*'mpp' column"):
-        tile_slide(str(path), str(tmp_path / "x.h5"), None, {})
+        tile_slide(str(path), str(tmp_path / "x.h5"), None, {}, on_error="fail")
     assert not (tmp_path / "x.h5").exists()
     # The sheet's mpp rescues it.
     tile_slide(str(path), str(tmp_path / "x.h5"), None, {}, mpp_override=0.5)

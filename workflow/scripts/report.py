@@ -3,6 +3,8 @@ from pathlib import Path
 import _step
 
 _step.start(snakemake)
+from slidemil.cohort import excluded_slides  # noqa: E402
+from slidemil.io import write_csv, write_text  # noqa: E402
 from slidemil.report_page import build_report  # noqa: E402
 
 inp = snakemake.input
@@ -16,10 +18,11 @@ for path in inp.features:
     features.setdefault(Path(path).parent.name, {})[Path(path).stem] = path
 tiles = {Path(p).stem: p for p in inp.tiles} or None
 qc = {Path(p).stem: p for p in inp.qc} or None
+out_dir = Path(snakemake.output.html).parent
 _step.run(
     build_report,
     runs,
-    out_dir=str(Path(snakemake.output.html).parent),
+    out_dir=str(out_dir),
     settings=snakemake.params.report,
     seed=snakemake.params.seed,
     sheet=inp.sheet,
@@ -29,3 +32,11 @@ _step.run(
     qc=qc,
     device=snakemake.resources.device,
 )
+
+# Slides left out at tiling (broken, no mpp, no tissue) and why: a table and a section in summary.md.
+excluded = excluded_slides(inp.features).drop_duplicates("slide_id")
+write_csv(out_dir / "excluded.csv", excluded)
+if len(excluded):
+    md = out_dir / "summary.md"
+    lines = [f"- `{r.slide_id}`: {r.reason}" for r in excluded.itertuples()]
+    write_text(md, md.read_text().rstrip("\n") + f"\n\n## Excluded slides ({len(excluded)})\n\n" + "\n".join(lines) + "\n")

@@ -12,4 +12,6 @@ _step.run(
     slide_id=snakemake.wildcards.slide,
     mpp_override=snakemake.params.mpp,
     threads=snakemake.threads,
+    # Not a param: it decides what happens to broken slides, not what good slides' tiles are.
+    on_error=snakemake.config["tiling"].get("on_error", "exclude"),
 )

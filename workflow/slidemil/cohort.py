@@ -116,3 +116,15 @@ def split_summary(splits_csv: str | os.PathLike, without_tiles: set[str] | None 
                 "n_patients_positive": int((patients == 1).sum()),
             })
     return pd.DataFrame(rows, columns=SPLIT_COLUMNS)
+
+
+def excluded_slides(feature_files) -> pd.DataFrame:
+    """Slides that cannot be used and why (columns slide_id, reason), from their feature files."""
+    rows = []
+    for path in feature_files:
+        _, reason = feature_file_facts(path)
+        if reason:
+            with h5py.File(path, "r") as f:
+                slide_id = _text(f.attrs.get("slide_id", os.path.splitext(os.path.basename(path))[0]))
+            rows.append({"slide_id": slide_id, "reason": reason})
+    return pd.DataFrame(rows, columns=["slide_id", "reason"])

@@ -85,6 +85,8 @@ def extract_features(
     """Extract features of every tile listed in ``tiles_h5``; write ``out_h5`` atomically."""
     slide_id = slide_id or Path(slide_path).stem
     coords, tile_attrs = load_tiles(tiles_h5)
+    if tile_attrs.get("excluded"):
+        return write_excluded_features(out_h5, slide_id, extractor, weights, input_px, dtype, tile_attrs)
     dev = resolve_device(device)
     if threads:
         torch.set_num_threads(threads)
@@ -102,17 +104,22 @@ def extract_features(
         loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False,
                             pin_memory=dev.type == "cuda", persistent_workers=False,
                             prefetch_factor=4 if workers else None)
-        start = 0
+        start, next_log = 0, 0
         with torch.inference_mode(), autocast_for(dev, precision):
             for batch in tqdm(loader, desc=f"features {slide_id}", mininterval=2, disable=None):
                 x = batch.to(dev, non_blocking=True).float().sub_(mean).div_(std)
                 out = model(x.contiguous(memory_format=torch.channels_last))
                 feats[start:start + len(out)] = out.float().cpu().numpy()
                 start += len(out)
+                # tqdm is silent in log files (no terminal): cluster logs get a line per tenth instead.
+                if start >= next_log:
+                    logger.info("%s: %d/%d tiles", slide_id, start, len(coords))
+                    next_log = start + max(1, len(coords) // 10)
     if not np.isfinite(feats).all():
         raise RuntimeError(f"{slide_id}: non-finite features from {extractor} ({weights}); check the weights")
     attrs = {
         "slide_id": slide_id, "extractor": extractor, "weights": str(weights), "weights_digest": digest,
+        "excluded": "",
         "input_px": input_px, "tile_px": int(tile_attrs["tile_px"]), "target_mpp": float(tile_attrs["target_mpp"]),
         "level": int(tile_attrs["level"]), "tile_size_level0": int(tile_attrs["tile_size_level0"]),
         "precision": precision if precision != "auto" else ("fp16" if dev.type == "cuda" else "fp32"),
@@ -120,6 +127,20 @@ def extract_features(
     write_h5(out_h5, {"features": feats.astype(dtype), "coords": coords.reshape(-1, 2)}, attrs)
     logger.info("%s: %d tiles -> %s (%s, digest %s)", slide_id, len(coords), out_h5, extractor, digest)
     return {"slide_id": slide_id, "n_tiles": len(coords), "dim": dim, "weights_digest": digest}
+
+
+def write_excluded_features(out_h5, slide_id, extractor, weights, input_px, dtype, tile_attrs) -> dict:
+    """An excluded slide (see tiling) passes on as zero rows with the same ``excluded`` reason."""
+    reason = str(tile_attrs["excluded"])
+    dim = get_spec(extractor).dim
+    attrs = {
+        "slide_id": slide_id, "extractor": extractor, "weights": str(weights), "input_px": input_px,
+        "tile_px": int(tile_attrs["tile_px"]), "target_mpp": float(tile_attrs["target_mpp"]),
+        "level": -1, "tile_size_level0": 0, "excluded": reason,
+    }
+    write_h5(out_h5, {"features": np.zeros((0, dim), dtype=dtype), "coords": np.zeros((0, 2), np.int64)}, attrs)
+    logger.warning("%s: excluded at tiling (%s); writing an empty feature file", slide_id, reason)
+    return {"slide_id": slide_id, "n_tiles": 0, "dim": dim, "excluded": reason}
 
 
 def main(argv=None) -> None:

@@ -29,8 +29,11 @@ def read_table(path: str | os.PathLike) -> pd.DataFrame:
     return pd.read_csv(path, sep=sep, dtype={"slide_id": str, "patient_id": str})
 
 
-def load_sheet(path: str | os.PathLike, check_files: bool = True) -> pd.DataFrame:
+def load_sheet(path: str | os.PathLike, check_files: bool = True, binarize: str | None = None,
+               positive_class=None) -> pd.DataFrame:
     """Read and check a sample sheet; relative slide paths resolve against the sheet's folder.
+
+    ``binarize`` / ``positive_class`` are the split settings the label column must fit.
 
     Returns the sheet with ``path`` made absolute. Raises SheetError listing all problems.
     """
@@ -41,7 +44,8 @@ def load_sheet(path: str | os.PathLike, check_files: bool = True) -> pd.DataFram
         sheet = read_table(path)
     except Exception as err:  # pandas raises many types for unreadable tables
         raise SheetError(path, [f"cannot be read as a table: {err}"]) from err
-    problems = check_sheet(sheet, base_dir=path.parent, check_files=check_files)
+    problems = check_sheet(sheet, base_dir=path.parent, check_files=check_files, binarize=binarize,
+                           positive_class=positive_class)
     if problems:
         raise SheetError(path, problems)
     sheet = sheet.copy()
@@ -54,8 +58,13 @@ def resolve_path(value: str, base_dir: str | os.PathLike) -> Path:
     return p if p.is_absolute() else (Path(base_dir) / p).resolve()
 
 
-def check_sheet(sheet: pd.DataFrame, base_dir: str | os.PathLike = ".", check_files: bool = True) -> list[str]:
-    """Every problem of the sheet as a readable line; empty when the sheet is fine."""
+def check_sheet(sheet: pd.DataFrame, base_dir: str | os.PathLike = ".", check_files: bool = True,
+                binarize: str | None = None, positive_class=None) -> list[str]:
+    """Every problem of the sheet as a readable line; empty when the sheet is fine.
+
+    The label column must be binary (0/1, true/false, or two classes one of which is
+    ``positive_class``) unless ``binarize`` names how to binarise a numeric label.
+    """
     problems = []
     missing = [c for c in REQUIRED_COLUMNS if c not in sheet.columns]
     if missing:
@@ -80,6 +89,9 @@ def check_sheet(sheet: pd.DataFrame, base_dir: str | os.PathLike = ".", check_fi
     conflicting = labels.index[labels > 1].tolist()
     if conflicting:
         problems.append(f"patient(s) with different labels on their slides: {', '.join(map(str, conflicting[:20]))}")
+    label_problem = _label_problem(sheet["label"].dropna(), binarize, positive_class)
+    if label_problem:
+        problems.append(label_problem)
     if "mpp" in sheet.columns:
         mpp = pd.to_numeric(sheet["mpp"], errors="coerce")
         bad = sheet.index[sheet["mpp"].notna() & ~(mpp > 0)]
@@ -94,6 +106,32 @@ def check_sheet(sheet: pd.DataFrame, base_dir: str | os.PathLike = ".", check_fi
             more = f" and {len(unreadable) - 10} more" if len(unreadable) > 10 else ""
             problems.append(f"slide file(s) missing or unreadable: {', '.join(unreadable[:10])}{more}")
     return problems
+
+
+def _label_problem(labels: pd.Series, binarize: str | None, positive_class) -> str | None:
+    # The same rules the splits stage applies, checked before any job runs.
+    if labels.empty:
+        return None
+    distinct = sorted(labels.astype(str).unique())
+    shown = ", ".join(distinct[:10]) + (" ..." if len(distinct) > 10 else "")
+    if binarize is not None:
+        text = labels[pd.to_numeric(labels, errors="coerce").isna()].astype(str).unique()
+        if len(text):
+            return (f"splits.binarize: {binarize} needs a numeric label; non-numeric value(s): "
+                    f"{', '.join(text[:10])}")
+        return None
+    if positive_class is not None:
+        if str(positive_class) not in distinct or len(distinct) != 2:
+            return (f"label values ({shown}) must be two classes including splits.positive_class "
+                    f"{str(positive_class)!r}")
+        return None
+    numeric = pd.to_numeric(labels, errors="coerce")
+    binary = (numeric.notna().all() and set(numeric.unique()) <= {0, 1}) or \
+        set(labels.astype(str).str.lower().unique()) <= {"true", "false"}
+    if not binary:
+        return (f"the label column is not binary (values: {shown}); use 0/1 labels, name the positive class "
+                "(splits.positive_class), or binarise a numeric label (splits.binarize: median or tertiles)")
+    return None
 
 
 def _rows(index) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import textwrap
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 MASK_PX_PER_TILE = 8  # mask resolution: each grid cell spans about 8 x 8 mask pixels
 QC_MAX_PX = 1024
+ON_ERROR = ("exclude", "fail")
 
 
 @dataclass(frozen=True)
@@ -90,10 +92,49 @@ def tile_slide(
     slide_id: str | None = None,
     mpp_override: float | None = None,
     threads: int = 1,
+    on_error: str = "fail",
 ) -> dict:
-    """Tile one slide; write its coordinates (HDF5) and a QC picture. Returns a summary."""
+    """Tile one slide; write its coordinates (HDF5) and a QC picture. Returns a summary.
+
+    A slide that cannot be used (unreadable, no resolution, no tissue) raises SlideError with
+    ``on_error="fail"``; with ``"exclude"`` it logs one ERROR line and gets a valid zero-row tiles
+    file whose ``excluded`` attribute holds the reason, so the rest of the cohort goes on.
+    """
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {', '.join(ON_ERROR)}, not {on_error!r}")
     p = params if isinstance(params, TilingParams) else TilingParams.from_dict(params)
     slide_id = slide_id or Path(slide_path).stem
+    try:
+        return _tile(slide_path, out_h5, out_qc, p, slide_id, mpp_override, threads)
+    except SlideError as err:
+        if on_error == "fail":
+            raise
+        reason = str(err)
+    logger.error("%s excluded: %s", slide_id, reason)
+    write_excluded(out_h5, out_qc, slide_id, slide_path, reason, p)
+    return {"slide_id": slide_id, "n_tiles": 0, "excluded": reason}
+
+
+def write_excluded(out_h5, out_qc, slide_id: str, slide_path, reason: str, p: TilingParams) -> None:
+    """A zero-row tiles file carrying the reason, and a QC picture that says it."""
+    attrs = {
+        "slide_id": slide_id, "slide_path": str(slide_path), "level": -1, "tile_px": p.tile_px,
+        "tile_size_level0": 0, "read_px": 0, "target_mpp": p.mpp, "n_grid": 0, "n_candidates": 0,
+        "n_tiles": 0, "params": asdict(p), "excluded": reason,
+    }
+    write_h5(out_h5, {"coords": np.zeros((0, 2), np.int64)}, attrs)
+    if out_qc:
+        img = np.full((160, 960, 3), 255, np.uint8)
+        lines = [f"{slide_id}: EXCLUDED"] + textwrap.wrap(reason, 110)[:6]
+        for i, line in enumerate(lines):
+            cv2.putText(img, line, (8, 22 + 22 * i), cv2.FONT_HERSHEY_SIMPLEX, 0.45,
+                        (0, 0, 200) if i == 0 else (0, 0, 0), 1, cv2.LINE_AA)
+        ok, buf = cv2.imencode(".png", img)
+        with atomic_output(out_qc) as tmp:
+            tmp.write_bytes(buf.tobytes())
+
+
+def _tile(slide_path, out_h5, out_qc, p: TilingParams, slide_id: str, mpp_override, threads) -> dict:
     slide = open_slide(slide_path)
     base = slide_mpp(slide, slide_path, mpp_override)
     level = pick_level(slide, slide_path, base.mpp, p.mpp)
@@ -125,14 +166,18 @@ def tile_slide(
                          desc=f"tiling {slide_id}", mininterval=2, disable=None))
     coords = candidates[np.asarray(keep, dtype=bool)] if len(candidates) else np.zeros((0, 2), np.int64)
     if len(coords) == 0:
-        logger.warning("%s: no tissue tiles found (%s); it will be skipped downstream", slide_id, slide_path)
+        slide.close()
+        # Blank, or tissue too faint for the thresholds: nothing to learn from.
+        raise SlideError(f"{slide_path}: no tissue tiles found ({len(candidates)} candidate tiles in the "
+                         "tissue mask, none kept); "
+                         "check the slide and its QC picture, or lower tiling.mask_min_saturation")
 
     attrs = {
         "slide_id": slide_id, "slide_path": str(slide_path), "level": level,
         "tile_px": p.tile_px, "tile_size_level0": step0, "read_px": read_px,
         "target_mpp": p.mpp, "slide_mpp": base.mpp, "mpp_source": base.source, "level_mpp": level_mpp,
         "n_grid": nx * ny, "n_candidates": len(candidates), "n_tiles": len(coords),
-        "params": asdict(p),
+        "params": asdict(p), "excluded": "",
     }
     write_h5(out_h5, {"coords": coords.reshape(-1, 2)}, attrs)
     if out_qc:
@@ -185,13 +230,16 @@ def main(argv=None) -> None:
     ap.add_argument("--slide-id")
     ap.add_argument("--mpp-override", type=float, help="level-0 mpp when the slide has none")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--on-error", choices=ON_ERROR, default="exclude",
+                    help="unusable slide: write an empty tiles file marked excluded, or fail")
     for name, field in TilingParams.__dataclass_fields__.items():
         ap.add_argument("--" + name.replace("_", "-"), type=type(field.default), default=field.default)
     args = ap.parse_args(argv)
     setup_logging()
     params = {k: getattr(args, k) for k in TilingParams.__dataclass_fields__}
     try:
-        summary = tile_slide(args.slide, args.out, args.qc, params, args.slide_id, args.mpp_override, args.threads)
+        summary = tile_slide(args.slide, args.out, args.qc, params, args.slide_id, args.mpp_override, args.threads,
+                             args.on_error)
     except SlideError as err:
         raise SystemExit(f"error: {err}")
     print(summary)
