@@ -21,7 +21,8 @@ from typing import Callable
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "workflow"))
+# SLIDEMIL_SRC points at another checkout's workflow/ folder, e.g. to measure the code before a change.
+sys.path.insert(0, os.environ.get("SLIDEMIL_SRC") or str(ROOT / "workflow"))
 SHARED_SLIDES = ROOT.parent / "shared" / "data" / "slides"
 
 
