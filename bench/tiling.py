@@ -64,6 +64,35 @@ def plain_read(slide_path: str, coords: np.ndarray, level: int, read_px: int, th
     slide.close()
 
 
+def per_tile_costs(path: str, coords: np.ndarray, level: int, read_px: int, params: dict, n: int = 100) -> dict:
+    """Median milliseconds per candidate of each step of judging it, interleaved tile by tile."""
+    import time
+
+    p = tiling.TilingParams.from_dict(params)
+    slide = openslide.OpenSlide(path)
+    steps: dict[str, list[float]] = {"read_region": [], "to_rgb_array": [], "resize": [], "is_tissue": []}
+
+    class Ready:  # hands read_rgb the region already read, so its conversion is timed alone
+        def read_region(self, *_):
+            return region
+
+    for xy in coords[:n]:
+        t0 = time.perf_counter()
+        region = slide.read_region((int(xy[0]), int(xy[1])), level, (read_px, read_px))
+        t1 = time.perf_counter()
+        tile = tiling.read_rgb(Ready(), path, (0, 0), level, (read_px, read_px))
+        t2 = time.perf_counter()
+        if read_px != p.tile_px:
+            tile = cv2.resize(tile, (p.tile_px, p.tile_px),
+                              interpolation=cv2.INTER_AREA if read_px > p.tile_px else cv2.INTER_LINEAR)
+        t3 = time.perf_counter()
+        tiling.is_tissue(tile, p)
+        t4 = time.perf_counter()
+        for k, v in zip(steps, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            steps[k].append(v * 1e3)
+    return {k: round(median(v), 3) for k, v in steps.items()}
+
+
 def bench_slide(path: str, threads_list: list[int], repeats: int, params: dict, tmp: Path) -> dict:
     out = str(tmp / "tiles.h5")
     reads = count_reads(path, out, params)
@@ -72,7 +101,8 @@ def bench_slide(path: str, threads_list: list[int], repeats: int, params: dict, 
     # The candidates, as tiling computes them (mask only; no pixel reads at full resolution).
     candidates = _candidates(path, params)
     assert len(candidates) == reads["n_candidates"]
-    result = {"slide": path, "dimensions": openslide.OpenSlide(path).dimensions, "reads": reads, "runs": []}
+    result = {"slide": path, "dimensions": openslide.OpenSlide(path).dimensions, "reads": reads,
+              "per_candidate_ms": per_tile_costs(path, candidates, level, read_px, params), "runs": []}
     for threads in threads_list:
         times = interleaved({
             "tiling": lambda: tiling.tile_slide(path, out, None, params, threads=threads),
