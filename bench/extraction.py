@@ -1,6 +1,8 @@
 """Feature extraction end to end against the model alone, side by side.
 
-For each extractor and loader setting it times, interleaved (A, B, C, A, B, C, ...):
+For each extractor and loader setting it times, interleaved (A, B, C, A, B, C, ...), each
+run in a fresh process as a feature job is (forking loader workers from a process that
+already ran other cases proved fragile):
 - ``model``: the same model, batch size, precision and channels-last layout on random
   uint8 batches already in memory (normalisation on the device included): the ceiling;
 - ``e2e-wN``: ``slidemil.features.extract_features`` on a real tiled slide with N
@@ -17,6 +19,9 @@ On CUDA it also samples GPU utilisation (nvidia-smi) during each end-to-end run.
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -72,6 +77,32 @@ class ModelOnly:
             out.float().cpu()  # waits for the device, as end to end does once per slide
 
 
+def one_case(args) -> None:
+    """Run one case in this (fresh) process and print its seconds as JSON: one process per slide, as in a job."""
+    import json
+    import time
+
+    torch.set_num_threads(args.threads)
+    dev = resolve_device(args.device)
+    precision = resolve_precision(dev, args.precision)
+    extractor, n = args.extractors[0], args.n
+    with GpuSampler() as gpu:
+        if args.one == "model":
+            model_only = ModelOnly(extractor, dev, precision, args.batch_size, args.input_px, n, args.compile)
+            model_only()  # warm-up (allocator, cuDNN autotuning, compilation)
+            t0 = time.perf_counter()
+            model_only()
+        else:
+            t0 = time.perf_counter()  # everything a feature job does after Python starts
+            extract_features(args.slide, args.tiles_h5, args.out, extractor, "random", args.input_px, 0, "float32",
+                             str(dev), args.batch_size, int(args.one[len("e2e-w"):]), precision, args.threads,
+                             torch_compile=args.compile)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+    print(json.dumps({"seconds": seconds, "gpu_busy": gpu.busy}))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--slide", help="default: the generated large slide (made once under /tmp)")
@@ -86,7 +117,12 @@ def main() -> None:
     ap.add_argument("--input-px", type=int, default=224)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json")
+    for hidden in ("--one", "--tiles-h5", "--out"):  # one case in a child process
+        ap.add_argument(hidden, help=argparse.SUPPRESS)
+    ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.one:
+        return one_case(args)
 
     torch.set_num_threads(args.threads)
     dev = resolve_device(args.device)
@@ -97,28 +133,27 @@ def main() -> None:
         tmp = Path(tmp)
         tiles_h5, n = tiled_slide(slide, args.tiles, tmp)
         for extractor in args.extractors:
-            model_only = ModelOnly(extractor, dev, precision, args.batch_size, args.input_px, n, args.compile)
-            model_only()  # warm-up (allocator, cuDNN autotuning, compilation)
+            common = [sys.executable, __file__, "--extractors", extractor, "--n", str(n), "--slide", slide,
+                      "--tiles-h5", tiles_h5, "--out", str(tmp / "features.h5"), "--batch-size", str(args.batch_size),
+                      "--device", args.device, "--precision", args.precision, "--threads", str(args.threads),
+                      "--input-px", str(args.input_px)] + (["--compile"] if args.compile else [])
             gpu_busy: dict[str, list] = {}
 
-            def e2e(workers):
+            def case(name):
                 def run():
-                    with GpuSampler() as s:
-                        extract_features(slide, tiles_h5, str(tmp / "features.h5"), extractor, "random",
-                                         args.input_px, 0, "float32", str(dev), args.batch_size, workers,
-                                         precision, args.threads, torch_compile=args.compile)
-                        if dev.type == "cuda":
-                            torch.cuda.synchronize()
-                    gpu_busy.setdefault(f"e2e-w{workers}", []).append(s.busy)
+                    out = subprocess.run(common + ["--one", name], capture_output=True, text=True)
+                    if out.returncode:
+                        raise SystemExit(f"{name} failed:\n{out.stderr[-3000:]}")
+                    r = json.loads(out.stdout.strip().splitlines()[-1])
+                    gpu_busy.setdefault(name, []).append(r["gpu_busy"])
+                    return r["seconds"]
                 return run
 
-            def model_run():
-                with GpuSampler() as s:
-                    model_only()
-                gpu_busy.setdefault("model", []).append(s.busy)
-
-            cases = {"model": model_run, **{f"e2e-w{w}": e2e(w) for w in args.workers}}
-            times = interleaved(cases, args.repeats)
+            cases = {"model": case("model"), **{f"e2e-w{w}": case(f"e2e-w{w}") for w in args.workers}}
+            times = {k: [] for k in cases}
+            for _ in range(args.repeats):  # interleaved: model, e2e-w0, e2e-w1, ..., model, ...
+                for k, fn in cases.items():
+                    times[k].append(fn())
             med = {k: median(v) for k, v in times.items()}
             rates = {k: round(n / v, 1) for k, v in med.items()}
             results.append({
@@ -127,7 +162,7 @@ def main() -> None:
                 "seconds": {k: [round(x, 2) for x in v] for k, v in times.items()},
                 "tiles_per_s": rates,
                 "ratio_e2e_over_model": {k: round(rates[k] / rates["model"], 3) for k in rates if k != "model"},
-                "gpu_busy_pct": {k: [b for b in v] for k, v in gpu_busy.items()} if dev.type == "cuda" else None,
+                "gpu_busy_pct": gpu_busy if dev.type == "cuda" else None,
             })
             print(results[-1], flush=True)
     dump({"machine": machine(), "device": str(dev), "slide": slide, "results": results}, args.json)
