@@ -49,6 +49,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--workdir", help="default: a fresh temporary folder")
     ap.add_argument("--json", help="also write the result here")
+    ap.add_argument("--repo", default=str(ROOT), help="checkout whose Snakefile to time (e.g. an older one)")
     args = ap.parse_args()
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="slidemil-dryrun-"))
@@ -56,9 +57,9 @@ def main() -> None:
     # The default configuration (one extractor, two MIL models, 5 folds) on the generated sheet.
     config = {"samples": str(sheet), "results": str(workdir / "results")}
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--configfile", "config.yaml",
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(Path(args.repo) / "Snakefile"), "--configfile", "config.yaml",
            "--cores", "1", "-n"]
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "workflow"))
+    env = dict(os.environ, PYTHONPATH=str(Path(args.repo) / "workflow"))
     times, cpu, n_jobs = [], [], None
     for _ in range(args.repeats):
         r0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
