@@ -38,8 +38,9 @@ from slidemil.tiling import load_tiles, tile_slide
 
 def tiled_slide(slide: str, n_tiles: int, tmp: Path) -> tuple[str, int]:
     """Tile the slide (default settings), keep the first ``n_tiles`` tiles (repeated if too few)."""
-    full = tmp / "tiles_full.h5"
-    tile_slide(slide, str(full), None, {})
+    full = Path(slide).with_name(Path(slide).name + ".tiles.h5")  # cached beside the slide (/tmp)
+    if not full.exists() or full.stat().st_mtime < Path(slide).stat().st_mtime:
+        tile_slide(slide, str(full), None, {})
     coords, attrs = load_tiles(str(full))
     if len(coords) == 0:
         raise SystemExit(f"{slide}: no tissue tiles")
