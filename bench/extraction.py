@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import subprocess
 import sys
 import tempfile
@@ -78,6 +79,11 @@ class ModelOnly:
             out.float().cpu()  # waits for the device, as end to end does once per slide
 
 
+def _cpu() -> float:
+    return sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+               for f in ("ru_utime", "ru_stime"))
+
+
 def one_case(args) -> None:
     """Run one case in this (fresh) process and print its seconds as JSON: one process per slide, as in a job."""
     import json
@@ -87,21 +93,24 @@ def one_case(args) -> None:
     dev = resolve_device(args.device)
     precision = resolve_precision(dev, args.precision)
     extractor, n = args.extractors[0], args.n
+    cpu0 = 0.0
     with GpuSampler() as gpu:
         if args.one == "model":
             model_only = ModelOnly(extractor, dev, precision, args.batch_size, args.input_px, n, args.compile)
             model_only()  # warm-up (allocator, cuDNN autotuning, compilation)
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), _cpu()
             model_only()
         else:
-            t0 = time.perf_counter()  # everything a feature job does after Python starts
+            t0, cpu0 = time.perf_counter(), _cpu()  # everything a feature job does after Python starts
             extract_features(args.slide, args.tiles_h5, args.out, extractor, "random", args.input_px, 0, "float32",
                              str(dev), args.batch_size, int(args.one[len("e2e-w"):]), precision, args.threads,
                              torch_compile=args.compile)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
-    print(json.dumps({"seconds": seconds, "gpu_busy": gpu.busy}))
+    # CPU seconds of this process and its (joined) loader workers: the work done, whatever the load.
+    cpu = _cpu() - cpu0
+    print(json.dumps({"seconds": seconds, "gpu_busy": gpu.busy, "cpu_s": cpu}))
 
 
 def main() -> None:
@@ -139,6 +148,7 @@ def main() -> None:
                       "--device", args.device, "--precision", args.precision, "--threads", str(args.threads),
                       "--input-px", str(args.input_px)] + (["--compile"] if args.compile else [])
             gpu_busy: dict[str, list] = {}
+            cpu_s: dict[str, list] = {}
 
             def case(name):
                 def run():
@@ -147,6 +157,7 @@ def main() -> None:
                         raise SystemExit(f"{name} failed:\n{out.stderr[-3000:]}")
                     r = json.loads(out.stdout.strip().splitlines()[-1])
                     gpu_busy.setdefault(name, []).append(r["gpu_busy"])
+                    cpu_s.setdefault(name, []).append(r.get("cpu_s"))
                     return r["seconds"]
                 return run
 
@@ -163,6 +174,7 @@ def main() -> None:
                 "seconds": {k: [round(x, 2) for x in v] for k, v in times.items()},
                 "tiles_per_s": rates,
                 "ratio_e2e_over_model": {k: round(rates[k] / rates["model"], 3) for k in rates if k != "model"},
+                "cpu_s_per_tile": {k: round(median(v) / n, 4) for k, v in cpu_s.items() if None not in v},
                 "gpu_busy_pct": gpu_busy if dev.type == "cuda" else None,
             })
             print(results[-1], flush=True)
