@@ -32,6 +32,7 @@ else:
             device=config["compute"]["device"],
             batch_size=config["compute"]["batch_size"],
             loader_workers=config["compute"]["loader_workers"],
+            torch_compile=int(config["compute"].get("torch_compile", False)),
         conda:
             "../envs/slidemil.yaml"
         log:

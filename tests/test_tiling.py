@@ -114,3 +114,43 @@ def test_bad_slides_give_clear_errors(shared_slides, tmp_path, name, message):
 def test_missing_file(tmp_path):
     with pytest.raises(SlideError, match="not found"):
         open_slide(tmp_path / "nope.svs")
+
+
+def _is_tissue_float(tile_rgb, p):
+    # The rule as published (Fu et al. 2020): float Sobel magnitude and means.
+    gray = cv2.cvtColor(tile_rgb, cv2.COLOR_RGB2GRAY)
+    if np.mean(gray > p.bright_threshold) > p.max_bright_fraction:
+        return False
+    gx = cv2.Sobel(gray, cv2.CV_32F, 1, 0, ksize=3)
+    gy = cv2.Sobel(gray, cv2.CV_32F, 0, 1, ksize=3)
+    return bool(np.mean(0.5 * np.abs(gx) + 0.5 * np.abs(gy) <= p.sobel_threshold) < p.max_flat_fraction)
+
+
+def test_integer_tissue_rule_decides_like_the_float_rule():
+    """The fast integer form must make the very same decision, including right at the thresholds."""
+    rng = np.random.default_rng(1)
+    decisions = []
+    for i in range(400):
+        amp = [0, 3, 8, 15, 30, 60][i % 6]
+        tile = np.clip(rng.integers(0, 256, 3) + rng.normal(0, amp, (256, 256, 3)), 0, 255).astype(np.uint8)
+        if i % 3 == 0:
+            tile = cv2.GaussianBlur(tile, (0, 0), 1 + i % 4)
+        p = TilingParams(sobel_threshold=float(rng.uniform(2, 50)), bright_threshold=int(rng.integers(120, 250)),
+                         max_flat_fraction=float(rng.uniform(0.2, 0.9)), max_bright_fraction=float(rng.uniform(0.2, 0.8)))
+        assert is_tissue(tile, p) == _is_tissue_float(tile, p), i
+        decisions.append(is_tissue(tile, p))
+    assert 0.1 < np.mean(decisions) < 0.9  # both outcomes were exercised
+
+
+def test_transparent_pixels_read_as_white(tmp_path):
+    from slidemil.slides import read_rgb
+
+    path = tmp_path / "s.tiff"
+    make_slide(path, label=0, seed=0, slide_px=(512, 512))
+    slide = open_slide(path)
+    # Half of this region lies outside the scan: OpenSlide returns it transparent.
+    rgb = read_rgb(slide, path, (256, 256), 0, (512, 512))
+    assert rgb.shape == (512, 512, 3) and rgb.dtype == np.uint8
+    assert (rgb[256:, :] == 255).all() and (rgb[:, 256:] == 255).all()
+    inside = np.asarray(slide.read_region((256, 256), 0, (256, 256)))[..., :3]
+    np.testing.assert_array_equal(rgb[:256, :256], inside)

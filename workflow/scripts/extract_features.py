@@ -15,10 +15,12 @@ _step.run(
     weights=weights,
     input_px=settings["input_px"],
     dtype=settings["dtype"],
+    precision=settings.get("precision", "auto"),
     seed=settings.get("seed", 0),
     device=snakemake.resources.device,
     batch_size=snakemake.resources.batch_size,
     workers=snakemake.resources.loader_workers,
     threads=snakemake.threads,
     slide_id=snakemake.wildcards.slide,
+    torch_compile=bool(snakemake.resources.get("torch_compile", 0)),
 )

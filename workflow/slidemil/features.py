@@ -1,9 +1,11 @@
 """Stage 2: one feature vector per tile, written as a CLAM-compatible HDF5 file.
 
 Tiles are read from the slide through the tiling coordinates by DataLoader
-workers, each with its own OpenSlide handle; they travel as uint8 and are
-normalised on the device, which keeps the workers and the host-to-device copy
-light. Mixed precision on CUDA; CPU when there is no GPU.
+workers, each with its own OpenSlide handle; they travel as uint8 (pinned on
+CUDA) and are normalised on the device, which keeps the workers and the
+host-to-device copy light. Features stay on the device until the slide is done,
+so the GPU never waits for a per-batch copy back. Mixed precision on CUDA
+(fp16 by default), bf16 on CPUs on request; optional torch.compile.
 """
 
 from __future__ import annotations
@@ -50,16 +52,32 @@ class TileDataset(Dataset):
         return torch.from_numpy(np.ascontiguousarray(tile.transpose(2, 0, 1)))
 
 
+def _init_worker(_: int) -> None:
+    # Loader workers are processes already; OpenCV's own thread pool would oversubscribe the cores.
+    cv2.setNumThreads(1)
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 
 
+def resolve_precision(device: torch.device, precision: str) -> str:
+    """``auto``: fp16 on CUDA, fp32 elsewhere (CPU autocast only helps on CPUs with bf16 units)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "fp16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+
 def autocast_for(device: torch.device, precision: str):
     """Mixed precision where it helps: fp16/bf16 on CUDA by default, bf16 on CPU only on request."""
-    if precision == "auto":
-        precision = "fp16" if device.type == "cuda" else "fp32"
+    precision = resolve_precision(device, precision)
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
@@ -81,8 +99,14 @@ def extract_features(
     precision: str = "auto",
     threads: int | None = None,
     slide_id: str | None = None,
+    torch_compile: bool = False,
 ) -> dict:
-    """Extract features of every tile listed in ``tiles_h5``; write ``out_h5`` atomically."""
+    """Extract features of every tile listed in ``tiles_h5``; write ``out_h5`` atomically.
+
+    ``precision`` changes the features slightly (it is a setting of the extractor);
+    ``device``, ``batch_size``, ``workers``, ``threads`` and ``torch_compile`` only change
+    how fast they come.
+    """
     slide_id = slide_id or Path(slide_path).stem
     coords, tile_attrs = load_tiles(tiles_h5)
     if tile_attrs.get("excluded"):
@@ -92,29 +116,34 @@ def extract_features(
         torch.set_num_threads(threads)
     model, digest = create_extractor(extractor, weights, seed)
     model = model.to(dev, memory_format=torch.channels_last)
+    precision = resolve_precision(dev, precision)
+    if torch_compile and len(coords):
+        with torch.inference_mode(), autocast_for(dev, precision):
+            model = compile_model(model, torch.zeros((min(batch_size, len(coords)), 3, input_px, input_px), device=dev))
     mean = torch.tensor(IMAGENET_MEAN, device=dev).view(1, 3, 1, 1) * 255
     std = torch.tensor(IMAGENET_STD, device=dev).view(1, 3, 1, 1) * 255
 
     dim = get_spec(extractor).dim
-    feats = np.zeros((len(coords), dim), dtype=np.float32)
+    feats = torch.zeros((len(coords), dim), dtype=torch.float32, device=dev)
     if len(coords) == 0:
         logger.warning("%s: no tiles in %s; writing an empty feature file", slide_id, tiles_h5)
     else:
         dataset = TileDataset(slide_path, coords, int(tile_attrs["level"]), int(tile_attrs["read_px"]), input_px)
         loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False,
                             pin_memory=dev.type == "cuda", persistent_workers=False,
-                            prefetch_factor=4 if workers else None)
+                            prefetch_factor=4 if workers else None, worker_init_fn=_init_worker if workers else None)
         start, next_log = 0, 0
         with torch.inference_mode(), autocast_for(dev, precision):
             for batch in tqdm(loader, desc=f"features {slide_id}", mininterval=2, disable=None):
                 x = batch.to(dev, non_blocking=True).float().sub_(mean).div_(std)
                 out = model(x.contiguous(memory_format=torch.channels_last))
-                feats[start:start + len(out)] = out.float().cpu().numpy()
+                feats[start:start + len(out)] = out  # stays on the device: no per-batch sync
                 start += len(out)
                 # tqdm is silent in log files (no terminal): cluster logs get a line per tenth instead.
                 if start >= next_log:
                     logger.info("%s: %d/%d tiles", slide_id, start, len(coords))
                     next_log = start + max(1, len(coords) // 10)
+    feats = feats.cpu().numpy()
     if not np.isfinite(feats).all():
         raise RuntimeError(f"{slide_id}: non-finite features from {extractor} ({weights}); check the weights")
     attrs = {
@@ -122,7 +151,7 @@ def extract_features(
         "excluded": "",
         "input_px": input_px, "tile_px": int(tile_attrs["tile_px"]), "target_mpp": float(tile_attrs["target_mpp"]),
         "level": int(tile_attrs["level"]), "tile_size_level0": int(tile_attrs["tile_size_level0"]),
-        "precision": precision if precision != "auto" else ("fp16" if dev.type == "cuda" else "fp32"),
+        "precision": precision,
     }
     write_h5(out_h5, {"features": feats.astype(dtype), "coords": coords.reshape(-1, 2)}, attrs)
     logger.info("%s: %d tiles -> %s (%s, digest %s)", slide_id, len(coords), out_h5, extractor, digest)
@@ -143,6 +172,20 @@ def write_excluded_features(out_h5, slide_id, extractor, weights, input_px, dtyp
     return {"slide_id": slide_id, "n_tiles": 0, "dim": dim, "excluded": reason}
 
 
+def compile_model(model: torch.nn.Module, example: torch.Tensor) -> torch.nn.Module:
+    """torch.compile when it works here (it needs a C++ compiler on CPU); the eager model otherwise.
+
+    Compilation happens at the first call, so the example batch is run once to find out.
+    """
+    try:
+        compiled = torch.compile(model)
+        compiled(example.contiguous(memory_format=torch.channels_last))
+        return compiled
+    except Exception as err:  # compile support varies by platform; speed is never worth failing for
+        logger.warning("torch.compile unavailable (%s); running the model eagerly", err)
+        return model
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m slidemil.features", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -157,14 +200,16 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--workers", type=int, default=0)
-    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    ap.add_argument("--precision", default="auto", choices=PRECISIONS,
+                    help="auto: fp16 on CUDA, fp32 on CPU; bf16 helps on CPUs with bf16 units")
     ap.add_argument("--threads", type=int)
+    ap.add_argument("--compile", action="store_true", help="torch.compile the extractor")
     args = ap.parse_args(argv)
     setup_logging()
     try:
         print(extract_features(args.slide, args.tiles, args.out, args.extractor, args.weights, args.input_px,
                                args.seed, args.dtype, args.device, args.batch_size, args.workers,
-                               args.precision, args.threads))
+                               args.precision, args.threads, torch_compile=args.compile))
     except SlideError as err:
         raise SystemExit(f"error: {err}")
 

@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import openslide
 
@@ -43,9 +44,12 @@ def read_rgb(slide: openslide.OpenSlide, path, location, level: int, size) -> np
         raise SlideError(f"{path}: reading pixels at level {level}, {location} failed ({err}); "
                          "the file is probably corrupt: re-export or re-copy it") from err
     rgba = np.asarray(region)
+    rgb = cv2.cvtColor(rgba, cv2.COLOR_RGBA2RGB)
     # Transparent (outside-the-scan) pixels come back as zeros: paint them white, i.e. background.
-    rgb = rgba[..., :3].copy()
-    rgb[rgba[..., 3] == 0] = 255
+    # Most regions are fully opaque; counting first skips the costly masked write for them.
+    alpha = cv2.extractChannel(rgba, 3)
+    if cv2.countNonZero(alpha) < alpha.size:
+        rgb[alpha == 0] = 255
     return rgb
 
 

@@ -52,14 +52,22 @@ class TilingParams:
 
 
 def is_tissue(tile_rgb: np.ndarray, p: TilingParams) -> bool:
-    """Fu et al.'s rule: not mostly white, and not mostly flat (Sobel magnitude)."""
+    """Fu et al.'s rule: not mostly white, and not mostly flat (Sobel magnitude).
+
+    The magnitude 0.5 |gx| + 0.5 |gy| is computed as the exact integer |gx| + |gy|
+    (3x3 Sobel of uint8 fits int16) compared with twice the threshold: the same
+    decision as in floating point, at a fraction of the cost per tile.
+    """
     gray = cv2.cvtColor(tile_rgb, cv2.COLOR_RGB2GRAY)
-    if np.mean(gray > p.bright_threshold) > p.max_bright_fraction:
+    n = gray.size
+    _, bright = cv2.threshold(gray, p.bright_threshold, 1, cv2.THRESH_BINARY)
+    if cv2.countNonZero(bright) / n > p.max_bright_fraction:
         return False
-    gx = cv2.Sobel(gray, cv2.CV_32F, 1, 0, ksize=3)
-    gy = cv2.Sobel(gray, cv2.CV_32F, 0, 1, ksize=3)
-    magnitude = 0.5 * np.abs(gx) + 0.5 * np.abs(gy)
-    return bool(np.mean(magnitude <= p.sobel_threshold) < p.max_flat_fraction)
+    gx = cv2.Sobel(gray, cv2.CV_16S, 1, 0, ksize=3)
+    gy = cv2.Sobel(gray, cv2.CV_16S, 0, 1, ksize=3)
+    magnitude2 = cv2.add(cv2.absdiff(gx, 0), cv2.absdiff(gy, 0), dtype=cv2.CV_32S)
+    flat = int(np.count_nonzero(magnitude2 <= 2 * p.sobel_threshold))
+    return bool(flat / n < p.max_flat_fraction)
 
 
 def tissue_mask(thumb_rgb: np.ndarray, min_saturation: int) -> np.ndarray:
@@ -144,7 +152,8 @@ def _tile(slide_path, out_h5, out_qc, p: TilingParams, slide_id: str, mpp_overri
     w0, h0 = slide.dimensions
     nx, ny = w0 // step0, h0 // step0
 
-    thumb = _thumbnail(slide, slide_path, max(step0 / MASK_PX_PER_TILE, 1.0))
+    mask_level, level_img = _read_level(slide, slide_path, max(step0 / MASK_PX_PER_TILE, 1.0))
+    thumb = _downsample(level_img, slide, max(step0 / MASK_PX_PER_TILE, 1.0))
     mask = tissue_mask(thumb, p.mask_min_saturation)
     scale = (thumb.shape[1] / w0, thumb.shape[0] / h0)
     fractions = grid_fractions(mask, scale, step0, nx, ny) if nx and ny else np.zeros((0, 0))
@@ -153,8 +162,16 @@ def _tile(slide_path, out_h5, out_qc, p: TilingParams, slide_id: str, mpp_overri
     logger.info("%s: %.4g mpp (%s), level %d (%.4g mpp), grid %dx%d of %d px at level 0, %d candidates",
                 slide_id, base.mpp, base.source, level, level_mpp, nx, ny, step0, len(candidates))
 
+    if not (mask_level == level == 0):
+        level_img = None  # only a single-level slide's mask decodes the tile level; free it otherwise
+
     def judge(xy):
-        tile = read_rgb(slide, slide_path, (int(xy[0]), int(xy[1])), level, (read_px, read_px))
+        x, y = int(xy[0]), int(xy[1])
+        if level_img is not None:
+            # A slide without a coarser level: the mask already decoded every pixel; slice, don't re-read.
+            tile = level_img[y:y + read_px, x:x + read_px]
+        else:
+            tile = read_rgb(slide, slide_path, (x, y), level, (read_px, read_px))
         if read_px != p.tile_px:
             interp = cv2.INTER_AREA if read_px > p.tile_px else cv2.INTER_LINEAR
             tile = cv2.resize(tile, (p.tile_px, p.tile_px), interpolation=interp)
@@ -188,10 +205,17 @@ def _tile(slide_path, out_h5, out_qc, p: TilingParams, slide_id: str, mpp_overri
 
 def _thumbnail(slide, slide_path, downsample: float) -> np.ndarray:
     """The slide at about ``downsample`` x, read from the best pyramid level for it."""
-    w0, h0 = slide.dimensions
+    return _downsample(_read_level(slide, slide_path, downsample)[1], slide, downsample)
+
+
+def _read_level(slide, slide_path, downsample: float) -> tuple[int, np.ndarray]:
+    """The whole pyramid level best suited to ``downsample`` x, and its index."""
     level = slide.get_best_level_for_downsample(downsample)
-    lw, lh = slide.level_dimensions[level]
-    img = read_rgb(slide, slide_path, (0, 0), level, (lw, lh))
+    return level, read_rgb(slide, slide_path, (0, 0), level, slide.level_dimensions[level])
+
+
+def _downsample(img: np.ndarray, slide, downsample: float) -> np.ndarray:
+    w0, h0 = slide.dimensions
     size = (max(1, round(w0 / downsample)), max(1, round(h0 / downsample)))
     return cv2.resize(img, size, interpolation=cv2.INTER_AREA)
 

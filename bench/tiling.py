@@ -1,0 +1,161 @@
+"""Tiling speed against plainly reading the same tiles with OpenSlide, side by side.
+
+For each slide it reports
+- how many regions tiling decodes at the tile level (full resolution) against the
+  grid, the coarse-mask candidates and the kept tiles: background is never decoded
+  at full resolution when that count equals the number of candidates;
+- interleaved wall times (A, B, C, A, B, C, ...) of
+  A ``tile_slide`` (mask, reading and judging every candidate, writing the HDF5; no QC picture),
+  B ``read_region`` + ``np.asarray`` of the kept tiles only (same level, size, threads),
+  C the same plain read of every candidate (the tiles tiling must look at);
+- ratios of medians: kept tiles per second of A over B, and candidates per second of A over C.
+
+    python bench/tiling.py                                   # CMU-1-Small-Region + a 40,960 px generated slide
+    python bench/tiling.py --slides /path/a.svs --threads 1 2 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cv2
+import numpy as np
+import openslide
+
+from _common import SHARED_SLIDES, dump, interleaved, machine, make_large_slide, median
+
+import slidemil.tiling as tiling
+
+
+def count_reads(slide_path: str, out_h5: str, params: dict) -> dict:
+    """Run tile_slide once, recording every region it decodes (level and size)."""
+    reads = []
+    original = tiling.read_rgb
+
+    def counting(slide, path, location, level, size):
+        reads.append((level, size[0] * size[1]))
+        return original(slide, path, location, level, size)
+
+    tiling.read_rgb = counting
+    try:
+        summary = tiling.tile_slide(slide_path, out_h5, None, params)
+    finally:
+        tiling.read_rgb = original
+    level = summary["level"]
+    at_level = [px for lv, px in reads if lv == level]
+    coarse = [px for lv, px in reads if lv != level]
+    return {**summary, "full_res_regions_decoded": len(at_level),
+            "full_res_px_decoded": int(sum(at_level)),
+            "coarse_regions_decoded": len(coarse), "coarse_px_decoded": int(sum(coarse))}
+
+
+def plain_read(slide_path: str, coords: np.ndarray, level: int, read_px: int, threads: int) -> None:
+    slide = openslide.OpenSlide(slide_path)
+
+    def read(xy):
+        return np.asarray(slide.read_region((int(xy[0]), int(xy[1])), level, (read_px, read_px)))
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for _ in pool.map(read, coords):
+            pass
+    slide.close()
+
+
+def per_tile_costs(path: str, coords: np.ndarray, level: int, read_px: int, params: dict, n: int = 100) -> dict:
+    """Median milliseconds per candidate of each step of judging it, interleaved tile by tile."""
+    import time
+
+    p = tiling.TilingParams.from_dict(params)
+    slide = openslide.OpenSlide(path)
+    steps: dict[str, list[float]] = {"read_region": [], "to_rgb_array": [], "resize": [], "is_tissue": []}
+
+    class Ready:  # hands read_rgb the region already read, so its conversion is timed alone
+        def read_region(self, *_):
+            return region
+
+    for xy in coords[:n]:
+        t0 = time.perf_counter()
+        region = slide.read_region((int(xy[0]), int(xy[1])), level, (read_px, read_px))
+        t1 = time.perf_counter()
+        tile = tiling.read_rgb(Ready(), path, (0, 0), level, (read_px, read_px))
+        t2 = time.perf_counter()
+        if read_px != p.tile_px:
+            tile = cv2.resize(tile, (p.tile_px, p.tile_px),
+                              interpolation=cv2.INTER_AREA if read_px > p.tile_px else cv2.INTER_LINEAR)
+        t3 = time.perf_counter()
+        tiling.is_tissue(tile, p)
+        t4 = time.perf_counter()
+        for k, v in zip(steps, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            steps[k].append(v * 1e3)
+    return {k: round(median(v), 3) for k, v in steps.items()}
+
+
+def bench_slide(path: str, threads_list: list[int], repeats: int, params: dict, tmp: Path) -> dict:
+    out = str(tmp / "tiles.h5")
+    reads = count_reads(path, out, params)
+    kept, attrs = tiling.load_tiles(out)
+    level, read_px = int(attrs["level"]), int(attrs["read_px"])
+    # The candidates, as tiling computes them (mask only; no pixel reads at full resolution).
+    candidates = _candidates(path, params)
+    assert len(candidates) == reads["n_candidates"]
+    result = {"slide": path, "dimensions": openslide.OpenSlide(path).dimensions, "reads": reads,
+              "per_candidate_ms": per_tile_costs(path, candidates, level, read_px, params), "runs": []}
+    for threads in threads_list:
+        times = interleaved({
+            "tiling": lambda: tiling.tile_slide(path, out, None, params, threads=threads),
+            "read_kept": lambda: plain_read(path, kept, level, read_px, threads),
+            "read_candidates": lambda: plain_read(path, candidates, level, read_px, threads),
+        }, repeats)
+        med = {k: median(v) for k, v in times.items()}
+        result["runs"].append({
+            "threads": threads, "repeats": repeats,
+            "seconds": {k: [round(x, 3) for x in v] for k, v in times.items()},
+            "median_s": {k: round(v, 3) for k, v in med.items()},
+            "kept_tiles_per_s": {"tiling": round(len(kept) / med["tiling"], 1),
+                                 "plain_read": round(len(kept) / med["read_kept"], 1)},
+            "ratio_kept": round(med["read_kept"] / med["tiling"], 3),
+            "candidates_per_s": {"tiling": round(len(candidates) / med["tiling"], 1),
+                                 "plain_read": round(len(candidates) / med["read_candidates"], 1)},
+            "ratio_candidates": round(med["read_candidates"] / med["tiling"], 3),
+        })
+    return result
+
+
+def _candidates(path: str, params: dict) -> np.ndarray:
+    p = tiling.TilingParams.from_dict(params)
+    slide = tiling.open_slide(path)
+    base = tiling.slide_mpp(slide, path, None)
+    step0 = int(round(p.tile_px * p.mpp / base.mpp))
+    w0, h0 = slide.dimensions
+    nx, ny = w0 // step0, h0 // step0
+    thumb = tiling._thumbnail(slide, path, max(step0 / tiling.MASK_PX_PER_TILE, 1.0))
+    mask = tiling.tissue_mask(thumb, p.mask_min_saturation)
+    scale = (thumb.shape[1] / w0, thumb.shape[0] / h0)
+    iy, ix = np.nonzero(tiling.grid_fractions(mask, scale, step0, nx, ny) > p.mask_min_fraction)
+    return np.stack([ix * step0, iy * step0], axis=1).astype(np.int64)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--slides", nargs="*", help="default: CMU-1-Small-Region.svs and the generated large slide")
+    ap.add_argument("--large", default="/tmp/slidemil-bench/large.tiff",
+                    help="where the generated slide is made (once) when --slides is not given")
+    ap.add_argument("--large-blocks", type=int, default=10, help="its size in 4096 px blocks (10: 40,960 px)")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    cv2.setNumThreads(1)  # as in a tiling job; OpenCV's pool would otherwise compete with the readers
+    slides = args.slides or [str(SHARED_SLIDES / "CMU-1-Small-Region.svs"),
+                             str(make_large_slide(args.large, args.large_blocks))]
+    params = {}  # the default tiling settings: 256 px at 0.5 mpp
+    with tempfile.TemporaryDirectory(prefix="slidemil-bench-") as tmp:
+        results = [bench_slide(s, args.threads, args.repeats, params, Path(tmp)) for s in slides]
+    dump({"machine": machine(), "params": params or "defaults", "slides": results}, args.json)
+
+
+if __name__ == "__main__":
+    main()
