@@ -52,11 +52,6 @@ class TileDataset(Dataset):
         return torch.from_numpy(np.ascontiguousarray(tile.transpose(2, 0, 1)))
 
 
-def _init_worker(_: int) -> None:
-    # Loader workers are processes already; OpenCV's own thread pool would oversubscribe the cores.
-    cv2.setNumThreads(1)
-
-
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -131,7 +126,8 @@ def extract_features(
         dataset = TileDataset(slide_path, coords, int(tile_attrs["level"]), int(tile_attrs["read_px"]), input_px)
         loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False,
                             pin_memory=dev.type == "cuda", persistent_workers=False,
-                            prefetch_factor=4 if workers else None, worker_init_fn=_init_worker if workers else None)
+                            prefetch_factor=4 if workers else None)
+        # No cv2.setNumThreads in the (forked) workers: tearing down the parent's OpenCV pool there hangs.
         start, next_log = 0, 0
         with torch.inference_mode(), autocast_for(dev, precision):
             for batch in tqdm(loader, desc=f"features {slide_id}", mininterval=2, disable=None):
