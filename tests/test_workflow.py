@@ -121,7 +121,11 @@ def test_report_page_and_snakemake_report(run, tmp_path):
     test0 = [r for r in doc["splits"] if r["fold"] == 0 and r["partition"] == "test"][0]
     assert test0["n_patients"] == 4
     splits = pd.read_csv(res / "splits" / "splits.csv")
-    assert len(doc["heatmaps"]) == 2
+    # heatmaps_per_model (2) test slides for each model, the same slides for every model of the extractor.
+    assert len(doc["heatmaps"]) == 2 * len(TINY["mil"]["models"])
+    assert {h["model"] for h in doc["heatmaps"]} == set(TINY["mil"]["models"])
+    slides_per_model = {m: sorted(h["slide_id"] for h in doc["heatmaps"] if h["model"] == m) for m in TINY["mil"]["models"]}
+    assert len({tuple(v) for v in slides_per_model.values()}) == 1
     for item in doc["heatmaps"]:
         assert (res / "report" / item["file"]).stat().st_size > 10_000
         assert splits.set_index("slide_id").loc[item["slide_id"], "fold_0"] == "test"

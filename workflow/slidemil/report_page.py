@@ -102,6 +102,10 @@ def _heatmaps(runs, splits, sheet, features, tiles, n, top_k, seed, usable, out,
     folder.mkdir(parents=True, exist_ok=True)
     slide_paths = dict(zip(sheet["slide_id"].astype(str), sheet["path"]))
     for (extractor, model), run in sorted(first.items()):
+        if extractor not in features:
+            # The tile-supervised baseline scores tiles with a CNN: no feature bags, no MIL attention.
+            notes.append(f"{extractor} / {model}: no tile features and no instance attention; no heatmaps")
+            continue
         picked = pick_heatmap_slides(splits, run["fold"], usable, n, seed)
         if not picked:
             notes.append(f"{extractor} / {model}: no test slide with tiles in fold {run['fold']}")
