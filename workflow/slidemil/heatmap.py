@@ -38,7 +38,7 @@ from matplotlib import colormaps  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from scipy.stats import rankdata  # noqa: E402
 
-from .io import atomic_output, read_h5  # noqa: E402
+from .io import read_h5, save_png  # noqa: E402
 from .models import create_model  # noqa: E402
 from .slides import open_slide, read_rgb  # noqa: E402
 
@@ -281,8 +281,7 @@ def _draw(thumb, canvas, crops, top, top_coords, size0, scale, title, out_png) -
             ax.axis("off")
         fig.suptitle(title, fontsize=11)
         fig.tight_layout()
-        with atomic_output(out_png) as tmp:
-            fig.savefig(tmp, format="png")
+        save_png(fig, out_png)
     finally:
         plt.close(fig)
 

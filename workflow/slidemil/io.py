@@ -80,6 +80,12 @@ def read_h5(path: str | os.PathLike, names: tuple[str, ...] | None = None) -> tu
     return data, attrs
 
 
+def save_png(fig, path: str | os.PathLike, **savefig_kwargs) -> None:
+    """Save a matplotlib figure as PNG atomically (the caller still closes it)."""
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png", **savefig_kwargs)
+
+
 def write_csv(path: str | os.PathLike, frame: pd.DataFrame) -> None:
     with atomic_output(path) as tmp:
         frame.to_csv(tmp, index=False)

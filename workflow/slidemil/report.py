@@ -28,7 +28,7 @@ import pandas as pd  # noqa: E402
 from scipy.stats import rankdata  # noqa: E402
 from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
-from slidemil.io import atomic_output, write_csv, write_text  # noqa: E402
+from slidemil.io import save_png, write_csv, write_text  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -338,8 +338,7 @@ def plot_roc(
         ax.set_title(title, fontsize=10)
         ax.legend(loc="lower right", fontsize=8)
         fig.tight_layout()
-        with atomic_output(png) as tmp:
-            fig.savefig(tmp, format="png")
+        save_png(fig, png)
     finally:
         plt.close(fig)
 
@@ -363,8 +362,7 @@ def plot_history(folds: list[tuple[object, str | os.PathLike]], title: str, png:
         ax_auc.legend(fontsize=7, loc="lower right")
         fig.suptitle(title, fontsize=10)
         fig.tight_layout()
-        with atomic_output(png) as tmp:
-            fig.savefig(tmp, format="png")
+        save_png(fig, png)
     finally:
         plt.close(fig)
 
@@ -394,8 +392,7 @@ def plot_comparison(comparison: pd.DataFrame, png: str | os.PathLike) -> None:
             # Right of the axes, so it never hides an interval or the axis label.
             ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
         fig.tight_layout()
-        with atomic_output(png) as tmp:
-            fig.savefig(tmp, format="png", bbox_inches="tight")
+        save_png(fig, png, bbox_inches="tight")
     finally:
         plt.close(fig)
 

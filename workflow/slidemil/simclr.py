@@ -35,7 +35,7 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from .extractors import get_spec, variance_preserving_init, weights_digest
-from .io import atomic_output, write_csv
+from .io import atomic_output, save_png, write_csv
 from .splits import SplitError
 from .tilepool import TilePool, epoch_generator, normalizer, sample_slide_tiles
 from .train import resolve_device
@@ -282,8 +282,7 @@ def plot_loss(curve: pd.DataFrame, out_png: Path, title: str, chance: float | No
     ax.set(xlabel="step", ylabel="NT-Xent loss", title=title)
     ax.legend()
     fig.tight_layout()
-    with atomic_output(out_png) as tmp:
-        fig.savefig(tmp, format="png")
+    save_png(fig, out_png)
     plt.close(fig)
 
 
