@@ -82,12 +82,27 @@ def tiles_h5(slide):
     return f"{RESULTS}/tiles/{slide}.h5"
 
 
+def tiles_qc(slide):
+    return f"{RESULTS}/tiles/qc/{slide}.png"
+
+
+TILE_MANIFEST = f"{RESULTS}/tiles/manifest.csv"
+
+
 def features_h5(extractor, slide):
     return f"{RESULTS}/features/{extractor}/{slide}.h5"
 
 
-def extractor_features(wildcards):
+def feature_manifest(extractor):
+    return f"{RESULTS}/features/{extractor}/manifest.csv"
+
+
+def extractor_slide_features(wildcards):
     return [features_h5(wildcards.extractor, s) for s in SLIDES]
+
+
+def extractor_features(wildcards):
+    return feature_manifest(wildcards.extractor)
 
 
 TRAIN_FILES = ("model.pt", "history.csv", "predictions_slides.csv", "predictions_patients.csv")
@@ -135,9 +150,8 @@ def report_outputs():
 # ---- params: exactly the config slice that shapes each output ---------------
 
 
-def tiling_params(wildcards):
-    # on_error only decides what happens to unusable slides: changing it must not retile good ones.
-    return {k: v for k, v in config["tiling"].items() if k != "on_error"}
+# on_error only decides what happens to unusable slides: changing it must not retile good ones.
+TILING_PARAMS = {k: v for k, v in config["tiling"].items() if k != "on_error"}
 
 
 def slide_mpp_override(wildcards):
@@ -190,16 +204,12 @@ def report_checkpoints(wildcards):
 
 
 def report_features(wildcards):
-    return [features_h5(e, s) for e in EXTRACTORS for s in SLIDES]
+    return [feature_manifest(e) for e in EXTRACTORS]
 
 
 def report_tiles(wildcards):
     # Precomputed features come without tiling: no tiles, QC pictures or heatmaps.
-    return [] if PRECOMPUTED else [tiles_h5(s) for s in SLIDES]
-
-
-def report_qc(wildcards):
-    return [] if PRECOMPUTED else [f"{RESULTS}/tiles/qc/{s}.png" for s in SLIDES]
+    return [] if PRECOMPUTED else [TILE_MANIFEST]
 
 
 def report_histories_png():
@@ -266,6 +276,9 @@ def _simclr_backbones(extractor):
 def extractor_simclr_weights(wildcards):
     """The SimCLR backbone an extractor with weights "simclr" is loaded from (nothing for other weights)."""
     return _simclr_backbones(wildcards.extractor)
+
+
+USES_SIMCLR = any(_simclr_backbones(e) for e in EXTRACTORS)
 
 
 def tile_model_settings():

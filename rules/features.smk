@@ -1,3 +1,18 @@
+# Every slide's features in one list: the fold jobs and the report depend on this file, not on N files.
+rule feature_manifest:
+    input:
+        features=extractor_slide_features,
+    output:
+        f"{RESULTS}/features/{{extractor}}/manifest.csv",
+    localrule: True
+    conda:
+        "../envs/slidemil.yaml"
+    log:
+        f"{LOGS}/features/{{extractor}}/manifest.log",
+    script:
+        "../workflow/scripts/manifest.py"
+
+
 if PRECOMPUTED:
 
     # Features made elsewhere (CLAM/TRIDENT .h5 or .pt): normalised to our HDF5, no tiling.
@@ -19,9 +34,10 @@ else:
 
     rule extract_features:
         input:
-            slide=slide_path,
+            # No slide here: the tiles file names it, and an input function per job slows the DAG.
             tiles=f"{RESULTS}/tiles/{{slide}}.h5",
-            simclr=extractor_simclr_weights,
+            # An input function per job costs DAG time at 1,000s of slides: only when SimCLR is in use.
+            simclr=extractor_simclr_weights if USES_SIMCLR else [],
         output:
             f"{RESULTS}/features/{{extractor}}/{{slide}}.h5",
         params:

@@ -7,7 +7,6 @@ rule report:
         sheet=SHEET,
         features=report_features,
         tiles=report_tiles,
-        qc=report_qc,
     output:
         # The report(...) flags put the same figures into `snakemake --report`.
         html=report(

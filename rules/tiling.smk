@@ -3,10 +3,10 @@ rule tile_slide:
         slide=slide_path,
     output:
         h5=f"{RESULTS}/tiles/{{slide}}.h5",
-        qc=f"{RESULTS}/tiles/qc/{{slide}}.png",
+        qc=tiles_qc("{slide}"),
     params:
-        tiling=tiling_params,
-        mpp=slide_mpp_override,
+        tiling=TILING_PARAMS,
+        mpp=slide_mpp_override if SLIDE_MPPS else None,
     threads: 1
     conda:
         "../envs/slidemil.yaml"
@@ -14,3 +14,19 @@ rule tile_slide:
         f"{LOGS}/tiling/{{slide}}.log",
     script:
         "../workflow/scripts/tile_slide.py"
+
+
+# Every slide's tiles and QC picture in one list, for the report (one input instead of 2N).
+rule tile_manifest:
+    input:
+        tiles=[tiles_h5(s) for s in SLIDES],
+        qc=[tiles_qc(s) for s in SLIDES],
+    output:
+        f"{RESULTS}/tiles/manifest.csv",
+    localrule: True
+    conda:
+        "../envs/slidemil.yaml"
+    log:
+        f"{LOGS}/tiling/manifest.log",
+    script:
+        "../workflow/scripts/manifest.py"

@@ -70,9 +70,12 @@ RERUN_TABLE = [
     ("mil.settings.abmil", {"embed_dim": 256, "attn_dim": 128, "dropout": 0.25}, {"train": 2, "report": 1}),
     ("report.n_bootstrap", 300, {"report": 1}),
     ("splits.folds", 3, {"splits": 1, "train": 3, "report": 1}),
-    ("tiling.tile_px", 96, {"tile_slide": "N", "extract_features": "N", "train": 2, "report": 1}),
-    (f"features.settings.{EXTRACTOR}.input_px", 96, {"extract_features": "N", "train": 2, "report": 1}),
-    ("seed", 1, {"extract_features": "N", "splits": 1, "train": 2, "report": 1}),  # random weights are seeded
+    ("tiling.tile_px", 96, {"tile_slide": "N", "tile_manifest": 1, "extract_features": "N", "feature_manifest": 1,
+                            "train": 2, "report": 1}),
+    (f"features.settings.{EXTRACTOR}.input_px", 96,
+     {"extract_features": "N", "feature_manifest": 1, "train": 2, "report": 1}),
+    # random weights are seeded
+    ("seed", 1, {"extract_features": "N", "feature_manifest": 1, "splits": 1, "train": 2, "report": 1}),
     ("tiling.on_error", "fail", {}),
     ("compute.batch_size", 7, {}),
     ("compute.loader_workers", 2, {}),
@@ -102,7 +105,8 @@ def test_one_new_slide_runs_only_that_slide(tiny_sheet_run):
     pd.concat([sheet, new]).to_csv(cohort / "sheet_plus.csv", index=False)
     config = dict(base_config(tiny_sheet_run), samples=str(cohort / "sheet_plus.csv"))
     assert dry_run(tiny_sheet_run, config) == {
-        "tile_slide": 1, "extract_features": 1, "splits": 1, "train": 2, "report": 1}
+        "tile_slide": 1, "tile_manifest": 1, "extract_features": 1, "feature_manifest": 1, "splits": 1, "train": 2,
+        "report": 1}
     (tiny_sheet_run / "edited.yaml").write_text(yaml.safe_dump(config))
     proc = snakemake_cli(tiny_sheet_run, "-n", "--cores", "1", configfile="edited.yaml")
     assert "NEW-S1" in proc.stdout + proc.stderr

@@ -8,7 +8,7 @@ settings = dict(snakemake.params.extractor)
 weights = snakemake.input.simclr[0] if snakemake.input.simclr else settings["weights"]
 _step.run(
     extract_features,
-    snakemake.input.slide,
+    None,  # the slide the tiles file was cut from
     snakemake.input.tiles,
     snakemake.output[0],
     extractor=snakemake.wildcards.extractor,

@@ -5,6 +5,7 @@ import _step
 _step.start(snakemake)
 from slidemil.cohort import excluded_slides  # noqa: E402
 from slidemil.io import write_csv, write_text  # noqa: E402
+from slidemil.manifest import read_manifest  # noqa: E402
 from slidemil.report_page import build_report  # noqa: E402
 
 inp = snakemake.input
@@ -12,12 +13,10 @@ runs = [
     dict(run, predictions=pred, history=hist, checkpoint=ckpt)
     for run, pred, hist, ckpt in zip(snakemake.params.runs, inp.predictions, inp.histories, inp.checkpoints)
 ]
-# Files are named {slide}.h5 / .png and features sit in one folder per extractor.
-features = {}
-for path in inp.features:
-    features.setdefault(Path(path).parent.name, {})[Path(path).stem] = path
-tiles = {Path(p).stem: p for p in inp.tiles} or None
-qc = {Path(p).stem: p for p in inp.qc} or None
+# One manifest per extractor, in the folder named after it; one for the tiles and QC pictures.
+features = {Path(m).parent.name: read_manifest(m) for m in inp.features}
+tiles = read_manifest(inp.tiles[0]) if inp.tiles else None
+qc = read_manifest(inp.tiles[0], "qc") if inp.tiles else None
 out_dir = Path(snakemake.output.html).parent
 _step.run(
     build_report,
@@ -34,7 +33,7 @@ _step.run(
 )
 
 # Slides left out at tiling (broken, no mpp, no tissue) and why: a table and a section in summary.md.
-excluded = excluded_slides(inp.features).drop_duplicates("slide_id")
+excluded = excluded_slides([p for paths in features.values() for p in paths.values()]).drop_duplicates("slide_id")
 write_csv(out_dir / "excluded.csv", excluded)
 if len(excluded):
     md = out_dir / "summary.md"

@@ -3,9 +3,10 @@ from pathlib import Path
 import _step
 
 _step.start(snakemake)
+from slidemil.manifest import read_manifest  # noqa: E402
 from slidemil.train import train_fold  # noqa: E402
 
-features = {Path(p).stem: p for p in snakemake.input.features}
+features = read_manifest(snakemake.input.features)
 _step.run(
     train_fold,
     features=features,

@@ -80,7 +80,7 @@ def autocast_for(device: torch.device, precision: str):
 
 
 def extract_features(
-    slide_path: str,
+    slide_path: str | None,
     tiles_h5: str,
     out_h5: str,
     extractor: str = "resnet50_trunc",
@@ -102,8 +102,10 @@ def extract_features(
     ``device``, ``batch_size``, ``workers``, ``threads`` and ``torch_compile`` only change
     how fast they come.
     """
-    slide_id = slide_id or Path(slide_path).stem
     coords, tile_attrs = load_tiles(tiles_h5)
+    # The DAG passes no slide: the tiles file names the one it was cut from.
+    slide_path = slide_path or str(tile_attrs["slide_path"])
+    slide_id = slide_id or Path(slide_path).stem
     if tile_attrs.get("excluded"):
         return write_excluded_features(out_h5, slide_id, extractor, weights, input_px, dtype, tile_attrs)
     dev = resolve_device(device)
