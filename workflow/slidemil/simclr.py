@@ -37,7 +37,7 @@ from tqdm import tqdm
 from .extractors import get_spec, variance_preserving_init, weights_digest
 from .io import atomic_output, save_png, write_csv
 from .splits import SplitError
-from .tilepool import TilePool, epoch_generator, normalizer, sample_slide_tiles
+from .tilepool import TilePool, add_cli_arguments, cli_cohort, epoch_generator, normalizer, sample_slide_tiles
 from .train import resolve_device
 
 logger = logging.getLogger(__name__)
@@ -291,31 +291,17 @@ def plot_loss(curve: pd.DataFrame, out_png: Path, title: str, chance: float | No
 
 def main(argv=None) -> None:
     from .logs import setup_logging
-    from .sheet import load_sheet
 
     ap = argparse.ArgumentParser(prog="python -m slidemil.simclr", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sheet", required=True, help="sample sheet (slide_id, path, ...)")
-    ap.add_argument("--tiles-dir", required=True, help="folder of tiling outputs named {slide_id}.h5")
-    ap.add_argument("--splits", required=True, help="splits CSV; slides that are test in any fold are never read")
-    ap.add_argument("--out", required=True, help="output folder")
+    add_cli_arguments(ap, DEFAULT_SETTINGS)
     ap.add_argument("--arch", default="shufflenet_v2", choices=ARCHITECTURES)
-    ap.add_argument("--settings", type=json.loads, default={},
-                    help=f"settings as JSON; defaults: {json.dumps(DEFAULT_SETTINGS)}")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--workers", type=int, default=0)
-    ap.add_argument("--num-threads", type=int)
-    ap.add_argument("--log")
     args = ap.parse_args(argv)
     setup_logging(args.log)
-    sheet = load_sheet(args.sheet)
-    slides = dict(zip(sheet["slide_id"], sheet["path"]))
-    tiles = {s: str(Path(args.tiles_dir) / f"{s}.h5") for s in slides}
+    slides, tiles = cli_cohort(args)
     summary = pretrain_simclr(slides, tiles, args.splits, args.out, args.arch, args.settings, args.seed,
                               args.device, args.workers, args.num_threads)
     print(json.dumps({k: v for k, v in summary.items() if k != "slides"}, indent=2))
-
 
 if __name__ == "__main__":
     main()

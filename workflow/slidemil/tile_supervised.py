@@ -30,7 +30,8 @@ from tqdm import tqdm
 
 from .extractors import create_extractor, get_spec
 from .io import atomic_output, write_csv
-from .tilepool import SlideTiles, TilePool, epoch_generator, normalizer, sample_slide_tiles
+from .tilepool import (SlideTiles, TilePool, add_cli_arguments, cli_cohort, epoch_generator, normalizer,
+                       sample_slide_tiles)
 from .train import (
     N_CLASSES, Selection, auc_or_none, autocast, class_weights, patient_predictions, read_split,
     resolve_device, weighted_loss,
@@ -235,31 +236,17 @@ def train_tile_supervised(
 
 def main(argv=None) -> None:
     from .logs import setup_logging
-    from .sheet import load_sheet
 
     ap = argparse.ArgumentParser(prog="python -m slidemil.tile_supervised", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sheet", required=True, help="sample sheet (slide_id, path, ...)")
-    ap.add_argument("--tiles-dir", required=True, help="folder of tiling outputs named {slide_id}.h5")
-    ap.add_argument("--splits", required=True)
+    add_cli_arguments(ap, DEFAULT_SETTINGS)
     ap.add_argument("--fold", type=int, required=True)
-    ap.add_argument("--settings", type=json.loads, default={},
-                    help=f"settings as JSON; defaults: {json.dumps(DEFAULT_SETTINGS)}")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--workers", type=int, default=0)
-    ap.add_argument("--num-threads", type=int)
-    ap.add_argument("--log")
     args = ap.parse_args(argv)
     setup_logging(args.log)
-    sheet = load_sheet(args.sheet)
-    slides = dict(zip(sheet["slide_id"], sheet["path"]))
-    tiles = {s: str(Path(args.tiles_dir) / f"{s}.h5") for s in slides}
+    slides, tiles = cli_cohort(args)
     summary = train_tile_supervised(slides, tiles, args.splits, args.fold, args.settings, args.seed, args.out,
                                     args.device, args.workers, args.num_threads)
     print(json.dumps(summary, indent=2))
-
 
 if __name__ == "__main__":
     main()

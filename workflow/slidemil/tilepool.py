@@ -131,3 +131,34 @@ def normalizer(device: torch.device):
         return x.contiguous(memory_format=torch.channels_last)
 
     return normalize
+
+
+# --------------------------------------------------------------------------- shared CLI of the pixel stages
+
+
+def add_cli_arguments(ap, defaults: dict) -> None:
+    """Arguments every stage that trains on tiles takes (simclr, tile_supervised)."""
+    import json
+
+    ap.add_argument("--sheet", required=True, help="sample sheet (slide_id, path, ...)")
+    ap.add_argument("--tiles-dir", required=True, help="folder of tiling outputs named {slide_id}.h5")
+    ap.add_argument("--splits", required=True, help="splits CSV; slides that are test in any fold are never read")
+    ap.add_argument("--out", required=True, help="output folder")
+    ap.add_argument("--settings", type=json.loads, default={}, help=f"settings as JSON; defaults: {json.dumps(defaults)}")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--num-threads", type=int)
+    ap.add_argument("--log")
+
+
+def cli_cohort(args) -> tuple[dict[str, str], dict[str, str]]:
+    """(slide_id -> slide file, slide_id -> tiles file) from --sheet and --tiles-dir."""
+    from pathlib import Path
+
+    from .sheet import load_sheet
+
+    sheet = load_sheet(args.sheet)
+    slides = dict(zip(sheet["slide_id"], sheet["path"]))
+    return slides, {s: str(Path(args.tiles_dir) / f"{s}.h5") for s in slides}
+
