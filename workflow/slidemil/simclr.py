@@ -37,7 +37,8 @@ from tqdm import tqdm
 from .extractors import get_spec, variance_preserving_init, weights_digest
 from .io import atomic_output, save_png, write_csv
 from .splits import SplitError
-from .tilepool import TilePool, add_cli_arguments, cli_cohort, epoch_generator, normalizer, sample_slide_tiles
+from .tilepool import (TilePool, add_cli_arguments, cli_cohort, epoch_generator, merge_settings, normalizer,
+                       sample_slide_tiles)
 from .train import resolve_device
 
 logger = logging.getLogger(__name__)
@@ -60,21 +61,11 @@ CHECKPOINT = "checkpoint.pt"
 
 
 def resolve_settings(settings: dict | None) -> dict:
-    settings = dict(settings or {})
-    unknown = sorted(set(settings) - set(DEFAULT_SETTINGS))
-    if unknown:
-        raise ValueError(f"unknown simclr setting(s) {', '.join(unknown)}; known: {', '.join(DEFAULT_SETTINGS)}")
-    cfg = {**DEFAULT_SETTINGS, **settings}
-    for key in ("epochs", "batch_size", "input_px", "proj_dim"):
-        if not isinstance(cfg[key], int) or cfg[key] < 1:
-            raise ValueError(f"simclr.{key} must be a positive integer, got {cfg[key]!r}")
+    cfg = merge_settings("simclr", settings, DEFAULT_SETTINGS, positive=("epochs", "batch_size", "input_px", "proj_dim"),
+                         optional_positive=("tiles_per_slide",),
+                         floats=("temperature", "lr", "weight_decay", "color_strength", "min_crop_scale"))
     if cfg["batch_size"] < 2:
         raise ValueError("simclr.batch_size must be at least 2: the other tiles of a batch are the negatives")
-    if cfg["tiles_per_slide"] is not None and (not isinstance(cfg["tiles_per_slide"], int) or cfg["tiles_per_slide"] < 1):
-        raise ValueError(f"simclr.tiles_per_slide must be null or a positive integer, got {cfg['tiles_per_slide']!r}")
-    for key in ("temperature", "lr", "weight_decay", "color_strength", "min_crop_scale"):
-        cfg[key] = float(cfg[key])
-    cfg["betas"] = [float(b) for b in cfg["betas"]]
     return cfg
 
 

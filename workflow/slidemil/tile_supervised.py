@@ -30,8 +30,8 @@ from tqdm import tqdm
 
 from .extractors import create_extractor, get_spec
 from .io import atomic_output, write_csv
-from .tilepool import (SlideTiles, TilePool, add_cli_arguments, cli_cohort, epoch_generator, normalizer,
-                       sample_slide_tiles)
+from .tilepool import (SlideTiles, TilePool, add_cli_arguments, cli_cohort, epoch_generator, merge_settings,
+                       normalizer, sample_slide_tiles)
 from .train import (
     N_CLASSES, Selection, auc_or_none, autocast, class_weights, patient_predictions, read_split,
     resolve_device, weighted_loss,
@@ -57,21 +57,11 @@ ARCHITECTURES = ("shufflenet_v2", "resnet18")
 
 
 def resolve_settings(settings: dict | None) -> dict:
-    settings = dict(settings or {})
-    unknown = sorted(set(settings) - set(DEFAULT_SETTINGS))
-    if unknown:
-        raise ValueError(f"unknown tile_supervised setting(s) {', '.join(unknown)}; known: {', '.join(DEFAULT_SETTINGS)}")
-    cfg = {**DEFAULT_SETTINGS, **settings}
+    cfg = merge_settings("tile_supervised", settings, DEFAULT_SETTINGS,
+                         positive=("input_px", "epochs", "patience", "batch_size"),
+                         optional_positive=("tiles_per_slide", "eval_tiles_per_slide"), floats=("lr", "weight_decay"))
     if cfg["arch"] not in ARCHITECTURES:
         raise ValueError(f"tile_supervised.arch must be one of {', '.join(ARCHITECTURES)}, got {cfg['arch']!r}")
-    for key in ("input_px", "epochs", "patience", "batch_size"):
-        if not isinstance(cfg[key], int) or cfg[key] < 1:
-            raise ValueError(f"tile_supervised.{key} must be a positive integer, got {cfg[key]!r}")
-    for key in ("tiles_per_slide", "eval_tiles_per_slide"):
-        if cfg[key] is not None and (not isinstance(cfg[key], int) or cfg[key] < 1):
-            raise ValueError(f"tile_supervised.{key} must be null or a positive integer, got {cfg[key]!r}")
-    cfg["lr"], cfg["weight_decay"] = float(cfg["lr"]), float(cfg["weight_decay"])
-    cfg["betas"] = [float(b) for b in cfg["betas"]]
     return cfg
 
 

@@ -133,6 +133,33 @@ def normalizer(device: torch.device):
     return normalize
 
 
+# --------------------------------------------------------------------------- shared settings and CLI of the pixel stages
+
+
+def merge_settings(stage: str, settings: dict | None, defaults: dict, positive: tuple[str, ...],
+                   optional_positive: tuple[str, ...], floats: tuple[str, ...]) -> dict:
+    """``defaults`` updated by ``settings``, refusing unknown keys and checking the types a stage needs.
+
+    ``positive``: positive integers; ``optional_positive``: null or positive integers; ``floats`` and
+    ``betas`` are converted to float (a YAML ``0`` or ``1`` arrives as an int).
+    """
+    settings = dict(settings or {})
+    unknown = sorted(set(settings) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown {stage} setting(s) {', '.join(unknown)}; known: {', '.join(defaults)}")
+    cfg = {**defaults, **settings}
+    for key in positive:
+        if not isinstance(cfg[key], int) or cfg[key] < 1:
+            raise ValueError(f"{stage}.{key} must be a positive integer, got {cfg[key]!r}")
+    for key in optional_positive:
+        if cfg[key] is not None and (not isinstance(cfg[key], int) or cfg[key] < 1):
+            raise ValueError(f"{stage}.{key} must be null or a positive integer, got {cfg[key]!r}")
+    for key in floats:
+        cfg[key] = float(cfg[key])
+    cfg["betas"] = [float(b) for b in cfg["betas"]]
+    return cfg
+
+
 # --------------------------------------------------------------------------- shared CLI of the pixel stages
 
 

@@ -95,6 +95,7 @@ class PPEG(nn.Module):
         return out
 
 
+@register_model("transmil")
 class TransMIL(nn.Module):
     def __init__(
         self,
@@ -132,15 +133,3 @@ class TransMIL(nn.Module):
             "head_attention": head_attention,
             "embedding": embedding,
         }
-
-
-@register_model("transmil")
-def transmil(
-    in_dim: int,
-    n_classes: int = 2,
-    embed_dim: int = 512,
-    n_heads: int = 8,
-    dropout: float = 0.25,
-    attn_dropout: float = 0.1,
-) -> TransMIL:
-    return TransMIL(in_dim, n_classes, embed_dim, n_heads, dropout, attn_dropout)

@@ -25,6 +25,7 @@ from .abmil import AttentionPool
 VARIANCE_N = ("real", "nonzero")
 
 
+@register_model("varmil")
 class VarMIL(nn.Module):
     def __init__(
         self,
@@ -74,16 +75,3 @@ def _init_he(module: nn.Module) -> None:
         nn.init.kaiming_normal_(module.weight)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
-
-
-@register_model("varmil")
-def varmil(
-    in_dim: int,
-    n_classes: int = 2,
-    embed_dim: int | None = None,
-    attn_dim: int = 128,
-    dropout: float = 0.0,
-    gated: bool = False,
-    variance_n: str = "real",
-) -> VarMIL:
-    return VarMIL(in_dim, n_classes, embed_dim, attn_dim, dropout, gated, variance_n)
