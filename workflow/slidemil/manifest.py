@@ -16,18 +16,15 @@ import os
 from pathlib import Path
 
 import h5py
+import numpy as np
 import pandas as pd
 
 from .byof import FeatureFileError
-from .cohort import feature_file_facts, tiles_candidates
+from .cohort import _text, feature_file_facts
 from .io import write_csv
 
 FEATURE_COLUMNS = ["slide_id", "path", "n_tiles", "excluded", "extractor", "weights_digest"]
 TILE_COLUMNS = ["slide_id", "path", "qc", "n_tiles", "n_candidates"]
-
-
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else ("" if value is None else str(value))
 
 
 def _slide_ids(paths: list[str]) -> list[str]:
@@ -46,7 +43,7 @@ def feature_manifest(paths: list[str], out_csv: str | os.PathLike) -> pd.DataFra
     for slide, path in zip(_slide_ids(paths), paths):
         n, reason = feature_file_facts(path)
         with h5py.File(path, "r") as f:
-            extractor, digest = _text(f.attrs.get("extractor")), _text(f.attrs.get("weights_digest"))
+            extractor, digest = _text(f.attrs.get("extractor", "")), _text(f.attrs.get("weights_digest", ""))
             # Imported features (slidemil.byof) carry a digest of each source file, not of the weights.
             if f.attrs.get("source") is not None:
                 digest = ""
@@ -73,8 +70,9 @@ def tile_manifest(paths: list[str], qc: list[str], out_csv: str | os.PathLike) -
     for k, (slide, path) in enumerate(zip(_slide_ids(paths), paths)):
         with h5py.File(path, "r") as f:
             n = int(f["coords"].shape[0]) if "coords" in f else 0
+            candidates = f.attrs.get("n_candidates")
         rows.append({"slide_id": slide, "path": str(path), "qc": str(qc[k]) if qc else "",
-                     "n_tiles": n, "n_candidates": tiles_candidates(path)})
+                     "n_tiles": n, "n_candidates": float(candidates) if candidates is not None else np.nan})
     table = pd.DataFrame(rows, columns=TILE_COLUMNS)
     write_csv(out_csv, table)
     return table
