@@ -109,16 +109,18 @@ BLOCK = 4096
 
 
 def make_large_slide(path: str | os.PathLike, blocks: int = 10, mpp: float = 0.25, seed: int = 0,
-                     jpeg_quality: int = 90) -> Path:
-    """A ``blocks * 4096`` px square Aperio-style pyramidal TIFF, made without holding it in memory.
+                     jpeg_quality: int = 90, source: str | os.PathLike | None = None) -> Path:
+    """A square Aperio-style pyramidal TIFF of ``blocks`` x ``blocks`` blocks, made without holding it in memory.
 
-    One demo slide of 4096 x 4096 px is rendered and laid out as a mosaic: two
-    thirds of the blocks are that slide (each in one of 8 flips/rotations), the
-    rest is blank glass, so the tissue mask has real work to do. Levels are
-    written tile by tile from strips, so memory stays near 100 MB for a 40k slide.
+    One block (a rendered 4096 px demo slide, or with ``source`` the largest top-left
+    square of that real slide's level 0 whose side is a multiple of 1024 px) is laid out
+    as a mosaic: two thirds of the blocks are that image (each in one of 8 flips/rotations),
+    the rest is blank glass, so the tissue mask has real work to do. Levels are written
+    tile by tile from strips, so memory stays near 100 MB for a 40k slide.
     Reused when the file exists.
     """
     import cv2
+    import openslide
     import tifffile
 
     from slidemil.demo import render_slide
@@ -126,9 +128,15 @@ def make_large_slide(path: str | os.PathLike, blocks: int = 10, mpp: float = 0.2
     path = Path(path)
     if path.is_file():
         return path
-    rgb, _, _ = render_slide("bench-large", 1, seed, (BLOCK, BLOCK))
+    if source is None:
+        rgb, _, _ = render_slide("bench-large", 1, seed, (BLOCK, BLOCK))
+    else:
+        real = openslide.OpenSlide(str(source))
+        side = min(real.dimensions) // 1024 * 1024
+        rgb = np.ascontiguousarray(np.asarray(real.read_region((0, 0), 0, (side, side)).convert("RGB")))
+    block = rgb.shape[0]
     n_levels, down = 4, 4
-    size0 = blocks * BLOCK
+    size0 = blocks * block
     pyramid = [rgb]
     for _ in range(n_levels - 1):
         prev = pyramid[-1]
@@ -146,7 +154,7 @@ def make_large_slide(path: str | os.PathLike, blocks: int = 10, mpp: float = 0.2
 
     def level_data(level: int, tile: int = 256):
         """The whole level when small, else its tiles in row-major order built from one strip at a time."""
-        bs, width = BLOCK // down**level, size0 // down**level
+        bs, width = block // down**level, size0 // down**level
         if width <= BLOCK:
             return np.concatenate([np.concatenate([block_at(level, bi, bj) for bj in range(blocks)], axis=1)
                                    for bi in range(blocks)], axis=0)
@@ -184,7 +192,8 @@ if __name__ == "__main__":
     ap.add_argument("out", nargs="?", default="/tmp/slidemil-bench/large.tiff")
     ap.add_argument("--blocks", type=int, default=10)
     ap.add_argument("--mpp", type=float, default=0.25)
+    ap.add_argument("--source", help="a real slide whose level-0 pixels make the blocks (default: a demo slide)")
     a = ap.parse_args()
     t0 = time.perf_counter()
-    p = make_large_slide(a.out, a.blocks, a.mpp)
+    p = make_large_slide(a.out, a.blocks, a.mpp, source=a.source)
     print(p, f"{time.perf_counter() - t0:.1f}s")

@@ -4,11 +4,14 @@ For each slide it reports
 - how many regions tiling decodes at the tile level (full resolution) against the
   grid, the coarse-mask candidates and the kept tiles: background is never decoded
   at full resolution when that count equals the number of candidates;
-- interleaved wall times (A, B, C, A, B, C, ...) of
-  A ``tile_slide`` (mask, reading and judging every candidate, writing the HDF5; no QC picture),
+- interleaved wall times (A, B, C, D, A, B, C, D, ...) of
+  A ``tile_slide`` (mask, brightness pre-check, reading and judging the remaining candidates, writing
+    the HDF5; no QC picture),
   B ``read_region`` + ``np.asarray`` of the kept tiles only (same level, size, threads),
-  C the same plain read of every candidate (the tiles tiling must look at);
-- ratios of medians: kept tiles per second of A over B, and candidates per second of A over C.
+  C the same plain read of every candidate,
+  D ``tile_slide`` with ``precheck_brightness: false`` (every candidate read and judged);
+- ratios of medians: kept tiles per second of A over B (the target), candidates per second of
+  D over C (what tiling adds to OpenSlide's decoding), and whether A and D keep the same tiles.
 
     python bench/tiling.py                                   # CMU-1-Small-Region + a 40,960 px generated slide
     python bench/tiling.py --slides /path/a.svs --threads 1 2 --repeats 5
@@ -31,19 +34,27 @@ import slidemil.tiling as tiling
 
 
 def count_reads(slide_path: str, out_h5: str, params: dict) -> dict:
-    """Run tile_slide once, recording every region it decodes (level and size)."""
+    """Run tile_slide once, recording every region it decodes (level and size; the thumbnail as "thumbnail")."""
     reads = []
-    original = tiling.read_rgb
+    originals = tiling.read_rgb, tiling.read_gray, tiling.read_thumbnail
 
-    def counting(slide, path, location, level, size):
-        reads.append((level, size[0] * size[1]))
-        return original(slide, path, location, level, size)
+    def counted(read):
+        def counting(slide, path, location, level, size):
+            reads.append((level, size[0] * size[1]))
+            return read(slide, path, location, level, size)
+        return counting
 
-    tiling.read_rgb = counting
+    def counting_thumbnail(slide, path):
+        img = originals[2](slide, path)
+        reads.append(("thumbnail", img.shape[0] * img.shape[1]))
+        return img
+
+    tiling.read_rgb, tiling.read_gray, tiling.read_thumbnail = counted(originals[0]), counted(originals[1]), \
+        counting_thumbnail
     try:
         summary = tiling.tile_slide(slide_path, out_h5, None, params)
     finally:
-        tiling.read_rgb = original
+        tiling.read_rgb, tiling.read_gray, tiling.read_thumbnail = originals
     level = summary["level"]
     at_level = [px for lv, px in reads if lv == level]
     coarse = [px for lv, px in reads if lv != level]
@@ -70,9 +81,9 @@ def per_tile_costs(path: str, coords: np.ndarray, level: int, read_px: int, para
 
     p = tiling.TilingParams.from_dict(params)
     slide = openslide.OpenSlide(path)
-    steps: dict[str, list[float]] = {"read_region": [], "to_rgb_array": [], "resize": [], "is_tissue": []}
+    steps: dict[str, list[float]] = {"read_region": [], "to_gray_array": [], "resize": [], "is_tissue": []}
 
-    class Ready:  # hands read_rgb the region already read, so its conversion is timed alone
+    class Ready:  # hands read_gray the region already read, so its conversion is timed alone
         def read_region(self, *_):
             return region
 
@@ -80,13 +91,13 @@ def per_tile_costs(path: str, coords: np.ndarray, level: int, read_px: int, para
         t0 = time.perf_counter()
         region = slide.read_region((int(xy[0]), int(xy[1])), level, (read_px, read_px))
         t1 = time.perf_counter()
-        tile = tiling.read_rgb(Ready(), path, (0, 0), level, (read_px, read_px))
+        gray = tiling.read_gray(Ready(), path, (0, 0), level, (read_px, read_px))
         t2 = time.perf_counter()
         if read_px != p.tile_px:
-            tile = cv2.resize(tile, (p.tile_px, p.tile_px),
+            gray = cv2.resize(gray, (p.tile_px, p.tile_px),
                               interpolation=cv2.INTER_AREA if read_px > p.tile_px else cv2.INTER_LINEAR)
         t3 = time.perf_counter()
-        tiling.is_tissue(tile, p)
+        tiling.is_tissue_gray(gray, p)
         t4 = time.perf_counter()
         for k, v in zip(steps, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
             steps[k].append(v * 1e3)
@@ -98,16 +109,23 @@ def bench_slide(path: str, threads_list: list[int], repeats: int, params: dict, 
     reads = count_reads(path, out, params)
     kept, attrs = tiling.load_tiles(out)
     level, read_px = int(attrs["level"]), int(attrs["read_px"])
+    unchecked = {**params, "precheck_brightness": False}
+    out_unchecked = str(tmp / "tiles-unchecked.h5")
+    tiling.tile_slide(path, out_unchecked, None, unchecked)
+    same_tiles = bool(np.array_equal(kept, tiling.load_tiles(out_unchecked)[0]))
     # The candidates, as tiling computes them (mask only; no pixel reads at full resolution).
     candidates = _candidates(path, params)
     assert len(candidates) == reads["n_candidates"]
     result = {"slide": path, "dimensions": openslide.OpenSlide(path).dimensions, "reads": reads,
+              "same_tiles_without_precheck": same_tiles,
               "per_candidate_ms": per_tile_costs(path, candidates, level, read_px, params), "runs": []}
     for threads in threads_list:
         times = interleaved({
             "tiling": lambda: tiling.tile_slide(path, out, None, params, threads=threads),
             "read_kept": lambda: plain_read(path, kept, level, read_px, threads),
             "read_candidates": lambda: plain_read(path, candidates, level, read_px, threads),
+            "tiling_without_precheck": lambda: tiling.tile_slide(path, out_unchecked, None, unchecked,
+                                                                 threads=threads),
         }, repeats)
         med = {k: median(v) for k, v in times.items()}
         result["runs"].append({
@@ -117,9 +135,11 @@ def bench_slide(path: str, threads_list: list[int], repeats: int, params: dict, 
             "kept_tiles_per_s": {"tiling": round(len(kept) / med["tiling"], 1),
                                  "plain_read": round(len(kept) / med["read_kept"], 1)},
             "ratio_kept": round(med["read_kept"] / med["tiling"], 3),
-            "candidates_per_s": {"tiling": round(len(candidates) / med["tiling"], 1),
+            "kept_tiles_per_s_without_precheck": round(len(kept) / med["tiling_without_precheck"], 1),
+            "ratio_kept_without_precheck": round(med["read_kept"] / med["tiling_without_precheck"], 3),
+            "candidates_per_s": {"tiling_without_precheck": round(len(candidates) / med["tiling_without_precheck"], 1),
                                  "plain_read": round(len(candidates) / med["read_candidates"], 1)},
-            "ratio_candidates": round(med["read_candidates"] / med["tiling"], 3),
+            "ratio_candidates": round(med["read_candidates"] / med["tiling_without_precheck"], 3),
         })
     return result
 

@@ -5,6 +5,7 @@ import pytest
 
 from slidemil.demo import make_slide
 from slidemil.slides import SlideError, open_slide, pick_level
+import slidemil.tiling as tiling
 from slidemil.tiling import TilingParams, is_tissue, load_tiles, tile_slide
 
 
@@ -135,11 +136,107 @@ def test_integer_tissue_rule_decides_like_the_float_rule():
         tile = np.clip(rng.integers(0, 256, 3) + rng.normal(0, amp, (256, 256, 3)), 0, 255).astype(np.uint8)
         if i % 3 == 0:
             tile = cv2.GaussianBlur(tile, (0, 0), 1 + i % 4)
-        p = TilingParams(sobel_threshold=float(rng.uniform(2, 50)), bright_threshold=int(rng.integers(120, 250)),
+        # Thresholds on both sides of 127.5, where the rule switches from uint8 to int32 magnitudes.
+        p = TilingParams(sobel_threshold=float(rng.uniform(2, 50) if i % 4 else rng.uniform(120, 200)),
+                         bright_threshold=int(rng.integers(120, 250)),
                          max_flat_fraction=float(rng.uniform(0.2, 0.9)), max_bright_fraction=float(rng.uniform(0.2, 0.8)))
         assert is_tissue(tile, p) == _is_tissue_float(tile, p), i
         decisions.append(is_tissue(tile, p))
     assert 0.1 < np.mean(decisions) < 0.9  # both outcomes were exercised
+
+
+def _tile_with_reads(monkeypatch, path, out, params):
+    """tile_slide, returning the (level, width, height) of every region it decoded and its tiles file."""
+    reads = []
+    for name in ("read_rgb", "read_gray"):
+        original = getattr(tiling, name)
+
+        def counting(slide, p, location, level, size, original=original):
+            reads.append((level, *size))
+            return original(slide, p, location, level, size)
+        monkeypatch.setattr(tiling, name, counting)
+    tile_slide(str(path), str(out), None, params)
+    monkeypatch.undo()
+    return reads, load_tiles(str(out))
+
+
+@pytest.mark.parametrize("mpp, power, expected_px", [(0.5, 20, 16), (0.25, 40, 32)])
+def test_brightness_precheck_skips_white_candidates_and_keeps_the_same_tiles(tmp_path, monkeypatch, mpp, power,
+                                                                            expected_px):
+    path = tmp_path / "s.tiff"
+    make_slide(str(path), label=1, seed=3, slide_px=(4096, 4096), mpp=mpp, objective_power=power)
+    reads_on, (kept_on, attrs_on) = _tile_with_reads(monkeypatch, path, tmp_path / "on.h5", {})
+    reads_off, (kept_off, attrs_off) = _tile_with_reads(monkeypatch, path, tmp_path / "off.h5",
+                                                        {"precheck_brightness": False})
+    np.testing.assert_array_equal(kept_on, kept_off)
+    assert attrs_on["n_candidates"] == attrs_off["n_candidates"] == attrs_off["n_read"]
+    assert attrs_on["n_tiles"] <= attrs_on["n_read"] < attrs_on["n_candidates"]
+    tile_reads = [r for r in reads_on if r[0] == attrs_on["level"] and r[1] == attrs_on["read_px"]]
+    assert len(tile_reads) == attrs_on["n_read"]
+    # Besides tiles, only whole levels are decoded, each at most once (mask and pre-check share one
+    # when it suits both), and the finest of them has the expected pixels per grid cell.
+    overview = [r for r in reads_on if r not in tile_reads]
+    slide = openslide.OpenSlide(str(path))
+    assert overview and all(tuple(r[1:]) == slide.level_dimensions[r[0]] for r in overview)
+    assert len(set(overview)) == len(overview)
+    check_level = min(r[0] for r in overview)
+    assert attrs_on["tile_size_level0"] / slide.level_downsamples[check_level] == pytest.approx(expected_px, rel=0.02)
+
+
+def test_slide_without_pyramid_uses_its_thumbnail_not_a_whole_decode(shared_slides, tmp_path, monkeypatch):
+    """CMU-1-Small-Region has one level; its Aperio thumbnail serves the mask and the pre-check."""
+    path = shared_slides / "CMU-1-Small-Region.svs"
+    reads, (kept, attrs) = _tile_with_reads(monkeypatch, path, tmp_path / "on.h5", {})
+    assert {r[1:] for r in reads} == {(257, 257)}  # tiles only: level 0 was never decoded whole
+    assert attrs["n_tiles"] <= attrs["n_read"] < attrs["n_candidates"]
+    # The same tiles as the rule applied to every candidate of a full-resolution mask.
+    monkeypatch.setattr(tiling, "overview_sources", lambda slide: {0: 1.0})
+    _, (kept_full, attrs_full) = _tile_with_reads(monkeypatch, path, tmp_path / "full.h5",
+                                                  {"precheck_brightness": False})
+    np.testing.assert_array_equal(kept, kept_full)
+    assert attrs_full["n_candidates"] == attrs["n_candidates"]
+
+
+class _FakeSlide:
+    def __init__(self, dims, downsamples, props):
+        self.dimensions, self.level_downsamples, self.properties = dims, downsamples, props
+
+
+def test_overview_sources_trust_only_an_aperio_thumbnail_of_the_scanned_area():
+    props = {"openslide.vendor": "aperio", "openslide.associated.thumbnail.width": "574",
+             "openslide.associated.thumbnail.height": "768"}
+    sources = tiling.overview_sources(_FakeSlide((2220, 2967), (1.0,), props))
+    assert sources[0] == 1.0 and sources["thumbnail"] == pytest.approx(3.866, abs=1e-3)
+    # A macro photo of the whole glass has another shape; other vendors' thumbnails are not trusted.
+    wide = {**props, "openslide.associated.thumbnail.width": "1280"}
+    assert "thumbnail" not in tiling.overview_sources(_FakeSlide((2220, 2967), (1.0,), wide))
+    other = {**props, "openslide.vendor": "hamamatsu"}
+    assert "thumbnail" not in tiling.overview_sources(_FakeSlide((2220, 2967), (1.0,), other))
+
+
+def test_precheck_overview_is_fine_enough_and_cheap_enough():
+    pyramid = {0: 1.0, 1: 4.0, 2: 16.0, 3: 64.0}
+    dims = (40960, 40960)
+    # 40x slide, 512 px cells: level 2 gives exactly 32 px per cell.
+    assert tiling.pick_check_source(pyramid, dims, 512, 1600 * 512 ** 2) == 2
+    # 20x slide, 256 px cells: level 1 (64 px) and level 2 (16 px) are as far from 32; the cheaper wins.
+    assert tiling.pick_check_source(pyramid, dims, 256, 1600 * 256 ** 2) == 2
+    # Too few candidates for any overview to pay for itself.
+    assert tiling.pick_check_source(pyramid, dims, 512, 4 * 512 ** 2) is None
+    # Only level 0 and a coarse level: nothing between 16 px per cell and a whole-slide decode.
+    assert tiling.pick_check_source({0: 1.0, 1: 64.0}, dims, 512, 1600 * 512 ** 2) is None
+    assert tiling.pick_source(pyramid, 64.0) == 3 and tiling.pick_source(pyramid, 63.9) == 2
+    assert tiling.pick_source({0: 1.0, "thumbnail": 3.87}, 32.0) == "thumbnail"
+
+
+def test_precheck_setting_must_be_a_boolean(tmp_path):
+    with pytest.raises(ValueError, match="precheck_brightness"):
+        TilingParams.from_dict({"precheck_brightness": "no"})
+    path = tmp_path / "s.tiff"
+    make_slide(str(path), label=0, seed=1, slide_px=(1024, 1024))
+    tiling.main([str(path), "--out", str(tmp_path / "t.h5"), "--precheck-brightness", "false"])
+    attrs = load_tiles(str(tmp_path / "t.h5"))[1]
+    assert attrs["n_read"] == attrs["n_candidates"]
 
 
 def test_transparent_pixels_read_as_white(tmp_path):
@@ -154,3 +251,8 @@ def test_transparent_pixels_read_as_white(tmp_path):
     assert (rgb[256:, :] == 255).all() and (rgb[:, 256:] == 255).all()
     inside = np.asarray(slide.read_region((256, 256), 0, (256, 256)))[..., :3]
     np.testing.assert_array_equal(rgb[:256, :256], inside)
+
+    from slidemil.slides import read_gray
+
+    gray = read_gray(slide, path, (256, 256), 0, (512, 512))
+    np.testing.assert_array_equal(gray, cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY))

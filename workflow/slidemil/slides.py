@@ -38,12 +38,39 @@ def open_slide(path: str | os.PathLike) -> openslide.OpenSlide:
 
 def read_rgb(slide: openslide.OpenSlide, path, location, level: int, size) -> np.ndarray:
     """Read a region as an RGB uint8 array; pixel-decoding failures name the slide."""
+    return rgba_to_rgb(_read_rgba(slide, path, location, level, size))
+
+
+def read_gray(slide: openslide.OpenSlide, path, location, level: int, size) -> np.ndarray:
+    """Read a region as a gray uint8 array (transparent pixels white), without an RGB copy in between."""
+    rgba = _read_rgba(slide, path, location, level, size)
+    gray = cv2.cvtColor(rgba, cv2.COLOR_RGBA2GRAY)
+    alpha = cv2.extractChannel(rgba, 3)
+    if cv2.countNonZero(alpha) < alpha.size:
+        gray[alpha == 0] = 255
+    return gray
+
+
+def _read_rgba(slide: openslide.OpenSlide, path, location, level: int, size) -> np.ndarray:
     try:
         region = slide.read_region(location, level, size)
     except openslide.OpenSlideError as err:
         raise SlideError(f"{path}: reading pixels at level {level}, {location} failed ({err}); "
                          "the file is probably corrupt: re-export or re-copy it") from err
-    rgba = np.asarray(region)
+    return np.asarray(region)
+
+
+def read_thumbnail(slide: openslide.OpenSlide, path) -> np.ndarray:
+    """The slide's associated 'thumbnail' image as RGB uint8."""
+    try:
+        image = slide.associated_images["thumbnail"]
+    except (KeyError, openslide.OpenSlideError) as err:
+        raise SlideError(f"{path}: reading the slide's thumbnail image failed ({err}); "
+                         "the file is probably corrupt: re-export or re-copy it") from err
+    return rgba_to_rgb(np.asarray(image if image.mode == "RGBA" else image.convert("RGBA")))
+
+
+def rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
     rgb = cv2.cvtColor(rgba, cv2.COLOR_RGBA2RGB)
     # Transparent (outside-the-scan) pixels come back as zeros: paint them white, i.e. background.
     # Most regions are fully opaque; counting first skips the costly masked write for them.

@@ -1,16 +1,21 @@
 """Stage 1: tile a slide on a grid in physical units and drop the background.
 
-Two passes, so background is never decoded at full resolution:
+Background is never decoded at full resolution:
 1. a coarse tissue mask (Otsu on HSV saturation) from a low-resolution level
    selects candidate grid cells;
-2. only candidates are read at the target resolution and judged by the
-   per-tile rule of DeepSMILE / Fu et al. 2020 (brightness and Sobel gradient).
+2. candidates that are mostly white on a finer overview (about 32 px per grid
+   cell) fail the rule's brightness half there and are not read;
+3. the rest are read at the target resolution and judged by the per-tile rule
+   of DeepSMILE / Fu et al. 2020 (brightness and Sobel gradient).
+The overviews come from the pyramid, or from an Aperio slide's thumbnail image
+when it has no pyramid, so a slide's level 0 is decoded only where it is read.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import textwrap
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -18,15 +23,22 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import openslide
 from tqdm import tqdm
 
 from .io import atomic_output, read_h5, write_h5
 from .logs import setup_logging
-from .slides import SlideError, open_slide, pick_level, read_rgb, slide_mpp
+from .slides import SlideError, open_slide, pick_level, read_gray, read_rgb, read_thumbnail, slide_mpp
 
 logger = logging.getLogger(__name__)
 
 MASK_PX_PER_TILE = 8  # mask resolution: each grid cell spans about 8 x 8 mask pixels
+# The brightness pre-check counts white pixels on an overview with about 32 x 32 pixels per grid cell
+# (closer to the tile's own count than the mask's 8 x 8, where averaging hides white between cells),
+# never fewer than 16, and only when that overview decodes at most a quarter of the candidates' pixels.
+CHECK_PX_PER_TILE = 32
+CHECK_MIN_PX_PER_TILE = 16
+CHECK_MAX_COST = 0.25
 QC_MAX_PX = 1024
 ON_ERROR = ("exclude", "fail")
 
@@ -41,6 +53,7 @@ class TilingParams:
     max_flat_fraction: float = 0.6         # kept only if fewer than this fraction is flat
     mask_min_saturation: int = 15          # floor for the Otsu threshold (blank slides)
     mask_min_fraction: float = 0.05        # a grid cell is a candidate above this tissue fraction
+    precheck_brightness: bool = True       # reject candidates mostly white on a 32 px-per-tile overview unread
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "TilingParams":
@@ -48,26 +61,38 @@ class TilingParams:
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown tiling setting(s): {', '.join(sorted(unknown))}")
-        return cls(**d)
+        p = cls(**d)
+        if not isinstance(p.precheck_brightness, bool):
+            raise ValueError(f"tiling setting precheck_brightness must be true or false, not {p.precheck_brightness!r}")
+        return p
 
 
 def is_tissue(tile_rgb: np.ndarray, p: TilingParams) -> bool:
-    """Fu et al.'s rule: not mostly white, and not mostly flat (Sobel magnitude).
+    """Fu et al.'s rule on an RGB tile at the target size: see ``is_tissue_gray``."""
+    return is_tissue_gray(cv2.cvtColor(tile_rgb, cv2.COLOR_RGB2GRAY), p)
 
-    The magnitude 0.5 |gx| + 0.5 |gy| is computed as the exact integer |gx| + |gy|
-    (3x3 Sobel of uint8 fits int16) compared with twice the threshold: the same
-    decision as in floating point, at a fraction of the cost per tile.
+
+def is_tissue_gray(gray: np.ndarray, p: TilingParams) -> bool:
+    """Fu et al.'s rule: not mostly white, and not mostly flat (Sobel magnitude), on the gray tile.
+
+    The magnitude 0.5 |gx| + 0.5 |gy| <= t is computed as the exact integer |gx| + |gy| <= 2t
+    (3x3 Sobel of uint8 fits int16): the same decision as in floating point. While 2t < 255 the
+    integer sum may saturate at 255 in uint8 without changing any comparison, which halves the cost.
     """
-    gray = cv2.cvtColor(tile_rgb, cv2.COLOR_RGB2GRAY)
     n = gray.size
     _, bright = cv2.threshold(gray, p.bright_threshold, 1, cv2.THRESH_BINARY)
     if cv2.countNonZero(bright) / n > p.max_bright_fraction:
         return False
     gx = cv2.Sobel(gray, cv2.CV_16S, 1, 0, ksize=3)
     gy = cv2.Sobel(gray, cv2.CV_16S, 0, 1, ksize=3)
-    magnitude2 = cv2.add(cv2.absdiff(gx, 0), cv2.absdiff(gy, 0), dtype=cv2.CV_32S)
-    flat = int(np.count_nonzero(magnitude2 <= 2 * p.sobel_threshold))
-    return bool(flat / n < p.max_flat_fraction)
+    if 2 * p.sobel_threshold < 255:
+        magnitude2 = cv2.add(cv2.convertScaleAbs(gx), cv2.convertScaleAbs(gy))
+        _, flat = cv2.threshold(magnitude2, 2 * p.sobel_threshold, 1, cv2.THRESH_BINARY_INV)
+        n_flat = cv2.countNonZero(flat)
+    else:
+        magnitude2 = cv2.add(cv2.absdiff(gx, 0), cv2.absdiff(gy, 0), dtype=cv2.CV_32S)
+        n_flat = int(np.count_nonzero(magnitude2 <= 2 * p.sobel_threshold))
+    return bool(n_flat / n < p.max_flat_fraction)
 
 
 def tissue_mask(thumb_rgb: np.ndarray, min_saturation: int) -> np.ndarray:
@@ -152,8 +177,11 @@ def _tile(slide_path, out_h5, out_qc, p: TilingParams, slide_id: str, mpp_overri
     w0, h0 = slide.dimensions
     nx, ny = w0 // step0, h0 // step0
 
-    mask_level, level_img = _read_level(slide, slide_path, max(step0 / MASK_PX_PER_TILE, 1.0))
-    thumb = _downsample(level_img, slide, max(step0 / MASK_PX_PER_TILE, 1.0))
+    sources = overview_sources(slide)
+    mask_downsample = max(step0 / MASK_PX_PER_TILE, 1.0)
+    mask_source = pick_source(sources, mask_downsample)
+    mask_img = read_source(slide, slide_path, mask_source)
+    thumb = _downsample(mask_img, slide, mask_downsample)
     mask = tissue_mask(thumb, p.mask_min_saturation)
     scale = (thumb.shape[1] / w0, thumb.shape[0] / h0)
     fractions = grid_fractions(mask, scale, step0, nx, ny) if nx and ny else np.zeros((0, 0))
@@ -162,26 +190,39 @@ def _tile(slide_path, out_h5, out_qc, p: TilingParams, slide_id: str, mpp_overri
     logger.info("%s: %.4g mpp (%s), level %d (%.4g mpp), grid %dx%d of %d px at level 0, %d candidates",
                 slide_id, base.mpp, base.source, level, level_mpp, nx, ny, step0, len(candidates))
 
-    if not (mask_level == level == 0):
-        level_img = None  # only a single-level slide's mask decodes the tile level; free it otherwise
+    # A slide with neither a coarser level nor a thumbnail: the mask decoded every pixel at the tile level.
+    level_img = mask_img if mask_source == level == 0 else None
+    to_read, check_source = candidates, None
+    if p.precheck_brightness and level_img is None and len(candidates):
+        check_source = pick_check_source(sources, slide.dimensions, step0, len(candidates) * read_px ** 2)
+    if check_source is not None:
+        check_img = mask_img if check_source == mask_source else read_source(slide, slide_path, check_source)
+        bright = bright_fractions(check_img, slide.dimensions, step0, nx, ny, p.bright_threshold)[iy, ix]
+        to_read = candidates[bright <= p.max_bright_fraction]
+        del check_img
+        logger.info("%s: %d candidates mostly white on the %s overview (%.0f px per tile), not read",
+                    slide_id, len(candidates) - len(to_read), _source_name(check_source),
+                    step0 / sources[check_source])
+    del mask_img
 
     def judge(xy):
+        # The rule only looks at gray levels, so the tile is resized after the gray conversion:
+        # a third of the pixels to resample (within one gray level of resizing the colour tile first).
         x, y = int(xy[0]), int(xy[1])
         if level_img is not None:
-            # A slide without a coarser level: the mask already decoded every pixel; slice, don't re-read.
-            tile = level_img[y:y + read_px, x:x + read_px]
+            gray = cv2.cvtColor(level_img[y:y + read_px, x:x + read_px], cv2.COLOR_RGB2GRAY)
         else:
-            tile = read_rgb(slide, slide_path, (x, y), level, (read_px, read_px))
+            gray = read_gray(slide, slide_path, (x, y), level, (read_px, read_px))
         if read_px != p.tile_px:
             interp = cv2.INTER_AREA if read_px > p.tile_px else cv2.INTER_LINEAR
-            tile = cv2.resize(tile, (p.tile_px, p.tile_px), interpolation=interp)
-        return is_tissue(tile, p)
+            gray = cv2.resize(gray, (p.tile_px, p.tile_px), interpolation=interp)
+        return is_tissue_gray(gray, p)
 
     # OpenSlide handles are thread-safe and ctypes drops the GIL while decoding.
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        keep = list(tqdm(pool.map(judge, candidates), total=len(candidates),
+        keep = list(tqdm(pool.map(judge, to_read), total=len(to_read),
                          desc=f"tiling {slide_id}", mininterval=2, disable=None))
-    coords = candidates[np.asarray(keep, dtype=bool)] if len(candidates) else np.zeros((0, 2), np.int64)
+    coords = to_read[np.asarray(keep, dtype=bool)] if len(to_read) else np.zeros((0, 2), np.int64)
     if len(coords) == 0:
         slide.close()
         # Blank, or tissue too faint for the thresholds: nothing to learn from.
@@ -193,25 +234,77 @@ def _tile(slide_path, out_h5, out_qc, p: TilingParams, slide_id: str, mpp_overri
         "slide_id": slide_id, "slide_path": str(slide_path), "level": level,
         "tile_px": p.tile_px, "tile_size_level0": step0, "read_px": read_px,
         "target_mpp": p.mpp, "slide_mpp": base.mpp, "mpp_source": base.source, "level_mpp": level_mpp,
-        "n_grid": nx * ny, "n_candidates": len(candidates), "n_tiles": len(coords),
+        "n_grid": nx * ny, "n_candidates": len(candidates), "n_read": len(to_read), "n_tiles": len(coords),
         "params": asdict(p), "excluded": "",
     }
     write_h5(out_h5, {"coords": coords.reshape(-1, 2)}, attrs)
     if out_qc:
         write_qc(slide, slide_path, out_qc, coords, candidates, step0)
     slide.close()
-    return {k: attrs[k] for k in ("slide_id", "level", "tile_size_level0", "n_grid", "n_candidates", "n_tiles")}
+    return {k: attrs[k] for k in ("slide_id", "level", "tile_size_level0", "n_grid", "n_candidates", "n_read",
+                                  "n_tiles")}
+
+
+def bright_fractions(img: np.ndarray, dims: tuple[int, int], step0: int, nx: int, ny: int,
+                     bright_threshold: int) -> np.ndarray:
+    """Fraction of each grid cell's overview pixels whose gray level is above the threshold (ny x nx)."""
+    gray = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
+    scale = (img.shape[1] / dims[0], img.shape[0] / dims[1])
+    return grid_fractions(gray > bright_threshold, scale, step0, nx, ny)
+
+
+def overview_sources(slide: openslide.OpenSlide) -> dict:
+    """Level-0 downsample of every whole-slide image there is: pyramid levels 0, 1, ... and "thumbnail".
+
+    Aperio's thumbnail is a downsample of the scanned area (not a photo of the glass, like a macro
+    image), so a slide without a pyramid need not be decoded whole for its overviews. Other vendors'
+    thumbnails are not trusted to cover the same area.
+    """
+    sources = {i: float(d) for i, d in enumerate(slide.level_downsamples)}
+    props = slide.properties
+    if props.get(openslide.PROPERTY_NAME_VENDOR) != "aperio":
+        return sources
+    try:
+        tw = int(props["openslide.associated.thumbnail.width"])
+        th = int(props["openslide.associated.thumbnail.height"])
+    except (KeyError, ValueError):
+        return sources
+    w0, h0 = slide.dimensions
+    if tw > 0 and th > 0 and abs((w0 / tw) / (h0 / th) - 1) < 0.01:
+        sources["thumbnail"] = (w0 / tw + h0 / th) / 2
+    return sources
+
+
+def pick_source(sources: dict, downsample: float):
+    """The coarsest image not coarser than ``downsample`` (as OpenSlide's best level for it)."""
+    fine_enough = {s: d for s, d in sources.items() if d <= downsample * (1 + 1e-6)} or {0: sources[0]}
+    return max(fine_enough, key=fine_enough.get)
+
+
+def pick_check_source(sources: dict, dims: tuple[int, int], step0: int, candidate_px: int):
+    """The image for the brightness pre-check, or None when none is fine enough and cheap enough."""
+    w0, h0 = dims
+    usable = {s: d for s, d in sources.items()
+              if step0 / d >= CHECK_MIN_PX_PER_TILE and w0 * h0 / d ** 2 <= CHECK_MAX_COST * candidate_px}
+    if not usable:
+        return None
+    return min(usable, key=lambda s: (abs(math.log2(step0 / usable[s] / CHECK_PX_PER_TILE)), -usable[s]))
+
+
+def read_source(slide, slide_path, source) -> np.ndarray:
+    if source == "thumbnail":
+        return read_thumbnail(slide, slide_path)
+    return read_rgb(slide, slide_path, (0, 0), source, slide.level_dimensions[source])
+
+
+def _source_name(source) -> str:
+    return source if isinstance(source, str) else f"level-{source}"
 
 
 def _thumbnail(slide, slide_path, downsample: float) -> np.ndarray:
-    """The slide at about ``downsample`` x, read from the best pyramid level for it."""
-    return _downsample(_read_level(slide, slide_path, downsample)[1], slide, downsample)
-
-
-def _read_level(slide, slide_path, downsample: float) -> tuple[int, np.ndarray]:
-    """The whole pyramid level best suited to ``downsample`` x, and its index."""
-    level = slide.get_best_level_for_downsample(downsample)
-    return level, read_rgb(slide, slide_path, (0, 0), level, slide.level_dimensions[level])
+    """The slide at about ``downsample`` x, from the coarsest image not coarser than that."""
+    source = pick_source(overview_sources(slide), downsample)
+    return _downsample(read_source(slide, slide_path, source), slide, downsample)
 
 
 def _downsample(img: np.ndarray, slide, downsample: float) -> np.ndarray:
@@ -257,7 +350,8 @@ def main(argv=None) -> None:
     ap.add_argument("--on-error", choices=ON_ERROR, default="exclude",
                     help="unusable slide: write an empty tiles file marked excluded, or fail")
     for name, field in TilingParams.__dataclass_fields__.items():
-        ap.add_argument("--" + name.replace("_", "-"), type=type(field.default), default=field.default)
+        kind = _yes_no if isinstance(field.default, bool) else type(field.default)
+        ap.add_argument("--" + name.replace("_", "-"), type=kind, default=field.default)
     args = ap.parse_args(argv)
     setup_logging()
     params = {k: getattr(args, k) for k in TilingParams.__dataclass_fields__}
@@ -267,6 +361,14 @@ def main(argv=None) -> None:
     except SlideError as err:
         raise SystemExit(f"error: {err}")
     print(summary)
+
+
+def _yes_no(text: str) -> bool:
+    if text.lower() in ("true", "yes", "1"):
+        return True
+    if text.lower() in ("false", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
 
 
 if __name__ == "__main__":
