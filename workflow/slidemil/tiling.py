@@ -196,10 +196,15 @@ def _tile(slide_path, out_h5, out_qc, p: TilingParams, slide_id: str, mpp_overri
     if p.precheck_brightness and level_img is None and len(candidates):
         check_source = pick_check_source(sources, slide.dimensions, step0, len(candidates) * read_px ** 2)
     if check_source is not None:
-        check_img = mask_img if check_source == mask_source else read_source(slide, slide_path, check_source)
-        bright = bright_fractions(check_img, slide.dimensions, step0, nx, ny, p.bright_threshold)[iy, ix]
+        if check_source == mask_source:
+            check_gray = cv2.cvtColor(mask_img, cv2.COLOR_RGB2GRAY)
+        elif check_source == "thumbnail":
+            check_gray = cv2.cvtColor(read_thumbnail(slide, slide_path), cv2.COLOR_RGB2GRAY)
+        else:  # straight to gray: no RGB copy of a whole level
+            check_gray = read_gray(slide, slide_path, (0, 0), check_source, slide.level_dimensions[check_source])
+        bright = bright_fractions(check_gray, slide.dimensions, step0, nx, ny, p.bright_threshold)[iy, ix]
         to_read = candidates[bright <= p.max_bright_fraction]
-        del check_img
+        del check_gray
         logger.info("%s: %d candidates mostly white on the %s overview (%.0f px per tile), not read",
                     slide_id, len(candidates) - len(to_read), _source_name(check_source),
                     step0 / sources[check_source])
@@ -245,11 +250,10 @@ def _tile(slide_path, out_h5, out_qc, p: TilingParams, slide_id: str, mpp_overri
                                   "n_tiles")}
 
 
-def bright_fractions(img: np.ndarray, dims: tuple[int, int], step0: int, nx: int, ny: int,
+def bright_fractions(gray: np.ndarray, dims: tuple[int, int], step0: int, nx: int, ny: int,
                      bright_threshold: int) -> np.ndarray:
     """Fraction of each grid cell's overview pixels whose gray level is above the threshold (ny x nx)."""
-    gray = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
-    scale = (img.shape[1] / dims[0], img.shape[0] / dims[1])
+    scale = (gray.shape[1] / dims[0], gray.shape[0] / dims[1])
     return grid_fractions(gray > bright_threshold, scale, step0, nx, ny)
 
 
