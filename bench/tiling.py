@@ -114,7 +114,7 @@ def bench_slide(path: str, threads_list: list[int], repeats: int, params: dict, 
     tiling.tile_slide(path, out_unchecked, None, unchecked)
     same_tiles = bool(np.array_equal(kept, tiling.load_tiles(out_unchecked)[0]))
     # The candidates, as tiling computes them (mask only; no pixel reads at full resolution).
-    candidates = _candidates(path, params)
+    candidates = _candidates(path, params, int(attrs["tile_size_level0"]))
     assert len(candidates) == reads["n_candidates"]
     result = {"slide": path, "dimensions": openslide.OpenSlide(path).dimensions, "reads": reads,
               "same_tiles_without_precheck": same_tiles,
@@ -144,18 +144,10 @@ def bench_slide(path: str, threads_list: list[int], repeats: int, params: dict, 
     return result
 
 
-def _candidates(path: str, params: dict) -> np.ndarray:
-    p = tiling.TilingParams.from_dict(params)
+def _candidates(path: str, params: dict, step0: int) -> np.ndarray:
     slide = tiling.open_slide(path)
-    base = tiling.slide_mpp(slide, path, None)
-    step0 = int(round(p.tile_px * p.mpp / base.mpp))
-    w0, h0 = slide.dimensions
-    nx, ny = w0 // step0, h0 // step0
-    thumb = tiling._thumbnail(slide, path, max(step0 / tiling.MASK_PX_PER_TILE, 1.0))
-    mask = tiling.tissue_mask(thumb, p.mask_min_saturation)
-    scale = (thumb.shape[1] / w0, thumb.shape[0] / h0)
-    iy, ix = np.nonzero(tiling.grid_fractions(mask, scale, step0, nx, ny) > p.mask_min_fraction)
-    return np.stack([ix * step0, iy * step0], axis=1).astype(np.int64)
+    p = tiling.TilingParams.from_dict(params)
+    return tiling.tissue_candidates(slide, path, p, step0, tiling.overview_sources(slide))[0]
 
 
 def main() -> None:

@@ -44,11 +44,7 @@ def read_rgb(slide: openslide.OpenSlide, path, location, level: int, size) -> np
 def read_gray(slide: openslide.OpenSlide, path, location, level: int, size) -> np.ndarray:
     """Read a region as a gray uint8 array (transparent pixels white), without an RGB copy in between."""
     rgba = _read_rgba(slide, path, location, level, size)
-    gray = cv2.cvtColor(rgba, cv2.COLOR_RGBA2GRAY)
-    alpha = cv2.extractChannel(rgba, 3)
-    if cv2.countNonZero(alpha) < alpha.size:
-        gray[alpha == 0] = 255
-    return gray
+    return _whiten_transparent(cv2.cvtColor(rgba, cv2.COLOR_RGBA2GRAY), rgba)
 
 
 def _read_rgba(slide: openslide.OpenSlide, path, location, level: int, size) -> np.ndarray:
@@ -71,13 +67,17 @@ def read_thumbnail(slide: openslide.OpenSlide, path) -> np.ndarray:
 
 
 def rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
-    rgb = cv2.cvtColor(rgba, cv2.COLOR_RGBA2RGB)
+    return _whiten_transparent(cv2.cvtColor(rgba, cv2.COLOR_RGBA2RGB), rgba)
+
+
+def _whiten_transparent(img: np.ndarray, rgba: np.ndarray) -> np.ndarray:
+    """``img`` (converted from ``rgba``) with transparent pixels white, in place."""
     # Transparent (outside-the-scan) pixels come back as zeros: paint them white, i.e. background.
     # Most regions are fully opaque; counting first skips the costly masked write for them.
     alpha = cv2.extractChannel(rgba, 3)
     if cv2.countNonZero(alpha) < alpha.size:
-        rgb[alpha == 0] = 255
-    return rgb
+        img[alpha == 0] = 255
+    return img
 
 
 @dataclass(frozen=True)

@@ -178,15 +178,7 @@ def _tile(slide_path, out_h5, out_qc, p: TilingParams, slide_id: str, mpp_overri
     nx, ny = w0 // step0, h0 // step0
 
     sources = overview_sources(slide)
-    mask_downsample = max(step0 / MASK_PX_PER_TILE, 1.0)
-    mask_source = pick_source(sources, mask_downsample)
-    mask_img = read_source(slide, slide_path, mask_source)
-    thumb = _downsample(mask_img, slide, mask_downsample)
-    mask = tissue_mask(thumb, p.mask_min_saturation)
-    scale = (thumb.shape[1] / w0, thumb.shape[0] / h0)
-    fractions = grid_fractions(mask, scale, step0, nx, ny) if nx and ny else np.zeros((0, 0))
-    iy, ix = np.nonzero(fractions > p.mask_min_fraction)
-    candidates = np.stack([ix * step0, iy * step0], axis=1).astype(np.int64)
+    candidates, mask_source, mask_img = tissue_candidates(slide, slide_path, p, step0, sources)
     logger.info("%s: %.4g mpp (%s), level %d (%.4g mpp), grid %dx%d of %d px at level 0, %d candidates",
                 slide_id, base.mpp, base.source, level, level_mpp, nx, ny, step0, len(candidates))
 
@@ -202,7 +194,8 @@ def _tile(slide_path, out_h5, out_qc, p: TilingParams, slide_id: str, mpp_overri
             check_gray = cv2.cvtColor(read_thumbnail(slide, slide_path), cv2.COLOR_RGB2GRAY)
         else:  # straight to gray: no RGB copy of a whole level
             check_gray = read_gray(slide, slide_path, (0, 0), check_source, slide.level_dimensions[check_source])
-        bright = bright_fractions(check_gray, slide.dimensions, step0, nx, ny, p.bright_threshold)[iy, ix]
+        bright = bright_fractions(check_gray, slide.dimensions, step0, nx, ny, p.bright_threshold)
+        bright = bright[candidates[:, 1] // step0, candidates[:, 0] // step0]
         to_read = candidates[bright <= p.max_bright_fraction]
         del check_gray
         logger.info("%s: %d candidates mostly white on the %s overview (%.0f px per tile), not read",
@@ -248,6 +241,22 @@ def _tile(slide_path, out_h5, out_qc, p: TilingParams, slide_id: str, mpp_overri
     slide.close()
     return {k: attrs[k] for k in ("slide_id", "level", "tile_size_level0", "n_grid", "n_candidates", "n_read",
                                   "n_tiles")}
+
+
+def tissue_candidates(slide, slide_path, p: TilingParams, step0: int, sources: dict):
+    """Grid cells the coarse tissue mask passes, as level-0 (x, y) in row-major order, and the mask's source
+    and image (the caller may reuse it)."""
+    w0, h0 = slide.dimensions
+    nx, ny = w0 // step0, h0 // step0
+    mask_downsample = max(step0 / MASK_PX_PER_TILE, 1.0)
+    mask_source = pick_source(sources, mask_downsample)
+    mask_img = read_source(slide, slide_path, mask_source)
+    thumb = _downsample(mask_img, slide, mask_downsample)
+    mask = tissue_mask(thumb, p.mask_min_saturation)
+    scale = (thumb.shape[1] / w0, thumb.shape[0] / h0)
+    fractions = grid_fractions(mask, scale, step0, nx, ny) if nx and ny else np.zeros((0, 0))
+    iy, ix = np.nonzero(fractions > p.mask_min_fraction)
+    return np.stack([ix * step0, iy * step0], axis=1).astype(np.int64), mask_source, mask_img
 
 
 def bright_fractions(gray: np.ndarray, dims: tuple[int, int], step0: int, nx: int, ny: int,
