@@ -152,7 +152,7 @@ def _tile_with_reads(monkeypatch, path, out, params):
         original = getattr(tiling, name)
 
         def counting(slide, p, location, level, size, original=original):
-            reads.append((level, *size))
+            reads.append((level, *size, tuple(location)))
             return original(slide, p, location, level, size)
         monkeypatch.setattr(tiling, name, counting)
     tile_slide(str(path), str(out), None, params)
@@ -173,21 +173,27 @@ def test_brightness_precheck_skips_white_candidates_and_keeps_the_same_tiles(tmp
     assert attrs_on["n_tiles"] <= attrs_on["n_read"] < attrs_on["n_candidates"]
     tile_reads = [r for r in reads_on if r[0] == attrs_on["level"] and r[1] == attrs_on["read_px"]]
     assert len(tile_reads) == attrs_on["n_read"]
-    # Besides tiles, only whole levels are decoded, each at most once (mask and pre-check share one
-    # when it suits both), and the finest of them has the expected pixels per grid cell.
-    overview = [r for r in reads_on if r not in tile_reads]
+    # Besides tiles, whole levels are decoded, each at most once (mask and pre-check share one when it
+    # suits both), the finest of them with the expected pixels per grid cell; and the doubtful candidates
+    # are read once more each, 4x coarser per side than their tile, never one the overview already rejected.
     slide = openslide.OpenSlide(str(path))
-    assert overview and all(tuple(r[1:]) == slide.level_dimensions[r[0]] for r in overview)
-    assert len(set(overview)) == len(overview)
+    overview = [r for r in reads_on if r not in tile_reads and tuple(r[1:3]) == slide.level_dimensions[r[0]]]
+    assert overview and len(set(overview)) == len(overview)
     check_level = min(r[0] for r in overview)
-    assert attrs_on["tile_size_level0"] / slide.level_downsamples[check_level] == pytest.approx(expected_px, rel=0.02)
+    step0 = attrs_on["tile_size_level0"]
+    assert step0 / slide.level_downsamples[check_level] == pytest.approx(expected_px, rel=0.02)
+    second_looks = [r for r in reads_on if r not in tile_reads and r not in overview]
+    assert {r[:3] for r in second_looks} == {(check_level - 1, step0 // 4, step0 // 4)}
+    looked_twice = [r[3] for r in second_looks]
+    assert len(set(looked_twice)) == len(looked_twice) < attrs_on["n_read"]
+    assert set(looked_twice) - {r[3] for r in tile_reads}  # some were dropped on that second look
 
 
 def test_slide_without_pyramid_uses_its_thumbnail_not_a_whole_decode(shared_slides, tmp_path, monkeypatch):
     """CMU-1-Small-Region has one level; its Aperio thumbnail serves the mask and the pre-check."""
     path = shared_slides / "CMU-1-Small-Region.svs"
     reads, (kept, attrs) = _tile_with_reads(monkeypatch, path, tmp_path / "on.h5", {})
-    assert {r[1:] for r in reads} == {(257, 257)}  # tiles only: level 0 was never decoded whole
+    assert {r[1:3] for r in reads} == {(257, 257)}  # tiles only: level 0 was never decoded whole
     assert attrs["n_tiles"] <= attrs["n_read"] < attrs["n_candidates"]
     # The same tiles as the rule applied to every candidate of a full-resolution mask.
     monkeypatch.setattr(tiling, "overview_sources", lambda slide: {0: 1.0})
@@ -227,6 +233,13 @@ def test_precheck_overview_is_fine_enough_and_cheap_enough():
     assert tiling.pick_check_source({0: 1.0, 1: 64.0}, dims, 512, 1600 * 512 ** 2) is None
     assert tiling.pick_source(pyramid, 64.0) == 3 and tiling.pick_source(pyramid, 63.9) == 2
     assert tiling.pick_source({0: 1.0, "thumbnail": 3.87}, 32.0) == "thumbnail"
+    # The second look: finer than the overview, at least 4x coarser per side than the tile level.
+    levels = (1.0, 4.0, 16.0, 64.0)
+    assert tiling.pick_refine_level(levels, 0, 16.0, 512) == 1
+    assert tiling.pick_refine_level(levels, 0, 4.0, 512) is None    # the overview is that level already
+    assert tiling.pick_refine_level(levels, 1, 64.0, 1024) == 2     # tiles read at level 1
+    assert tiling.pick_refine_level((1.0, 2.0, 8.0), 0, 32.0, 512) == 2
+    assert tiling.pick_refine_level((1.0, 2.0), 0, 16.0, 512) is None  # level 1 is not coarse enough
 
 
 def test_precheck_setting_must_be_a_boolean(tmp_path):
