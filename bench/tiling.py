@@ -69,9 +69,13 @@ def plain_read(slide_path: str, coords: np.ndarray, level: int, read_px: int, th
     def read(xy):
         return np.asarray(slide.read_region((int(xy[0]), int(xy[1])), level, (read_px, read_px)))
 
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        for _ in pool.map(read, coords):
-            pass
+    if threads <= 1:  # as tile_slide: no thread pool for one thread
+        for xy in coords:
+            read(xy)
+    else:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            for _ in pool.map(read, coords):
+                pass
     slide.close()
 
 
