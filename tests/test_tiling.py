@@ -316,3 +316,22 @@ def test_resize_gray_is_area_averaging_and_close_to_it_between_whole_factors():
         assert fast.shape == (256, 256) and fast.dtype == np.uint8
         diff = np.abs(fast.astype(int) - area)
         assert diff.mean() < 2.0 and np.percentile(diff, 99) <= 8, n
+
+
+def test_reads_fall_back_to_the_public_call_if_openslide_python_changes(shared_slides, monkeypatch, caplog):
+    import ctypes
+
+    from slidemil import slides
+
+    path = shared_slides / "CMU-1-Small-Region.svs"
+    slide = open_slide(path)
+    expected = slides.read_gray(slide, path, (300, 400), 0, (257, 257))
+
+    def changed_signature(*args):
+        raise ctypes.ArgumentError("argument 2: wrong type")
+    monkeypatch.setattr(slides, "_RAW_READ_ASSOCIATED", slides._RAW_READ_ASSOCIATED)  # restored afterwards
+    monkeypatch.setattr(slides, "_RAW_READ", changed_signature)
+    np.testing.assert_array_equal(slides.read_gray(slide, path, (300, 400), 0, (257, 257)), expected)
+    assert slides._RAW_READ is None and slides._RAW_READ_ASSOCIATED is None  # not tried again
+    assert "public read_region" in caplog.text
+    assert slides.read_thumbnail(slide, path).shape == (768, 574, 3)

@@ -87,8 +87,16 @@ def _read_opaque_bgra(slide, path, location, level: int, size) -> np.ndarray | N
 
 
 def _opaque_bgra(w: int, h: int, fill) -> np.ndarray | None:
+    global _RAW_READ, _RAW_READ_ASSOCIATED
     buf = np.empty((h, w, 4), np.uint8)
-    fill(buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint32)))
+    try:
+        fill(buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint32)))
+    except (TypeError, AttributeError, ctypes.ArgumentError) as err:
+        # These calls are openslide-python internals: if a release changes them, read the public way from now on.
+        logger.warning("direct OpenSlide reads are unavailable with openslide-python %s (%s); using its "
+                       "public read_region", openslide.__version__, err)
+        _RAW_READ = _RAW_READ_ASSOCIATED = None
+        return None
     return buf if cv2.minMaxLoc(cv2.extractChannel(buf, 3))[0] == 255 else None
 
 
