@@ -294,5 +294,6 @@ def main(argv=None) -> None:
                               args.device, args.workers, args.num_threads)
     print(json.dumps({k: v for k, v in summary.items() if k != "slides"}, indent=2))
 
+
 if __name__ == "__main__":
     main()

@@ -238,5 +238,6 @@ def main(argv=None) -> None:
                                     args.device, args.workers, args.num_threads)
     print(json.dumps(summary, indent=2))
 
+
 if __name__ == "__main__":
     main()

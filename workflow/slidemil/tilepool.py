@@ -10,8 +10,10 @@ neither on the number of loader workers nor on whether a run was resumed.
 from __future__ import annotations
 
 import collections
+import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import cv2
@@ -160,13 +162,8 @@ def merge_settings(stage: str, settings: dict | None, defaults: dict, positive: 
     return cfg
 
 
-# --------------------------------------------------------------------------- shared CLI of the pixel stages
-
-
 def add_cli_arguments(ap, defaults: dict) -> None:
     """Arguments every stage that trains on tiles takes (simclr, tile_supervised)."""
-    import json
-
     ap.add_argument("--sheet", required=True, help="sample sheet (slide_id, path, ...)")
     ap.add_argument("--tiles-dir", required=True, help="folder of tiling outputs named {slide_id}.h5")
     ap.add_argument("--splits", required=True, help="splits CSV; slides that are test in any fold are never read")
@@ -181,8 +178,6 @@ def add_cli_arguments(ap, defaults: dict) -> None:
 
 def cli_cohort(args) -> tuple[dict[str, str], dict[str, str]]:
     """(slide_id -> slide file, slide_id -> tiles file) from --sheet and --tiles-dir."""
-    from pathlib import Path
-
     from .sheet import load_sheet
 
     sheet = load_sheet(args.sheet)

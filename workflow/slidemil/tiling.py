@@ -87,8 +87,7 @@ def is_tissue_gray(gray: np.ndarray, p: TilingParams) -> bool:
     integer sum may saturate at 255 in uint8 without changing any comparison, which halves the cost.
     """
     n = gray.size
-    _, bright = cv2.threshold(gray, p.bright_threshold, 1, cv2.THRESH_BINARY)
-    if cv2.countNonZero(bright) / n > p.max_bright_fraction:
+    if too_white(gray, p):
         return False
     gx, gy = cv2.spatialGradient(gray)  # both 3x3 Sobel derivatives (int16, reflected border) in one pass
     if 2 * p.sobel_threshold < 255:
@@ -99,6 +98,12 @@ def is_tissue_gray(gray: np.ndarray, p: TilingParams) -> bool:
         magnitude2 = cv2.add(cv2.absdiff(gx, 0), cv2.absdiff(gy, 0), dtype=cv2.CV_32S)
         n_flat = int(np.count_nonzero(magnitude2 <= 2 * p.sobel_threshold))
     return bool(n_flat / n < p.max_flat_fraction)
+
+
+def too_white(gray: np.ndarray, p: TilingParams) -> bool:
+    """The rule's first half: more than ``max_bright_fraction`` of the gray pixels above ``bright_threshold``."""
+    _, bright = cv2.threshold(gray, p.bright_threshold, 1, cv2.THRESH_BINARY)
+    return cv2.countNonZero(bright) / gray.size > p.max_bright_fraction
 
 
 def resize_gray(gray: np.ndarray, tile_px: int) -> np.ndarray:
@@ -222,14 +227,15 @@ def _tile(slide_path, out_h5, out_qc, p: TilingParams, slide_id: str, mpp_overri
             check_gray = read_gray(slide, slide_path, (0, 0), check_source, slide.level_dimensions[check_source])
         bright = bright_fractions(check_gray, slide.dimensions, step0, nx, ny, p.bright_threshold)
         bright = bright[candidates[:, 1] // step0, candidates[:, 0] // step0]
-        to_read = candidates[bright <= p.max_bright_fraction]
+        passed = bright <= p.max_bright_fraction
+        to_read = candidates[passed]
         del check_gray
         logger.info("%s: %d candidates mostly white on the %s overview (%.0f px per tile), not read",
                     slide_id, len(candidates) - len(to_read), _source_name(check_source),
                     step0 / sources[check_source])
         refine_level = pick_refine_level(slide.level_downsamples, level, sources[check_source], step0)
         if refine_level is not None:
-            doubtful = bright[bright <= p.max_bright_fraction] > REFINE_FROM * p.max_bright_fraction
+            doubtful = bright[passed] > REFINE_FROM * p.max_bright_fraction
             white = mostly_white(slide, slide_path, to_read[doubtful], refine_level, step0, p)
             logger.info("%s: %d of %d doubtful candidates mostly white on level %d (%.0f px per tile), not read",
                         slide_id, int(white.sum()), int(doubtful.sum()), refine_level,
@@ -316,9 +322,7 @@ def mostly_white(slide, slide_path, coords: np.ndarray, level: int, step0: int, 
     n = max(1, int(round(step0 / slide.level_downsamples[level])))
     white = np.zeros(len(coords), bool)
     for i, (x, y) in enumerate(coords.tolist()):
-        gray = read_gray(slide, slide_path, (x, y), level, (n, n))
-        _, bright = cv2.threshold(gray, p.bright_threshold, 1, cv2.THRESH_BINARY)
-        white[i] = cv2.countNonZero(bright) / gray.size > p.max_bright_fraction
+        white[i] = too_white(read_gray(slide, slide_path, (x, y), level, (n, n)), p)
     return white
 
 
