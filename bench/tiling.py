@@ -3,7 +3,8 @@
 For each slide it reports
 - how many regions tiling decodes at the tile level (full resolution) against the
   grid, the coarse-mask candidates and the kept tiles: background is never decoded
-  at full resolution when that count equals the number of candidates;
+  at full resolution when that count is at most the number of candidates, and no
+  decode is wasted when it equals the number of kept tiles;
 - interleaved wall times (A, B, C, D, A, B, C, D, ...) of
   A ``tile_slide`` (mask, brightness pre-check, reading and judging the remaining candidates, writing
     the HDF5; no QC picture),
