@@ -292,6 +292,28 @@ def test_direct_reads_match_openslides_public_read(shared_slides):
     assert (slides.read_gray(slide, path, (w - 100, 0), 0, (200, 200))[:, 100:] == 255).all()
 
 
+def test_direct_read_takes_the_buffer_only_when_every_pixel_is_opaque():
+    """One pixel short of opaque anywhere (any colour) sends the region to the public conversion."""
+    import ctypes
+
+    from slidemil import slides
+
+    def filler(alpha_at=None, alpha=254):
+        def fill(ptr):
+            buf = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_uint8)), shape=(5, 7, 4))
+            buf[...] = 255  # opaque white, the largest word there is
+            buf[..., :3] = np.arange(5 * 7 * 3).reshape(5, 7, 3)
+            if alpha_at is not None:
+                buf[alpha_at + (3,)] = alpha
+        return fill
+
+    opaque = slides._opaque_bgra(7, 5, filler())
+    assert opaque is not None and opaque.shape == (5, 7, 4) and (opaque[..., 3] == 255).all()
+    for where in ((0, 0), (2, 3), (4, 6)):
+        for alpha in (0, 1, 254):
+            assert slides._opaque_bgra(7, 5, filler(where, alpha)) is None, (where, alpha)
+
+
 def test_direct_read_errors_name_the_slide(shared_slides):
     from slidemil import slides
 

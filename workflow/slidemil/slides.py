@@ -97,7 +97,9 @@ def _opaque_bgra(w: int, h: int, fill) -> np.ndarray | None:
                        "public read_region", openslide.__version__, err)
         _RAW_READ = _RAW_READ_ASSOCIATED = None
         return None
-    return buf if cv2.minMaxLoc(cv2.extractChannel(buf, 3))[0] == 255 else None
+    # Each pixel as one little-endian word is alpha << 24 | red << 16 | green << 8 | blue, so one vectorised
+    # minimum tells whether every alpha is 255 (a tenth of the cost of extracting the alpha channel).
+    return buf if buf.view(np.uint32).min() >= 0xFF000000 else None
 
 
 def _read_error(path, location, level, err) -> SlideError:
