@@ -7,6 +7,9 @@ already ran other cases proved fragile):
   uint8 batches already in memory (normalisation on the device included): the ceiling;
 - ``e2e-wN``: ``slidemil.features.extract_features`` on a real tiled slide with N
   DataLoader workers (reading, JPEG decoding, resizing, normalising, the model, writing);
+- with ``--loader``, ``loader``: the loader's work alone on one core (each tile read, decoded
+  and resized to uint8 CHW, as a DataLoader worker does), which says how many cores keep a
+  GPU fed at a given rate;
 and prints tiles per second and the ratio end to end / model only (medians).
 
     python bench/extraction.py                                  # CPU, both extractors, workers 0 1 2
@@ -32,8 +35,10 @@ import torch
 from _common import GpuSampler, dump, interleaved, machine, make_large_slide, median
 
 from slidemil.extractors import IMAGENET_MEAN, IMAGENET_STD, create_extractor
-from slidemil.features import autocast_for, compile_model, extract_features, resolve_device, resolve_precision
+from slidemil.features import (TileDataset, autocast_for, compile_model, extract_features, resolve_device,
+                               resolve_precision)
 from slidemil.io import write_h5
+from slidemil.slides import one_opencv_thread
 from slidemil.tiling import load_tiles, tile_slide
 
 
@@ -95,7 +100,14 @@ def one_case(args) -> None:
     extractor, n = args.extractors[0], args.n
     cpu0 = 0.0
     with GpuSampler() as gpu:
-        if args.one == "model":
+        if args.one == "loader":
+            coords, attrs = load_tiles(args.tiles_h5)
+            dataset = TileDataset(args.slide, coords, int(attrs["level"]), int(attrs["read_px"]), args.input_px)
+            with one_opencv_thread():  # one core, as in a loader worker
+                t0, cpu0 = time.perf_counter(), _cpu()
+                for i in range(len(dataset)):
+                    dataset[i]
+        elif args.one == "model":
             model_only = ModelOnly(extractor, dev, precision, args.batch_size, args.input_px, n, args.compile)
             model_only()  # warm-up (allocator, cuDNN autotuning, compilation)
             t0, cpu0 = time.perf_counter(), _cpu()
@@ -126,6 +138,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile both sides")
     ap.add_argument("--input-px", type=int, default=224)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--loader", action="store_true", help="also time the loader's work alone on one core")
     ap.add_argument("--json")
     for hidden in ("--one", "--tiles-h5", "--out"):  # one case in a child process
         ap.add_argument(hidden, help=argparse.SUPPRESS)
@@ -162,6 +175,8 @@ def main() -> None:
                 return run
 
             cases = {"model": case("model"), **{f"e2e-w{w}": case(f"e2e-w{w}") for w in args.workers}}
+            if args.loader:
+                cases["loader"] = case("loader")
             times = {k: [] for k in cases}
             for _ in range(args.repeats):  # interleaved: model, e2e-w0, e2e-w1, ..., model, ...
                 for k, fn in cases.items():
@@ -173,7 +188,10 @@ def main() -> None:
                 "compile": args.compile, "threads": args.threads,
                 "seconds": {k: [round(x, 2) for x in v] for k, v in times.items()},
                 "tiles_per_s": rates,
-                "ratio_e2e_over_model": {k: round(rates[k] / rates["model"], 3) for k in rates if k != "model"},
+                "ratio_e2e_over_model": {k: round(rates[k] / rates["model"], 3) for k in rates
+                                         if k.startswith("e2e")},
+                # Loader cores a GPU run needs for the 5,000 tiles/s (the loader scales with workers).
+                "loader_cores_for_5000_per_s": round(5000 / rates["loader"], 1) if "loader" in rates else None,
                 "cpu_s_per_tile": {k: round(median(v) / n, 4) for k, v in cpu_s.items() if None not in v},
                 "gpu_busy_pct": gpu_busy if dev.type == "cuda" else None,
             })

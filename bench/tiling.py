@@ -99,7 +99,7 @@ def per_tile_costs(path: str, coords: np.ndarray, level: int, read_px: int, para
         t1 = time.perf_counter()
         gray = tiling.read_gray(slide, path, loc, level, (read_px, read_px))
         t2 = time.perf_counter()
-        gray = tiling.resize_gray(gray, p.tile_px)
+        gray = tiling.resize_tile(gray, p.tile_px)
         t3 = time.perf_counter()
         tiling.is_tissue_gray(gray, p)
         t4 = time.perf_counter()

@@ -79,3 +79,20 @@ def test_empty_tiles_give_empty_features(tmp_path):
     extract_features(str(slide), str(tmp_path / "t.h5"), str(out), "resnet50_trunc", "random")
     with h5py.File(out) as f:
         assert f["features"].shape == (0, 1024) and f["coords"].shape == (0, 2)
+
+
+def test_loader_workers_run_opencv_single_threaded_and_the_setting_comes_back():
+    import cv2
+
+    from slidemil.slides import one_opencv_thread
+
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(2)
+    try:
+        with pytest.raises(RuntimeError):
+            with one_opencv_thread():
+                assert cv2.getNumThreads() == 1
+                raise RuntimeError("a failing slide")
+        assert cv2.getNumThreads() == 2
+    finally:
+        cv2.setNumThreads(before)

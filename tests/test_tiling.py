@@ -323,21 +323,25 @@ def test_direct_read_errors_name_the_slide(shared_slides):
         slides.read_gray(slide, path, (0, 0), 0, (256, 256))
 
 
-def test_resize_gray_is_area_averaging_and_close_to_it_between_whole_factors():
+def test_resize_tile_is_area_averaging_and_close_to_it_between_whole_factors():
+    from slidemil.slides import resize_tile
+
     rng = np.random.default_rng(0)
-    tissue = cv2.GaussianBlur(rng.integers(0, 256, (1030, 1030), dtype=np.uint8), (0, 0), 1.5)
-    # Whole factors: exactly OpenCV's area averaging.
-    for n in (512, 1024):
-        np.testing.assert_array_equal(tiling.resize_gray(tissue[:n, :n], 256),
-                                      cv2.resize(tissue[:n, :n], (256, 256), interpolation=cv2.INTER_AREA))
-    np.testing.assert_array_equal(tiling.resize_gray(tissue[:256, :256], 256), tissue[:256, :256])
-    # 0.499 and 0.2527 mpp scans (257 and 507 px reads) and a small upsampling within the mpp tolerance.
-    for n in (257, 507, 1030, 250):
-        fast = tiling.resize_gray(tissue[:n, :n], 256)
-        area = cv2.resize(tissue[:n, :n], (256, 256), interpolation=cv2.INTER_AREA if n > 256 else cv2.INTER_LINEAR)
-        assert fast.shape == (256, 256) and fast.dtype == np.uint8
-        diff = np.abs(fast.astype(int) - area)
-        assert diff.mean() < 2.0 and np.percentile(diff, 99) <= 8, n
+    tissue = cv2.GaussianBlur(rng.integers(0, 256, (1030, 1030, 3), dtype=np.uint8), (0, 0), 1.5)
+    for img in (cv2.cvtColor(tissue, cv2.COLOR_RGB2GRAY), tissue):  # the rule's gray tile, the model's RGB tile
+        # Whole factors: exactly OpenCV's area averaging.
+        for n, px in ((512, 256), (1024, 256), (448, 224), (256, 64)):
+            np.testing.assert_array_equal(resize_tile(img[:n, :n], px),
+                                          cv2.resize(img[:n, :n], (px, px), interpolation=cv2.INTER_AREA))
+        np.testing.assert_array_equal(resize_tile(img[:256, :256], 256), img[:256, :256])
+        # 0.499 and 0.2527 mpp scans (257 and 507 px reads) to the rule's 256 and the models' 224 px,
+        # and a small upsampling within the mpp tolerance.
+        for n, px in ((257, 256), (507, 256), (1030, 256), (250, 256), (257, 224), (512, 224), (507, 224)):
+            fast = resize_tile(img[:n, :n], px)
+            ref = cv2.resize(img[:n, :n], (px, px), interpolation=cv2.INTER_AREA if n > px else cv2.INTER_LINEAR)
+            assert fast.shape == ref.shape and fast.dtype == np.uint8
+            diff = np.abs(fast.astype(int) - ref)
+            assert diff.mean() < 2.0 and np.percentile(diff, 99) <= 8, (n, px)
 
 
 def test_reads_fall_back_to_the_public_call_if_openslide_python_changes(shared_slides, monkeypatch, caplog):

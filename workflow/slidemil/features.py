@@ -15,7 +15,6 @@ import contextlib
 import logging
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -24,7 +23,7 @@ from tqdm import tqdm
 from .extractors import IMAGENET_MEAN, IMAGENET_STD, create_extractor, get_spec
 from .io import write_h5
 from .logs import setup_logging
-from .slides import SlideError, open_slide, read_rgb
+from .slides import SlideError, one_opencv_thread, open_slide, read_rgb, resize_tile
 from .tiling import load_tiles
 
 logger = logging.getLogger(__name__)
@@ -46,9 +45,7 @@ class TileDataset(Dataset):
             self._slide = open_slide(self.slide_path)
         x, y = (int(v) for v in self.coords[i])
         tile = read_rgb(self._slide, self.slide_path, (x, y), self.level, (self.read_px, self.read_px))
-        if self.read_px != self.input_px:
-            interp = cv2.INTER_AREA if self.read_px > self.input_px else cv2.INTER_LINEAR
-            tile = cv2.resize(tile, (self.input_px, self.input_px), interpolation=interp)
+        tile = resize_tile(tile, self.input_px)
         return torch.from_numpy(np.ascontiguousarray(tile.transpose(2, 0, 1)))
 
 
@@ -129,9 +126,8 @@ def extract_features(
         loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False,
                             pin_memory=dev.type == "cuda", persistent_workers=False,
                             prefetch_factor=4 if workers else None)
-        # No cv2.setNumThreads in the (forked) workers: tearing down the parent's OpenCV pool there hangs.
         start, next_log = 0, 0
-        with torch.inference_mode(), autocast_for(dev, precision):
+        with one_opencv_thread(), torch.inference_mode(), autocast_for(dev, precision):
             for batch in tqdm(loader, desc=f"features {slide_id}", mininterval=2, disable=None):
                 x = batch.to(dev, non_blocking=True).float().sub_(mean).div_(std)
                 out = model(x.contiguous(memory_format=torch.channels_last))

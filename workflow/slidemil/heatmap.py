@@ -40,7 +40,7 @@ from scipy.stats import rankdata  # noqa: E402
 
 from .io import read_h5, save_png  # noqa: E402
 from .models import create_model  # noqa: E402
-from .slides import open_slide, read_rgb  # noqa: E402
+from .slides import open_slide, read_rgb, resize_tile  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -150,13 +150,10 @@ def _thumbnail(slide, slide_path, max_px: int) -> tuple[np.ndarray, float]:
 
 def _tile_crop(slide, slide_path, xy, level: int, read_px: int, size0: int) -> np.ndarray:
     """The tile as the feature extractor saw it: ``read_px`` pixels at ``level``, resized to CROP_PX."""
-    import cv2
-
     if level >= slide.level_count:
         level, read_px = 0, size0
     tile = read_rgb(slide, slide_path, (int(xy[0]), int(xy[1])), level, (read_px, read_px))
-    interp = cv2.INTER_AREA if read_px > CROP_PX else cv2.INTER_LINEAR
-    return cv2.resize(tile, (CROP_PX, CROP_PX), interpolation=interp)
+    return resize_tile(tile, CROP_PX)
 
 
 @dataclass

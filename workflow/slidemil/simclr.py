@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from .extractors import get_spec, variance_preserving_init, weights_digest
 from .io import atomic_output, save_png, write_csv
+from .slides import one_opencv_thread
 from .splits import SplitError
 from .tilepool import (TilePool, add_cli_arguments, cli_cohort, epoch_generator, merge_settings, normalizer,
                        sample_slide_tiles)
@@ -146,6 +147,7 @@ def _precision(device: torch.device) -> tuple[torch.dtype | None, bool]:
 # --------------------------------------------------------------------------- stage
 
 
+@one_opencv_thread()  # the loader workers are the parallelism (see slides.one_opencv_thread)
 def pretrain_simclr(
     slides: dict[str, str],
     tiles: dict[str, str],

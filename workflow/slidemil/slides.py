@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -121,6 +122,41 @@ def read_thumbnail(slide: openslide.OpenSlide, path) -> np.ndarray:
         raise SlideError(f"{path}: reading the slide's thumbnail image failed ({err}); "
                          "the file is probably corrupt: re-export or re-copy it") from err
     return rgba_to_rgb(np.asarray(image if image.mode == "RGBA" else image.convert("RGBA")))
+
+
+def resize_tile(tile: np.ndarray, px: int) -> np.ndarray:
+    """A square tile (gray or colour) at ``px`` x ``px``: area averaging by the nearest whole factor, after a
+    bilinear step of under half a pixel per output pixel to that exact multiple; bilinear when upsampling.
+
+    OpenCV's area resampling is fast only for whole factors. Between them it costs as much as a third of reading
+    the tile (measured per tile: RGB 512 -> 224 px 2.0 ms, 257 -> 224 px 0.53 ms; gray 257 -> 256 px 0.33 ms);
+    the two steps take 0.6, 0.08 and 0.04 ms and differ from one area resize by 0.2-0.3 gray levels on average.
+    """
+    n = tile.shape[0]
+    if n == px:
+        return tile
+    k = max(1, round(n / px))
+    if n != k * px:
+        tile = cv2.resize(tile, (k * px, k * px), interpolation=cv2.INTER_LINEAR)
+    if k > 1:
+        tile = cv2.resize(tile, (px, px), interpolation=cv2.INTER_AREA)
+    return tile
+
+
+@contextlib.contextmanager
+def one_opencv_thread():
+    """OpenCV without its own thread pool inside the block, e.g. while DataLoader workers read tiles.
+
+    The workers are the parallelism: OpenCV's pool in each (its colour conversion and bilinear resize go
+    multi-threaded at tile size) takes cores from the model. Entered in the parent before the workers fork,
+    since setting it inside a forked worker deadlocks once the parent has used the pool.
+    """
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(threads)
 
 
 def rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from .extractors import create_extractor, get_spec
 from .io import atomic_output, write_csv
+from .slides import one_opencv_thread
 from .tilepool import (SlideTiles, TilePool, add_cli_arguments, cli_cohort, epoch_generator, merge_settings,
                        normalizer, sample_slide_tiles)
 from .train import (
@@ -113,6 +114,7 @@ def predict_tiles(model, pool: TilePool, labels: dict[str, int], weights, device
     return slide_scores(item_slides, logits), loss
 
 
+@one_opencv_thread()  # the loader workers are the parallelism (see slides.one_opencv_thread)
 def train_tile_supervised(
     slides: dict[str, str],
     tiles: dict[str, str],

@@ -16,12 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .slides import open_slide, read_rgb
+from .slides import open_slide, read_rgb, resize_tile
 from .tiling import load_tiles
 from .train import subsample_indices
 
@@ -102,9 +101,8 @@ class TilePool(Dataset):
         s = self.slides[self.slide_index[i]]
         x, y = (int(v) for v in s.coords[self.row[i]])
         tile = read_rgb(self._slide(s.slide_path), s.slide_path, (x, y), s.level, (s.read_px, s.read_px))
-        if self.resize_px and self.resize_px != s.read_px:
-            interp = cv2.INTER_AREA if s.read_px > self.resize_px else cv2.INTER_LINEAR
-            tile = cv2.resize(tile, (self.resize_px, self.resize_px), interpolation=interp)
+        if self.resize_px:
+            tile = resize_tile(tile, self.resize_px)
         return torch.from_numpy(np.ascontiguousarray(tile.transpose(2, 0, 1)))
 
     def __getitem__(self, i: int):

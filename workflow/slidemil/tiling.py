@@ -29,7 +29,8 @@ from tqdm import tqdm
 
 from .io import atomic_output, read_h5, write_h5
 from .logs import setup_logging
-from .slides import SlideError, open_slide, pick_level, read_gray, read_rgb, read_thumbnail, slide_mpp
+from .slides import (SlideError, open_slide, pick_level, read_gray, read_rgb, read_thumbnail, resize_tile,
+                     slide_mpp)
 
 logger = logging.getLogger(__name__)
 
@@ -105,26 +106,6 @@ def too_white(gray: np.ndarray, p: TilingParams) -> bool:
     """The rule's first half: more than ``max_bright_fraction`` of the gray pixels above ``bright_threshold``."""
     _, bright = cv2.threshold(gray, p.bright_threshold, 1, cv2.THRESH_BINARY)
     return cv2.countNonZero(bright) / gray.size > p.max_bright_fraction
-
-
-def resize_gray(gray: np.ndarray, tile_px: int) -> np.ndarray:
-    """A square gray region at ``tile_px``, for the rule: area averaging by the nearest whole factor, after a
-    bilinear step of under half a pixel per tile pixel to the exact multiple.
-
-    OpenCV's area resampling is fast only for whole factors (512 -> 256 px: 0.01 ms) and costs 0.2-0.5 ms
-    otherwise (257 or 507 -> 256 px, the usual 0.499 and 0.2527 mpp scans), as much as a sixth of reading
-    the tile. The two steps keep the area filter's anti-aliasing where it matters; the rule's decision
-    differed from a one-step area resize on 4 of 3,454 kept tiles of a real-tissue slide.
-    """
-    n = gray.shape[0]
-    if n == tile_px:
-        return gray
-    k = max(1, round(n / tile_px))
-    if n != k * tile_px:
-        gray = cv2.resize(gray, (k * tile_px, k * tile_px), interpolation=cv2.INTER_LINEAR)
-    if k > 1:
-        gray = cv2.resize(gray, (tile_px, tile_px), interpolation=cv2.INTER_AREA)
-    return gray
 
 
 def tissue_mask(thumb_rgb: np.ndarray, min_saturation: int) -> np.ndarray:
@@ -253,7 +234,7 @@ def _tile(slide_path, out_h5, out_qc, p: TilingParams, slide_id: str, mpp_overri
             gray = cv2.cvtColor(level_img[y:y + read_px, x:x + read_px], cv2.COLOR_RGB2GRAY)
         else:
             gray = read_gray(slide, slide_path, (x, y), level, (read_px, read_px))
-        return is_tissue_gray(resize_gray(gray, p.tile_px), p)
+        return is_tissue_gray(resize_tile(gray, p.tile_px), p)
 
     progress = dict(total=len(to_read), desc=f"tiling {slide_id}", mininterval=2, disable=None)
     if threads <= 1:
