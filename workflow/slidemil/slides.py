@@ -15,6 +15,8 @@ import numpy as np
 import openslide
 from openslide import lowlevel
 
+from .tiffjpeg import reader_for
+
 logger = logging.getLogger(__name__)
 
 # A pyramid level counts as "at or below" the target mpp within this relative
@@ -42,6 +44,10 @@ def open_slide(path: str | os.PathLike) -> openslide.OpenSlide:
 
 def read_rgb(slide: openslide.OpenSlide, path, location, level: int, size) -> np.ndarray:
     """Read a region as an RGB uint8 array; pixel-decoding failures name the slide."""
+    reader = reader_for(slide, path)
+    bgr = reader.read_bgr(location, level, size) if reader is not None else None
+    if bgr is not None:
+        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
     bgra = _read_opaque_bgra(slide, path, location, level, size)
     if bgra is not None:
         return cv2.cvtColor(bgra, cv2.COLOR_BGRA2RGB)
@@ -50,6 +56,10 @@ def read_rgb(slide: openslide.OpenSlide, path, location, level: int, size) -> np
 
 def read_gray(slide: openslide.OpenSlide, path, location, level: int, size) -> np.ndarray:
     """Read a region as a gray uint8 array (transparent pixels white), without an RGB copy in between."""
+    reader = reader_for(slide, path)
+    bgr = reader.read_bgr(location, level, size) if reader is not None else None
+    if bgr is not None:
+        return cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
     bgra = _read_opaque_bgra(slide, path, location, level, size)
     if bgra is not None:
         return cv2.cvtColor(bgra, cv2.COLOR_BGRA2GRAY)
