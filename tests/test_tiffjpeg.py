@@ -65,7 +65,8 @@ def test_regions_openslide_must_draw_are_left_to_it(tmp_path):
     level0 = reader.levels[0]
     level0.counts = np.array(level0.counts)
     level0.counts[0] = 0
-    reader._cache.clear()
+    tiffjpeg._cache.clear()
+    tiffjpeg._cache_bytes = 0
     assert reader.read_bgr((0, 0), 0, (10, 10)) is None
     assert reader.read_bgr((level0.tile_w, 0), 0, (10, 10)) is not None
     # Through read_rgb the declined regions still come out right: white outside the scan.
@@ -99,17 +100,15 @@ def test_broken_slides_still_fail_with_the_slides_name(shared_slides):
         read_rgb(slide, path, (0, 0), 0, (16, 16))
 
 
-def test_threads_share_one_reader(shared_slides):
+def test_threads_share_one_reader(shared_slides, monkeypatch):
     path = shared_slides / "CMU-1-Small-Region.svs"
     slide = open_slide(path)
     rng = np.random.default_rng(2)
     spots = [(int(x), int(y)) for x, y in zip(rng.integers(0, 1900, 64), rng.integers(0, 2600, 64))]
-    tiffjpeg.CACHE_TILES, cache = 8, tiffjpeg.CACHE_TILES  # a small cache: tiles come and go under the threads
-    try:
-        with ThreadPoolExecutor(4) as pool:
-            got = list(pool.map(lambda xy: read_gray(slide, path, xy, 0, (300, 300)), spots))
-    finally:
-        tiffjpeg.CACHE_TILES = cache
+    monkeypatch.setattr(tiffjpeg, "CACHE_BYTES", 8 * 240 * 240 * 3)  # 8 tiles: they come and go under the threads
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda xy: read_gray(slide, path, xy, 0, (300, 300)), spots))
+    assert tiffjpeg._cache_bytes <= tiffjpeg.CACHE_BYTES
     for xy, gray in zip(spots, got):
         expected = cv2.cvtColor(np.asarray(slide.read_region(xy, 0, (300, 300))), cv2.COLOR_RGBA2GRAY)
         np.testing.assert_array_equal(gray, expected)

@@ -15,6 +15,7 @@ module declines:
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import os
 import threading
@@ -28,7 +29,10 @@ logger = logging.getLogger(__name__)
 
 VENDORS = ("aperio", "generic-tiff")
 ENABLED = True  # False: OpenSlide reads everything (tests of the OpenSlide path, comparisons)
-CACHE_TILES = 128  # decoded tiles kept per slide: neighbouring regions share tiles (a 256 px RGB tile is 192 KiB)
+# Decoded tiles kept per process, all slides together: neighbouring regions share tiles, and a 40,960 px slide's
+# rows of 256 px tiles (160 tiles, 30 MiB) fit twice, so a grid that does not line up with the tiles decodes
+# each tile about once. The budget is per process: each DataLoader worker has its own.
+CACHE_BYTES = 64 << 20
 # An Adobe APP14 marker with transform 0: the JPEG's three components are R, G, B, not YCbCr. TIFF says so in
 # its photometric tag (Aperio writes RGB JPEG tiles), but a bare JPEG stream cannot, so the decoder is told here.
 _ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
@@ -36,6 +40,10 @@ _DECODE_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
 
 _readers: "weakref.WeakKeyDictionary[openslide.OpenSlide, TiffJpegReader | None]" = weakref.WeakKeyDictionary()
 _readers_lock = threading.Lock()
+_cache: collections.OrderedDict = collections.OrderedDict()  # (reader number, level, tx, ty) -> BGR tile
+_cache_bytes = 0
+_cache_lock = threading.Lock()
+_numbers = itertools.count()  # not id(): a new reader could reuse a dead one's id and find its tiles
 
 
 class _Level:
@@ -59,8 +67,7 @@ class TiffJpegReader:
         self.downsamples = [float(d) for d in downsamples]
         self._fd = os.open(path, os.O_RDONLY)
         self._finalizer = weakref.finalize(self, os.close, self._fd)
-        self._cache: collections.OrderedDict = collections.OrderedDict()
-        self._lock = threading.Lock()
+        self.number = next(_numbers)
 
     @classmethod
     def open(cls, slide: openslide.OpenSlide, path) -> "TiffJpegReader | None":
@@ -115,11 +122,12 @@ class TiffJpegReader:
         return out
 
     def _tile(self, level: int, lv: _Level, tx: int, ty: int) -> np.ndarray | None:
-        key = (level, tx, ty)
-        with self._lock:
-            tile = self._cache.get(key)
+        global _cache_bytes
+        key = (self.number, level, tx, ty)
+        with _cache_lock:
+            tile = _cache.get(key)
             if tile is not None:
-                self._cache.move_to_end(key)
+                _cache.move_to_end(key)
                 return tile
         i = ty * lv.tiles_across + tx
         count = int(lv.counts[i])
@@ -137,10 +145,12 @@ class TiffJpegReader:
             return None
         if tile is None or tile.shape != (lv.tile_h, lv.tile_w, 3):
             return None
-        with self._lock:
-            self._cache[key] = tile
-            if len(self._cache) > CACHE_TILES:
-                self._cache.popitem(last=False)
+        with _cache_lock:
+            if key not in _cache:
+                _cache[key] = tile
+                _cache_bytes += tile.nbytes
+            while _cache_bytes > CACHE_BYTES and _cache:
+                _cache_bytes -= _cache.popitem(last=False)[1].nbytes
         return tile
 
     def _matches_openslide(self, slide: openslide.OpenSlide) -> bool:
