@@ -44,27 +44,30 @@ def open_slide(path: str | os.PathLike) -> openslide.OpenSlide:
 
 def read_rgb(slide: openslide.OpenSlide, path, location, level: int, size) -> np.ndarray:
     """Read a region as an RGB uint8 array; pixel-decoding failures name the slide."""
-    reader = reader_for(slide, path)
-    bgr = reader.read_bgr(location, level, size) if reader is not None else None
-    if bgr is not None:
-        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-    bgra = _read_opaque_bgra(slide, path, location, level, size)
-    if bgra is not None:
-        return cv2.cvtColor(bgra, cv2.COLOR_BGRA2RGB)
+    img = _read_fast(slide, path, location, level, size, cv2.COLOR_BGR2RGB, cv2.COLOR_BGRA2RGB)
+    if img is not None:
+        return img
     return rgba_to_rgb(_read_rgba(slide, path, location, level, size))
 
 
 def read_gray(slide: openslide.OpenSlide, path, location, level: int, size) -> np.ndarray:
     """Read a region as a gray uint8 array (transparent pixels white), without an RGB copy in between."""
+    img = _read_fast(slide, path, location, level, size, cv2.COLOR_BGR2GRAY, cv2.COLOR_BGRA2GRAY)
+    if img is not None:
+        return img
+    rgba = _read_rgba(slide, path, location, level, size)
+    return _whiten_transparent(cv2.cvtColor(rgba, cv2.COLOR_RGBA2GRAY), rgba)
+
+
+def _read_fast(slide, path, location, level: int, size, from_bgr: int, from_bgra: int) -> np.ndarray | None:
+    """The region converted by one cvtColor from the JPEG tiles themselves (tiffjpeg) or from OpenSlide's own
+    buffer when fully opaque; None where only the public read_region gives the right pixels."""
     reader = reader_for(slide, path)
     bgr = reader.read_bgr(location, level, size) if reader is not None else None
     if bgr is not None:
-        return cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
+        return cv2.cvtColor(bgr, from_bgr)
     bgra = _read_opaque_bgra(slide, path, location, level, size)
-    if bgra is not None:
-        return cv2.cvtColor(bgra, cv2.COLOR_BGRA2GRAY)
-    rgba = _read_rgba(slide, path, location, level, size)
-    return _whiten_transparent(cv2.cvtColor(rgba, cv2.COLOR_RGBA2GRAY), rgba)
+    return cv2.cvtColor(bgra, from_bgra) if bgra is not None else None
 
 
 def _read_rgba(slide: openslide.OpenSlide, path, location, level: int, size) -> np.ndarray:
