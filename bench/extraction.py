@@ -9,7 +9,8 @@ already ran other cases proved fragile):
   DataLoader workers (reading, JPEG decoding, resizing, normalising, the model, writing);
 - with ``--loader``, ``loader``: the loader's work alone on one core (each tile read, decoded
   and resized to uint8 CHW, as a DataLoader worker does), which says how many cores keep a
-  GPU fed at a given rate;
+  GPU fed at a given rate, and ``loader-exact``: the same without scaled JPEG decoding
+  (``scaled_decode: false``; the same as ``loader`` where tiles are read at under 2x input_px);
 and prints tiles per second and the ratio end to end / model only (medians).
 
     python bench/extraction.py                                  # CPU, both extractors, workers 0 1 2
@@ -38,7 +39,7 @@ from slidemil.extractors import IMAGENET_MEAN, IMAGENET_STD, create_extractor
 from slidemil.features import (TileDataset, autocast_for, compile_model, extract_features, resolve_device,
                                resolve_precision)
 from slidemil.io import write_h5
-from slidemil.slides import one_opencv_thread
+from slidemil.slides import decode_scale, one_opencv_thread
 from slidemil.tiling import load_tiles, tile_slide
 
 
@@ -100,9 +101,11 @@ def one_case(args) -> None:
     extractor, n = args.extractors[0], args.n
     cpu0 = 0.0
     with GpuSampler() as gpu:
-        if args.one == "loader":
+        if args.one in ("loader", "loader-exact"):
             coords, attrs = load_tiles(args.tiles_h5)
-            dataset = TileDataset(args.slide, coords, int(attrs["level"]), int(attrs["read_px"]), args.input_px)
+            read_px = int(attrs["read_px"])
+            scale = decode_scale(read_px, args.input_px) if args.one == "loader" else 1
+            dataset = TileDataset(args.slide, coords, int(attrs["level"]), read_px, args.input_px, scale)
             with one_opencv_thread():  # one core, as in a loader worker
                 t0, cpu0 = time.perf_counter(), _cpu()
                 for i in range(len(dataset)):
@@ -177,15 +180,18 @@ def main() -> None:
             cases = {"model": case("model"), **{f"e2e-w{w}": case(f"e2e-w{w}") for w in args.workers}}
             if args.loader:
                 cases["loader"] = case("loader")
+                cases["loader-exact"] = case("loader-exact")
             times = {k: [] for k in cases}
             for _ in range(args.repeats):  # interleaved: model, e2e-w0, e2e-w1, ..., model, ...
                 for k, fn in cases.items():
                     times[k].append(fn())
             med = {k: median(v) for k, v in times.items()}
             rates = {k: round(n / v, 1) for k, v in med.items()}
+            attrs = load_tiles(tiles_h5)[1]
             results.append({
                 "extractor": extractor, "tiles": n, "batch_size": args.batch_size, "precision": precision,
-                "compile": args.compile, "threads": args.threads,
+                "compile": args.compile, "threads": args.threads, "read_px": int(attrs["read_px"]),
+                "decode_scale": decode_scale(int(attrs["read_px"]), args.input_px),
                 "seconds": {k: [round(x, 2) for x in v] for k, v in times.items()},
                 "tiles_per_s": rates,
                 "ratio_e2e_over_model": {k: round(rates[k] / rates["model"], 3) for k in rates

@@ -1,3 +1,4 @@
+import cv2
 import h5py
 import numpy as np
 import pytest
@@ -5,7 +6,8 @@ import torch
 
 from slidemil.demo import make_slide
 from slidemil.extractors import create_extractor, get_spec, list_extractors
-from slidemil.features import extract_features
+from slidemil.features import TileDataset, extract_features
+from slidemil.slides import decode_scale, open_slide, read_rgb, resize_tile
 from slidemil.tiling import tile_slide
 
 
@@ -48,6 +50,34 @@ def test_features_file_deterministic_and_batch_independent(tiled):
         assert fa.attrs["tile_px"] == 128 and fa.attrs["target_mpp"] == 1.0
         # Different tiles give different features (the tiles are really read).
         assert np.std(fa["features"][()], axis=0).mean() > 0
+
+
+def test_scaled_decoding_reads_nearly_the_same_tiles_and_features(tiled):
+    # 256 px reads (level 0) for 48 px inputs: decoded at 1/4 scale (64 px), then resized, instead of 256 -> 48.
+    d, slide = tiled
+    with h5py.File(d / "tiles.h5") as f:
+        coords, level, read_px = f["coords"][()], int(f.attrs["level"]), int(f.attrs["read_px"])
+    scale = decode_scale(read_px, 48)
+    assert (level, read_px, scale) == (0, 256, 4)
+    fast = TileDataset(str(slide), coords, level, read_px, 48, scale)
+    s = open_slide(slide)
+    for i, (x, y) in enumerate(coords):
+        # As if the scan had 1/4 of the pixels: area-averaged, then the same resize as for any slide.
+        full = read_rgb(s, slide, (int(x), int(y)), level, (read_px, read_px))
+        expected = resize_tile(cv2.resize(full, (64, 64), interpolation=cv2.INTER_AREA), 48).transpose(2, 0, 1)
+        got = fast[i].numpy()
+        assert got.shape == (3, 48, 48)
+        assert np.abs(got.astype(int) - expected).mean() < 0.5, i
+    out = {}
+    for scaled in (True, False):
+        out[scaled] = d / f"scaled-{scaled}.h5"
+        extract_features(str(slide), str(d / "tiles.h5"), str(out[scaled]), "shufflenet_v2", "random",
+                         input_px=48, scaled_decode=scaled)
+    with h5py.File(out[True]) as fa, h5py.File(out[False]) as fb:
+        assert fa.attrs["decode_scale"] == 4 and fb.attrs["decode_scale"] == 1
+        a, b = fa["features"][()], fb["features"][()]
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() > 0.99 and not np.array_equal(a, b)
 
 
 def test_local_weights_file(tiled, tmp_path):

@@ -112,3 +112,52 @@ def test_threads_share_one_reader(shared_slides, monkeypatch):
     for xy, gray in zip(spots, got):
         expected = cv2.cvtColor(np.asarray(slide.read_region(xy, 0, (300, 300))), cv2.COLOR_RGBA2GRAY)
         np.testing.assert_array_equal(gray, expected)
+
+
+@pytest.mark.parametrize("scale", [2, 4, 8])
+def test_scaled_decoding_matches_area_averaging(shared_slides, scale):
+    # libjpeg-turbo's reduced inverse DCT: a low-pass and subsample of each 8 x 8 block, so it must agree with
+    # decoding every pixel and area-averaging, up to rounding and block edges (not byte for byte).
+    path = shared_slides / "CMU-1-Small-Region.svs"
+    slide = open_slide(path)
+    reader = tiffjpeg.reader_for(slide, path)
+    rng = np.random.default_rng(scale)
+    for _ in range(8):
+        size = 64 * int(rng.integers(1, 9))
+        x = scale * int(rng.integers(0, (2220 - size) // scale))
+        y = scale * int(rng.integers(0, (2967 - size) // scale))
+        scaled = read_rgb(slide, path, (x, y), 0, (size, size), scale)
+        assert scaled.shape == (size // scale, size // scale, 3)
+        np.testing.assert_array_equal(scaled, cv2.cvtColor(reader.read_bgr((x, y), 0, (size, size), scale),
+                                                          cv2.COLOR_BGR2RGB))
+        area = cv2.resize(np.asarray(slide.read_region((x, y), 0, (size, size)))[..., :3],
+                          (size // scale, size // scale), interpolation=cv2.INTER_AREA)
+        diff = np.abs(scaled.astype(int) - area)
+        assert diff.mean() < 0.5 and np.percentile(diff, 99) <= 4, (x, y, size, diff.mean())
+
+
+def test_scaled_reads_openslide_must_serve_are_area_averaged(tmp_path):
+    path = tmp_path / "s.tiff"
+    make_slide(path, label=1, seed=5, slide_px=(1024, 1024))
+    slide = open_slide(path)
+    reader = tiffjpeg.reader_for(slide, path)
+    assert reader.read_bgr((2, 0), 0, (64, 64), 4) is None  # not on the 1/4 grid
+    assert reader.read_bgr((0, 0), 0, (66, 64), 4) is None
+    assert reader.read_bgr((0, 0), 0, (64, 64), 3) is None
+    # Declined by the reader (off the grid, past the edge): read whole, then area-averaged, the same size.
+    for loc, size in [((2, 6), (64, 64)), ((960, 0), (128, 64))]:
+        got = read_rgb(slide, path, loc, 0, size, 4)
+        full = read_rgb(slide, path, loc, 0, size)
+        np.testing.assert_array_equal(got, cv2.resize(full, (size[0] // 4, size[1] // 4),
+                                                      interpolation=cv2.INTER_AREA))
+    with pytest.raises(ValueError, match="1/4"):
+        read_rgb(slide, path, (0, 0), 0, (66, 64), 4)
+
+
+def test_decode_scale_keeps_at_least_the_input_size():
+    assert slides.decode_scale(512, 224) == 2  # 40x scan, 256 px tiles at 0.5 mpp
+    assert slides.decode_scale(256, 224) == 1
+    assert slides.decode_scale(1024, 224) == 4
+    assert slides.decode_scale(514, 128) == 2  # 257 is the largest whole share
+    assert slides.decode_scale(4096, 128) == 8
+    assert slides.decode_scale(100, 224) == 1

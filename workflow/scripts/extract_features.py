@@ -16,6 +16,7 @@ _step.run(
     input_px=settings["input_px"],
     dtype=settings["dtype"],
     precision=settings.get("precision", "auto"),
+    scaled_decode=settings.get("scaled_decode", True),
     seed=settings.get("seed", 0),
     device=snakemake.resources.device,
     batch_size=snakemake.resources.batch_size,

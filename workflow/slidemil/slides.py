@@ -15,7 +15,7 @@ import numpy as np
 import openslide
 from openslide import lowlevel
 
-from .tiffjpeg import reader_for
+from .tiffjpeg import SCALES, reader_for
 
 logger = logging.getLogger(__name__)
 
@@ -42,12 +42,33 @@ def open_slide(path: str | os.PathLike) -> openslide.OpenSlide:
                          "it may be corrupt or truncated: re-export or re-copy it") from err
 
 
-def read_rgb(slide: openslide.OpenSlide, path, location, level: int, size) -> np.ndarray:
-    """Read a region as an RGB uint8 array; pixel-decoding failures name the slide."""
+def read_rgb(slide: openslide.OpenSlide, path, location, level: int, size, scale: int = 1) -> np.ndarray:
+    """Read a region as an RGB uint8 array; pixel-decoding failures name the slide.
+
+    ``scale`` > 1 returns the region at 1/``scale`` of the level's resolution (``size`` must be a multiple of it):
+    JPEG-tiled TIFF slides decode it directly at that scale, other slides are read whole and area-averaged, which
+    gives the same pixels to within rounding (see tiffjpeg).
+    """
+    w, h = int(size[0]), int(size[1])
+    if scale != 1:
+        if scale not in SCALES or w % scale or h % scale:
+            raise ValueError(f"read_rgb: cannot read {w} x {h} px at 1/{scale} scale (1, 2, 4 or 8, dividing the size)")
+        reader = reader_for(slide, path)
+        bgr = reader.read_bgr(location, level, (w, h), scale) if reader is not None else None
+        if bgr is not None:
+            return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        return cv2.resize(read_rgb(slide, path, location, level, (w, h)), (w // scale, h // scale),
+                          interpolation=cv2.INTER_AREA)
     img = _read_fast(slide, path, location, level, size, cv2.COLOR_BGR2RGB, cv2.COLOR_BGRA2RGB)
     if img is not None:
         return img
     return rgba_to_rgb(_read_rgba(slide, path, location, level, size))
+
+
+def decode_scale(read_px: int, out_px: int) -> int:
+    """The largest JPEG decoding scale (1, 2, 4 or 8) that divides ``read_px`` and keeps at least ``out_px``
+    pixels per side, so the resize to ``out_px`` still only shrinks."""
+    return max(s for s in SCALES if read_px % s == 0 and read_px // s >= out_px) if read_px >= out_px else 1
 
 
 def read_gray(slide: openslide.OpenSlide, path, location, level: int, size) -> np.ndarray:

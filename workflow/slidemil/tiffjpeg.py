@@ -10,6 +10,10 @@ module declines:
 - a region that is not wholly inside its level, or not on whole pixels of that level;
 - a missing tile (no bytes), or a tile that does not decode to the tile's size;
 - a slide whose test tile does not decode to exactly OpenSlide's pixels (checked once per slide).
+
+It can also decode at 1/2, 1/4 or 1/8 scale (``scale``): libjpeg-turbo then runs a smaller inverse DCT on each
+8 x 8 block instead of decoding every pixel and averaging them afterwards, 2.6x faster for a 240 px tile, and
+within 0.04 gray levels on average of the full decode followed by area averaging (measured on CMU-1).
 """
 
 from __future__ import annotations
@@ -36,11 +40,14 @@ CACHE_BYTES = 64 << 20
 # An Adobe APP14 marker with transform 0: the JPEG's three components are R, G, B, not YCbCr. TIFF says so in
 # its photometric tag (Aperio writes RGB JPEG tiles), but a bare JPEG stream cannot, so the decoder is told here.
 _ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
-_DECODE_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+_DECODE_FLAGS = {scale: flag | cv2.IMREAD_IGNORE_ORIENTATION for scale, flag in (
+    (1, cv2.IMREAD_COLOR), (2, cv2.IMREAD_REDUCED_COLOR_2), (4, cv2.IMREAD_REDUCED_COLOR_4),
+    (8, cv2.IMREAD_REDUCED_COLOR_8))}
+SCALES = tuple(_DECODE_FLAGS)
 
 _readers: "weakref.WeakKeyDictionary[openslide.OpenSlide, TiffJpegReader | None]" = weakref.WeakKeyDictionary()
 _readers_lock = threading.Lock()
-_cache: collections.OrderedDict = collections.OrderedDict()  # (reader number, level, tx, ty) -> BGR tile
+_cache: collections.OrderedDict = collections.OrderedDict()  # (reader number, level, scale, tx, ty) -> BGR tile
 _cache_bytes = 0
 _cache_lock = threading.Lock()
 _numbers = itertools.count()  # not id(): a new reader could reuse a dead one's id and find its tiles
@@ -96,10 +103,11 @@ class TiffJpegReader:
         except openslide.OpenSlideError:  # a broken slide: OpenSlide reports it, with the slide's name, when read
             return None
 
-    def read_bgr(self, location, level: int, size) -> np.ndarray | None:
-        """The region (level-0 top-left, level, size) as BGR uint8, or None if OpenSlide must read it."""
+    def read_bgr(self, location, level: int, size, scale: int = 1) -> np.ndarray | None:
+        """The region (level-0 top-left, level, size in level pixels) as BGR uint8 at 1/``scale`` of the level's
+        resolution, or None if OpenSlide must read it (and, for ``scale`` > 1, the caller must downscale)."""
         lv = self.levels.get(level)
-        if lv is None:
+        if lv is None or scale not in _DECODE_FLAGS:
             return None
         w, h = int(size[0]), int(size[1])
         ds = self.downsamples[level]
@@ -109,21 +117,26 @@ class TiffJpegReader:
         if abs(fx - x) > 1e-6 or abs(fy - y) > 1e-6 or w <= 0 or h <= 0 or x < 0 or y < 0 \
                 or x + w > lv.width or y + h > lv.height:
             return None
+        # A scaled region must map onto whole output pixels of whole scaled tiles.
+        if (x | y | w | h | lv.tile_w | lv.tile_h) % scale:
+            return None
+        tw, th = lv.tile_w // scale, lv.tile_h // scale
+        x, y, w, h = x // scale, y // scale, w // scale, h // scale
         out = np.empty((h, w, 3), np.uint8)
-        for ty in range(y // lv.tile_h, (y + h - 1) // lv.tile_h + 1):
-            for tx in range(x // lv.tile_w, (x + w - 1) // lv.tile_w + 1):
-                tile = self._tile(level, lv, tx, ty)
+        for ty in range(y // th, (y + h - 1) // th + 1):
+            for tx in range(x // tw, (x + w - 1) // tw + 1):
+                tile = self._tile(level, lv, tx, ty, scale)
                 if tile is None:
                     return None
-                x0, y0 = tx * lv.tile_w, ty * lv.tile_h
+                x0, y0 = tx * tw, ty * th
                 sx, sy = max(x, x0), max(y, y0)
-                ex, ey = min(x + w, x0 + lv.tile_w), min(y + h, y0 + lv.tile_h)
+                ex, ey = min(x + w, x0 + tw), min(y + h, y0 + th)
                 out[sy - y:ey - y, sx - x:ex - x] = tile[sy - y0:ey - y0, sx - x0:ex - x0]
         return out
 
-    def _tile(self, level: int, lv: _Level, tx: int, ty: int) -> np.ndarray | None:
+    def _tile(self, level: int, lv: _Level, tx: int, ty: int, scale: int = 1) -> np.ndarray | None:
         global _cache_bytes
-        key = (self.number, level, tx, ty)
+        key = (self.number, level, scale, tx, ty)
         with _cache_lock:
             tile = _cache.get(key)
             if tile is not None:
@@ -140,10 +153,10 @@ class TiffJpegReader:
         if data[:2] != b"\xff\xd8":
             return None
         try:
-            tile = cv2.imdecode(np.frombuffer(lv.head + data[2:], np.uint8), _DECODE_FLAGS)
+            tile = cv2.imdecode(np.frombuffer(lv.head + data[2:], np.uint8), _DECODE_FLAGS[scale])
         except cv2.error:
             return None
-        if tile is None or tile.shape != (lv.tile_h, lv.tile_w, 3):
+        if tile is None or tile.shape != (lv.tile_h // scale, lv.tile_w // scale, 3):
             return None
         with _cache_lock:
             if key not in _cache:
