@@ -101,7 +101,7 @@ def extract_features(
 
     ``precision`` and ``scaled_decode`` change the features slightly (they are settings of the extractor);
     ``scaled_decode`` reads tiles at least twice ``input_px`` (40x scans at 20x) at 1/2, 1/4 or 1/8 resolution
-    before the resize, which for JPEG-tiled slides roughly halves the loader's CPU time per tile;
+    before the resize, which for JPEG-tiled 40x slides cuts the loader's CPU time per tile by a third;
     ``device``, ``batch_size``, ``workers``, ``threads`` and ``torch_compile`` only change
     how fast they come.
     """
