@@ -6,8 +6,8 @@
 
 The bags are drawn once from the seed and kept in memory in ``--dtype``
 (float16 by default, as the training stage keeps float16 features) and
-converted to float32 per batch on the device, exactly as ``slidemil.train``
-does. Each model runs one untimed warm-up pass over a few bags, then
+converted to float32 and standardised per batch on the device, exactly as
+``slidemil.train`` does. Each model runs one untimed warm-up pass over a few bags, then
 ``--epochs`` timed epochs of ``slidemil.train.train_epoch`` (Adam, cosine
 schedule, class-weighted CE, batch size 1 as in MHIM-MIL). Epochs are
 interleaved across models and the median epoch is reported, so that load from
@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow"))
 from slidemil.models import create_model, list_models  # noqa: E402
-from slidemil.train import Data, class_weights, train_epoch  # noqa: E402
+from slidemil.train import Data, class_weights, feature_stats, train_epoch  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -171,7 +171,7 @@ def main(argv=None):
     bags, labels = make_bags(args.bags, args.tiles, args.dim, getattr(torch, args.dtype), args.seed)
     ids = sorted(bags)
     weights = class_weights(np.array([labels[s] for s in ids]), True).to(dev)
-    data = Data(bags, labels, weights, dev)
+    data = Data(bags, labels, weights, dev, feature_stats(bags, ids))
     gib = sum(b.numel() * b.element_size() for b in bags.values()) / 2**30
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"# {args.bags} bags x {args.tiles} tiles x {args.dim} ({args.dtype}, {gib:.2f} GiB in memory, "

@@ -2,6 +2,8 @@
 
 import json
 import logging
+import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -163,6 +165,40 @@ def test_max_tiles_subset_fixed_per_slide(dataset):
         keep = train.subsample_indices(len(full), 12, 7, slide)
         assert len(bag) == min(len(full), 12)
         np.testing.assert_array_equal(bag.float().numpy(), full if keep is None else full[keep])
+
+
+def mapped_files() -> set[str]:
+    with open("/proc/self/maps") as f:
+        return {line.split(None, 5)[5].strip() for line in f if len(line.split(None, 5)) == 6}
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux's /proc/self/maps")
+def test_bags_are_maps_of_the_feature_files_up_to_the_budget(dataset, monkeypatch):
+    ids = sorted(dataset["features"])
+    read, _ = train.load_bags(ids, dataset["features"], mmap=False)
+    bags, _ = train.load_bags(ids, dataset["features"])
+    maps = mapped_files()
+    assert all(str(Path(dataset["features"][s]).resolve()) in maps for s in ids)
+    for s in ids:
+        torch.testing.assert_close(bags[s], read[s], rtol=0, atol=0)
+    del bags, maps
+    # Past the descriptor budget the rest are read, with the same values.
+    monkeypatch.setattr(train, "_map_budget", lambda n: 3)
+    some, _ = train.load_bags(ids[::-1], dataset["features"])
+    maps = mapped_files()
+    assert sum(str(Path(dataset["features"][s]).resolve()) in maps for s in ids) == 3
+    for s in ids:
+        torch.testing.assert_close(some[s], read[s], rtol=0, atol=0)
+
+
+def test_batches_are_standardised_and_padding_stays_zero():
+    bags = {"a": torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float16), "b": torch.tensor([[5.0, 6.0]])}
+    mean, std = torch.tensor([1.0, 2.0]), torch.tensor([2.0, 4.0])
+    data = train.Data(bags, {"a": 0, "b": 1}, torch.ones(2), torch.device("cpu"), (mean, std))
+    x, mask, y = data.batch(["a", "b"])
+    torch.testing.assert_close(x, torch.tensor([[[0.0, 0.0], [1.0, 0.5]], [[2.0, 1.0], [0.0, 0.0]]]))
+    assert mask.tolist() == [[True, True], [True, False]] and y.tolist() == [0, 1]
+    assert bags["a"].tolist() == [[1.0, 2.0], [3.0, 4.0]] and bags["a"].dtype == torch.float16  # never in place
 
 
 def test_empty_slides_skipped_and_missing_ones_fail(dataset, tmp_path, caplog):

@@ -1,6 +1,8 @@
 """Training stage: one MIL model on one fold of the splits.
 
-Bags (one per slide) are loaded into memory once, the model is trained with
+Bags (one per slide) are memory-mapped from the feature files (or read, when a
+file's layout cannot be mapped) once per job: jobs of several folds and models on
+one node share the page cache instead of each holding a copy. The model is trained with
 Adam and a per-step cosine schedule on the fold's ``train`` slides, evaluated
 after every epoch on its ``val`` slides at the patient level (mean of a
 patient's slide probabilities), and the checkpoint with the best validation
@@ -22,6 +24,7 @@ import functools
 import json
 import logging
 import math
+import resource
 import sys
 import time
 import zlib
@@ -35,7 +38,7 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
-from .io import atomic_output, read_h5, write_csv
+from .io import atomic_output, map_h5, read_h5, write_csv
 from .models import create_model
 
 logger = logging.getLogger(__name__)
@@ -122,22 +125,30 @@ def subsample_indices(n_tiles: int, max_tiles: int | None, seed: int, slide_id: 
 
 
 def load_bags(
-    slide_ids, features: dict[str, str], max_tiles: int | None = None, seed: int = 0
+    slide_ids, features: dict[str, str], max_tiles: int | None = None, seed: int = 0, mmap: bool = True
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Read every slide's features once, as tensors [N, D].
+    """Every slide's features, once, as tensors [N, D].
 
-    float16 features stay float16 in memory (half the RAM of a large cohort)
-    and are cast to float32 per batch. Returns the bags and the slides skipped because they have no tiles.
-    A slide without a feature file is an error (all such slides are listed).
+    With ``mmap`` a bag is a copy-on-write map of its HDF5 file (what ``write_h5`` stores
+    maps; other layouts are read), so parallel jobs share the page cache; a subsampled bag
+    is its own copy. Each map holds a file descriptor: the open-file limit is raised towards
+    its hard limit when short, and maps stop at half of it (later bags are read).
+    float16 features stay float16 (half the RAM of a large cohort) and are cast to float32
+    (and standardised) per batch. Returns the bags and the slides skipped because they
+    have no tiles. A slide without a feature file is an error (all such slides are listed).
     """
     missing = [s for s in slide_ids if s not in features]
     if missing:
         more = f" and {len(missing) - 20} more" if len(missing) > 20 else ""
         raise ValueError(f"no feature file for slide(s) {', '.join(missing[:20])}{more}")
+    maps_left = _map_budget(len(slide_ids)) if mmap else 0
     bags, skipped = {}, []
     for slide_id in slide_ids:
-        data, _ = read_h5(features[slide_id], names=("features",))
-        feats = data["features"]
+        if maps_left > 0:
+            feats = map_h5(features[slide_id], "features")
+            maps_left -= isinstance(feats, np.memmap)
+        else:
+            feats = read_h5(features[slide_id], names=("features",))[0]["features"]
         if feats.size == 0:
             logger.warning("slide %s has no tiles (%s); skipped", slide_id, features[slide_id])
             skipped.append(slide_id)
@@ -147,12 +158,29 @@ def load_bags(
         keep = subsample_indices(len(feats), max_tiles, seed, slide_id)
         if keep is not None:
             feats = feats[keep]
-        dtype = feats.dtype if feats.dtype in (np.float16, np.float32) else np.float32
-        bags[slide_id] = torch.from_numpy(np.ascontiguousarray(feats, dtype=dtype))
+        if feats.dtype not in (np.float16, np.float32):
+            feats = feats.astype(np.float32)
+        bags[slide_id] = torch.from_numpy(feats if isinstance(feats, np.memmap) else np.ascontiguousarray(feats))
     dims = {b.shape[1] for b in bags.values()}
     if len(dims) > 1:
         raise ValueError(f"feature dimensions differ between slides: {sorted(dims)}")
     return bags, skipped
+
+
+def _map_budget(n_files: int) -> int:
+    """How many feature files may stay mapped: half the open-file limit, raised towards the hard limit if short."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return n_files
+    wanted = 2 * n_files + 128
+    if soft < wanted and (hard == resource.RLIM_INFINITY or hard > soft):
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return max(soft // 2 - 64, 0)
 
 
 def feature_stats(bags: dict[str, torch.Tensor], ids: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,11 +193,6 @@ def feature_stats(bags: dict[str, torch.Tensor], ids: list[str]) -> tuple[torch.
     # Constant dimensions carry no information; dividing by 1 leaves them at zero after centring.
     std[std < 1e-12] = 1.0
     return mean.float(), std.float()
-
-
-def standardize_bags(bags: dict[str, torch.Tensor], mean: torch.Tensor, std: torch.Tensor) -> None:
-    for s, b in bags.items():
-        bags[s] = ((b.float() - mean) / std).to(b.dtype)
 
 
 # --------------------------------------------------------------------------- batches and losses
@@ -232,17 +255,31 @@ def autocast(device: torch.device):
 
 @dataclass
 class Data:
-    """What the epoch loops need: bags, slide labels and the loss weights."""
+    """What the epoch loops need: bags, slide labels, the loss weights and the standardisation."""
 
     bags: dict[str, torch.Tensor]
     labels: dict[str, int]
     weights: torch.Tensor
     device: torch.device
+    norm: tuple[torch.Tensor, torch.Tensor] | None = None  # (mean, std) per feature dimension
+
+    def __post_init__(self):
+        if self.norm is not None:
+            self.norm = tuple(t.float().to(self.device) for t in self.norm)
 
     def batch(self, ids: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x, mask = collate([self.bags[s] for s in ids])
         y = torch.tensor([self.labels[s] for s in ids], dtype=torch.long)
-        return x.to(self.device).float(), mask.to(self.device), y.to(self.device)
+        x, mask = x.to(self.device).float(), mask.to(self.device)
+        if self.norm is not None:
+            # Standardised here, in float32, rather than once into a second copy of every bag: the bags
+            # stay what was loaded (shared maps of the feature files), and training sees the same
+            # values the heatmaps compute from the checkpoint's statistics. Padding stays zero.
+            # In place: collate made x, a copy of the bags.
+            x.sub_(self.norm[0]).div_(self.norm[1])
+            if not mask.all():
+                x.masked_fill_(~mask[..., None], 0.0)
+        return x, mask, y.to(self.device)
 
 
 def train_epoch(
@@ -422,7 +459,6 @@ def train_bags(
     for part in ("train", "val"):
         if not ids[part]:
             raise ValueError(f"{desc or model}: no {part} slide")
-    # A new dict: standardising replaces its tensors, never the caller's.
     bags = {s: bags[s] for s in split["slide_id"]}
     in_dim = next(iter(bags.values())).shape[1]
 
@@ -431,12 +467,10 @@ def train_bags(
     norm = _start_from(net, model, init_state, init_source, in_dim, cfg["standardize"])
     if norm is None and cfg["standardize"] and init_state is None:
         norm = feature_stats(bags, ids["train"])
-    if norm is not None:
-        standardize_bags(bags, *norm)
 
     labels = dict(zip(split["slide_id"], split["label"].astype(int)))
     weights = class_weights(np.array([labels[s] for s in ids["train"]]), cfg["class_weighted"])
-    data = Data(bags, labels, weights.to(dev), dev)
+    data = Data(bags, labels, weights.to(dev), dev, norm)
 
     net = net.to(dev)
     val = split[split["partition"] == "val"]
