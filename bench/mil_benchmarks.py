@@ -18,6 +18,8 @@ writes ``docs/benchmarks.md``, ``docs/benchmarks.csv`` (summary) and
     PYTHONPATH=workflow OMP_NUM_THREADS=1 python bench/mil_benchmarks.py --jobs 2
 
 ``--repetitions 1 --max-folds 2`` measures a per-fold time to extrapolate from.
+``--precision bf16 --out /tmp/bf16.md`` reruns the same folds under
+``training.precision: bf16`` (compare with an ``fp32`` run the same way).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from sklearn.metrics import roc_auc_score  # noqa: E402
 from slidemil.byof import bag_ids, cv_test_folds, load_mil_npz  # noqa: E402
 from slidemil.models import list_models, model_kwargs_defaults  # noqa: E402
 from slidemil.splits import make_splits, validation_fraction  # noqa: E402
-from slidemil.train import checkpoint, train_bags  # noqa: E402
+from slidemil.train import TRAIN_PRECISIONS, checkpoint, train_bags  # noqa: E402
 
 DATASETS = ("musk1", "fox", "tiger")
 MHIM_PREFIX = "mhim_"
@@ -62,6 +64,12 @@ TRAINING = {
     "class_weighted": True,
     "standardize": True,
 }
+
+
+def training_settings(precision: str = "auto") -> dict:
+    return {**TRAINING, **({"precision": precision} if precision != "auto" else {})}
+
+
 # Offered to every model; each gets the ones its builder accepts (others keep their defaults).
 MODEL_PRESET = {"embed_dim": 128, "attn_dim": 64, "dropout": 0.25}
 
@@ -122,7 +130,8 @@ def fold_split(sheet: pd.DataFrame, masks: np.ndarray, repetition: int, fold: in
 
 def run_fold(task: tuple) -> list[dict]:
     """Train the task's models on one fold; one result row per model."""
-    data_dir, dataset, models, repetition, fold, seed = task
+    data_dir, dataset, models, repetition, fold, seed, precision = task
+    training = training_settings(precision)
     torch.set_num_threads(1)
     logging.disable(logging.WARNING)  # per-epoch logs of thousands of runs drown the summary
     bags, sheet, masks = load_dataset(data_dir, dataset)
@@ -134,9 +143,9 @@ def run_fold(task: tuple) -> list[dict]:
         base = base_model(model)
         if base:
             if base not in baselines:
-                baselines[base] = train_bags(bags, split, base, model_kwargs(base), TRAINING, seed, "cpu")
+                baselines[base] = train_bags(bags, split, base, model_kwargs(base), training, seed, "cpu")
             init = checkpoint(baselines[base], base, model_kwargs(base), seed, fold)
-        run = train_bags(bags, split, model, model_kwargs(model), TRAINING, seed, "cpu", init_state=init)
+        run = train_bags(bags, split, model, model_kwargs(model), training, seed, "cpu", init_state=init)
         baselines.setdefault(model, run)
         test = run.slides[run.slides["partition"] == "test"]
         y, p = test["label"].to_numpy(), test["prob"].to_numpy()
@@ -195,7 +204,8 @@ def ilse_comparison(summary: pd.DataFrame) -> list[str]:
     return lines
 
 
-def write_doc(path: Path, summary: pd.DataFrame, command: str, wall_s: float, jobs: int, notes: str) -> None:
+def write_doc(path: Path, summary: pd.DataFrame, command: str, wall_s: float, jobs: int, notes: str,
+              precision: str = "auto") -> None:
     datasets = [d for d in DATASETS if d in set(summary["dataset"])]
     header = "| model | " + " | ".join(f"{d.upper()} accuracy | {d.upper()} AUC" for d in datasets) + " |"
     lines = [header, "|---|" + "---|---|" * len(datasets)]
@@ -260,7 +270,7 @@ Folds per row: {folds}.
   applies to a sample sheet with `splits.fold_column`. Ilse et al. also early-stopped on a
   validation split of the training data. The test fold is used only for the final numbers.
 - Features: z-scored per dimension with the training bags' statistics (`training.standardize`).
-- Training (all models): {TRAINING}; class-weighted cross-entropy; cosine learning-rate schedule; CPU,
+- Training (all models): {training_settings(precision)}; class-weighted cross-entropy; cosine learning-rate schedule; CPU,
   one thread per process, seed 0.
 - Model settings (the preset `MODEL_PRESET`, passed where a model accepts them): {kwargs}.
   Our `abmil` is one projection layer (in_dim -> 128, ReLU, dropout) + attention (hidden 64) +
@@ -294,6 +304,7 @@ def main(argv=None) -> None:
     ap.add_argument("--repetitions", type=int, default=5)
     ap.add_argument("--max-folds", type=int, default=10, help="folds per repetition (fewer: a timing run)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--precision", choices=TRAIN_PRECISIONS, default="auto", help="training.precision")
     ap.add_argument("--jobs", type=int, default=1, help="worker processes (one thread each)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     ap.add_argument("--notes", help="Markdown file whose text goes under the comparison in the doc")
@@ -317,15 +328,21 @@ def main(argv=None) -> None:
         if missing:
             raise SystemExit(f"error: {', '.join(missing)} not found in {args.data_dir}")
         # Repetition by repetition over all datasets, so an interrupted run still covers every dataset.
-        tasks = [(args.data_dir, d, tuple(args.models), r, k, args.seed)
+        tasks = [(args.data_dir, d, tuple(args.models), r, k, args.seed, args.precision)
                  for r in range(args.repetitions) for d in args.datasets for k in range(args.max_folds)]
         command = ("PYTHONPATH=workflow OMP_NUM_THREADS=1 python bench/mil_benchmarks.py"
                    f" --datasets {' '.join(args.datasets)} --models {' '.join(args.models)}"
                    f" --repetitions {args.repetitions} --jobs {args.jobs}"
                    + (f" --max-folds {args.max_folds}" if args.max_folds != 10 else "")
                    + (f" --seed {args.seed}" if args.seed else "")
+                   + (f" --precision {args.precision}" if args.precision != "auto" else "")
                    + (f" --notes {args.notes}" if args.notes else ""))
         started = time.monotonic()
+
+        def run_meta() -> dict:
+            return {"wall_s": time.monotonic() - started, "jobs": args.jobs, "command": command,
+                    "precision": args.precision}
+
         rows = []
         with ProcessPoolExecutor(max_workers=args.jobs) as pool:
             for i, fold_rows in enumerate(pool.map(run_fold, tasks, chunksize=1), 1):
@@ -335,17 +352,16 @@ def main(argv=None) -> None:
                     # Kept as it grows: --rewrite-doc can report an interrupted run (with its fold counts).
                     out.parent.mkdir(parents=True, exist_ok=True)
                     pd.DataFrame(rows).to_csv(folds_csv, index=False)
-                    meta_json.write_text(json.dumps({"wall_s": time.monotonic() - started, "jobs": args.jobs,
-                                                     "command": command}, indent=2) + "\n")
+                    meta_json.write_text(json.dumps(run_meta(), indent=2) + "\n")
         folds = pd.DataFrame(rows)
-        meta = {"wall_s": time.monotonic() - started, "jobs": args.jobs, "command": command}
+        meta = run_meta()
         out.parent.mkdir(parents=True, exist_ok=True)
         folds.to_csv(folds_csv, index=False)
         meta_json.write_text(json.dumps(meta, indent=2) + "\n")
 
     summary = summarize(folds)
     summary.to_csv(out.with_suffix(".csv"), index=False, float_format="%.4f")
-    write_doc(out, summary, meta["command"], meta["wall_s"], meta["jobs"], notes)
+    write_doc(out, summary, meta["command"], meta["wall_s"], meta["jobs"], notes, meta.get("precision", "auto"))
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"\n{len(folds)} fold runs in {meta['wall_s']:.0f} s with {meta['jobs']} job(s)")

@@ -3,6 +3,7 @@
     python bench/mil_models.py                                  # 64 bags x 2000 tiles x 1024, all models
     python bench/mil_models.py --bags 32 --tiles 2000 --models abmil mhim_abmil transmil mhim_transmil
     python bench/mil_models.py --bags 270 --tiles 9000 --device cuda     # CAMELYON-16 scale (about 5 GB of float16)
+    python bench/mil_models.py --bags 27 --tiles 9000 --precision fp32 bf16    # training.precision side by side
 
 The bags are drawn once from the seed and kept in memory in ``--dtype``
 (float16 by default, as the training stage keeps float16 features) and
@@ -19,13 +20,17 @@ Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during an epoch above
 what was allocated before it; on CPU the peak resident set size during an
 epoch above its size before it, sampled every 2 ms (tracemalloc does not see
 PyTorch's allocator). The last column is an MHIM model's time per epoch
-divided by its base model's (the target is <= 1.3).
+divided by its base model's (the target is <= 1.3). With several
+``--precision`` values every model runs under each (``training.precision``),
+and the last column is the model's time per epoch under the first precision
+divided by its time under this one (above 1: faster).
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import gc
 import math
 import os
@@ -39,7 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow"))
 from slidemil.models import create_model, list_models  # noqa: E402
-from slidemil.train import Data, class_weights, feature_stats, train_epoch  # noqa: E402
+from slidemil.train import TRAIN_PRECISIONS, Data, class_weights, feature_stats, train_epoch  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -110,6 +115,7 @@ class Run:
 
     def __init__(self, name: str, data: Data, ids: list[str], args):
         self.name, self.data, self.ids, self.args = name, data, ids, args
+        self.precision = data.precision
         self.model = build(name, args.dim, args.seed).to(data.device)
         self.params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         self.optimizer = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad],
@@ -155,6 +161,8 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="in-memory feature precision")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--precision", nargs="+", choices=TRAIN_PRECISIONS, default=["auto"],
+                        help="training.precision; several: every model under each, side by side")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -180,22 +188,26 @@ def main(argv=None):
 
     # Epochs interleaved across models (model A epoch 1, model B epoch 1, ...): on a shared
     # machine a slow spell then slows every model alike instead of whichever ran during it.
-    runs = [Run(n, data, ids, args) for n in names]
+    runs = [Run(n, dataclasses.replace(data, precision=p), ids, args) for n in names for p in args.precision]
     for k in range(args.epochs):
         for run in runs:
             run.epoch(k)
-            print(f"  epoch {k + 1} {run.name}: {run.times[-1]:.2f} s", file=sys.stderr, flush=True)
-    rows = [{"model": r.name, "params": r.params, "s_per_epoch": float(np.median(r.times)), "peak_mb": r.peak / 2**20}
-            for r in runs]
-    by_name = {r["model"]: r for r in rows}
-    print(f"| model | trainable params | s / epoch | peak MB ({'CUDA allocated' if dev.type == 'cuda' else 'RSS delta'}) | MHIM / base |")
-    print("|---|---:|---:|---:|---:|")
+            print(f"  epoch {k + 1} {run.name} ({run.precision}): {run.times[-1]:.2f} s", file=sys.stderr, flush=True)
+    rows = [{"model": r.name, "precision": r.precision, "params": r.params, "s_per_epoch": float(np.median(r.times)),
+             "peak_mb": r.peak / 2**20} for r in runs]
+    by_key = {(r["model"], r["precision"]): r for r in rows}
+    print(f"| model | precision | trainable params | s / epoch | peak MB "
+          f"({'CUDA allocated' if dev.type == 'cuda' else 'RSS delta'}) | MHIM / base | {args.precision[0]} / this |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        ratio = ""
+        mhim = speedup = ""
         base = r["model"][len("mhim_"):] if r["model"].startswith("mhim_") else None
-        if base in by_name:
-            ratio = f"{r['s_per_epoch'] / by_name[base]['s_per_epoch']:.2f}"
-        print(f"| {r['model']} | {r['params']:,} | {r['s_per_epoch']:.3f} | {r['peak_mb']:.0f} | {ratio} |")
+        if (base, r["precision"]) in by_key:
+            mhim = f"{r['s_per_epoch'] / by_key[base, r['precision']]['s_per_epoch']:.2f}"
+        if r["precision"] != args.precision[0]:
+            speedup = f"{by_key[r['model'], args.precision[0]]['s_per_epoch'] / r['s_per_epoch']:.2f}"
+        print(f"| {r['model']} | {r['precision']} | {r['params']:,} | {r['s_per_epoch']:.3f} | {r['peak_mb']:.0f} "
+              f"| {mhim} | {speedup} |")
 
 
 if __name__ == "__main__":

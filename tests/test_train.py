@@ -260,6 +260,32 @@ def test_bad_settings_fail_clearly(dataset, tmp_path):
         run(dataset, tmp_path, fold=5)
 
 
+def test_precision_setting_sets_the_autocast(dataset, tmp_path, monkeypatch):
+    seen = []  # dtype of the first projection's output in every forward pass
+
+    def recording_model(*args, **kwargs):
+        model = create_model(*args, **kwargs)
+        first = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+        first.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+        return model
+
+    monkeypatch.setattr(train, "create_model", recording_model)
+    summary = run(dataset, tmp_path / "bf16", training={"precision": "bf16"})
+    assert set(seen) == {torch.bfloat16}  # training and the predictions alike
+    assert summary["test_auc"] >= 0.9  # bf16 on a CPU still learns the easy task
+    ckpt = torch.load(tmp_path / "bf16" / "model.pt", weights_only=False)
+    assert ckpt["training"]["precision"] == "bf16"
+
+    seen.clear()
+    run(dataset, tmp_path / "auto", training={"epochs": 1})
+    assert set(seen) == {torch.float32}  # auto: exact float32 on a CPU
+    for precision, dtype in (("auto", torch.float32), ("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        with train.autocast(torch.device("cpu"), precision):
+            assert torch.nn.Linear(4, 4)(torch.ones(1, 4)).dtype == dtype
+    with pytest.raises(ValueError, match="training.precision must be one of auto, fp32, bf16, got 'fp16'"):
+        run(dataset, tmp_path / "fp16", training={"precision": "fp16"})
+
+
 def test_cli(dataset, tmp_path, capsys):
     out = tmp_path / "cli"
     train.main([
