@@ -286,6 +286,17 @@ def test_precision_setting_sets_the_autocast(dataset, tmp_path, monkeypatch):
         run(dataset, tmp_path / "fp16", training={"precision": "fp16"})
 
 
+def test_bf16_on_a_cpu_without_bf16_units_warns(dataset, tmp_path, monkeypatch, caplog):
+    from slidemil import devices
+
+    monkeypatch.setattr(devices, "cpu_has_bf16", lambda: False)
+    with caplog.at_level(logging.WARNING):
+        run(dataset, tmp_path / "fp32", training={"epochs": 1, "precision": "fp32"})
+        assert "no bf16 units" not in caplog.text
+        run(dataset, tmp_path / "bf16", training={"epochs": 1, "precision": "bf16"})
+    assert "training.precision is bf16, but this CPU has no bf16 units" in caplog.text
+
+
 def test_cli(dataset, tmp_path, capsys):
     out = tmp_path / "cli"
     train.main([

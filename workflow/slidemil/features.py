@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from .devices import resolve_device, warn_if_bf16_emulated
 from .extractors import IMAGENET_MEAN, IMAGENET_STD, create_extractor, get_spec
 from .io import write_h5
 from .logs import setup_logging
@@ -50,12 +51,6 @@ class TileDataset(Dataset):
         tile = read_rgb(self._slide, self.slide_path, (x, y), self.level, (self.read_px, self.read_px), self.scale)
         tile = resize_tile(tile, self.input_px)
         return torch.from_numpy(np.ascontiguousarray(tile.transpose(2, 0, 1)))
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def resolve_precision(device: torch.device, precision: str) -> str:
@@ -117,6 +112,7 @@ def extract_features(
     model, digest = create_extractor(extractor, weights, seed)
     model = model.to(dev, memory_format=torch.channels_last)
     precision = resolve_precision(dev, precision)
+    warn_if_bf16_emulated(dev, precision, f"features.settings.{extractor}.precision")
     if torch_compile and len(coords):
         with torch.inference_mode(), autocast_for(dev, precision):
             model = compile_model(model, torch.zeros((min(batch_size, len(coords)), 3, input_px, input_px), device=dev))

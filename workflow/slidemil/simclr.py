@@ -34,13 +34,13 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 from tqdm import tqdm
 
+from .devices import resolve_device
 from .extractors import get_spec, variance_preserving_init, weights_digest
 from .io import atomic_output, save_png, write_csv
 from .slides import one_opencv_thread
 from .splits import SplitError
 from .tilepool import (TilePool, add_cli_arguments, cli_cohort, epoch_generator, merge_settings, normalizer,
                        sample_slide_tiles)
-from .train import resolve_device
 
 logger = logging.getLogger(__name__)
 

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
+from .devices import resolve_device, warn_if_bf16_emulated
 from .io import atomic_output, map_h5, read_h5, write_csv
 from .models import create_model
 
@@ -246,12 +247,6 @@ def weighted_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Ten
 
 
 # --------------------------------------------------------------------------- device
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def autocast(device: torch.device, precision: str = "auto"):
@@ -464,6 +459,7 @@ def train_bags(
     if reserved:
         raise ValueError(f"model_kwargs must not set {', '.join(reserved)}: they come from the data")
     dev = resolve_device(device)
+    warn_if_bf16_emulated(dev, cfg["precision"], "training.precision")
     missing = sorted(set(split["slide_id"]) - set(bags))
     if missing:
         raise ValueError(f"no bag for slide(s) {', '.join(missing[:20])}")
