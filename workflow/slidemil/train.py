@@ -56,8 +56,8 @@ DEFAULT_TRAINING = {
     # z-score each feature dimension with training-slide statistics: extractors differ in scale by
     # orders of magnitude (random-weight CNNs especially), and the MIL models should not care.
     "standardize": True,
-    # auto: bf16 autocast on CUDA, exact float32 elsewhere; bf16 also on CPUs with bf16 units (about 1.2-1.7x
-    # faster steps there, slightly different numbers); fp32 everywhere, for bit-for-bit comparisons on a GPU.
+    # auto: bf16 autocast on CUDA, exact float32 elsewhere; bf16 also on CPUs with bf16 units (1.1-1.8x faster
+    # epochs there, slightly different numbers); fp32 everywhere, e.g. to compare a GPU run with a CPU run.
     "precision": "auto",
 }
 TRAIN_PRECISIONS = ("auto", "fp32", "bf16")
