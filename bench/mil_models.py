@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow"))
+from slidemil.devices import resolve_device  # noqa: E402
 from slidemil.models import create_model, list_models  # noqa: E402
 from slidemil.train import TRAIN_PRECISIONS, Data, class_weights, feature_stats, train_epoch  # noqa: E402
 
@@ -115,7 +116,6 @@ class Run:
 
     def __init__(self, name: str, data: Data, ids: list[str], args):
         self.name, self.data, self.ids, self.args = name, data, ids, args
-        self.precision = data.precision
         self.model = build(name, args.dim, args.seed).to(data.device)
         self.params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         self.optimizer = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad],
@@ -168,8 +168,7 @@ def main(argv=None):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                       "cpu" if args.device == "auto" else args.device)
+    dev = resolve_device(args.device)
     names = args.models or list_models()
     unknown = sorted(set(names) - set(list_models()))
     if unknown:
@@ -192,8 +191,8 @@ def main(argv=None):
     for k in range(args.epochs):
         for run in runs:
             run.epoch(k)
-            print(f"  epoch {k + 1} {run.name} ({run.precision}): {run.times[-1]:.2f} s", file=sys.stderr, flush=True)
-    rows = [{"model": r.name, "precision": r.precision, "params": r.params, "s_per_epoch": float(np.median(r.times)),
+            print(f"  epoch {k + 1} {run.name} ({run.data.precision}): {run.times[-1]:.2f} s", file=sys.stderr, flush=True)
+    rows = [{"model": r.name, "precision": r.data.precision, "params": r.params, "s_per_epoch": float(np.median(r.times)),
              "peak_mb": r.peak / 2**20} for r in runs]
     by_key = {(r["model"], r["precision"]): r for r in rows}
     print(f"| model | precision | trainable params | s / epoch | peak MB "

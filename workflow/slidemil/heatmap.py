@@ -38,6 +38,7 @@ from matplotlib import colormaps  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from scipy.stats import rankdata  # noqa: E402
 
+from .devices import resolve_device  # noqa: E402
 from .io import read_h5, save_png  # noqa: E402
 from .models import create_model  # noqa: E402
 from .slides import open_slide, read_rgb, resize_tile  # noqa: E402
@@ -198,8 +199,7 @@ def make_heatmap(
     and ``note`` says why). Returns what was drawn, top tiles included.
     """
     slide_id = slide_id or Path(slide_path).name.split(".")[0]
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device)
     model, ckpt = load_checkpoint(checkpoint, device)
     data, feature_attrs = read_h5(features_h5, ("features", "coords"))
     features, coords = data["features"], data["coords"].astype(np.int64)
