@@ -46,7 +46,8 @@ from sklearn.metrics import roc_auc_score  # noqa: E402
 from slidemil.byof import bag_ids, cv_test_folds, load_mil_npz  # noqa: E402
 from slidemil.models import list_models, model_kwargs_defaults  # noqa: E402
 from slidemil.splits import make_splits, validation_fraction  # noqa: E402
-from slidemil.train import TRAIN_PRECISIONS, checkpoint, train_bags  # noqa: E402
+from slidemil.devices import TRAIN_PRECISIONS  # noqa: E402
+from slidemil.train import checkpoint, train_bags  # noqa: E402
 
 DATASETS = ("musk1", "fox", "tiger")
 MHIM_PREFIX = "mhim_"

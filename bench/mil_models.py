@@ -43,9 +43,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow"))
-from slidemil.devices import resolve_device  # noqa: E402
+from slidemil.devices import TRAIN_PRECISIONS, resolve_device  # noqa: E402
 from slidemil.models import create_model, list_models  # noqa: E402
-from slidemil.train import TRAIN_PRECISIONS, Data, class_weights, feature_stats, train_epoch  # noqa: E402
+from slidemil.train import Data, class_weights, feature_stats, train_epoch  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 

@@ -183,3 +183,30 @@ def test_settings_are_checked():
         simclr.resolve_settings({"epoch": 2})
     with pytest.raises(ValueError, match="at least 2"):
         simclr.resolve_settings({"batch_size": 1})
+
+
+def test_precision_setting_sets_the_autocast(cohort, tmp_path, monkeypatch):
+    seen = []  # dtype of the first convolution's output in every forward pass
+
+    class Recording(simclr.SimCLRModel):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            first = next(m for m in self.modules() if isinstance(m, torch.nn.Conv2d))
+            first.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+
+    monkeypatch.setattr(simclr, "SimCLRModel", Recording)
+    summary = run(cohort, tmp_path / "bf16", precision="bf16")
+    assert seen and set(seen) == {torch.bfloat16}
+    assert all(math.isfinite(loss) for loss in summary["epoch_loss"])
+    assert torch.load(tmp_path / "bf16" / "backbone.pt", weights_only=True)["settings"]["precision"] == "bf16"
+
+    seen.clear()
+    run(cohort, tmp_path / "auto")
+    assert seen and set(seen) == {torch.float32}  # auto: exact float32 on a CPU
+    # auto stays out of the checkpoint's signature, so checkpoints from before the setting still continue;
+    # another precision does not continue it.
+    assert "precision" not in torch.load(tmp_path / "auto" / simclr.CHECKPOINT, weights_only=True)["signature"]
+    assert run(cohort, tmp_path / "auto", epochs=2)["first_epoch"] == 2
+    assert run(cohort, tmp_path / "auto", epochs=3, precision="fp32")["first_epoch"] == 1
+    with pytest.raises(ValueError, match="simclr.precision must be one of auto, fp32, bf16, got 'fp16'"):
+        simclr.resolve_settings({"precision": "fp16"})

@@ -74,17 +74,32 @@ def test_report_has_simclr_mil_and_tile_supervised_rows(run):
     assert (workdir / "results" / "report" / "roc_tiles_tile_supervised.png").is_file()
 
 
-def test_a_simclr_change_reruns_pretraining_and_what_uses_it(run):
-    workdir, _ = run
-    changed = copy.deepcopy(CONFIG)
-    changed["simclr"]["temperature"] = 0.2
+def planned_jobs(workdir, changed) -> dict[str, int]:
+    """Jobs a dry run plans under the ``changed`` config (the run's own config is put back after)."""
     (workdir / "config.yaml").write_text(yaml.safe_dump(changed))
     try:
         proc = snakemake(workdir, "-n")
     finally:
         (workdir / "config.yaml").write_text(yaml.safe_dump(CONFIG))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    jobs = {rule: int(n) for rule, n in re.findall(r"^(\w+)\s+(\d+)$", proc.stdout, re.M)}
+    return {rule: int(n) for rule, n in re.findall(r"^(\w+)\s+(\d+)$", proc.stdout, re.M)}
+
+
+# simclr.precision is optional and absent from CONFIG: the schema accepts it and it reruns like any setting.
+@pytest.mark.parametrize("key, value", [("temperature", 0.2), ("precision", "bf16")])
+def test_a_simclr_change_reruns_pretraining_and_what_uses_it(run, key, value):
+    workdir, _ = run
+    changed = copy.deepcopy(CONFIG)
+    changed["simclr"][key] = value
+    jobs = planned_jobs(workdir, changed)
     n_slides = len(pd.read_csv(workdir / "results" / "splits" / "splits.csv"))
     assert jobs.get("pretrain_simclr") == 1 and jobs.get("extract_features") == n_slides
     assert jobs.get("train_tiles") == 2 and "tile_slide" not in jobs and "splits" not in jobs
+
+
+def test_a_tile_supervised_precision_reruns_only_that_model(run):
+    workdir, _ = run
+    changed = copy.deepcopy(CONFIG)
+    changed["mil"]["settings"]["tile_supervised"]["precision"] = "bf16"
+    jobs = planned_jobs(workdir, changed)
+    assert {rule: n for rule, n in jobs.items() if rule not in ("all", "total")} == {"train_tiles": 2, "report": 1}

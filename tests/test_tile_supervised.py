@@ -71,3 +71,26 @@ def test_simclr_backbone_initialises_the_classifier(tmp_path):
     model = tile_supervised.TileClassifier("shufflenet_v2", str(tmp_path / "backbone.pt"))
     for key, value in backbone.state_dict().items():
         assert torch.equal(model.backbone.state_dict()[key], value)
+
+
+def test_precision_setting_sets_the_autocast(cohort, tmp_path, monkeypatch):
+    seen = []  # dtype of the classifier's logits in every forward pass, training and predictions
+
+    class Recording(tile_supervised.TileClassifier):
+        def forward(self, x):
+            out = super().forward(x)
+            seen.append(out.dtype)
+            return out
+
+    monkeypatch.setattr(tile_supervised, "TileClassifier", Recording)
+    settings = {"input_px": 48, "tiles_per_slide": 8, "eval_tiles_per_slide": 6, "epochs": 1, "batch_size": 16}
+    for precision, dtype in (("bf16", torch.bfloat16), ("auto", torch.float32)):
+        seen.clear()
+        summary = tile_supervised.train_tile_supervised(
+            cohort["slides"], cohort["tiles"], cohort["splits"], 0, {**settings, "precision": precision}, 0,
+            str(tmp_path / precision), device="cpu", num_threads=1)
+        # 2 training batches, then the validation and the final predictions
+        assert len(seen) >= 4 and set(seen) == {dtype}, precision
+        assert 0 <= summary["val_auc"] <= 1
+    with pytest.raises(ValueError, match="tile_supervised.precision must be one of auto, fp32, bf16, got 'fp16'"):
+        tile_supervised.resolve_settings({"precision": "fp16"})

@@ -8,6 +8,10 @@ import torch
 
 logger = logging.getLogger(__name__)
 
+# What the training stages (MIL, SimCLR, tile-supervised) accept. fp16 would need loss scaling; bf16 has
+# float32's range and needs none.
+TRAIN_PRECISIONS = ("auto", "fp32", "bf16")
+
 
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
@@ -25,3 +29,9 @@ def warn_if_bf16_emulated(device: torch.device, precision: str, setting: str) ->
     if precision == "bf16" and device.type == "cpu" and not cpu_has_bf16():
         logger.warning("%s is bf16, but this CPU has no bf16 units (AVX512-BF16 or AMX): PyTorch emulates bf16 "
                        "here, which is slower than fp32", setting)
+
+
+def check_train_precision(value, setting: str) -> str:
+    if value not in TRAIN_PRECISIONS:
+        raise ValueError(f"{setting} must be one of {', '.join(TRAIN_PRECISIONS)}, got {value!r}")
+    return value

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from .devices import resolve_device
+from .devices import check_train_precision, resolve_device, warn_if_bf16_emulated
 from .extractors import get_spec, variance_preserving_init, weights_digest
 from .io import atomic_output, save_png, write_csv
 from .slides import one_opencv_thread
@@ -56,6 +56,9 @@ DEFAULT_SETTINGS = {
     "proj_dim": 128,
     "color_strength": 1.0,
     "min_crop_scale": 0.08,
+    # auto: bf16 autocast on CUDA (fp16 with loss scaling on GPUs without bf16), float32 on CPU. bf16 on a CPU
+    # with bf16 units: about 2x faster ResNet steps but slower ShuffleNetV2 ones (docs/performance.md).
+    "precision": "auto",
 }
 ARCHITECTURES = ("shufflenet_v2", "resnet18", "resnet50_trunc")
 CHECKPOINT = "checkpoint.pt"
@@ -67,6 +70,7 @@ def resolve_settings(settings: dict | None) -> dict:
                          floats=("temperature", "lr", "weight_decay", "color_strength", "min_crop_scale"))
     if cfg["batch_size"] < 2:
         raise ValueError("simclr.batch_size must be at least 2: the other tiles of a batch are the negatives")
+    check_train_precision(cfg["precision"], "simclr.precision")
     return cfg
 
 
@@ -135,8 +139,12 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> tor
     return F.cross_entropy(sim, targets)
 
 
-def _precision(device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """Autocast dtype on CUDA (bf16 where supported, else fp16 with loss scaling); full precision on CPU."""
+def _precision(device: torch.device, precision: str = "auto") -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None, whether to scale the loss) for ``simclr.precision`` on ``device``."""
+    if precision == "fp32":
+        return None, False
+    if precision == "bf16":
+        return torch.bfloat16, False
     if device.type != "cuda":
         return None, False
     if torch.cuda.is_bf16_supported():
@@ -187,13 +195,15 @@ def pretrain_simclr(
     model = SimCLRModel(arch, cfg["proj_dim"]).to(dev, memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"], betas=tuple(cfg["betas"]),
                                  weight_decay=cfg["weight_decay"])
-    amp_dtype, use_scaler = _precision(dev)
+    warn_if_bf16_emulated(dev, cfg["precision"], "simclr.precision")
+    amp_dtype, use_scaler = _precision(dev, cfg["precision"])
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     normalize = normalizer(dev)
 
-    # Everything but the number of epochs must match for a checkpoint to be continued.
+    # Everything but the number of epochs must match for a checkpoint to be continued. precision joins
+    # only when set, so checkpoints written before the setting existed still continue.
     signature = {"arch": arch, "seed": seed, "slides": pool.slide_ids, "n_tiles": len(pool),
-                 **{k: v for k, v in cfg.items() if k != "epochs"}}
+                 **{k: v for k, v in cfg.items() if k != "epochs" and (k, v) != ("precision", "auto")}}
     first_epoch, history = _resume(out / CHECKPOINT, signature, cfg["epochs"], model, optimizer, scaler)
 
     for epoch in range(first_epoch, cfg["epochs"] + 1):

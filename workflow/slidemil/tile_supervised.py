@@ -28,14 +28,14 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 from tqdm import tqdm
 
+from .devices import check_train_precision, resolve_device, warn_if_bf16_emulated
 from .extractors import create_extractor, get_spec
 from .io import atomic_output, write_csv
 from .slides import one_opencv_thread
 from .tilepool import (SlideTiles, TilePool, add_cli_arguments, cli_cohort, epoch_generator, merge_settings,
                        normalizer, sample_slide_tiles)
 from .train import (
-    N_CLASSES, Selection, auc_or_none, autocast, class_weights, patient_predictions, read_split,
-    resolve_device, weighted_loss,
+    N_CLASSES, Selection, auc_or_none, autocast, class_weights, patient_predictions, read_split, weighted_loss,
 )
 
 logger = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ DEFAULT_SETTINGS = {
     "weight_decay": 0.0,
     "batch_size": 64,
     "class_weighted": True,
+    "precision": "auto",        # as simclr.precision: auto is bf16 on CUDA, float32 on CPU
 }
 ARCHITECTURES = ("shufflenet_v2", "resnet18")
 
@@ -63,6 +64,7 @@ def resolve_settings(settings: dict | None) -> dict:
                          optional_positive=("tiles_per_slide", "eval_tiles_per_slide"), floats=("lr", "weight_decay"))
     if cfg["arch"] not in ARCHITECTURES:
         raise ValueError(f"tile_supervised.arch must be one of {', '.join(ARCHITECTURES)}, got {cfg['arch']!r}")
+    check_train_precision(cfg["precision"], "tile_supervised.precision")
     return cfg
 
 
@@ -98,7 +100,8 @@ class _Augment:
 
 
 @torch.inference_mode()
-def predict_tiles(model, pool: TilePool, labels: dict[str, int], weights, device, batch_size, workers) -> tuple[pd.Series, float]:
+def predict_tiles(model, pool: TilePool, labels: dict[str, int], weights, device, batch_size, workers,
+                  precision: str = "auto") -> tuple[pd.Series, float]:
     """Slide scores over the pool's slides and the mean weighted tile loss."""
     model.eval()
     normalize = normalizer(device)
@@ -106,7 +109,7 @@ def predict_tiles(model, pool: TilePool, labels: dict[str, int], weights, device
     item_slides = pool.item_slide_ids()
     logits = []
     for tiles, _ in loader:
-        with autocast(device):
+        with autocast(device, precision):
             logits.append(model(normalize(tiles)).float().cpu())
     logits = torch.cat(logits)
     y = torch.tensor([labels[s] for s in item_slides], dtype=torch.long)
@@ -133,6 +136,7 @@ def train_tile_supervised(
     if num_threads:
         torch.set_num_threads(num_threads)
     dev = resolve_device(device)
+    warn_if_bf16_emulated(dev, cfg["precision"], "tile_supervised.precision")
 
     split = read_split(splits_csv, fold)
     missing = [s for s in split["slide_id"] if s not in slides or s not in tiles]
@@ -176,14 +180,15 @@ def train_tile_supervised(
         model.train()
         total, n = 0.0, 0
         for x, idx in tqdm(loader, desc=f"tile_supervised fold {fold} epoch {epoch}", mininterval=2, file=sys.stderr):
-            with autocast(dev):
+            with autocast(dev, cfg["precision"]):
                 logits = model(normalize(x))
             loss = weighted_loss(logits, y_all[idx].to(dev), weights)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total, n = total + loss.item() * len(idx), n + len(idx)
-        scores, val_loss = predict_tiles(model, val_pool, labels, weights, dev, cfg["batch_size"], workers)
+        scores, val_loss = predict_tiles(model, val_pool, labels, weights, dev, cfg["batch_size"], workers,
+                                        cfg["precision"])
         patients = patient_predictions(val.assign(prob=val["slide_id"].map(scores)))
         val_auc = auc_or_none(patients["label"], patients["prob"])
         history.append({"epoch": epoch, "train_loss": total / max(n, 1), "val_loss": val_loss,
@@ -201,7 +206,7 @@ def train_tile_supervised(
     model.load_state_dict(best.state)
     evaluated = split[split["partition"].isin(["val", "test"])].reset_index(drop=True)
     eval_pool = TilePool([sampled[s] for s in evaluated["slide_id"]], None, seed, resize_px=cfg["input_px"])
-    scores, _ = predict_tiles(model, eval_pool, labels, weights, dev, cfg["batch_size"], workers)
+    scores, _ = predict_tiles(model, eval_pool, labels, weights, dev, cfg["batch_size"], workers, cfg["precision"])
     slides_out = evaluated.assign(prob=evaluated["slide_id"].map(scores))[
         ["slide_id", "patient_id", "label", "partition", "prob"]]
     patients = patient_predictions(slides_out)

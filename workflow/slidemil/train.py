@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
-from .devices import resolve_device, warn_if_bf16_emulated
+from .devices import check_train_precision, resolve_device, warn_if_bf16_emulated
 from .io import atomic_output, map_h5, read_h5, write_csv
 from .models import create_model
 
@@ -60,7 +60,6 @@ DEFAULT_TRAINING = {
     # epochs there, slightly different numbers); fp32 everywhere, e.g. to compare a GPU run with a CPU run.
     "precision": "auto",
 }
-TRAIN_PRECISIONS = ("auto", "fp32", "bf16")
 PARTITIONS = ("train", "val", "test", "excluded")
 N_CLASSES = 2
 
@@ -88,11 +87,7 @@ def resolve_training(training: dict | None) -> dict:
     cfg["lr"] = float(cfg["lr"])
     cfg["weight_decay"] = float(cfg["weight_decay"])
     cfg["class_weighted"] = bool(cfg["class_weighted"])
-    if cfg["precision"] not in TRAIN_PRECISIONS:
-        # fp16 would need loss scaling; bf16 has float32's range and needs none.
-        raise ValueError(
-            f"training.precision must be one of {', '.join(TRAIN_PRECISIONS)}, got {cfg['precision']!r}"
-        )
+    check_train_precision(cfg["precision"], "training.precision")
     return cfg
 
 
