@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _common import GpuSampler, dump, interleaved, machine, make_large_slide, median
+from _common import GpuSampler, dump, machine, make_large_slide, median
 
 from slidemil.extractors import IMAGENET_MEAN, IMAGENET_STD, create_extractor
 from slidemil.features import (TileDataset, autocast_for, compile_model, extract_features, resolve_device,

@@ -41,7 +41,7 @@ class Case:
         if stage == "simclr":
             self.model = simclr.SimCLRModel(arch, args.proj_dim)
             self.images = 2 * args.batch_size
-            amp_dtype, use_scaler = simclr._precision(dev, precision)
+            amp_dtype, use_scaler = simclr.amp_settings(dev, precision)
             self.autocast = lambda: torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None)
             self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
         else:

@@ -57,7 +57,7 @@ DEFAULT_SETTINGS = {
     "color_strength": 1.0,
     "min_crop_scale": 0.08,
     # auto: bf16 autocast on CUDA (fp16 with loss scaling on GPUs without bf16), float32 on CPU. bf16 on a CPU
-    # with bf16 units: about 2x faster ResNet steps but slower ShuffleNetV2 ones (docs/performance.md).
+    # with bf16 units: 2-3x faster ResNet steps but 20 % slower ShuffleNetV2 ones (docs/performance.md).
     "precision": "auto",
 }
 ARCHITECTURES = ("shufflenet_v2", "resnet18", "resnet50_trunc")
@@ -139,7 +139,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> tor
     return F.cross_entropy(sim, targets)
 
 
-def _precision(device: torch.device, precision: str = "auto") -> tuple[torch.dtype | None, bool]:
+def amp_settings(device: torch.device, precision: str = "auto") -> tuple[torch.dtype | None, bool]:
     """(autocast dtype or None, whether to scale the loss) for ``simclr.precision`` on ``device``."""
     if precision == "fp32":
         return None, False
@@ -196,7 +196,7 @@ def pretrain_simclr(
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"], betas=tuple(cfg["betas"]),
                                  weight_decay=cfg["weight_decay"])
     warn_if_bf16_emulated(dev, cfg["precision"], "simclr.precision")
-    amp_dtype, use_scaler = _precision(dev, cfg["precision"])
+    amp_dtype, use_scaler = amp_settings(dev, cfg["precision"])
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     normalize = normalizer(dev)
 
