@@ -13,12 +13,11 @@ import pytest
 import torch
 
 from slidemil import simclr, tile_supervised, train
-from slidemil.demo import make_slide
 from slidemil.features import extract_features
 from slidemil.heatmap import load_checkpoint, tile_attention
 from slidemil.io import read_h5
-from slidemil.tiling import tile_slide
 
+from test_tile_supervised import make_tiled_cohort
 from test_train import FAST, MODEL_KWARGS, write_dataset
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -28,16 +27,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
 @pytest.fixture(scope="module")
 def slides(tmp_path_factory):
     """Six small slides, tiled, with splits: 2 train, 2 val, 2 test (fold 0)."""
-    d = tmp_path_factory.mktemp("cuda")
-    paths, tiles, rows = {}, {}, []
-    for k, part in enumerate(["train", "train", "val", "val", "test", "test"]):
-        slide_id = f"S{k}"
-        paths[slide_id], tiles[slide_id] = str(d / f"{slide_id}.tiff"), str(d / f"{slide_id}.h5")
-        make_slide(paths[slide_id], label=k % 2, seed=k, slide_px=(1024, 1024))
-        tile_slide(paths[slide_id], tiles[slide_id], None, {"tile_px": 64, "mpp": 1.0})
-        rows.append({"slide_id": slide_id, "patient_id": f"P{k}", "label": k % 2, "fold_0": part})
-    pd.DataFrame(rows).to_csv(d / "splits.csv", index=False)
-    return {"dir": d, "slides": paths, "tiles": tiles, "splits": str(d / "splits.csv")}
+    return make_tiled_cohort(tmp_path_factory.mktemp("cuda"), ["train", "train", "val", "val", "test", "test"])
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:

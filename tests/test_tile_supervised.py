@@ -24,12 +24,9 @@ def test_settings_are_checked():
         tile_supervised.resolve_settings({"arch": "vit"})
 
 
-@pytest.fixture(scope="module")
-def cohort(tmp_path_factory):
-    """8 one-slide patients: 4 train, 2 val, 2 test (one of each class each)."""
-    d = tmp_path_factory.mktemp("tiles_sup")
+def make_tiled_cohort(d, parts: list[str]) -> dict:
+    """One 1024 px slide per patient under ``d``, tiled, and a splits CSV whose fold 0 is ``parts``."""
     slides, tiles, rows = {}, {}, []
-    parts = ["train", "train", "train", "train", "val", "val", "test", "test"]
     for k, part in enumerate(parts):
         slide_id = f"S{k}"
         slides[slide_id], tiles[slide_id] = str(d / f"{slide_id}.tiff"), str(d / f"{slide_id}.h5")
@@ -37,7 +34,14 @@ def cohort(tmp_path_factory):
         tile_slide(slides[slide_id], tiles[slide_id], None, {"tile_px": 64, "mpp": 1.0})
         rows.append({"slide_id": slide_id, "patient_id": f"P{k}", "label": k % 2, "fold_0": part})
     pd.DataFrame(rows).to_csv(d / "splits.csv", index=False)
-    return {"slides": slides, "tiles": tiles, "splits": str(d / "splits.csv")}
+    return {"dir": d, "slides": slides, "tiles": tiles, "splits": str(d / "splits.csv")}
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    """8 one-slide patients: 4 train, 2 val, 2 test (one of each class each)."""
+    parts = ["train", "train", "train", "train", "val", "val", "test", "test"]
+    return make_tiled_cohort(tmp_path_factory.mktemp("tiles_sup"), parts)
 
 
 def test_tiny_run_writes_standard_outputs(cohort, tmp_path):
