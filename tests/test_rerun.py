@@ -91,6 +91,18 @@ def test_complete_run_has_nothing_to_do(tiny_sheet_run):
     assert dry_run(tiny_sheet_run, base_config(tiny_sheet_run)) == {}
 
 
+def test_updating_the_shared_step_code_reruns_nothing(tiny_sheet_run):
+    # Snakemake reruns a rule when its script is newer than the outputs; the scripts' shared module is not
+    # a rule script, so changes that live there (workflow/scripts/_step.py) reach users without a rerun.
+    step = ROOT / "workflow" / "scripts" / "_step.py"
+    stat = step.stat()
+    os.utime(step, (stat.st_atime, time.time() + 60))
+    try:
+        assert dry_run(tiny_sheet_run, base_config(tiny_sheet_run)) == {}
+    finally:
+        os.utime(step, (stat.st_atime, stat.st_mtime))
+
+
 @pytest.mark.parametrize("key, value, expected", RERUN_TABLE, ids=[r[0] for r in RERUN_TABLE])
 def test_config_edit_reruns_exactly_its_stages(tiny_sheet_run, key, value, expected):
     config = copy.deepcopy(base_config(tiny_sheet_run))
