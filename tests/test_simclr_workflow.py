@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+from test_rerun import job_counts
 from test_workflow import TINY, snakemake
 
 pytestmark = pytest.mark.workflow
@@ -82,7 +83,7 @@ def planned_jobs(workdir, changed) -> dict[str, int]:
     finally:
         (workdir / "config.yaml").write_text(yaml.safe_dump(CONFIG))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return {rule: int(n) for rule, n in re.findall(r"^(\w+)\s+(\d+)$", proc.stdout, re.M)}
+    return job_counts(proc.stdout + proc.stderr)
 
 
 # simclr.precision is optional and absent from CONFIG: the schema accepts it and it reruns like any setting.
@@ -101,5 +102,4 @@ def test_a_tile_supervised_precision_reruns_only_that_model(run):
     workdir, _ = run
     changed = copy.deepcopy(CONFIG)
     changed["mil"]["settings"]["tile_supervised"]["precision"] = "bf16"
-    jobs = planned_jobs(workdir, changed)
-    assert {rule: n for rule, n in jobs.items() if rule not in ("all", "total")} == {"train_tiles": 2, "report": 1}
+    assert planned_jobs(workdir, changed) == {"train_tiles": 2, "report": 1}
