@@ -30,13 +30,15 @@ def stage(how):
         raise SlideError("slide.svs: cannot be opened")
     if how == "crash":
         raise RuntimeError("a bug")
+    if how == "library_exit":
+        sys.exit(3)
     return 0
 
 _step.run(stage, {how!r})
 """
 
 
-@pytest.mark.parametrize("how, status", [("ok", 0), ("user_error", 1), ("crash", 1)])
+@pytest.mark.parametrize("how, status", [("ok", 0), ("user_error", 1), ("crash", 1), ("library_exit", 3)])
 def test_step_exits_quickly_only_after_success(tmp_path, how, status):
     script = tmp_path / "step.py"
     script.write_text(textwrap.dedent(SCRIPT.format(scripts=str(ROOT / "workflow" / "scripts"), out=str(tmp_path),

@@ -33,6 +33,11 @@ def run(fn, *args, **kwargs):
         logging.getLogger("slidemil").error("%s", err)
         _failed = True
         sys.exit(1)
+    except BaseException:
+        # Any other way out keeps the normal exit and its status: sys.exit(n) from a library never reaches
+        # the excepthook, and the quick exit would turn it into success.
+        _failed = True
+        raise
 
 
 def _exit_quickly_on_success():
