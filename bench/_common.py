@@ -21,8 +21,8 @@ from typing import Callable
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-# SLIDEMIL_SRC points at another checkout's workflow/ folder, e.g. to measure the code before a change.
-sys.path.insert(0, os.environ.get("SLIDEMIL_SRC") or str(ROOT / "workflow"))
+# The benches import the installed package; to measure another checkout's code (e.g. before a change), put
+# its package folder first: PYTHONPATH=<checkout>/src (<checkout>/workflow before the src/ layout).
 SHARED_SLIDES = ROOT.parent / "shared" / "data" / "slides"
 
 
@@ -123,7 +123,7 @@ def make_large_slide(path: str | os.PathLike, blocks: int = 10, mpp: float = 0.2
     import openslide
     import tifffile
 
-    from slidemil.demo import render_slide
+    from slidemil.demo.render import render_slide
 
     path = Path(path)
     if path.is_file():

@@ -34,8 +34,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "workflow"))
-from slidemil.demo import TUMOR_TILE_MIN_FRACTION, render_slide  # noqa: E402
+from slidemil.demo.render import TUMOR_TILE_MIN_FRACTION, render_slide  # noqa: E402
 
 
 def tile_truth(results: Path, demo: dict, slides: pd.DataFrame, features_dir: Path) -> dict[str, np.ndarray]:

@@ -24,7 +24,7 @@ from _common import ROOT, dump, machine, median
 
 
 def make_cohort(folder: Path, n_slides: int) -> Path:
-    from slidemil.demo import make_slide
+    from slidemil.demo.render import make_slide
 
     slides = folder / "slides"
     slides.mkdir(parents=True, exist_ok=True)
@@ -57,7 +57,7 @@ def main() -> None:
     # The default configuration (one extractor, two MIL models, 5 folds) on the generated sheet.
     config = {"samples": str(sheet), "results": str(workdir / "results")}
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(Path(args.repo) / "Snakefile"), "--configfile", "config.yaml",
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(next(p for p in (Path(args.repo) / "workflow" / "Snakefile", Path(args.repo) / "Snakefile") if p.exists())), "--configfile", "config.yaml",
            "--cores", "1", "-n"]
     env = dict(os.environ, PYTHONPATH=str(Path(args.repo) / "workflow"))
     times, cpu, n_jobs = [], [], None

@@ -5,7 +5,7 @@ run in a fresh process as a feature job is (forking loader workers from a proces
 already ran other cases proved fragile):
 - ``model``: the same model, batch size, precision and channels-last layout on random
   uint8 batches already in memory (normalisation on the device included): the ceiling;
-- ``e2e-wN``: ``slidemil.features.extract_features`` on a real tiled slide with N
+- ``e2e-wN``: ``slidemil.features.extract.extract_features`` on a real tiled slide with N
   DataLoader workers (reading, JPEG decoding, resizing, normalising, the model, writing);
 - with ``--loader``, ``loader``: the loader's work alone on one core (each tile read, decoded
   and resized to uint8 CHW, as a DataLoader worker does), which says how many cores keep a
@@ -35,12 +35,12 @@ import torch
 
 from _common import GpuSampler, dump, machine, make_large_slide, median
 
-from slidemil.extractors import IMAGENET_MEAN, IMAGENET_STD, create_extractor
-from slidemil.features import (TileDataset, autocast_for, compile_model, extract_features, resolve_device,
+from slidemil.features.extractors import IMAGENET_MEAN, IMAGENET_STD, create_extractor
+from slidemil.features.extract import (TileDataset, autocast_for, compile_model, extract_features, resolve_device,
                                resolve_precision)
-from slidemil.io import write_h5
-from slidemil.slides import decode_scale, one_opencv_thread
-from slidemil.tiling import load_tiles, tile_slide
+from slidemil.files import write_h5
+from slidemil.slides.reader import decode_scale, one_opencv_thread
+from slidemil.tiling.tile import load_tiles, tile_slide
 
 
 def tiled_slide(slide: str, n_tiles: int, tmp: Path) -> tuple[str, int]:

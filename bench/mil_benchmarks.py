@@ -3,11 +3,11 @@
 The folds are the published ones (``cv_train_masks_5x10`` in each ``.npz``,
 as distributed with MIDatasets.jl). Within each training fold a
 label-stratified validation share (one fold's worth, 1/9 of the training
-bags; ``slidemil.splits`` with ``fold_column``, exactly as the pipeline does
+bags; ``slidemil.cohort.splits`` with ``fold_column``, exactly as the pipeline does
 for a sheet with predefined folds) is held out for early stopping and
 checkpoint selection; the test fold is never looked at before the final
 prediction. Training runs in-process on in-memory bags through
-``slidemil.train.train_bags``, the same code the pipeline's train stage uses
+``slidemil.mil.train.train_bags``, the same code the pipeline's train stage uses
 (feature standardisation with training statistics included).
 
 Reports accuracy (probability >= 0.5) and AUC per fold, and their mean +-
@@ -35,7 +35,6 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "workflow"))
 os.environ.setdefault("TQDM_DISABLE", "1")  # per-epoch bars of thousands of runs drown the summary
 
 import numpy as np  # noqa: E402
@@ -43,11 +42,11 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
-from slidemil.byof import bag_ids, cv_test_folds, load_mil_npz  # noqa: E402
-from slidemil.models import list_models, model_kwargs_defaults  # noqa: E402
-from slidemil.splits import make_splits, validation_fraction  # noqa: E402
-from slidemil.devices import TRAIN_PRECISIONS  # noqa: E402
-from slidemil.train import checkpoint, train_bags  # noqa: E402
+from slidemil.features.byof import bag_ids, cv_test_folds, load_mil_npz  # noqa: E402
+from slidemil.mil.models import list_models, model_kwargs_defaults  # noqa: E402
+from slidemil.cohort.splits import make_splits, validation_fraction  # noqa: E402
+from slidemil.runtime import TRAIN_PRECISIONS  # noqa: E402
+from slidemil.mil.train import checkpoint, train_bags  # noqa: E402
 
 DATASETS = ("musk1", "fox", "tiger")
 MHIM_PREFIX = "mhim_"
@@ -236,7 +235,7 @@ def write_doc(path: Path, summary: pd.DataFrame, command: str, wall_s: float, jo
 
 Classic multiple-instance benchmarks (Dietterich et al. 1997; Andrews et al.
 2002; files and provenance in `../shared/data/README.md`), run through the
-same training code as the pipeline (`slidemil.train.train_bags`) for every
+same training code as the pipeline (`slidemil.mil.train.train_bags`) for every
 registered MIL model. Written by `bench/mil_benchmarks.py`; rerun with:
 
 ```bash
@@ -267,7 +266,7 @@ Folds per row: {folds}.
 - Validation: inside each training fold, a label-stratified draw of {validation_fraction(10):.3f} of
   the training bags (the size of one fold), seeded, held out for early stopping and
   checkpoint selection (best validation AUC, ties by validation loss). This is
-  `slidemil.splits.make_splits(..., fold_column="fold")`, the same rule the pipeline
+  `slidemil.cohort.splits.make_splits(..., fold_column="fold")`, the same rule the pipeline
   applies to a sample sheet with `splits.fold_column`. Ilse et al. also early-stopped on a
   validation split of the training data. The test fold is used only for the final numbers.
 - Features: z-scored per dimension with the training bags' statistics (`training.standardize`).

@@ -5,7 +5,7 @@
 
 Writes ``--bags`` feature files of ``--tiles`` x ``--dim`` float16 (as the extraction stage does,
 kept in ``--dir`` for later runs) and a splits table, then starts ``--jobs`` processes at once,
-each running ``slidemil.train.train_fold`` of the given checkout on its own fold (``--model``,
+each running ``slidemil.mil.train.train_fold`` of the given checkout on its own fold (``--model``,
 ``--epochs``). Every job samples its own memory every 10 ms; the script prints per job the
 seconds spent loading the bags and in all, and the peak of anonymous memory (the job's own
 copy of anything) and of file-backed memory (mapped pages of the feature files, shared with
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -29,8 +30,7 @@ from _common import ROOT, machine
 
 CHILD = r"""
 import json, sys, threading, time
-sys.path.insert(0, sys.argv[1])
-from slidemil import train
+from slidemil.mil import train
 
 peak = {"RssAnon": 0, "RssFile": 0}
 done = threading.Event()
@@ -56,7 +56,7 @@ train.load_bags = timed_load
 
 threading.Thread(target=sample, daemon=True).start()
 t0 = time.perf_counter()
-fold, model, epochs, features_dir, splits, out = int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5], sys.argv[6], sys.argv[7]
+fold, model, epochs, features_dir, splits, out = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6]
 from pathlib import Path
 features = {p.stem: str(p) for p in sorted(Path(features_dir).glob("*.h5"))}
 train.train_fold(features, splits, fold, model, {}, {"epochs": epochs, "patience": epochs}, 0, out, device="cpu", num_threads=1)
@@ -70,7 +70,7 @@ print(json.dumps({"fold": fold, "load_s": loading.get("s"), "total_s": total,
 
 
 def make_features(folder: Path, n_bags: int, n_tiles: int, dim: int, n_folds: int) -> Path:
-    from slidemil.io import write_h5
+    from slidemil.files import write_h5
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -98,7 +98,7 @@ def main(argv=None):
     parser.add_argument("--jobs", type=int, default=3, help="training jobs started at once (one fold each)")
     parser.add_argument("--model", default="meanpool", help="a cheap model keeps the time on loading")
     parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--repo", type=Path, default=ROOT, help="checkout whose slidemil.train runs")
+    parser.add_argument("--repo", type=Path, default=ROOT, help="checkout whose slidemil.mil.train runs")
     parser.add_argument("--dir", type=Path, default=Path("/tmp/slidemil-bench"))
     args = parser.parse_args(argv)
 
@@ -113,9 +113,12 @@ def main(argv=None):
     for p in sorted(folder.glob("*.h5")):
         p.read_bytes()
     out = args.dir / "mil-load-out"
-    jobs = [subprocess.Popen([sys.executable, "-c", CHILD, str(args.repo / "workflow"), str(k), args.model,
+    # The checkout's package comes first on the children's path (src/, or workflow/ before that layout).
+    package_dir = args.repo / "src" if (args.repo / "src").is_dir() else args.repo / "workflow"
+    env = dict(os.environ, PYTHONPATH=str(package_dir))
+    jobs = [subprocess.Popen([sys.executable, "-c", CHILD, str(k), args.model,
                               str(args.epochs), str(folder), str(splits), str(out / f"fold{k}")],
-                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
             for k in range(args.jobs)]
     rows = []
     for job in jobs:

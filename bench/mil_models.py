@@ -8,8 +8,8 @@
 The bags are drawn once from the seed and kept in memory in ``--dtype``
 (float16 by default, as the training stage keeps float16 features) and
 converted to float32 and standardised per batch on the device, exactly as
-``slidemil.train`` does. Each model runs one untimed warm-up pass over a few bags, then
-``--epochs`` timed epochs of ``slidemil.train.train_epoch`` (Adam, cosine
+``slidemil.mil.train`` does. Each model runs one untimed warm-up pass over a few bags, then
+``--epochs`` timed epochs of ``slidemil.mil.train.train_epoch`` (Adam, cosine
 schedule, class-weighted CE, batch size 1 as in MHIM-MIL). Epochs are
 interleaved across models and the median epoch is reported, so that load from
 other processes hits every model alike. MHIM models start from an untrained
@@ -42,10 +42,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow"))
-from slidemil.devices import TRAIN_PRECISIONS, resolve_device  # noqa: E402
-from slidemil.models import create_model, list_models  # noqa: E402
-from slidemil.train import Data, class_weights, feature_stats, train_epoch  # noqa: E402
+from slidemil.runtime import TRAIN_PRECISIONS, resolve_device  # noqa: E402
+from slidemil.mil.models import create_model, list_models  # noqa: E402
+from slidemil.mil.train import Data, class_weights, feature_stats, train_epoch  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 

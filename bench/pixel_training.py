@@ -25,11 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow"))
-from slidemil import simclr, tile_supervised  # noqa: E402
-from slidemil.devices import TRAIN_PRECISIONS, cpu_has_bf16, resolve_device  # noqa: E402
-from slidemil.tilepool import normalizer  # noqa: E402
-from slidemil.train import autocast, weighted_loss  # noqa: E402
+from slidemil.pretrain import simclr, tile_supervised  # noqa: E402
+from slidemil.runtime import TRAIN_PRECISIONS, cpu_has_bf16, resolve_device  # noqa: E402
+from slidemil.pretrain.tilepool import normalizer  # noqa: E402
+from slidemil.mil.train import autocast, weighted_loss  # noqa: E402
 
 STAGES = {"simclr": simclr.ARCHITECTURES, "tile_supervised": tile_supervised.ARCHITECTURES}
 

@@ -33,7 +33,7 @@ import openslide
 
 from _common import SHARED_SLIDES, dump, interleaved, machine, make_large_slide, median
 
-import slidemil.tiling as tiling
+import slidemil.tiling.tile as tiling
 
 
 def count_reads(slide_path: str, out_h5: str, params: dict) -> dict:

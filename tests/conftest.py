@@ -4,7 +4,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "workflow"))
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
@@ -35,14 +34,14 @@ TINY_SHEET_CONFIG = {
 
 def snakemake_cli(workdir, *args, configfile="config.yaml", timeout=900, env=None):
     import subprocess
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--configfile", configfile, *args]
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "workflow" / "Snakefile"), "--configfile", configfile, *args]
     return subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def make_tiny_cohort(folder: Path) -> Path:
     """An 8-patient demo cohort plus unusable slides (no mpp, no tissue, unreadable); returns the sheet."""
     import pandas as pd
-    from slidemil.demo import make_cohort, make_slide
+    from slidemil.demo.render import make_cohort, make_slide
 
     make_cohort(str(folder), n_patients=8, seed=7, slide_px=(1536, 1536))
     sheet = pd.read_csv(folder / "samples.csv", dtype=str)

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from conftest import ROOT, SHARED_DATA
-from slidemil.byof import FeatureFileError, import_features, load_mil_npz, npz_to_cohort
-from slidemil.splits import SplitError, fold_columns, make_splits, validation_fraction
-from slidemil.train import load_bags, read_split
+from slidemil.features.byof import FeatureFileError, import_features, load_mil_npz, npz_to_cohort
+from slidemil.cohort.splits import SplitError, fold_columns, make_splits, validation_fraction
+from slidemil.mil.train import load_bags, read_split
 
 
 def _h5(path, datasets, attrs=None):
@@ -135,11 +135,11 @@ def test_bad_files_name_the_file(tmp_path, make, message):
 def test_cli_import(tmp_path, feats):
     src = _h5(tmp_path / "a.h5", {"features": feats})
     env = {"PYTHONPATH": str(ROOT / "workflow"), "PATH": "/usr/bin:/bin"}
-    ok = subprocess.run([sys.executable, "-m", "slidemil.byof", "import", str(src), "--out", str(tmp_path / "o.h5")],
+    ok = subprocess.run([sys.executable, "-m", "slidemil.features.byof", "import", str(src), "--out", str(tmp_path / "o.h5")],
                         capture_output=True, text=True, env=env)
     assert ok.returncode == 0, ok.stderr
     assert _read(tmp_path / "o.h5")[0].shape == (7, 5)
-    bad = subprocess.run([sys.executable, "-m", "slidemil.byof", "import", str(tmp_path / "nope.h5"), "--out", "x.h5"],
+    bad = subprocess.run([sys.executable, "-m", "slidemil.features.byof", "import", str(tmp_path / "nope.h5"), "--out", "x.h5"],
                          capture_output=True, text=True, env=env, cwd=tmp_path)
     assert bad.returncode != 0 and "nope.h5" in bad.stderr and "Traceback" not in bad.stderr
 
@@ -283,7 +283,7 @@ def test_workflow_on_musk1_with_predefined_folds(tmp_path):
     if not npz.is_file():
         pytest.skip(f"MIL benchmark data not found at {npz}")
     env = {"PYTHONPATH": str(ROOT / "workflow"), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
-    conv = subprocess.run([sys.executable, "-m", "slidemil.byof", "from-npz", str(npz), "--out", str(tmp_path / "musk1")],
+    conv = subprocess.run([sys.executable, "-m", "slidemil.features.byof", "from-npz", str(npz), "--out", str(tmp_path / "musk1")],
                           capture_output=True, text=True, env=env)
     assert conv.returncode == 0, conv.stderr
     # Two bags of each class per fold keep all 10 predefined folds while halving the jobs (one import per bag).
@@ -301,7 +301,7 @@ def test_workflow_on_musk1_with_predefined_folds(tmp_path):
         "compute": {"train_threads": 1},
     }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--configfile", "config.yaml",
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "workflow" / "Snakefile"), "--configfile", "config.yaml",
            "--cores", "2"]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-5000:]
@@ -321,7 +321,7 @@ def test_workflow_on_musk1_with_predefined_folds(tmp_path):
 
 
 def test_train_bags_in_memory_leaves_caller_bags_alone():
-    from slidemil.train import train_bags
+    from slidemil.mil.train import train_bags
 
     rng = np.random.default_rng(0)
     ids = [f"b{i}" for i in range(24)]

@@ -12,10 +12,11 @@ import pandas as pd
 import pytest
 import torch
 
-from slidemil import simclr, tile_supervised, train
-from slidemil.features import extract_features
-from slidemil.heatmap import load_checkpoint, tile_attention
-from slidemil.io import read_h5
+from slidemil.pretrain import simclr, tile_supervised
+from slidemil.mil import train
+from slidemil.features.extract import extract_features
+from slidemil.report.heatmap import load_checkpoint, tile_attention
+from slidemil.files import read_h5
 
 from test_tile_supervised import make_tiled_cohort
 from test_train import FAST, MODEL_KWARGS, write_dataset

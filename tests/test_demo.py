@@ -1,4 +1,4 @@
-"""Tests of the synthetic cohort generator (slidemil.demo).
+"""Tests of the synthetic cohort generator (slidemil.demo.render).
 
 Slides are kept small (<= 2048 px) so the whole file runs in seconds. The
 background rule is re-implemented here from its written definition rather
@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import tifffile
 
-from slidemil import demo
+from slidemil.demo import render as demo
 
 TILE = 256
 SLIDE_PX = (2048, 2048)

@@ -6,11 +6,11 @@ import h5py
 import pandas as pd
 import pytest
 
-from slidemil.cohort import excluded_slides
-from slidemil.demo import make_slide
-from slidemil.features import extract_features
-from slidemil.sheet import check_sheet
-from slidemil.tiling import tile_slide
+from slidemil.cohort.facts import excluded_slides
+from slidemil.demo.render import make_slide
+from slidemil.features.extract import extract_features
+from slidemil.cohort.sheet import check_sheet
+from slidemil.tiling.tile import tile_slide
 
 
 def _exclude(path, tmp_path, caplog, **params):

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from slidemil.demo import make_slide
-from slidemil.extractors import create_extractor, get_spec, list_extractors
-from slidemil.features import TileDataset, extract_features
-from slidemil.slides import decode_scale, open_slide, read_rgb, resize_tile
-from slidemil.tiling import tile_slide
+from slidemil.demo.render import make_slide
+from slidemil.features.extractors import create_extractor, get_spec, list_extractors
+from slidemil.features.extract import TileDataset, extract_features
+from slidemil.slides.reader import decode_scale, open_slide, read_rgb, resize_tile
+from slidemil.tiling.tile import tile_slide
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def test_local_weights_file(tiled, tmp_path):
     assert create_extractor("shufflenet_v2", str(truncated))[1] == digest
     # A full torchvision state dict under a "state_dict" key with a DataParallel prefix also loads.
     import torchvision
-    from slidemil.extractors import variance_preserving_init
+    from slidemil.features.extractors import variance_preserving_init
     torch.manual_seed(5)
     full = variance_preserving_init(torchvision.models.shufflenet_v2_x1_0(weights=None))
     wrapped = tmp_path / "full.pt"
@@ -114,7 +114,7 @@ def test_empty_tiles_give_empty_features(tmp_path):
 def test_loader_workers_run_opencv_single_threaded_and_the_setting_comes_back():
     import cv2
 
-    from slidemil.slides import one_opencv_thread
+    from slidemil.slides.reader import one_opencv_thread
 
     before = cv2.getNumThreads()
     cv2.setNumThreads(2)

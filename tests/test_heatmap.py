@@ -13,11 +13,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from matplotlib import colormaps  # noqa: E402
 
-from slidemil import heatmap  # noqa: E402
-from slidemil.demo import write_pyramidal_tiff  # noqa: E402
-from slidemil.io import write_h5  # noqa: E402
-from slidemil.models import create_model  # noqa: E402
-from slidemil.slides import open_slide  # noqa: E402
+from slidemil.report import heatmap  # noqa: E402
+from slidemil.demo.render import write_pyramidal_tiff  # noqa: E402
+from slidemil.files import write_h5  # noqa: E402
+from slidemil.mil.models import create_model  # noqa: E402
+from slidemil.slides.reader import open_slide  # noqa: E402
 
 W, H, SIZE0, IN_DIM = 2048, 1536, 256, 6
 

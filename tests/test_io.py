@@ -5,7 +5,7 @@ import stat
 
 import pytest
 
-from slidemil.io import atomic_output, read_h5, write_h5
+from slidemil.files import atomic_output, read_h5, write_h5
 
 
 def test_atomic_output_replaces_only_on_success(tmp_path):
@@ -37,7 +37,7 @@ def test_map_h5_maps_what_write_h5_stores_and_reads_other_layouts(tmp_path):
     import h5py
     import numpy as np
 
-    from slidemil.io import map_h5
+    from slidemil.files import map_h5
 
     rng = np.random.default_rng(0)
     feats = rng.standard_normal((50, 8)).astype(np.float16)

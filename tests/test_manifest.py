@@ -4,8 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from slidemil.io import write_h5
-from slidemil.manifest import feature_manifest, main, read_manifest, tile_manifest
+from slidemil.files import write_h5
+from slidemil.cohort.manifest import feature_manifest, main, read_manifest, tile_manifest
 
 
 def _features(path, n, digest="abc", extractor="resnet50_trunc", excluded="", source=None):
@@ -40,7 +40,7 @@ def test_feature_manifest_refuses_two_extractors(tmp_path):
 
 
 def test_imported_features_carry_per_file_digests(tmp_path):
-    # slidemil.byof records a digest of each source file: different per slide by design.
+    # slidemil.features.byof records a digest of each source file: different per slide by design.
     paths = [_features(tmp_path / f"{s}.h5", 2, digest=s * 3, extractor="uni", source=f"/x/{s}.h5") for s in "AB"]
     table = feature_manifest(paths, tmp_path / "manifest.csv")
     assert table["weights_digest"].tolist() == ["", ""]

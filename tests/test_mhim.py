@@ -11,8 +11,9 @@ import torch
 import yaml
 
 from conftest import ROOT
-from slidemil import mhim, train
-from slidemil.models import create_model
+from slidemil.mil.models import mhim_blocks as mhim
+from slidemil.mil import train
+from slidemil.mil.models import create_model
 from test_train import FAST, write_dataset
 
 
@@ -237,7 +238,7 @@ def test_mhim_trains_from_baseline(base_run, tmp_path):
     model = create_model("mhim_abmil", ckpt["in_dim"], **ckpt["model_kwargs"]).eval()
     model.load_state_dict(ckpt["state_dict"])
     row = slides.iloc[0]
-    from slidemil.io import read_h5
+    from slidemil.files import read_h5
     x = torch.from_numpy(read_h5(data["features"][row["slide_id"]], names=("features",))[0]["features"].astype(np.float32))
     x = (x - ckpt["feature_mean"]) / ckpt["feature_std"]
     with torch.no_grad():
@@ -282,7 +283,7 @@ def test_dag_trains_baseline_before_mhim(tmp_path):
     config = {"results": "results", "demo": {"n_patients": 16}, "splits": {"folds": 2},
               "mil": {"models": ["mhim_abmil"]}}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--configfile", "config.yaml",
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "workflow" / "Snakefile"), "--configfile", "config.yaml",
            "--cores", "1", "-n"]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from slidemil import models
-from slidemil.models import create_model, list_models, register_model
+from slidemil.mil import models
+from slidemil.mil.models import create_model, list_models, register_model
 
 IN_DIM = 12
 SMALL = {"embed_dim": 16, "attn_dim": 8}  # keeps the abmil family tiny; other models use defaults
@@ -245,7 +245,7 @@ def test_config_settings_build_every_model():
 
     settings = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())["mil"]["settings"]
     assert {"meanpool", "maxpool", "varmil", "transmil", "mhim_abmil", "mhim_transmil"} <= set(settings)
-    # tile_supervised trains a CNN on tiles (slidemil.tile_supervised), not a MIL model on features.
+    # tile_supervised trains a CNN on tiles (slidemil.pretrain.tile_supervised), not a MIL model on features.
     for name, kwargs in settings.items():
         if name == "tile_supervised":
             continue

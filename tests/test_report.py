@@ -1,4 +1,4 @@
-"""Tests for slidemil.report on small synthetic prediction/history files."""
+"""Tests for slidemil.report.stats on small synthetic prediction/history files."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
-from slidemil import report  # noqa: E402
-from slidemil.report import _auc_rows, bootstrap_mean_auc, main, make_report  # noqa: E402
+from slidemil.report import stats as report  # noqa: E402
+from slidemil.report.stats import _auc_rows, bootstrap_mean_auc, main, make_report  # noqa: E402
 
 
 # ---------------------------------------------------------------------------
@@ -246,7 +246,7 @@ def test_single_class_fold_is_nan_and_excluded(tmp_path, caplog):
     good = shared_runs(tmp_path, "uni", "abmil", 3, 20, signal=2.0, seed=10)
     rng = np.random.default_rng(0)
     bad = write_run(tmp_path, "uni", "abmil", 3, [f"q{i}" for i in range(6)], np.zeros(6, int), 2.0, rng)
-    with caplog.at_level(logging.WARNING, logger="slidemil.report"):
+    with caplog.at_level(logging.WARNING, logger="slidemil.report.stats"):
         summary = make_report(good + [bad], str(tmp_path / "out"), n_bootstrap=100, seed=0)
     assert any("fold 3" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
 

@@ -17,12 +17,12 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from slidemil import report, report_page
-from slidemil.demo import make_slide
-from slidemil.heatmap import load_checkpoint, tile_attention
-from slidemil.io import write_h5
-from slidemil.models import create_model
-from slidemil.tiling import tile_slide
+from slidemil.report import stats as report, page as report_page
+from slidemil.demo.render import make_slide
+from slidemil.report.heatmap import load_checkpoint, tile_attention
+from slidemil.files import write_h5
+from slidemil.mil.models import create_model
+from slidemil.tiling.tile import tile_slide
 from test_report import shared_runs, test_rows
 
 IN_DIM = 8

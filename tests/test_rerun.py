@@ -208,13 +208,13 @@ def test_kill_during_extraction_leaves_no_file_and_rerun_matches(shared_slides, 
     env = dict(os.environ, PYTHONPATH=str(ROOT / "workflow"), OMP_NUM_THREADS="1")
     run = [sys.executable, "-m"]
     tiles = tmp_path / "tiles.h5"
-    subprocess.run(run + ["slidemil.tiling", str(slide), "--out", str(tiles), "--mpp", "1.0", "--tile-px", "64"],
+    subprocess.run(run + ["slidemil.tiling.tile", str(slide), "--out", str(tiles), "--mpp", "1.0", "--tile-px", "64"],
                    env=env, check=True, capture_output=True, timeout=120)
     n_tiles = len(h5py.File(tiles)["coords"])
     assert n_tiles > 100
 
     def extract(out):
-        return run + ["slidemil.features", str(slide), "--tiles", str(tiles), "--out", str(out),
+        return run + ["slidemil.features.extract", str(slide), "--tiles", str(tiles), "--out", str(out),
                       "--extractor", EXTRACTOR, "--weights", "random", "--input-px", "64",
                       "--batch-size", "8", "--threads", "1", "--device", "cpu"]
 

@@ -1,6 +1,6 @@
 import pytest
 
-from slidemil.sheet import SheetError, load_sheet
+from slidemil.cohort.sheet import SheetError, load_sheet
 
 
 def _write(tmp_path, text):

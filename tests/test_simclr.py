@@ -9,12 +9,12 @@ import pandas as pd
 import pytest
 import torch
 
-from slidemil import simclr, tilepool
-from slidemil.demo import make_slide
-from slidemil.extractors import create_extractor
-from slidemil.features import extract_features
-from slidemil.splits import SplitError
-from slidemil.tiling import tile_slide
+from slidemil.pretrain import simclr, tilepool
+from slidemil.demo.render import make_slide
+from slidemil.features.extractors import create_extractor
+from slidemil.features.extract import extract_features
+from slidemil.cohort.splits import SplitError
+from slidemil.tiling.tile import tile_slide
 
 TINY = {"epochs": 1, "batch_size": 8, "tiles_per_slide": 8, "input_px": 48}
 

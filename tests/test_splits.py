@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from slidemil.splits import SplitError, binary_labels, check_splits, fold_columns, make_splits
+from slidemil.cohort.splits import SplitError, binary_labels, check_splits, fold_columns, make_splits
 
 
 def _sheet(n_patients=40, seed=0, continuous=False):

@@ -20,7 +20,7 @@ _step.start(types.SimpleNamespace(scriptdir={scripts!r}, log=[str(out / "step.lo
 # Registered during the step, like torch's handlers: always run.
 atexit.register(lambda: (out / "late").write_text("ran"))
 import logging
-from slidemil.slides import SlideError
+from slidemil.slides.reader import SlideError
 
 def stage(how):
     logging.getLogger("slidemil.test").info("stage ran")

@@ -6,9 +6,9 @@ import cv2
 import numpy as np
 import pytest
 
-from slidemil import slides, tiffjpeg
-from slidemil.demo import make_slide
-from slidemil.slides import open_slide, read_gray, read_rgb
+from slidemil.slides import reader as slides, tiffjpeg
+from slidemil.demo.render import make_slide
+from slidemil.slides.reader import open_slide, read_gray, read_rgb
 
 
 def _regions(slide, rng, n_per_level=12):

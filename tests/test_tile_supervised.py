@@ -4,9 +4,9 @@ import pandas as pd
 import pytest
 import torch
 
-from slidemil import tile_supervised
-from slidemil.demo import make_slide
-from slidemil.tiling import tile_slide
+from slidemil.pretrain import tile_supervised
+from slidemil.demo.render import make_slide
+from slidemil.tiling.tile import tile_slide
 
 
 def test_slide_score_is_fraction_of_positive_tiles():
@@ -67,7 +67,7 @@ def test_tiny_run_writes_standard_outputs(cohort, tmp_path):
 
 
 def test_simclr_backbone_initialises_the_classifier(tmp_path):
-    from slidemil.simclr import SimCLRModel
+    from slidemil.pretrain.simclr import SimCLRModel
 
     torch.manual_seed(3)
     backbone = SimCLRModel("shufflenet_v2").backbone

@@ -3,10 +3,10 @@ import numpy as np
 import openslide
 import pytest
 
-from slidemil.demo import make_slide
-from slidemil.slides import SlideError, open_slide, pick_level
-import slidemil.tiling as tiling
-from slidemil.tiling import TilingParams, is_tissue, load_tiles, tile_slide
+from slidemil.demo.render import make_slide
+from slidemil.slides.reader import SlideError, open_slide, pick_level
+import slidemil.tiling.tile as tiling
+from slidemil.tiling.tile import TilingParams, is_tissue, load_tiles, tile_slide
 
 
 def _flat(value):
@@ -253,7 +253,7 @@ def test_precheck_setting_must_be_a_boolean(tmp_path):
 
 
 def test_transparent_pixels_read_as_white(tmp_path):
-    from slidemil.slides import read_rgb
+    from slidemil.slides.reader import read_rgb
 
     path = tmp_path / "s.tiff"
     make_slide(path, label=0, seed=0, slide_px=(512, 512))
@@ -265,7 +265,7 @@ def test_transparent_pixels_read_as_white(tmp_path):
     inside = np.asarray(slide.read_region((256, 256), 0, (256, 256)))[..., :3]
     np.testing.assert_array_equal(rgb[:256, :256], inside)
 
-    from slidemil.slides import read_gray
+    from slidemil.slides.reader import read_gray
 
     gray = read_gray(slide, path, (256, 256), 0, (512, 512))
     np.testing.assert_array_equal(gray, cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY))
@@ -273,7 +273,7 @@ def test_transparent_pixels_read_as_white(tmp_path):
 
 def test_direct_reads_match_openslides_public_read(shared_slides, monkeypatch):
     """The shortcut past openslide-python's image conversion gives the same pixels as its read_region."""
-    from slidemil import slides, tiffjpeg
+    from slidemil.slides import reader as slides, tiffjpeg
 
     monkeypatch.setattr(tiffjpeg, "ENABLED", False)  # OpenSlide's own reading is the one under test
     path = shared_slides / "CMU-1-Small-Region.svs"
@@ -297,7 +297,7 @@ def test_direct_read_takes_the_buffer_only_when_every_pixel_is_opaque():
     """One pixel short of opaque anywhere (any colour) sends the region to the public conversion."""
     import ctypes
 
-    from slidemil import slides
+    from slidemil.slides import reader as slides
 
     def filler(alpha_at=None, alpha=254):
         def fill(ptr):
@@ -316,7 +316,7 @@ def test_direct_read_takes_the_buffer_only_when_every_pixel_is_opaque():
 
 
 def test_direct_read_errors_name_the_slide(shared_slides):
-    from slidemil import slides
+    from slidemil.slides import reader as slides
 
     path = shared_slides / "bad" / "unreadable.svs"
     slide = open_slide(path)
@@ -325,7 +325,7 @@ def test_direct_read_errors_name_the_slide(shared_slides):
 
 
 def test_resize_tile_is_area_averaging_and_close_to_it_between_whole_factors():
-    from slidemil.slides import resize_tile
+    from slidemil.slides.reader import resize_tile
 
     rng = np.random.default_rng(0)
     tissue = cv2.GaussianBlur(rng.integers(0, 256, (1030, 1030, 3), dtype=np.uint8), (0, 0), 1.5)
@@ -348,9 +348,9 @@ def test_resize_tile_is_area_averaging_and_close_to_it_between_whole_factors():
 def test_reads_fall_back_to_the_public_call_if_openslide_python_changes(shared_slides, monkeypatch, caplog):
     import ctypes
 
-    from slidemil import slides
+    from slidemil.slides import reader as slides
 
-    from slidemil import tiffjpeg
+    from slidemil.slides import tiffjpeg
 
     monkeypatch.setattr(tiffjpeg, "ENABLED", False)  # the OpenSlide path is the one under test
     path = shared_slides / "CMU-1-Small-Region.svs"

@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 import torch
 
-from slidemil import train
-from slidemil.io import read_h5, write_h5
-from slidemil.models import create_model
+from slidemil.mil import train
+from slidemil.files import read_h5, write_h5
+from slidemil.mil.models import create_model
 
 DIM = 16
 N_PATIENTS = 30  # every third patient has two slides: 40 slides, multi-slide patients in every partition
@@ -210,7 +210,7 @@ def test_empty_slides_skipped_and_missing_ones_fail(dataset, tmp_path, caplog):
     table.to_csv(splits, index=False)
     features = {**dataset["features"], "EMPTY": str(empty)}
 
-    with caplog.at_level(logging.WARNING, logger="slidemil.train"):
+    with caplog.at_level(logging.WARNING, logger="slidemil.mil.train"):
         summary = run(dataset, tmp_path / "out", training={"epochs": 1}, features=features, splits=str(splits))
     assert summary["skipped_slides"] == ["EMPTY"]
     assert any("EMPTY" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
@@ -236,7 +236,7 @@ def test_single_class_validation_selects_on_loss(dataset, tmp_path, caplog):
     table.loc[(table["fold_0"] == "val") & (table["label"] == 1), "fold_0"] = "excluded"
     splits = tmp_path / "splits.csv"
     table.to_csv(splits, index=False)
-    with caplog.at_level(logging.WARNING, logger="slidemil.train"):
+    with caplog.at_level(logging.WARNING, logger="slidemil.mil.train"):
         summary = run(dataset, tmp_path / "out", training={"epochs": 2}, splits=str(splits))
     assert summary["val_auc"] is None
     assert any("one class" in r.getMessage() for r in caplog.records)
@@ -287,7 +287,7 @@ def test_precision_setting_sets_the_autocast(dataset, tmp_path, monkeypatch):
 
 
 def test_bf16_on_a_cpu_without_bf16_units_warns(dataset, tmp_path, monkeypatch, caplog):
-    from slidemil import devices
+    from slidemil import runtime as devices
 
     monkeypatch.setattr(devices, "cpu_has_bf16", lambda: False)
     with caplog.at_level(logging.WARNING):

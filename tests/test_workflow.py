@@ -28,7 +28,7 @@ TINY = {
 
 
 def snakemake(workdir, *args):
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--configfile", "config.yaml",
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "workflow" / "Snakefile"), "--configfile", "config.yaml",
            "--cores", "2", *args]
     return subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=900)
 

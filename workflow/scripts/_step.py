@@ -9,13 +9,11 @@ import atexit
 import logging
 import os
 import sys
-from pathlib import Path
 
 _failed = False
 
 
 def start(snakemake):
-    sys.path.insert(0, str(Path(snakemake.scriptdir).parent))
     from slidemil.logs import setup_logging
 
     setup_logging(snakemake.log[0] if snakemake.log else None)

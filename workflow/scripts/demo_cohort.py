@@ -5,7 +5,7 @@ import _step
 # The generator's worker processes are spawned and re-import this script: only the parent runs it.
 if __name__ == "__main__":
     _step.start(snakemake)
-    from slidemil.demo import make_cohort
+    from slidemil.demo.render import make_cohort
 
     d = snakemake.params.demo
     _step.run(

@@ -1,7 +1,7 @@
 import _step
 
 _step.start(snakemake)
-from slidemil.features import extract_features  # noqa: E402
+from slidemil.features.extract import extract_features  # noqa: E402
 
 settings = dict(snakemake.params.extractor)
 # "simclr" weights are the cohort's own backbone, made by pretrain_simclr.

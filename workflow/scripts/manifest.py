@@ -1,7 +1,7 @@
 import _step
 
 _step.start(snakemake)
-from slidemil.manifest import feature_manifest, tile_manifest  # noqa: E402
+from slidemil.cohort.manifest import feature_manifest, tile_manifest  # noqa: E402
 
 if snakemake.rule == "tile_manifest":
     _step.run(tile_manifest, list(snakemake.input.tiles), list(snakemake.input.qc), snakemake.output[0])

@@ -3,7 +3,7 @@ from pathlib import Path
 import _step
 
 _step.start(snakemake)
-from slidemil.simclr import pretrain_simclr  # noqa: E402
+from slidemil.pretrain.simclr import pretrain_simclr  # noqa: E402
 
 _step.run(
     pretrain_simclr,

@@ -3,10 +3,10 @@ from pathlib import Path
 import _step
 
 _step.start(snakemake)
-from slidemil.cohort import excluded_slides  # noqa: E402
-from slidemil.io import write_csv, write_text  # noqa: E402
-from slidemil.manifest import read_manifest  # noqa: E402
-from slidemil.report_page import build_report  # noqa: E402
+from slidemil.cohort.facts import excluded_slides  # noqa: E402
+from slidemil.files import write_csv, write_text  # noqa: E402
+from slidemil.cohort.manifest import read_manifest  # noqa: E402
+from slidemil.report.page import build_report  # noqa: E402
 
 inp = snakemake.input
 runs = [

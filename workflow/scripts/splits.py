@@ -1,7 +1,7 @@
 import _step
 
 _step.start(snakemake)
-from slidemil.splits import write_splits  # noqa: E402
+from slidemil.cohort.splits import write_splits  # noqa: E402
 
 s = snakemake.params.splits
 _step.run(

@@ -1,7 +1,7 @@
 import _step
 
 _step.start(snakemake)
-from slidemil.tiling import tile_slide  # noqa: E402
+from slidemil.tiling.tile import tile_slide  # noqa: E402
 
 _step.run(
     tile_slide,

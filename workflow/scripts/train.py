@@ -3,8 +3,8 @@ from pathlib import Path
 import _step
 
 _step.start(snakemake)
-from slidemil.manifest import read_manifest  # noqa: E402
-from slidemil.train import train_fold  # noqa: E402
+from slidemil.cohort.manifest import read_manifest  # noqa: E402
+from slidemil.mil.train import train_fold  # noqa: E402
 
 features = read_manifest(snakemake.input.features)
 _step.run(

@@ -3,7 +3,7 @@ from pathlib import Path
 import _step
 
 _step.start(snakemake)
-from slidemil.tile_supervised import train_tile_supervised  # noqa: E402
+from slidemil.pretrain.tile_supervised import train_tile_supervised  # noqa: E402
 
 settings = dict(snakemake.params.model)
 settings.pop("simclr", None)  # in params only so a SimCLR change retrains; the weights come as a file

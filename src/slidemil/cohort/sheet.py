@@ -1,0 +1,134 @@
+"""Sample sheet: one row per slide with slide_id, patient_id, path, label (optional mpp).
+
+The sheet is checked as a whole and every problem is reported at once, so a
+user fixes a 1,000-row sheet in one go instead of one error per run.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from slidemil.errors import SheetError
+
+REQUIRED_COLUMNS = ("slide_id", "patient_id", "path", "label")
+
+
+def read_table(path: str | os.PathLike) -> pd.DataFrame:
+    """Read a CSV or TSV table with ids kept as strings."""
+    sep = "\t" if str(path).endswith((".tsv", ".txt")) else ","
+    return pd.read_csv(path, sep=sep, dtype={"slide_id": str, "patient_id": str})
+
+
+def load_sheet(path: str | os.PathLike, check_files: bool = True, binarize: str | None = None,
+               positive_class=None) -> pd.DataFrame:
+    """Read and check a sample sheet; relative slide paths resolve against the sheet's folder.
+
+    ``binarize`` / ``positive_class`` are the split settings the label column must fit.
+
+    Returns the sheet with ``path`` made absolute. Raises SheetError listing all problems.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SheetError(path, [f"file not found: {path}"])
+    try:
+        sheet = read_table(path)
+    except Exception as err:  # pandas raises many types for unreadable tables
+        raise SheetError(path, [f"cannot be read as a table: {err}"]) from err
+    problems = check_sheet(sheet, base_dir=path.parent, check_files=check_files, binarize=binarize,
+                           positive_class=positive_class)
+    if problems:
+        raise SheetError(path, problems)
+    sheet = sheet.copy()
+    sheet["path"] = [str(resolve_path(p, path.parent)) for p in sheet["path"]]
+    return sheet
+
+
+def resolve_path(value: str, base_dir: str | os.PathLike) -> Path:
+    p = Path(str(value)).expanduser()
+    return p if p.is_absolute() else (Path(base_dir) / p).resolve()
+
+
+def check_sheet(sheet: pd.DataFrame, base_dir: str | os.PathLike = ".", check_files: bool = True,
+                binarize: str | None = None, positive_class=None) -> list[str]:
+    """Every problem of the sheet as a readable line; empty when the sheet is fine.
+
+    The label column must be binary (0/1, true/false, or two classes one of which is
+    ``positive_class``) unless ``binarize`` names how to binarise a numeric label.
+    """
+    problems = []
+    missing = [c for c in REQUIRED_COLUMNS if c not in sheet.columns]
+    if missing:
+        problems.append(f"missing column(s) {', '.join(missing)} (found: {', '.join(map(str, sheet.columns))})")
+        return problems
+    if sheet.empty:
+        return ["has no rows"]
+    for col in ("slide_id", "patient_id", "path"):
+        empty = sheet.index[sheet[col].isna() | (sheet[col].astype(str).str.strip() == "")]
+        if len(empty):
+            problems.append(f"empty {col} in row(s) {_rows(empty)}")
+    dup = sheet["slide_id"][sheet["slide_id"].duplicated(keep=False)].dropna().unique()
+    if len(dup):
+        problems.append(f"duplicate slide_id(s): {', '.join(map(str, dup[:20]))}")
+    bad_ids = [s for s in sheet["slide_id"].dropna().astype(str) if "/" in s or s.startswith(".")]
+    if bad_ids:
+        problems.append(f"slide_id(s) unusable as file names: {', '.join(bad_ids[:20])}")
+    no_label = sheet.index[sheet["label"].isna()]
+    if len(no_label):
+        problems.append(f"missing label in row(s) {_rows(no_label)}")
+    labels = sheet.dropna(subset=["label"]).groupby("patient_id")["label"].nunique()
+    conflicting = labels.index[labels > 1].tolist()
+    if conflicting:
+        problems.append(f"patient(s) with different labels on their slides: {', '.join(map(str, conflicting[:20]))}")
+    label_problem = _label_problem(sheet["label"].dropna(), binarize, positive_class)
+    if label_problem:
+        problems.append(label_problem)
+    if "mpp" in sheet.columns:
+        mpp = pd.to_numeric(sheet["mpp"], errors="coerce")
+        bad = sheet.index[sheet["mpp"].notna() & ~(mpp > 0)]
+        if len(bad):
+            problems.append(f"mpp must be a positive number (row(s) {_rows(bad)})")
+    if check_files:
+        # One resolve per row: on a 1,000-slide sheet this check runs at every DAG build.
+        unreadable = [str(p) for p in sheet["path"].dropna() if not _readable_file(resolve_path(p, base_dir))]
+        if unreadable:
+            more = f" and {len(unreadable) - 10} more" if len(unreadable) > 10 else ""
+            problems.append(f"slide file(s) missing or unreadable: {', '.join(unreadable[:10])}{more}")
+    return problems
+
+
+def _label_problem(labels: pd.Series, binarize: str | None, positive_class) -> str | None:
+    # The same rules the splits stage applies, checked before any job runs.
+    if labels.empty:
+        return None
+    distinct = sorted(labels.astype(str).unique())
+    shown = ", ".join(distinct[:10]) + (" ..." if len(distinct) > 10 else "")
+    if binarize is not None:
+        text = labels[pd.to_numeric(labels, errors="coerce").isna()].astype(str).unique()
+        if len(text):
+            return (f"splits.binarize: {binarize} needs a numeric label; non-numeric value(s): "
+                    f"{', '.join(text[:10])}")
+        return None
+    if positive_class is not None:
+        if str(positive_class) not in distinct or len(distinct) != 2:
+            return (f"label values ({shown}) must be two classes including splits.positive_class "
+                    f"{str(positive_class)!r}")
+        return None
+    numeric = pd.to_numeric(labels, errors="coerce")
+    binary = (numeric.notna().all() and set(numeric.unique()) <= {0, 1}) or \
+        set(labels.astype(str).str.lower().unique()) <= {"true", "false"}
+    if not binary:
+        return (f"the label column is not binary (values: {shown}); use 0/1 labels, name the positive class "
+                "(splits.positive_class), or binarise a numeric label (splits.binarize: median or tertiles)")
+    return None
+
+
+def _readable_file(path: Path) -> bool:
+    return path.is_file() and os.access(path, os.R_OK)
+
+
+def _rows(index) -> str:
+    # Rows as a user sees them in a spreadsheet: header is line 1.
+    return ", ".join(str(i + 2) for i in list(index)[:20])

@@ -1,0 +1,274 @@
+"""Stage 3: patient-level, label-stratified splits.
+
+One held-out test set of patients (drawn, or given by a sheet column), then k
+train/validation folds over the remaining patients. Assignment is made per
+patient and copied to the patient's slides, so no patient can sit in two
+partitions of a fold by construction. Optional binarisation of a continuous
+label uses quantiles of the non-test patients only (DeepSMILE, METHODS 3).
+
+Predefined folds (``fold_column``, e.g. the published 10-fold CV of a MIL
+benchmark): the column holds each patient's test fold 0..K-1 and split k tests
+on fold k. Its validation set is a label-stratified draw from the other K-1
+folds' patients, the size of one fold (1/(K-1) of them) but at most a quarter,
+seeded by (seed, k); the rest is its training set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedKFold, train_test_split
+
+from slidemil.files import write_csv
+from slidemil.logs import setup_logging
+from slidemil.cohort.sheet import read_table
+from slidemil.errors import SplitError
+
+logger = logging.getLogger(__name__)
+
+PARTITIONS = ("train", "val", "test", "excluded")
+_TRUE = {"1", "true", "yes", "y", "test", "t"}
+_FALSE = {"0", "false", "no", "n", "", "train", "f", "nan"}
+
+
+def binary_labels(values: pd.Series, positive_class=None) -> pd.Series:
+    """0/1 labels from a column that is already binary (0/1, booleans, or two class names)."""
+    distinct = sorted(values.dropna().astype(str).unique())
+    if positive_class is not None:
+        pos = str(positive_class)
+        if pos not in distinct or len(distinct) > 2:
+            raise SplitError(f"label values {distinct}: expected two classes including positive_class {pos!r}")
+        return (values.astype(str) == pos).astype(int)
+    numeric = pd.to_numeric(values, errors="coerce")
+    if numeric.notna().all() and set(numeric.unique()) <= {0, 1}:
+        return numeric.astype(int)
+    lowered = values.astype(str).str.lower()
+    if set(lowered.unique()) <= {"true", "false"}:
+        return (lowered == "true").astype(int)
+    shown = ", ".join(distinct[:10]) + (" ..." if len(distinct) > 10 else "")
+    raise SplitError(
+        f"the label column is not binary (values: {shown}); use 0/1 labels, name the positive class "
+        "(splits.positive_class), or binarise a continuous label (splits.binarize: median or tertiles)"
+    )
+
+
+def _test_flags(patients: pd.DataFrame, sheet: pd.DataFrame, column: str) -> pd.Series:
+    if column not in sheet.columns:
+        raise SplitError(f"splits.test_column {column!r} is not a column of the sample sheet")
+    raw = sheet[column].astype(str).str.strip().str.lower()
+    unknown = sorted(set(raw) - _TRUE - _FALSE)
+    if unknown:
+        raise SplitError(f"test column {column!r} has values {unknown}; use true/false (or 1/0, test/train)")
+    flags = raw.isin(_TRUE).groupby(sheet["patient_id"]).agg(["min", "max"])
+    mixed = flags.index[flags["min"] != flags["max"]].tolist()
+    if mixed:
+        raise SplitError(f"patients with slides both in and out of the test set ({column}): {mixed[:10]}")
+    return flags["max"].reindex(patients.index)
+
+
+def _strata(values: pd.Series, binarize: str | None) -> pd.Series:
+    """Labels to stratify the test draw on; a continuous label is stratified by its quantile bins."""
+    if binarize is None:
+        return values
+    bins = 2 if binarize == "median" else 3
+    return pd.qcut(values.rank(method="first"), bins, labels=False)
+
+
+def _binarize(values: pd.Series, reference: pd.Series, how: str) -> pd.Series:
+    """0/1 (NaN = discarded) from a continuous value, thresholds from ``reference`` only."""
+    if how == "median":
+        return (values > reference.quantile(0.5)).astype(float)
+    if how == "tertiles":
+        low, high = reference.quantile(1 / 3), reference.quantile(2 / 3)
+        out = pd.Series(np.nan, index=values.index)
+        out[values <= low] = 0.0
+        out[values > high] = 1.0
+        return out
+    raise SplitError(f"unknown binarize {how!r}; use median or tertiles")
+
+
+def make_splits(
+    sheet: pd.DataFrame,
+    folds: int = 5,
+    test_fraction: float = 0.25,
+    seed: int = 0,
+    test_column: str | None = None,
+    binarize: str | None = None,
+    positive_class=None,
+    fold_column: str | None = None,
+) -> pd.DataFrame:
+    """Splits table: slide_id, patient_id, label (0/1), label_value, fold_0..fold_{k-1}."""
+    if fold_column:
+        return _predefined_splits(sheet, fold_column, seed, test_column, binarize, positive_class)
+    if folds < 2:
+        raise SplitError("splits.folds must be at least 2 (each fold needs a validation set)")
+    patients = sheet.groupby("patient_id", sort=True)["label"].first().to_frame("label_value")
+    if binarize is None:
+        patients["label"] = binary_labels(patients["label_value"], positive_class).astype(float)
+    else:
+        numeric = pd.to_numeric(patients["label_value"], errors="coerce")
+        if numeric.isna().any():
+            raise SplitError(f"binarize={binarize!r} needs a numeric label; non-numeric for patients "
+                             f"{numeric.index[numeric.isna()].tolist()[:10]}")
+        patients["label_value"] = numeric
+
+    if test_column:
+        patients["test"] = _test_flags(patients, sheet, test_column)
+    elif test_fraction > 0:
+        strata = _strata(patients["label" if binarize is None else "label_value"], binarize)
+        try:
+            _, test_ids = train_test_split(patients.index.to_numpy(), test_size=test_fraction,
+                                           stratify=strata.to_numpy(), random_state=seed)
+        except ValueError as err:
+            raise SplitError(f"cannot draw a stratified test set of {test_fraction:.0%} of "
+                             f"{len(patients)} patients: {err}") from err
+        patients["test"] = patients.index.isin(test_ids)
+    else:
+        patients["test"] = False
+
+    if binarize is not None:
+        reference = patients.loc[~patients["test"], "label_value"]
+        patients["label"] = _binarize(patients["label_value"], reference, binarize)
+        logger.info("binarised label by %s on %d non-test patients", binarize, len(reference))
+
+    dev = patients[~patients["test"] & patients["label"].notna()]
+    counts = dev["label"].value_counts()
+    if len(counts) < 2 or counts.min() < folds:
+        raise SplitError(f"{folds} stratified folds need at least {folds} training patients of each class; "
+                         f"have {counts.to_dict()} outside the test set")
+    kfold = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    table = pd.DataFrame(index=patients.index)
+    for k, (_, val_idx) in enumerate(kfold.split(dev.index, dev["label"])):
+        col = pd.Series("excluded", index=patients.index)
+        col[dev.index] = "train"
+        col[dev.index[val_idx]] = "val"
+        col[patients.index[patients["test"] & patients["label"].notna()]] = "test"
+        table[f"fold_{k}"] = col
+
+    out = sheet[["slide_id", "patient_id"]].merge(
+        patients[["label", "label_value"]].join(table), left_on="patient_id", right_index=True, how="left")
+    out["label"] = out["label"].astype("Int64")
+    check_splits(out)
+    return out.reset_index(drop=True)
+
+
+def validation_fraction(n_folds: int) -> float:
+    """Share of a predefined split's non-test patients held out for validation: one fold's worth, at most 1/4."""
+    return 1.0 / max(n_folds - 1, 4)
+
+
+def patient_folds(sheet: pd.DataFrame, column: str) -> pd.Series:
+    """Each patient's predefined test fold (0..K-1, all present) from the sheet column ``column``."""
+    if column not in sheet.columns:
+        raise SplitError(f"splits.fold_column {column!r} is not a column of the sample sheet")
+    values = pd.to_numeric(sheet[column], errors="coerce")
+    bad = sheet.loc[values.isna() | (values != values.round()), column]
+    if len(bad):
+        raise SplitError(f"fold column {column!r} must hold integer fold numbers; found {sorted(map(str, set(bad)))[:10]}")
+    per_patient = values.astype(int).groupby(sheet["patient_id"]).agg(["min", "max"])
+    mixed = per_patient.index[per_patient["min"] != per_patient["max"]].tolist()
+    if mixed:
+        raise SplitError(f"patients with slides in two folds of {column!r}: {mixed[:10]}")
+    folds = per_patient["min"]
+    expected = list(range(folds.max() + 1))
+    if folds.min() < 0 or sorted(folds.unique()) != expected or len(expected) < 2:
+        raise SplitError(f"fold column {column!r} must number at least 2 folds 0..K-1 with none empty; "
+                         f"found {sorted(folds.unique().tolist())}")
+    return folds
+
+
+def _predefined_splits(sheet, column, seed, test_column, binarize, positive_class) -> pd.DataFrame:
+    if test_column or binarize:
+        # A predefined fold is the test set; a drawn/flagged test set or labels binarised with
+        # quantiles of all patients (which include each split's test patients) would contradict it.
+        raise SplitError("splits.fold_column cannot be combined with splits.test_column or splits.binarize")
+    patients = sheet.groupby("patient_id", sort=True)["label"].first().to_frame("label_value")
+    patients["label"] = binary_labels(patients["label_value"], positive_class).astype(float)
+    folds = patient_folds(sheet, column)
+    n_folds = int(folds.max()) + 1
+    table = pd.DataFrame(index=patients.index)
+    for k in range(n_folds):
+        rest = patients.index[folds != k]
+        # One generator per split, from the seed and the split, so splits do not depend on each other.
+        rng = np.random.RandomState(np.random.SeedSequence([seed, k]).generate_state(1)[0])
+        try:
+            _, val_ids = train_test_split(rest.to_numpy(), test_size=validation_fraction(n_folds),
+                                          stratify=patients.loc[rest, "label"].to_numpy(), random_state=rng)
+        except ValueError as err:
+            raise SplitError(f"fold {k} of {column!r}: cannot draw a stratified validation set from "
+                             f"{len(rest)} patients: {err}") from err
+        col = pd.Series("train", index=patients.index)
+        col[val_ids] = "val"
+        col[folds.index[folds == k]] = "test"
+        table[f"fold_{k}"] = col
+    out = sheet[["slide_id", "patient_id"]].merge(
+        patients[["label", "label_value"]].join(table), left_on="patient_id", right_index=True, how="left")
+    out["label"] = out["label"].astype("Int64")
+    check_splits(out)
+    for k in range(n_folds):
+        logger.info("predefined fold %d: %s", k, out.drop_duplicates("patient_id")[f"fold_{k}"].value_counts().to_dict())
+    return out.reset_index(drop=True)
+
+
+def fold_columns(splits: pd.DataFrame) -> list[str]:
+    return sorted((c for c in splits.columns if c.startswith("fold_")), key=lambda c: int(c.split("_")[1]))
+
+
+def check_splits(splits: pd.DataFrame) -> None:
+    """Raise if any patient appears in two partitions of a fold, or a partition value is unknown."""
+    for col in fold_columns(splits):
+        bad = set(splits[col]) - set(PARTITIONS)
+        if bad:
+            raise SplitError(f"{col}: unknown partition value(s) {sorted(bad)}")
+        per_patient = splits.groupby("patient_id")[col].nunique()
+        leaked = per_patient.index[per_patient > 1].tolist()
+        if leaked:
+            raise SplitError(f"{col}: patients in two partitions: {leaked[:10]}")
+
+
+def summarize(splits: pd.DataFrame) -> pd.DataFrame:
+    """Patients per partition and class for each fold."""
+    rows = []
+    for col in fold_columns(splits):
+        pts = splits.drop_duplicates("patient_id")
+        for part, grp in pts.groupby(col):
+            rows.append({"fold": col, "partition": part, "patients": len(grp),
+                         "positive": int((grp["label"] == 1).sum()), "slides": int((splits[col] == part).sum())})
+    return pd.DataFrame(rows)
+
+
+def write_splits(sheet_path: str, out_csv: str, **kwargs) -> pd.DataFrame:
+    sheet = read_table(sheet_path)
+    splits = make_splits(sheet, **kwargs)
+    write_csv(out_csv, splits)
+    logger.info("splits written to %s\n%s", out_csv, summarize(splits).to_string(index=False))
+    return splits
+
+
+def main(argv=None, prog: str = "python -m slidemil.cohort.splits") -> None:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("sheet", help="sample sheet (CSV/TSV) with slide_id, patient_id, label")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--test-fraction", type=float, default=0.25)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--test-column")
+    ap.add_argument("--binarize", choices=["median", "tertiles"])
+    ap.add_argument("--positive-class")
+    ap.add_argument("--fold-column", help="sheet column of predefined test folds 0..K-1 (replaces --folds/--test-*)")
+    args = ap.parse_args(argv)
+    setup_logging()
+    try:
+        write_splits(args.sheet, args.out, folds=args.folds, test_fraction=args.test_fraction, seed=args.seed,
+                     test_column=args.test_column, binarize=args.binarize, positive_class=args.positive_class,
+                     fold_column=args.fold_column)
+    except SplitError as err:
+        raise SystemExit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""Errors caused by the user's inputs: reported as one clear line, not a traceback.
+
+Every stage raises these (and FileNotFoundError); the step scripts and the command line print their message
+alone. They live here, not in the stages, so that catching them imports no stage.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+class SheetError(ValueError):
+    """The sample sheet is malformed; the message lists every problem found."""
+
+    def __init__(self, sheet: str | os.PathLike, problems: list[str]):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"sample sheet {sheet}: {len(problems)} problem(s):\n{lines}")
+
+
+class SlideError(RuntimeError):
+    """A slide cannot be used; the message names the file and what to do."""
+
+
+class SplitError(ValueError):
+    """Splits cannot be drawn or read as asked; the message says why."""
+
+
+class FeatureFileError(ValueError):
+    """A feature file cannot be imported; the message names the file."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot rebuild its model; the message names the file."""
+
+
+USER_ERRORS = (SheetError, SlideError, SplitError, FeatureFileError, CheckpointError, FileNotFoundError)

@@ -1,0 +1,193 @@
+"""Registry of tile feature extractors: name -> truncated CNN giving one vector per tile.
+
+Weights are ``imagenet`` (torchvision's published weights, downloaded once into
+the torch cache), ``random`` (seeded, for offline demos and tests) or a path to
+a local file (a state dict of the full torchvision model or of the truncated one,
+e.g. the cohort's own SimCLR backbone).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torchvision
+from torch import nn
+
+from slidemil.names import SIMCLR_EXTRACTORS, SIMCLR_WEIGHTS
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_KNOWN_PREFIXES = ("module.", "backbone.", "encoder.", "model.")
+
+
+@dataclass(frozen=True)
+class ExtractorSpec:
+    name: str
+    dim: int
+    build_full: Callable[[], nn.Module]      # the torchvision model, untrained
+    imagenet_weights: Callable[[], object]   # torchvision weights enum member
+    truncate: Callable[[nn.Module], nn.Module]
+    dropped: tuple[str, ...]                 # top-level modules removed by truncation
+
+
+_REGISTRY: dict[str, ExtractorSpec] = {}
+
+
+def register_extractor(spec: ExtractorSpec) -> ExtractorSpec:
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def list_extractors() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_spec(name: str) -> ExtractorSpec:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown extractor {name!r}; known: {', '.join(list_extractors())}")
+    return _REGISTRY[name]
+
+
+def _resnet50_trunc(m: nn.Module) -> nn.Module:
+    # CLAM's truncation: layer4 and fc dropped, global average pooling after layer3 (1024-d).
+    return nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool, m.layer1, m.layer2, m.layer3,
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+
+
+def _shufflenet_trunc(m: nn.Module) -> nn.Module:
+    # DeepSMILE: backbone up to conv5, global average pooling (1024-d).
+    return nn.Sequential(m.conv1, m.maxpool, m.stage2, m.stage3, m.stage4, m.conv5,
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+
+
+register_extractor(ExtractorSpec(
+    "resnet50_trunc", 1024,
+    lambda: torchvision.models.resnet50(weights=None),
+    lambda: torchvision.models.ResNet50_Weights.IMAGENET1K_V1,
+    _resnet50_trunc, ("layer4", "fc")))
+register_extractor(ExtractorSpec(
+    "shufflenet_v2", 1024,
+    lambda: torchvision.models.shufflenet_v2_x1_0(weights=None),
+    lambda: torchvision.models.ShuffleNet_V2_X1_0_Weights.IMAGENET1K_V1,
+    _shufflenet_trunc, ("fc",)))
+
+
+def _resnet18_trunc(m: nn.Module) -> nn.Module:
+    # DeepSMILE (TCGA-CRCk): the whole ResNet-18 up to global average pooling (512-d).
+    return nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool, m.layer1, m.layer2, m.layer3, m.layer4,
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+
+
+register_extractor(ExtractorSpec(
+    "resnet18", 512,
+    lambda: torchvision.models.resnet18(weights=None),
+    lambda: torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
+    _resnet18_trunc, ("fc",)))
+
+# SimCLR extractors share their architecture's spec under their own name; their
+# weights setting "simclr" is resolved by the workflow to the cohort's backbone file.
+for _name, _arch in SIMCLR_EXTRACTORS.items():
+    register_extractor(dataclasses.replace(_REGISTRY[_arch], name=_name))
+
+
+def create_extractor(name: str, weights: str = "imagenet", seed: int = 0) -> tuple[nn.Module, str]:
+    """Build the truncated extractor in eval mode; returns (model, digest of its weights)."""
+    spec = get_spec(name)
+    if weights == "random":
+        torch.manual_seed(seed)  # every slide of a cohort must see the same random network
+        full = variance_preserving_init(spec.build_full())
+    elif weights == SIMCLR_WEIGHTS:
+        raise ValueError(
+            f"{name}: weights {SIMCLR_WEIGHTS!r} stands for the cohort's SimCLR backbone, which the workflow "
+            "resolves to a file; outside it, pass the path of a backbone.pt written by slidemil.pretrain.simclr")
+    elif weights == "imagenet":
+        full = spec.build_full()
+        full.load_state_dict(_download_imagenet(spec))
+    else:
+        full = spec.build_full()
+        _load_local(spec, full, weights)
+    model = spec.truncate(full).eval()
+    return model, weights_digest(model)
+
+
+def variance_preserving_init(model: nn.Module) -> nn.Module:
+    """He (fan-in) init for every convolution, identity batch norms.
+
+    PyTorch's default conv init shrinks activations layer by layer; through a
+    deep random network (BN in eval mode is the identity) features end up near
+    1e-6 and carry no usable signal. He init keeps them at unit scale.
+    """
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    return model
+
+
+def _download_imagenet(spec: ExtractorSpec) -> dict:
+    enum = spec.imagenet_weights()
+    try:
+        return enum.get_state_dict(progress=False)
+    except Exception as err:  # no network, proxy, disk: all end the same for the user
+        raise RuntimeError(
+            f"could not obtain torchvision's ImageNet weights for {spec.name} ({err}). "
+            f"On a machine with internet, download {enum.url} and set the extractor's "
+            "'weights' to that file's path (or use 'random')."
+        ) from err
+
+
+def _load_local(spec: ExtractorSpec, full: nn.Module, path: str) -> None:
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"weights file for {spec.name} not found: {file}")
+    state = torch.load(file, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{file}: expected a state dict (or a dict with 'state_dict'), got {type(state).__name__}")
+    state = {_strip_prefix(k): v for k, v in state.items()}
+    truncated_keys = _truncated_key_map(spec, full)
+    if truncated_keys.keys() & state.keys() and not (state.keys() & full.state_dict().keys()):
+        state = {truncated_keys[k]: v for k, v in state.items() if k in truncated_keys}
+    result = full.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if k.split(".")[0] not in spec.dropped]
+    if missing:
+        raise ValueError(f"{file}: does not fit {spec.name}; missing {len(missing)} tensors, e.g. {missing[:3]}")
+
+
+def _strip_prefix(key: str) -> str:
+    for prefix in _KNOWN_PREFIXES:
+        if key.startswith(prefix):
+            return key[len(prefix):]
+    return key
+
+
+def _truncated_key_map(spec: ExtractorSpec, full: nn.Module) -> dict[str, str]:
+    """Keys of the truncated Sequential ("4.0.conv1.weight") -> keys of the full model."""
+    trunc = spec.truncate(full)
+    names = {id(mod): name for name, mod in full.named_children()}
+    mapping = {}
+    for idx, child in enumerate(trunc):
+        if id(child) in names:
+            for key in child.state_dict():
+                mapping[f"{idx}.{key}"] = f"{names[id(child)]}.{key}"
+    return mapping
+
+
+def weights_digest(model: nn.Module) -> str:
+    """sha256 (first 16 hex digits) of the model's tensors, so a feature file names its exact weights."""
+    h = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        h.update(key.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

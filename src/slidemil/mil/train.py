@@ -1,0 +1,680 @@
+"""Training stage: one MIL model on one fold of the splits.
+
+Bags (one per slide) are memory-mapped from the feature files (or read, when a
+file's layout cannot be mapped) once per job: jobs of several folds and models on
+one node share the page cache instead of each holding a copy. The model is trained with
+Adam and a per-step cosine schedule on the fold's ``train`` slides, evaluated
+after every epoch on its ``val`` slides at the patient level (mean of a
+patient's slide probabilities), and the checkpoint with the best validation
+patient AUC is kept (ties and single-class validation sets: lowest validation
+loss). Validation and test predictions of that checkpoint are written out.
+
+Models that train differently (MHIM-MIL: teacher, masking, EMA) do so through
+the optional hooks described in ``slidemil.mil.models``; a model that starts from
+another one's checkpoint gets it as ``init_checkpoint``.
+
+Outputs in ``out_dir``: model.pt, history.csv, predictions_slides.csv,
+predictions_patients.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import math
+import resource
+import sys
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
+from tqdm import tqdm
+
+from slidemil.runtime import check_train_precision, resolve_device, warn_if_bf16_emulated
+from slidemil.files import atomic_output, map_h5, read_h5, write_csv
+from slidemil.mil.models import create_model
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TRAINING = {
+    "epochs": 20,
+    "patience": 5,
+    "lr": 2e-4,
+    "weight_decay": 1e-5,
+    "betas": [0.9, 0.999],
+    "batch_size": 1,
+    "max_tiles": None,
+    "class_weighted": True,
+    # z-score each feature dimension with training-slide statistics: extractors differ in scale by
+    # orders of magnitude (random-weight CNNs especially), and the MIL models should not care.
+    "standardize": True,
+    # auto: bf16 autocast on CUDA, exact float32 elsewhere; bf16 also on CPUs with bf16 units (1.1-1.8x faster
+    # epochs there, slightly different numbers); fp32 everywhere, e.g. to compare a GPU run with a CPU run.
+    "precision": "auto",
+}
+PARTITIONS = ("train", "val", "test", "excluded")
+N_CLASSES = 2
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def resolve_training(training: dict | None) -> dict:
+    """``training`` completed with the defaults; unknown keys and bad values are errors."""
+    training = dict(training or {})
+    unknown = sorted(set(training) - set(DEFAULT_TRAINING))
+    if unknown:
+        raise ValueError(
+            f"unknown training setting(s) {', '.join(unknown)}; known: {', '.join(DEFAULT_TRAINING)}"
+        )
+    cfg = {**DEFAULT_TRAINING, **training}
+    for key in ("epochs", "patience", "batch_size"):
+        if not isinstance(cfg[key], int) or cfg[key] < 1:
+            raise ValueError(f"training.{key} must be a positive integer, got {cfg[key]!r}")
+    if cfg["max_tiles"] is not None and (not isinstance(cfg["max_tiles"], int) or cfg["max_tiles"] < 1):
+        raise ValueError(f"training.max_tiles must be null or a positive integer, got {cfg['max_tiles']!r}")
+    if len(cfg["betas"]) != 2:
+        raise ValueError(f"training.betas must be two numbers, got {cfg['betas']!r}")
+    cfg["betas"] = [float(b) for b in cfg["betas"]]
+    cfg["lr"] = float(cfg["lr"])
+    cfg["weight_decay"] = float(cfg["weight_decay"])
+    cfg["class_weighted"] = bool(cfg["class_weighted"])
+    check_train_precision(cfg["precision"], "training.precision")
+    return cfg
+
+
+def read_split(splits_csv: str, fold: int) -> pd.DataFrame:
+    """Slides of ``fold`` outside ``excluded``: slide_id, patient_id, label, partition."""
+    table = pd.read_csv(splits_csv, dtype={"slide_id": str, "patient_id": str})
+    column = f"fold_{fold}"
+    missing = [c for c in ("slide_id", "patient_id", "label", column) if c not in table.columns]
+    if missing:
+        raise ValueError(f"{splits_csv}: missing column(s) {', '.join(missing)}")
+    bad = sorted(set(table[column].dropna()) - set(PARTITIONS))
+    if bad or table[column].isna().any():
+        raise ValueError(f"{splits_csv}: {column} must be one of {', '.join(PARTITIONS)}; found {bad or 'empty cells'}")
+    split = table.loc[table[column] != "excluded", ["slide_id", "patient_id", "label", column]]
+    split = split.rename(columns={column: "partition"}).reset_index(drop=True)
+    labels = pd.to_numeric(split["label"], errors="coerce")
+    if not labels.isin([0, 1]).all():
+        raise ValueError(f"{splits_csv}: labels of the slides used in {column} must be 0 or 1")
+    split["label"] = labels.astype(int)
+    shared = split.groupby("patient_id")["partition"].nunique()
+    if (shared > 1).any():
+        raise ValueError(f"{splits_csv}: patient(s) in two partitions of {column}: {', '.join(shared.index[shared > 1][:20])}")
+    for part in ("train", "val"):
+        if not (split["partition"] == part).any():
+            raise ValueError(f"{splits_csv}: {column} has no {part} slides")
+    return split
+
+
+def subsample_indices(n_tiles: int, max_tiles: int | None, seed: int, slide_id: str) -> np.ndarray | None:
+    """Tile indices kept for a slide, or None to keep all.
+
+    Drawn from the seed and the slide id alone, so a slide keeps the same subset
+    in every epoch, in every model trained with that seed, and whatever the
+    order in which slides are loaded. Sorted to keep the tiles' stored order.
+    """
+    if max_tiles is None or n_tiles <= max_tiles:
+        return None
+    rng = np.random.default_rng([seed, zlib.crc32(slide_id.encode())])
+    return np.sort(rng.choice(n_tiles, size=max_tiles, replace=False))
+
+
+def load_bags(
+    slide_ids, features: dict[str, str], max_tiles: int | None = None, seed: int = 0, mmap: bool = True
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Every slide's features, once, as tensors [N, D].
+
+    With ``mmap`` a bag is a copy-on-write map of its HDF5 file (what ``write_h5`` stores
+    maps; other layouts are read), so parallel jobs share the page cache; a subsampled bag
+    is its own copy. Each map holds a file descriptor: the open-file limit is raised towards
+    its hard limit when short, and maps stop at half of it (later bags are read).
+    float16 features stay float16 (half the RAM of a large cohort) and are cast to float32
+    (and standardised) per batch. Returns the bags and the slides skipped because they
+    have no tiles. A slide without a feature file is an error (all such slides are listed).
+    """
+    missing = [s for s in slide_ids if s not in features]
+    if missing:
+        more = f" and {len(missing) - 20} more" if len(missing) > 20 else ""
+        raise ValueError(f"no feature file for slide(s) {', '.join(missing[:20])}{more}")
+    maps_left = _map_budget(len(slide_ids)) if mmap else 0
+    bags, skipped = {}, []
+    for slide_id in slide_ids:
+        if maps_left > 0:
+            feats = map_h5(features[slide_id], "features")
+            maps_left -= isinstance(feats, np.memmap)
+        else:
+            feats = read_h5(features[slide_id], names=("features",))[0]["features"]
+        if feats.size == 0:
+            logger.warning("slide %s has no tiles (%s); skipped", slide_id, features[slide_id])
+            skipped.append(slide_id)
+            continue
+        if feats.ndim != 2:
+            raise ValueError(f"slide {slide_id}: features must be N x D, got shape {feats.shape}")
+        keep = subsample_indices(len(feats), max_tiles, seed, slide_id)
+        if keep is not None:
+            feats = feats[keep]
+        if feats.dtype not in (np.float16, np.float32):
+            feats = feats.astype(np.float32)
+        bags[slide_id] = torch.from_numpy(feats if isinstance(feats, np.memmap) else np.ascontiguousarray(feats))
+    dims = {b.shape[1] for b in bags.values()}
+    if len(dims) > 1:
+        raise ValueError(f"feature dimensions differ between slides: {sorted(dims)}")
+    return bags, skipped
+
+
+def _map_budget(n_files: int) -> int:
+    """How many feature files may stay mapped: half the open-file limit, raised towards the hard limit if short."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return n_files
+    wanted = 2 * n_files + 128
+    if soft < wanted and (hard == resource.RLIM_INFINITY or hard > soft):
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return max(soft // 2 - 64, 0)
+
+
+def feature_stats(bags: dict[str, torch.Tensor], ids: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and std over all tiles of the given slides, accumulated bag by bag."""
+    total = sum(len(bags[s]) for s in ids)
+    acc = sum(bags[s].double().sum(0) for s in ids)
+    acc_sq = sum(bags[s].double().pow(2).sum(0) for s in ids)
+    mean = acc / total
+    std = (acc_sq / total - mean.pow(2)).clamp_min(0).sqrt()
+    # Constant dimensions carry no information; dividing by 1 leaves them at zero after centring.
+    std[std < 1e-12] = 1.0
+    return mean.float(), std.float()
+
+
+# --------------------------------------------------------------------------- batches and losses
+
+
+def collate(bags: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad bags [N_i, D] to x [B, max N, D] with mask [B, max N] (True = real tile)."""
+    n_max = max(len(b) for b in bags)
+    # Promote, so a float32 bag batched with float16 ones is never rounded down.
+    dtype = functools.reduce(torch.promote_types, (b.dtype for b in bags))
+    x = torch.zeros((len(bags), n_max, bags[0].shape[1]), dtype=dtype)
+    mask = torch.zeros((len(bags), n_max), dtype=torch.bool)
+    for i, bag in enumerate(bags):
+        x[i, : len(bag)] = bag
+        mask[i, : len(bag)] = True
+    return x, mask
+
+
+def batch_ids(slide_ids: list[str], batch_size: int, rng: np.random.Generator | None = None) -> list[list[str]]:
+    """Slides in minibatches, shuffled by ``rng`` when given."""
+    order = rng.permutation(len(slide_ids)) if rng is not None else np.arange(len(slide_ids))
+    ordered = [slide_ids[i] for i in order]
+    return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
+
+
+def class_weights(labels: np.ndarray, enabled: bool) -> torch.Tensor:
+    """Per-class loss weights n / (n_classes * n_c): each class weighs the same in total."""
+    counts = np.bincount(labels, minlength=N_CLASSES)
+    if (counts == 0).any():
+        raise ValueError(f"the training slides must contain both classes; class counts: {counts.tolist()}")
+    if not enabled:
+        return torch.ones(N_CLASSES)
+    return torch.tensor(len(labels) / (N_CLASSES * counts), dtype=torch.float32)
+
+
+def weighted_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    # Per-bag weight times loss, averaged over bags. PyTorch's weighted "mean"
+    # divides by the summed weights instead, which cancels the weighting
+    # entirely at batch size 1.
+    losses = F.cross_entropy(logits.float(), labels, weight=weights, reduction="none")
+    return losses.mean() if reduction == "mean" else losses.sum()
+
+
+# --------------------------------------------------------------------------- device
+
+
+def autocast(device: torch.device, precision: str = "auto"):
+    # bf16 needs no loss scaling. "auto" leaves CPU runs exact float32: CPUs without bf16 units would
+    # only emulate it, slower.
+    enabled = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+# --------------------------------------------------------------------------- epochs
+
+
+@dataclass
+class Data:
+    """What the epoch loops need: bags, slide labels, the loss weights and the standardisation."""
+
+    bags: dict[str, torch.Tensor]
+    labels: dict[str, int]
+    weights: torch.Tensor
+    device: torch.device
+    norm: tuple[torch.Tensor, torch.Tensor] | None = None  # (mean, std) per feature dimension
+    precision: str = "auto"  # training.precision: the autocast of every forward pass
+
+    def __post_init__(self):
+        if self.norm is not None:
+            self.norm = tuple(t.float().to(self.device) for t in self.norm)
+
+    def batch(self, ids: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x, mask = collate([self.bags[s] for s in ids])
+        y = torch.tensor([self.labels[s] for s in ids], dtype=torch.long)
+        x, mask = x.to(self.device).float(), mask.to(self.device)
+        if self.norm is not None:
+            # Standardised here, in float32, rather than once into a second copy of every bag: the bags
+            # stay what was loaded (shared maps of the feature files), and training sees the same
+            # values the heatmaps compute from the checkpoint's statistics. Padding stays zero.
+            # In place: collate made x, a copy of the bags.
+            x.sub_(self.norm[0]).div_(self.norm[1])
+            if not mask.all():
+                x.masked_fill_(~mask[..., None], 0.0)
+        return x, mask, y.to(self.device)
+
+
+def train_epoch(
+    model, data: Data, ids: list[str], batch_size: int, optimizer, scheduler, rng, step: int = 0, total_steps: int = 1
+) -> tuple[float, float]:
+    """One pass over the training slides; returns (mean batch loss, lr of the last step).
+
+    ``step`` counts optimiser steps from the start of training (of ``total_steps``) for
+    models whose own schedules follow training progress (the hooks in ``slidemil.mil.models``).
+    """
+    model.train()
+    loss_fn = functools.partial(weighted_loss, weights=data.weights)
+    training_step = getattr(model, "training_step", None)
+    after_step = getattr(model, "after_optimizer_step", None)
+    total, n_batches, lr = 0.0, 0, float("nan")
+    for chunk in batch_ids(ids, batch_size, rng):
+        x, mask, y = data.batch(chunk)
+        with autocast(data.device, data.precision):
+            if training_step is not None:
+                loss = training_step(x, mask, y, loss_fn, step, total_steps)
+            else:
+                loss = loss_fn(model(x, mask)["logits"], y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        if after_step is not None:
+            after_step(step, total_steps)
+        step += 1
+        total += loss.item()
+        n_batches += 1
+    return total / max(n_batches, 1), lr
+
+
+@torch.inference_mode()
+def predict(model, data: Data, ids: list[str], batch_size: int) -> tuple[np.ndarray, float]:
+    """Slide probabilities of class 1 and the mean (weighted) loss over ``ids``."""
+    model.eval()
+    probs, loss_sum = [], 0.0
+    for chunk in batch_ids(ids, batch_size):
+        x, mask, y = data.batch(chunk)
+        with autocast(data.device, data.precision):
+            logits = model(x, mask)["logits"].float()
+        loss_sum += weighted_loss(logits, y, data.weights, reduction="sum").item()
+        probs.append(torch.softmax(logits, dim=1)[:, 1].cpu().numpy())
+    return np.concatenate(probs).astype(np.float64), loss_sum / max(len(ids), 1)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def patient_predictions(slides: pd.DataFrame) -> pd.DataFrame:
+    """Patient probability = mean of its slides' probabilities (DeepSMILE section 3.2)."""
+    grouped = slides.groupby(["partition", "patient_id"], sort=False)
+    patients = grouped.agg(label=("label", "first"), n_slides=("slide_id", "size"), prob=("prob", "mean"))
+    return patients.reset_index()[["patient_id", "label", "partition", "n_slides", "prob"]]
+
+
+def auc_or_none(labels, probs) -> float | None:
+    labels = np.asarray(labels)
+    if len(np.unique(labels)) < 2:
+        return None
+    return float(roc_auc_score(labels, probs))
+
+
+@dataclass
+class Selection:
+    """Best checkpoint so far: highest validation AUC, ties (or no AUC) by lowest loss."""
+
+    use_auc: bool
+    epoch: int = 0
+    auc: float | None = None
+    loss: float = math.inf
+    state: dict = field(default_factory=dict)
+
+    def improves(self, auc: float | None, loss: float) -> bool:
+        if self.epoch == 0:
+            return True
+        if self.use_auc:
+            return auc > self.auc or (auc == self.auc and loss < self.loss)
+        return loss < self.loss
+
+    def update(self, epoch: int, auc: float | None, loss: float, model: torch.nn.Module) -> None:
+        self.epoch, self.auc, self.loss = epoch, auc, loss
+        self.state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def fit(net, data: Data, train_ids: list[str], val: pd.DataFrame, cfg: dict, seed: int, desc: str):
+    """Train with early stopping on the validation slides; returns (Selection, history rows)."""
+    optimizer = torch.optim.Adam(
+        [p for p in net.parameters() if p.requires_grad],
+        lr=cfg["lr"], betas=tuple(cfg["betas"]), weight_decay=cfg["weight_decay"],
+    )
+    steps_per_epoch = math.ceil(len(train_ids) / cfg["batch_size"])
+    steps = cfg["epochs"] * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    shuffle_rng = np.random.default_rng(seed)
+
+    use_auc = val.groupby("patient_id")["label"].first().nunique() == 2
+    if not use_auc:
+        logger.warning("%s: validation patients are all of one class; selecting on validation loss alone", desc)
+    best = Selection(use_auc)
+    history = []
+    progress = tqdm(range(1, cfg["epochs"] + 1), desc=desc, unit="epoch", file=sys.stderr)
+    for epoch in progress:
+        train_loss, lr = train_epoch(
+            net, data, train_ids, cfg["batch_size"], optimizer, scheduler, shuffle_rng,
+            step=(epoch - 1) * steps_per_epoch, total_steps=steps,
+        )
+        val_auc, val_loss = _validate(net, data, val, cfg["batch_size"])
+        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_auc": val_auc, "lr": lr})
+        improved = best.improves(val_auc, val_loss)
+        if improved:
+            best.update(epoch, val_auc, val_loss, net)
+        logger.info(
+            "%s epoch %d/%d train_loss %.4f val_loss %.4f val_auc %s lr %.3g%s",
+            desc, epoch, cfg["epochs"], train_loss, val_loss, _fmt(val_auc), lr, " (best)" if improved else "",
+        )
+        progress.set_postfix(val_auc=_fmt(val_auc), best_epoch=best.epoch)
+        if epoch - best.epoch >= cfg["patience"]:
+            logger.info("%s: early stop after epoch %d, no improvement for %d epochs", desc, epoch, cfg["patience"])
+            break
+    progress.close()
+    return best, history
+
+
+# --------------------------------------------------------------------------- stage
+
+
+@dataclass
+class Trained:
+    """What ``train_bags`` returns: the best checkpoint loaded into ``net``, and its predictions."""
+
+    net: torch.nn.Module
+    best: Selection
+    history: list[dict]
+    slides: pd.DataFrame  # val and test slides: slide_id, patient_id, label, partition, prob
+    norm: tuple[torch.Tensor, torch.Tensor] | None
+    in_dim: int
+    cfg: dict
+
+
+def train_bags(
+    bags: dict[str, torch.Tensor],
+    split: pd.DataFrame,
+    model: str,
+    model_kwargs: dict,
+    training: dict,
+    seed: int,
+    device: str = "auto",
+    desc: str | None = None,
+    init_state: dict | None = None,
+    init_source: str | None = None,
+) -> Trained:
+    """Train ``model`` on in-memory bags; the core of ``train_fold``, usable without files.
+
+    ``bags`` maps slide_id to a feature tensor [N, D] (not modified); ``split``
+    has one row per slide: slide_id, patient_id, label (0/1), partition
+    (train/val/test). Slides of ``split`` missing from ``bags`` are an error.
+    ``init_state`` is a checkpoint dict (as ``checkpoint`` makes and model.pt
+    holds) that models built on a baseline (MHIM-MIL) start from; the model
+    takes it through its ``init_from_checkpoint`` method, and features are then
+    standardised with the checkpoint's statistics, the ones its weights were
+    trained on. ``init_source`` names it in errors.
+    """
+    cfg = resolve_training(training)
+    model_kwargs = dict(model_kwargs or {})
+    reserved = sorted({"in_dim", "n_classes"} & set(model_kwargs))
+    if reserved:
+        raise ValueError(f"model_kwargs must not set {', '.join(reserved)}: they come from the data")
+    dev = resolve_device(device)
+    warn_if_bf16_emulated(dev, cfg["precision"], "training.precision")
+    missing = sorted(set(split["slide_id"]) - set(bags))
+    if missing:
+        raise ValueError(f"no bag for slide(s) {', '.join(missing[:20])}")
+    ids = {p: split.loc[split["partition"] == p, "slide_id"].tolist() for p in ("train", "val", "test")}
+    for part in ("train", "val"):
+        if not ids[part]:
+            raise ValueError(f"{desc or model}: no {part} slide")
+    bags = {s: bags[s] for s in split["slide_id"]}
+    in_dim = next(iter(bags.values())).shape[1]
+
+    torch.manual_seed(seed)
+    net = create_model(model, in_dim=in_dim, n_classes=N_CLASSES, **model_kwargs)
+    norm = _start_from(net, model, init_state, init_source, in_dim, cfg["standardize"])
+    if norm is None and cfg["standardize"] and init_state is None:
+        norm = feature_stats(bags, ids["train"])
+
+    labels = dict(zip(split["slide_id"], split["label"].astype(int)))
+    weights = class_weights(np.array([labels[s] for s in ids["train"]]), cfg["class_weighted"])
+    data = Data(bags, labels, weights.to(dev), dev, norm, cfg["precision"])
+
+    net = net.to(dev)
+    val = split[split["partition"] == "val"]
+    best, history = fit(net, data, ids["train"], val, cfg, seed, desc=desc or model)
+    net.load_state_dict(best.state)
+    slides = _final_predictions(net, data, split, cfg["batch_size"])
+    return Trained(net, best, history, slides, norm, in_dim, cfg)
+
+
+def train_fold(
+    features: dict[str, str],
+    splits_csv: str,
+    fold: int,
+    model: str,
+    model_kwargs: dict,
+    training: dict,
+    seed: int,
+    out_dir: str,
+    device: str = "auto",
+    num_threads: int | None = None,
+    init_checkpoint: str | None = None,
+) -> dict:
+    """Train ``model`` on fold ``fold`` and write its checkpoint, history and predictions.
+
+    ``features`` maps slide_id to its HDF5 feature file. Returns a summary dict.
+    ``init_checkpoint``: the model.pt a model that starts from another one (MHIM-MIL:
+    its baseline trained on the same fold) is initialised from; features are then
+    standardised with that checkpoint's statistics, the ones its weights were trained on.
+    """
+    started = time.monotonic()
+    cfg = resolve_training(training)
+    model_kwargs = dict(model_kwargs or {})
+    if num_threads:
+        torch.set_num_threads(num_threads)
+
+    split = read_split(splits_csv, fold)
+    bags, skipped = load_bags(split["slide_id"].tolist(), features, cfg["max_tiles"], seed)
+    split = split[split["slide_id"].isin(bags)].reset_index(drop=True)
+    ids = {p: split.loc[split["partition"] == p, "slide_id"].tolist() for p in ("train", "val", "test")}
+    for part in ("train", "val"):
+        if not ids[part]:
+            raise ValueError(f"fold {fold}: no {part} slide has tiles")
+    logger.info(
+        "fold %d: %d train, %d val, %d test slides (%d skipped without tiles); in_dim %d; device %s",
+        fold, len(ids["train"]), len(ids["val"]), len(ids["test"]), len(skipped),
+        next(iter(bags.values())).shape[1], resolve_device(device),
+    )
+
+    init_state = load_init_checkpoint(init_checkpoint, model, fold) if init_checkpoint else None
+    run = train_bags(bags, split, model, model_kwargs, cfg, seed, device, desc=f"{model} fold {fold}",
+                     init_state=init_state, init_source=init_checkpoint)
+    best, history, slides = run.best, run.history, run.slides
+    patients = patient_predictions(slides)
+    test = patients[patients["partition"] == "test"]
+    summary = {
+        "model": model,
+        "fold": fold,
+        "seed": seed,
+        "best_epoch": best.epoch,
+        "epochs_run": len(history),
+        "val_auc": best.auc,
+        "val_loss": best.loss,
+        "test_auc": auc_or_none(test["label"], test["prob"]) if len(test) else None,
+        "n_slides": {p: len(v) for p, v in ids.items()},
+        "skipped_slides": skipped,
+        "device": str(resolve_device(device)),
+        "seconds": round(time.monotonic() - started, 2),
+    }
+    _write_outputs(Path(out_dir), checkpoint(run, model, model_kwargs, seed, fold), history, slides, patients)
+    logger.info(
+        "fold %d done: best epoch %d, val auc %s, test auc %s",
+        fold, best.epoch, _fmt(best.auc), _fmt(summary["test_auc"]),
+    )
+    return summary
+
+
+def load_init_checkpoint(path: str, model: str, fold: int) -> dict:
+    """Read the model.pt a model starts from (MHIM-MIL: its baseline on the same fold)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: initial checkpoint for {model!r} not found") from None
+    except Exception as err:  # a truncated or foreign file
+        raise ValueError(f"{path}: not a slidemil model checkpoint ({err.__class__.__name__}: {err})") from None
+    missing = [k for k in ("state_dict", "model", "in_dim") if k not in ckpt]
+    if missing:
+        raise ValueError(f"{path}: not a slidemil model checkpoint (missing {', '.join(missing)})")
+    if ckpt.get("fold") is not None and ckpt["fold"] != fold:
+        raise ValueError(f"{path}: trained on fold {ckpt['fold']}, not fold {fold}; its weights may have been fitted on this fold's validation or test slides")
+    return ckpt
+
+
+def _start_from(net, model: str, ckpt: dict | None, source: str | None, in_dim: int, standardize: bool):
+    """Initialise ``net`` from ``ckpt`` if the model starts from one; returns the checkpoint's feature statistics."""
+    source = source or "initial checkpoint"
+    if not getattr(net, "needs_init_checkpoint", False):
+        if ckpt is not None:
+            raise ValueError(f"model {model!r} does not start from a checkpoint, but {source} was given")
+        return None
+    if ckpt is None:
+        raise ValueError(
+            f"model {model!r} starts from its baseline trained on the same fold: "
+            "pass init_checkpoint (that baseline's model.pt for this fold)"
+        )
+    if ckpt["in_dim"] != in_dim:
+        raise ValueError(f"{source}: trained on {ckpt['in_dim']}-d features, but these features are {in_dim}-d")
+    net.init_from_checkpoint(ckpt, source=source)
+    logger.info("%s initialised from %s (%s, epoch %s)", model, source, ckpt["model"], ckpt.get("epoch"))
+    trained_standardized = ckpt.get("feature_mean") is not None
+    if trained_standardized != standardize:
+        logger.warning(
+            "%s: training.standardize is %s but %s was trained %s standardisation; following the checkpoint",
+            model, standardize, source, "with" if trained_standardized else "without",
+        )
+    return (ckpt["feature_mean"].float(), ckpt["feature_std"].float()) if trained_standardized else None
+
+
+def _validate(net, data: Data, val: pd.DataFrame, batch_size: int) -> tuple[float | None, float]:
+    probs, loss = predict(net, data, val["slide_id"].tolist(), batch_size)
+    if val["patient_id"].is_unique:
+        # One slide per patient (MIL benchmarks): no grouping needed, and this runs every epoch.
+        return auc_or_none(val["label"], probs), loss
+    patients = patient_predictions(val.assign(prob=probs))
+    return auc_or_none(patients["label"], patients["prob"]), loss
+
+
+def _final_predictions(net, data: Data, split: pd.DataFrame, batch_size: int) -> pd.DataFrame:
+    slides = split[split["partition"].isin(["val", "test"])].reset_index(drop=True)
+    probs, _ = predict(net, data, slides["slide_id"].tolist(), batch_size)
+    return slides.assign(prob=probs)[["slide_id", "patient_id", "label", "partition", "prob"]]
+
+
+def checkpoint(run: Trained, model: str, model_kwargs: dict, seed: int, fold: int) -> dict:
+    """The model.pt content of a trained run."""
+    return {
+        "state_dict": run.best.state,
+        "model": model,
+        "model_kwargs": model_kwargs,
+        "in_dim": run.in_dim,
+        "n_classes": N_CLASSES,
+        "epoch": run.best.epoch,
+        "val_auc": run.best.auc,
+        "training": run.cfg,
+        "seed": seed,
+        "fold": fold,
+        # Features must be standardised with these before the model sees them.
+        "feature_mean": None if run.norm is None else run.norm[0],
+        "feature_std": None if run.norm is None else run.norm[1],
+    }
+
+
+def _write_outputs(out: Path, ckpt: dict, history, slides, patients) -> None:
+    with atomic_output(out / "model.pt") as tmp:
+        torch.save(ckpt, tmp)
+    write_csv(out / "history.csv", pd.DataFrame(history, columns=["epoch", "train_loss", "val_loss", "val_auc", "lr"]))
+    write_csv(out / "predictions_slides.csv", slides)
+    write_csv(out / "predictions_patients.csv", patients)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _parse_args(argv=None, prog: str = "python -m slidemil.mil.train") -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Train one MIL model on one fold; writes model.pt, history.csv and predictions.",
+    )
+    parser.add_argument("--features-dir", required=True, help="folder of feature files named {slide_id}.h5")
+    parser.add_argument("--splits", required=True, help="splits CSV (slide_id, patient_id, label, fold_0..)")
+    parser.add_argument("--fold", type=int, required=True)
+    parser.add_argument("--model", required=True, help="registered MIL model name, e.g. abmil")
+    parser.add_argument("--model-kwargs", type=json.loads, default={}, help="model keyword arguments as JSON")
+    parser.add_argument("--training", type=json.loads, default={},
+                        help=f"training settings as JSON; defaults: {json.dumps(DEFAULT_TRAINING)}")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--init-checkpoint", default=None,
+                        help="model.pt to start from (MHIM-MIL models: the baseline trained on the same fold)")
+    parser.add_argument("--log", default=None, help="log file (default: stderr)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None, prog: str = "python -m slidemil.mil.train") -> None:
+    from slidemil.logs import setup_logging
+
+    args = _parse_args(argv, prog)
+    setup_logging(args.log)
+    features = {p.stem: str(p) for p in sorted(Path(args.features_dir).glob("*.h5"))}
+    summary = train_fold(
+        features, args.splits, args.fold, args.model, args.model_kwargs, args.training,
+        args.seed, args.out, device=args.device, num_threads=args.num_threads,
+        init_checkpoint=args.init_checkpoint,
+    )
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

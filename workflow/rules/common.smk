@@ -1,0 +1,307 @@
+# Config and sample-sheet validation, wildcard constraints, and every input/params helper.
+import re
+
+from snakemake.utils import validate
+
+# The installed package; rules use only its light modules (no torch, OpenCV or tqdm at DAG build).
+from slidemil.cohort.sheet import SheetError, check_sheet, load_sheet
+from slidemil.demo.plan import plan_cohort
+from slidemil.names import SIMCLR_EXTRACTORS, SIMCLR_WEIGHTS
+
+validate(config, "../schemas/config.schema.yaml")
+
+RESULTS = config["results"].rstrip("/")
+LOGS = f"{RESULTS}/logs"
+DEMO = not config.get("samples")
+# The label column must fit the split settings; checked with the rest of the sheet before any job runs.
+LABEL_SETTINGS = {"binarize": config["splits"]["binarize"], "positive_class": config["splits"]["positive_class"]}
+
+if DEMO:
+    # The demo cohort is planned from its settings alone, so the DAG is known before any slide exists.
+    SHEET = f"{RESULTS}/demo/samples.csv"
+    SAMPLES = plan_cohort(
+        n_patients=config["demo"]["n_patients"],
+        seed=config["demo"]["seed"],
+        two_slide_fraction=config["demo"]["two_slide_fraction"],
+        positive_fraction=config["demo"]["positive_fraction"],
+    )
+    SAMPLES["path"] = [f"{RESULTS}/demo/{p}" for p in SAMPLES["path"]]
+    _problems = check_sheet(SAMPLES, check_files=False, **LABEL_SETTINGS)
+    if _problems:
+        raise SheetError("demo cohort", _problems)
+else:
+    SHEET = config["samples"]
+    SAMPLES = load_sheet(SHEET, **LABEL_SETTINGS)
+
+validate(SAMPLES, "../schemas/samples.schema.yaml")
+SAMPLES = SAMPLES.set_index("slide_id", drop=False)
+SLIDES = SAMPLES["slide_id"].tolist()
+# A cohort with its own per-slide feature files enters at training: the sheet's paths are those files.
+PRECOMPUTED = config["features"]["precomputed"]
+EXTRACTORS = [PRECOMPUTED] if PRECOMPUTED else config["features"]["extractors"]
+MODELS = config["mil"]["models"]
+FOLD_COLUMN = config["splits"]["fold_column"]
+if FOLD_COLUMN:
+    if FOLD_COLUMN not in SAMPLES.columns:
+        raise SheetError(SHEET, [f"splits.fold_column {FOLD_COLUMN!r} is not a column of the sheet"])
+    FOLDS = list(range(SAMPLES[FOLD_COLUMN].nunique()))
+else:
+    FOLDS = list(range(config["splits"]["folds"]))
+MHIM_PREFIX = "mhim_"
+# The tile-supervised baseline trains on pixels, not features: its runs sit under this "extractor".
+TILE_MODEL = "tile_supervised"
+TILE_SLOT = "tiles"
+
+
+def base_model(model):
+    """The baseline an MHIM-MIL model is built on (its teacher), or None."""
+    return model[len(MHIM_PREFIX):] if model.startswith(MHIM_PREFIX) else None
+
+
+
+
+def _alternation(names):
+    return "|".join(re.escape(str(n)) for n in names)
+
+
+# ---- inputs ----------------------------------------------------------------
+
+
+# Plain dicts: Snakemake calls these once per job, and a pandas .loc lookup costs ~100 us.
+SLIDE_PATHS = dict(zip(SAMPLES["slide_id"], SAMPLES["path"]))
+SLIDE_MPPS = dict(zip(SAMPLES["slide_id"], SAMPLES["mpp"])) if "mpp" in SAMPLES.columns else {}
+
+
+def slide_path(wildcards):
+    return SLIDE_PATHS[wildcards.slide]
+
+
+def tiles_h5(slide):
+    return f"{RESULTS}/tiles/{slide}.h5"
+
+
+def tiles_qc(slide):
+    return f"{RESULTS}/tiles/qc/{slide}.png"
+
+
+TILE_MANIFEST = f"{RESULTS}/tiles/manifest.csv"
+
+
+def features_h5(extractor, slide):
+    return f"{RESULTS}/features/{extractor}/{slide}.h5"
+
+
+def feature_manifest(extractor):
+    return f"{RESULTS}/features/{extractor}/manifest.csv"
+
+
+def extractor_slide_features(wildcards):
+    return [features_h5(wildcards.extractor, s) for s in SLIDES]
+
+
+def extractor_features(wildcards):
+    return feature_manifest(wildcards.extractor)
+
+
+TRAIN_FILES = ("model.pt", "history.csv", "predictions_slides.csv", "predictions_patients.csv")
+
+
+def train_dir(extractor, model, fold):
+    return f"{RESULTS}/train/{extractor}/{model}/fold_{fold}"
+
+
+def trained_models():
+    """The configured models plus the baselines MHIM-MIL models need, reported side by side."""
+    models = [m for m in MODELS if m != TILE_MODEL]
+    for m in models:
+        if base_model(m) and base_model(m) not in models:
+            models.insert(models.index(m), base_model(m))
+    return models
+
+
+def train_runs():
+    runs = [(e, m, f) for e in EXTRACTORS for m in trained_models() for f in FOLDS]
+    if TILE_MODEL in MODELS:
+        runs += [(TILE_SLOT, TILE_MODEL, f) for f in FOLDS]
+    return runs
+
+
+def report_predictions(wildcards):
+    return [f"{train_dir(e, m, f)}/predictions_patients.csv" for e, m, f in train_runs()]
+
+
+def report_histories(wildcards):
+    return [f"{train_dir(e, m, f)}/history.csv" for e, m, f in train_runs()]
+
+
+def report_pairs():
+    """Each reported (extractor, model) once, in the order of train_runs()."""
+    return list(dict.fromkeys((e, m) for e, m, _ in train_runs()))
+
+
+def report_outputs():
+    pngs = [f"{RESULTS}/report/roc_{e}_{m}.png" for e, m in report_pairs()]
+    tables = [f"{RESULTS}/report/{name}" for name in ("summary.csv", "summary.md", "per_fold.csv", "excluded.csv")]
+    return tables + pngs + report_page_outputs()
+
+
+# ---- params: exactly the config slice that shapes each output ---------------
+
+
+# on_error only decides what happens to unusable slides: changing it must not retile good ones.
+TILING_PARAMS = {k: v for k, v in config["tiling"].items() if k != "on_error"}
+
+
+def slide_mpp_override(wildcards):
+    value = SLIDE_MPPS.get(wildcards.slide)
+    return None if value is None or value != value else float(value)
+
+
+def extractor_params(wildcards):
+    settings = dict(config["features"]["settings"][wildcards.extractor])
+    # The seed shapes features only through random weights; elsewhere it must not trigger reruns.
+    if settings.get("weights") == "random":
+        settings["seed"] = config["seed"]
+    if settings.get("weights") == SIMCLR_WEIGHTS:
+        settings["seed"], settings["simclr"] = config["seed"], dict(config["simclr"])
+    return settings
+
+
+def model_params(wildcards):
+    settings = dict(config["mil"]["settings"].get(wildcards.model) or {})
+    base = base_model(wildcards.model)
+    if base:
+        # The student and teacher must have the architecture of the checkpoint they start from.
+        settings["base_kwargs"] = dict(config["mil"]["settings"].get(base) or {})
+    return settings
+
+
+def init_checkpoint(wildcards):
+    """MHIM-MIL starts from its baseline trained on the same fold."""
+    base = base_model(wildcards.model)
+    return [f"{train_dir(wildcards.extractor, base, wildcards.fold)}/model.pt"] if base else []
+
+
+wildcard_constraints:
+    # Slide ids never contain "/" (sheet schema); matching 1,000 ids as an alternation slows the DAG.
+    slide=r"[^/]+",
+    extractor=_alternation(EXTRACTORS),
+    model=_alternation(trained_models()),
+    fold=r"\d+",
+
+
+# ---- report page (issue 7): everything the report rule reads and writes ------
+
+REPORT = f"{RESULTS}/report"
+REPORT_TABLES = ("comparison.csv", "cohort.csv", "splits_summary.csv", "report.json")
+
+
+def report_checkpoints(wildcards):
+    """One model.pt per trained run, in the order of train_runs() (the heatmaps use each model's first fold)."""
+    return [f"{train_dir(e, m, f)}/model.pt" for e, m, f in train_runs()]
+
+
+def report_features(wildcards):
+    return [feature_manifest(e) for e in EXTRACTORS]
+
+
+def report_tiles(wildcards):
+    # Precomputed features come without tiling: no tiles, QC pictures or heatmaps.
+    return [] if PRECOMPUTED else [TILE_MANIFEST]
+
+
+def report_histories_png():
+    return [(e, m, f"{REPORT}/history_{e}_{m}.png") for e, m in report_pairs()]
+
+
+def report_has_comparison():
+    models = trained_models()
+    return config["report"]["reference_model"] in models and len(models) > 1
+
+
+def report_has_heatmaps():
+    return not PRECOMPUTED and config["report"]["heatmaps_per_model"] > 0
+
+
+def report_page_outputs():
+    files = [f"{REPORT}/report.html"] + [f"{REPORT}/{n}" for n in REPORT_TABLES]
+    files += [png for _, _, png in report_histories_png()]
+    files += [f"{REPORT}/comparison.png"] if report_has_comparison() else []
+    return files + ([f"{REPORT}/heatmaps"] if report_has_heatmaps() else [])
+
+
+# ---- SimCLR pre-training and the tile-supervised baseline -------------------
+
+
+def simclr_backbone(arch):
+    return f"{RESULTS}/simclr/{arch}/backbone.pt"
+
+
+def _check_simclr_config():
+    problems = []
+    for name in [] if PRECOMPUTED else EXTRACTORS:
+        settings = config["features"]["settings"].get(name)
+        if settings is None:
+            problems.append(f"features.settings has no entry for extractor {name!r}")
+        elif settings["weights"] == SIMCLR_WEIGHTS and name not in SIMCLR_EXTRACTORS:
+            problems.append(f"features.settings.{name}.weights: {SIMCLR_WEIGHTS!r} is for the SimCLR extractors "
+                            f"({', '.join(SIMCLR_EXTRACTORS)}) only")
+        elif settings["weights"] == SIMCLR_WEIGHTS and settings["input_px"] != config["simclr"]["input_px"]:
+            problems.append(f"features.settings.{name}.input_px ({settings['input_px']}) must equal simclr.input_px "
+                            f"({config['simclr']['input_px']}): the encoder would see tiles at another scale")
+    if TILE_MODEL in MODELS:
+        if PRECOMPUTED:
+            problems.append(f"mil.models lists {TILE_MODEL}, which trains on tiles; precomputed features have none")
+        init = (config["mil"]["settings"].get(TILE_MODEL) or {}).get("init")
+        if init == SIMCLR_WEIGHTS and tile_model_settings()["arch"] not in SIMCLR_EXTRACTORS.values():
+            problems.append(f"mil.settings.{TILE_MODEL}.arch has no SimCLR pre-training")
+    uses_simclr = any(_simclr_backbones(e) for e in ([] if PRECOMPUTED else EXTRACTORS))
+    if FOLD_COLUMN and (uses_simclr or (TILE_MODEL in MODELS and tile_model_init(None))):
+        problems.append(f"splits.fold_column {FOLD_COLUMN!r} makes every slide a test slide in some fold, so SimCLR "
+                        "pre-training would see test tiles; give the extractor a weights file made elsewhere")
+    if problems:
+        raise ValueError("config: " + "; ".join(problems))
+
+
+def _simclr_backbones(extractor):
+    settings = config["features"]["settings"].get(extractor) or {}
+    if settings.get("weights") != SIMCLR_WEIGHTS:
+        return []
+    return [simclr_backbone(SIMCLR_EXTRACTORS[extractor])]
+
+
+def extractor_simclr_weights(wildcards):
+    """The SimCLR backbone an extractor with weights "simclr" is loaded from (nothing for other weights)."""
+    return _simclr_backbones(wildcards.extractor)
+
+
+USES_SIMCLR = any(_simclr_backbones(e) for e in EXTRACTORS)
+
+
+def tile_model_settings():
+    settings = dict(config["mil"]["settings"].get(TILE_MODEL) or {})
+    settings.setdefault("arch", "shufflenet_v2")
+    return settings
+
+
+def tile_model_params(wildcards):
+    settings = tile_model_settings()
+    if settings.get("init") == SIMCLR_WEIGHTS:
+        settings["simclr"] = dict(config["simclr"])
+    return settings
+
+
+def tile_model_init(wildcards):
+    settings = tile_model_settings()
+    return [simclr_backbone(settings["arch"])] if settings.get("init") == SIMCLR_WEIGHTS else []
+
+
+def all_slide_files(wildcards=None):
+    return [SAMPLES.loc[s, "path"] for s in SLIDES]
+
+
+def all_tiles(wildcards=None):
+    return [tiles_h5(s) for s in SLIDES]
+
+
+_check_simclr_config()

@@ -1,0 +1,72 @@
+rule report:
+    input:
+        predictions=report_predictions,
+        histories=report_histories,
+        checkpoints=report_checkpoints,
+        splits=f"{RESULTS}/splits/splits.csv",
+        sheet=SHEET,
+        features=report_features,
+        tiles=report_tiles,
+    output:
+        # The report(...) flags put the same figures into `snakemake --report`.
+        html=report(
+            f"{REPORT}/report.html", category="1. Results report", caption="../report/report_html.rst"
+        ),
+        tables=[f"{REPORT}/{name}" for name in ("summary.csv", "summary.md", "per_fold.csv", "excluded.csv")],
+        page_tables=[f"{REPORT}/{name}" for name in REPORT_TABLES],
+        roc=[
+            report(
+                f"{REPORT}/roc_{e}_{m}.png",
+                category="2. ROC curves",
+                subcategory=e,
+                labels={"extractor": e, "model": m},
+                caption="../report/roc.rst",
+            )
+            for e, m in report_pairs()
+        ],
+        history=[
+            report(
+                png,
+                category="4. Training curves",
+                subcategory=e,
+                labels={"extractor": e, "model": m},
+                caption="../report/history.rst",
+            )
+            for e, m, png in report_histories_png()
+        ],
+        comparison=(
+            [
+                report(
+                    f"{REPORT}/comparison.png",
+                    category="3. Model comparison",
+                    caption="../report/comparison.rst",
+                )
+            ]
+            if report_has_comparison()
+            else []
+        ),
+        heatmaps=(
+            [
+                report(
+                    directory(f"{REPORT}/heatmaps"),
+                    patterns=["{name}.png"],
+                    category="5. Attention heatmaps",
+                    caption="../report/heatmap.rst",
+                )
+            ]
+            if report_has_heatmaps()
+            else []
+        ),
+    params:
+        report=config["report"],
+        seed=config["seed"],
+        # Same order as the inputs: one entry per trained (extractor, model, fold).
+        runs=[{"extractor": e, "model": m, "fold": f} for e, m, f in train_runs()],
+    resources:
+        device=config["compute"]["device"],
+    conda:
+        "../envs/slidemil.yaml"
+    log:
+        f"{LOGS}/report.log",
+    script:
+        "../scripts/report.py"
