@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from slidemil.features.byof import FeatureFileError
+from slidemil.errors import FeatureFileError
 from slidemil.cohort.facts import _text, feature_file_facts
 from slidemil.files import write_csv
 
