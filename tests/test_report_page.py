@@ -19,7 +19,9 @@ from sklearn.metrics import roc_auc_score
 
 from slidemil.report import stats as report, page as report_page
 from slidemil.demo.render import make_slide
+from slidemil.cohort.manifest import feature_manifest, tile_manifest
 from slidemil.report.heatmap import load_checkpoint, tile_attention
+from slidemil.report.model_heatmaps import draw_model_heatmaps
 from slidemil.files import write_h5
 from slidemil.mil.models import create_model
 from slidemil.tiling.tile import tile_slide
@@ -79,11 +81,23 @@ def study(tmp_path_factory):
     for run in runs:
         run["checkpoint"] = str(Path(run["predictions"]).parent / "model.pt")
         _checkpoint(run["checkpoint"], run["model"], run["fold"])
+    # What the workflow does: the manifests, one heatmap job per model (its first fold), then the report.
+    manifests = {"features": root / "features" / "uni" / "manifest.csv", "tiles": root / "tiles" / "manifest.csv"}
+    feature_manifest(list(features.values()), manifests["features"])
+    tile_manifest(list(tiles.values()), [qc.get(s, "") for s in tiles], manifests["tiles"])
     out = root / "report"
+    indexes = []
+    for run in runs:
+        if run["fold"] == 0:
+            folder = out / "heatmaps" / "uni" / run["model"]
+            draw_model_heatmaps(run["checkpoint"], "uni", run["model"], 0, root / "samples.csv", root / "splits.csv",
+                                manifests["features"], manifests["tiles"], folder, f"{folder}.json", SETTINGS, seed=0)
+            indexes.append(f"{folder}.json")
     doc = report_page.build_report(runs, out, SETTINGS, seed=0, sheet=root / "samples.csv",
-                                   splits=root / "splits.csv", features={"uni": features}, tiles=tiles, qc=qc)
+                                   splits=root / "splits.csv", features={"uni": manifests["features"]},
+                                   tiles=manifests["tiles"], heatmaps=indexes)
     return {"root": root, "out": out, "doc": doc, "runs": runs, "features": features, "sheet": sheet,
-            "splits": splits}
+            "splits": splits, "manifests": manifests}
 
 
 def test_json_numbers_match_prediction_files(study):
@@ -213,7 +227,7 @@ def test_page_opens_in_a_headless_browser(study, tmp_path):
 
 def test_precomputed_features_skip_heatmaps_with_a_note(study, tmp_path):
     doc = report_page.build_report(study["runs"][:2], tmp_path, SETTINGS, seed=0, sheet=study["root"] / "samples.csv",
-                                   splits=study["root"] / "splits.csv", features={"uni": study["features"]})
+                                   splits=study["root"] / "splits.csv", features={"uni": study["manifests"]["features"]})
     assert doc["heatmaps"] == [] and "precomputed" in doc["heatmap_notes"][0]
     assert doc["qc"] is None and doc["comparison"] == []  # one model only: nothing to compare
     page = (tmp_path / "report.html").read_text()

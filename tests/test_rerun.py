@@ -65,19 +65,20 @@ def _set(config, dotted, value):
 
 
 # section edit -> what reruns; "N" stands for one job per slide. The README's table says the same.
+# A new first-fold checkpoint redraws that model's heatmaps (one heatmaps job: one extractor, abmil).
 RERUN_TABLE = [
-    ("mil.training.epochs", 9, {"train": 2, "report": 1}),
+    ("mil.training.epochs", 9, {"train": 2, "heatmaps": 1, "report": 1}),
     # optional, absent from config.yaml: the schema accepts it and it reruns training like any setting
-    ("mil.training.precision", "bf16", {"train": 2, "report": 1}),
-    ("mil.settings.abmil", {"embed_dim": 256, "attn_dim": 128, "dropout": 0.25}, {"train": 2, "report": 1}),
+    ("mil.training.precision", "bf16", {"train": 2, "heatmaps": 1, "report": 1}),
+    ("mil.settings.abmil", {"embed_dim": 256, "attn_dim": 128, "dropout": 0.25}, {"train": 2, "heatmaps": 1, "report": 1}),
     ("report.n_bootstrap", 300, {"report": 1}),
-    ("splits.folds", 3, {"splits": 1, "train": 3, "report": 1}),
+    ("splits.folds", 3, {"splits": 1, "train": 3, "heatmaps": 1, "report": 1}),
     ("tiling.tile_px", 96, {"tile_slide": "N", "tile_manifest": 1, "extract_features": "N", "feature_manifest": 1,
-                            "train": 2, "report": 1}),
+                            "train": 2, "heatmaps": 1, "report": 1}),
     (f"features.settings.{EXTRACTOR}.input_px", 96,
-     {"extract_features": "N", "feature_manifest": 1, "train": 2, "report": 1}),
+     {"extract_features": "N", "feature_manifest": 1, "train": 2, "heatmaps": 1, "report": 1}),
     # random weights are seeded
-    ("seed", 1, {"extract_features": "N", "feature_manifest": 1, "splits": 1, "train": 2, "report": 1}),
+    ("seed", 1, {"extract_features": "N", "feature_manifest": 1, "splits": 1, "train": 2, "heatmaps": 1, "report": 1}),
     ("tiling.on_error", "fail", {}),
     ("compute.batch_size", 7, {}),
     ("compute.loader_workers", 2, {}),
@@ -120,7 +121,7 @@ def test_one_new_slide_runs_only_that_slide(tiny_sheet_run):
     config = dict(base_config(tiny_sheet_run), samples=str(cohort / "sheet_plus.csv"))
     assert dry_run(tiny_sheet_run, config) == {
         "tile_slide": 1, "tile_manifest": 1, "extract_features": 1, "feature_manifest": 1, "splits": 1, "train": 2,
-        "report": 1}
+        "heatmaps": 1, "report": 1}
     (tiny_sheet_run / "edited.yaml").write_text(yaml.safe_dump(config))
     proc = snakemake_cli(tiny_sheet_run, "-n", "--cores", "1", configfile="edited.yaml")
     assert "NEW-S1" in proc.stdout + proc.stderr

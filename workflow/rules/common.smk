@@ -126,25 +126,6 @@ def train_runs():
     return runs
 
 
-def report_predictions(wildcards):
-    return [f"{train_dir(e, m, f)}/predictions_patients.csv" for e, m, f in train_runs()]
-
-
-def report_histories(wildcards):
-    return [f"{train_dir(e, m, f)}/history.csv" for e, m, f in train_runs()]
-
-
-def report_pairs():
-    """Each reported (extractor, model) once, in the order of train_runs()."""
-    return list(dict.fromkeys((e, m) for e, m, _ in train_runs()))
-
-
-def report_outputs():
-    pngs = [f"{RESULTS}/report/roc_{e}_{m}.png" for e, m in report_pairs()]
-    tables = [f"{RESULTS}/report/{name}" for name in ("summary.csv", "summary.md", "per_fold.csv", "excluded.csv")]
-    return tables + pngs + report_page_outputs()
-
-
 # ---- params: exactly the config slice that shapes each output ---------------
 
 
@@ -188,46 +169,6 @@ wildcard_constraints:
     extractor=_alternation(EXTRACTORS),
     model=_alternation(trained_models()),
     fold=r"\d+",
-
-
-# ---- report page (issue 7): everything the report rule reads and writes ------
-
-REPORT = f"{RESULTS}/report"
-REPORT_TABLES = ("comparison.csv", "cohort.csv", "splits_summary.csv", "report.json")
-
-
-def report_checkpoints(wildcards):
-    """One model.pt per trained run, in the order of train_runs() (the heatmaps use each model's first fold)."""
-    return [f"{train_dir(e, m, f)}/model.pt" for e, m, f in train_runs()]
-
-
-def report_features(wildcards):
-    return [feature_manifest(e) for e in EXTRACTORS]
-
-
-def report_tiles(wildcards):
-    # Precomputed features come without tiling: no tiles, QC pictures or heatmaps.
-    return [] if PRECOMPUTED else [TILE_MANIFEST]
-
-
-def report_histories_png():
-    return [(e, m, f"{REPORT}/history_{e}_{m}.png") for e, m in report_pairs()]
-
-
-def report_has_comparison():
-    models = trained_models()
-    return config["report"]["reference_model"] in models and len(models) > 1
-
-
-def report_has_heatmaps():
-    return not PRECOMPUTED and config["report"]["heatmaps_per_model"] > 0
-
-
-def report_page_outputs():
-    files = [f"{REPORT}/report.html"] + [f"{REPORT}/{n}" for n in REPORT_TABLES]
-    files += [png for _, _, png in report_histories_png()]
-    files += [f"{REPORT}/comparison.png"] if report_has_comparison() else []
-    return files + ([f"{REPORT}/heatmaps"] if report_has_heatmaps() else [])
 
 
 # ---- SimCLR pre-training and the tile-supervised baseline -------------------

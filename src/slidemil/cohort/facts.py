@@ -1,9 +1,9 @@
 """Who is in the study: slides, patients, tiles kept, excluded slides and split sizes.
 
-Read from the files the pipeline already wrote: the sample sheet, the feature
-HDF5 files (number of tiles, and the ``excluded`` attribute that names why a
-slide cannot be used), the tiles HDF5 files (how many grid cells were tissue
-candidates) and splits.csv.
+The report reads them from the sample sheet, the manifests (tiles kept and
+the reason a slide cannot be used from the feature manifest, tissue candidates
+from the tile manifest; see slidemil.cohort.manifest) and splits.csv, never from
+the N per-slide files: the manifests read those once, when they are made.
 """
 
 from __future__ import annotations
@@ -45,25 +45,34 @@ def feature_file_facts(path: str | os.PathLike) -> tuple[int, str]:
     return n, reason
 
 
-def tiles_candidates(path: str | os.PathLike) -> float:
-    """Grid cells the tiling judged (tissue candidates), NaN when the file does not say."""
-    with h5py.File(path, "r") as f:
-        value = f.attrs.get("n_candidates")
-    return float(value) if value is not None else np.nan
+def cohort_table(sheet: pd.DataFrame, features: pd.DataFrame, tiles: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per slide of the sheet: patient, label, tiles kept (and candidates), exclusion reason.
 
-
-def cohort_table(sheet: pd.DataFrame, features: dict[str, str], tiles: dict[str, str] | None = None) -> pd.DataFrame:
-    """One row per slide of the sheet: patient, label, tiles kept (and candidates), exclusion reason."""
+    ``features`` / ``tiles``: a feature and the tile manifest as read by
+    slidemil.cohort.manifest.read_manifest_table.
+    """
+    feats = features.set_index("slide_id")
+    missing = [str(s) for s in sheet["slide_id"] if str(s) not in feats.index]
+    if missing:
+        raise ValueError(f"the feature manifest lists no file for slide(s) {', '.join(missing[:5])}"
+                         f"{' ...' if len(missing) > 5 else ''}")
+    candidates = {} if tiles is None else dict(zip(tiles["slide_id"], tiles["n_candidates"]))
     rows = []
     for row in sheet.itertuples(index=False):
         slide = str(row.slide_id)
-        if slide not in features:
-            raise ValueError(f"no feature file given for slide {slide}")
-        n, reason = feature_file_facts(features[slide])
-        candidates = tiles_candidates(tiles[slide]) if tiles and slide in tiles else np.nan
         rows.append({"slide_id": slide, "patient_id": str(row.patient_id), "label": row.label,
-                     "n_tiles": n, "n_candidates": candidates, "excluded": reason})
+                     "n_tiles": int(feats.at[slide, "n_tiles"]), "n_candidates": float(candidates.get(slide, np.nan)),
+                     "excluded": str(feats.at[slide, "excluded"])})
     return pd.DataFrame(rows, columns=COHORT_COLUMNS)
+
+
+def excluded_from_manifests(features: list[pd.DataFrame]) -> pd.DataFrame:
+    """Slides that cannot be used and why (columns slide_id, reason), once each over the feature manifests."""
+    frames = [f.loc[f["excluded"] != "", ["slide_id", "excluded"]] for f in features]
+    if not frames:
+        return pd.DataFrame(columns=["slide_id", "reason"])
+    table = pd.concat(frames).rename(columns={"excluded": "reason"})
+    return table.drop_duplicates("slide_id").reset_index(drop=True)
 
 
 def cohort_facts(table: pd.DataFrame) -> dict:

@@ -78,6 +78,22 @@ def tile_manifest(paths: list[str], qc: list[str], out_csv: str | os.PathLike) -
     return table
 
 
+# Text columns stay text: a slide id such as "007" or an empty exclusion reason must not become a number or NaN.
+_TEXT_COLUMNS = ("slide_id", "path", "qc", "excluded", "extractor", "weights_digest")
+
+
+def read_manifest_table(path: str | os.PathLike) -> pd.DataFrame:
+    """A whole manifest: the per-slide facts (tiles kept, exclusion, candidates) without opening N files."""
+    table = pd.read_csv(path, dtype={c: str for c in _TEXT_COLUMNS}, keep_default_na=False)
+    missing = {"slide_id", "path"} - set(table.columns)
+    if missing:
+        raise ValueError(f"{path}: not a manifest (no {', '.join(sorted(missing))} column)")
+    for column in ("n_tiles", "n_candidates"):
+        if column in table.columns:
+            table[column] = pd.to_numeric(table[column], errors="coerce")
+    return table
+
+
 def read_manifest(path: str | os.PathLike, column: str = "path") -> dict[str, str]:
     """slide_id -> the manifest's ``column`` (a file path), in the manifest's order."""
     table = pd.read_csv(path, dtype={"slide_id": str, column: str}, keep_default_na=False)

@@ -397,7 +397,8 @@ def plot_comparison(comparison: pd.DataFrame, png: str | os.PathLike) -> None:
         plt.close(fig)
 
 
-def _markdown(summary: pd.DataFrame, per_fold: pd.DataFrame, n_bootstrap: int) -> str:
+def _markdown(summary: pd.DataFrame, per_fold: pd.DataFrame, n_bootstrap: int,
+              excluded: pd.DataFrame | None = None) -> str:
     lines = [
         "# Model comparison",
         "",
@@ -416,9 +417,9 @@ def _markdown(summary: pd.DataFrame, per_fold: pd.DataFrame, n_bootstrap: int) -
             f"| {_md_cell(row.extractor)} | {_md_cell(row.model)} | {row.n_folds} "
             f"| {_fmt(row.auc_mean)} ± {_fmt(row.auc_std)} | {ci} | {_md_cell(per)} |"
         )
-    excluded = per_fold[per_fold["test_auc"].isna()]
-    if len(excluded):
-        names = ", ".join(f"{r.extractor}/{r.model} fold {r.fold}" for r in excluded.itertuples(index=False))
+    excluded_folds = per_fold[per_fold["test_auc"].isna()]
+    if len(excluded_folds):
+        names = ", ".join(f"{r.extractor}/{r.model} fold {r.fold}" for r in excluded_folds.itertuples(index=False))
         lines += ["", "Excluded from mean, std and CI because the test set has a single class "
                   f"(AUC undefined): {_md_cell(names)}."]
     short = summary[summary["n_bootstrap_used"] < n_bootstrap]
@@ -426,6 +427,10 @@ def _markdown(summary: pd.DataFrame, per_fold: pd.DataFrame, n_bootstrap: int) -
         names = ", ".join(f"{r.extractor}/{r.model} ({r.n_bootstrap_used})" for r in short.itertuples(index=False))
         lines += ["", "Bootstrap replicates with a single class were skipped; replicates used: "
                   f"{_md_cell(names)}."]
+    if excluded is not None and len(excluded):
+        # Slides left out at tiling (broken, no mpp, no tissue) and why.
+        lines += ["", f"## Excluded slides ({len(excluded)})", ""]
+        lines += [f"- `{r.slide_id}`: {r.reason}" for r in excluded.itertuples(index=False)]
     return "\n".join(lines) + "\n"
 
 
@@ -466,40 +471,46 @@ def make_report(runs: list[dict], out_dir: str, n_bootstrap: int = 1000, seed: i
     ``runs``: dicts with extractor, model, fold, predictions (path to
     predictions_patients.csv) and history (path to history.csv).
     Returns the summary table, sorted by mean test AUC (best first).
+    """
+    per_fold, tests = load_tests(runs)
+    return write_summary(per_fold, tests, out_dir, n_bootstrap, seed)
+
+
+def _summary_row(extractor: str, model: str, folds: list, n_bootstrap: int, seed: int) -> dict:
+    valid = [(fold, test, auc) for fold, test, auc in folds if np.isfinite(auc)]
+    aucs = np.array([auc for _, _, auc in valid])
+    mean = float(aucs.mean()) if len(aucs) else math.nan
+    # Sample std is undefined for one fold; NaN says so instead of a misleading 0.
+    std = float(aucs.std(ddof=1)) if len(aucs) > 1 else math.nan
+    ci_low, ci_high, n_used = bootstrap_mean_auc([t for _, t, _ in valid], n_bootstrap, seed)
+    logger.info("%s/%s: test AUC %s ± %s, 95%% CI %s-%s",
+                extractor, model, _fmt(mean), _fmt(std), _fmt(ci_low), _fmt(ci_high))
+    return {"extractor": extractor, "model": model, "n_folds": len(valid), "n_folds_excluded": len(folds) - len(valid),
+            "auc_mean": mean, "auc_std": std, "ci_low": ci_low, "ci_high": ci_high, "n_bootstrap_used": n_used}
+
+
+def write_summary(per_fold: pd.DataFrame, tests: dict, out_dir: str | os.PathLike, n_bootstrap: int = 1000,
+                  seed: int = 0, excluded: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The one writer of per_fold.csv, summary.csv, summary.md and the ROC figures; returns the summary.
+
+    ``per_fold`` / ``tests``: as :func:`load_tests` returns them, so a caller
+    that needs the test predictions too reads each file once. ``excluded``:
+    slides left out (slide_id, reason), listed at the end of summary.md.
 
     Every model's bootstrap starts from ``default_rng(seed)`` so that its CI
     does not depend on which other models are in the report, and models
     scored on the same test patients are resampled identically (paired).
     """
     out = Path(out_dir)
-    per_fold, tests = load_tests(runs)
     out.mkdir(parents=True, exist_ok=True)
-
     summary_rows = []
     for (extractor, model), folds in tests.items():
         folds = sorted(folds, key=lambda item: item[0])
-        valid = [(fold, test, auc) for fold, test, auc in folds if np.isfinite(auc)]
-        aucs = np.array([auc for _, _, auc in valid])
-        mean = float(aucs.mean()) if len(aucs) else math.nan
-        # Sample std is undefined for one fold; NaN says so instead of a misleading 0.
-        std = float(aucs.std(ddof=1)) if len(aucs) > 1 else math.nan
-        ci_low, ci_high, n_used = bootstrap_mean_auc([t for _, t, _ in valid], n_bootstrap, seed)
-        summary_rows.append({
-            "extractor": extractor,
-            "model": model,
-            "n_folds": len(valid),
-            "n_folds_excluded": len(folds) - len(valid),
-            "auc_mean": mean,
-            "auc_std": std,
-            "ci_low": ci_low,
-            "ci_high": ci_high,
-            "n_bootstrap_used": n_used,
-        })
-        title = f"{extractor} / {model}: test AUC {_fmt(mean)} ± {_fmt(std)} ({len(valid)} folds)"
+        row = _summary_row(extractor, model, folds, n_bootstrap, seed)
+        summary_rows.append(row)
+        title = f"{extractor} / {model}: test AUC {_fmt(row['auc_mean'])} ± {_fmt(row['auc_std'])} " \
+                f"({row['n_folds']} folds)"
         plot_roc(folds, title, out / f"roc_{extractor}_{model}.png")
-        logger.info("%s/%s: test AUC %s ± %s, 95%% CI %s-%s",
-                    extractor, model, _fmt(mean), _fmt(std), _fmt(ci_low), _fmt(ci_high))
-
     summary = (
         pd.DataFrame(summary_rows, columns=SUMMARY_COLUMNS)
         .sort_values(["auc_mean", "extractor", "model"], ascending=[False, True, True],
@@ -508,7 +519,7 @@ def make_report(runs: list[dict], out_dir: str, n_bootstrap: int = 1000, seed: i
     )
     write_csv(out / "per_fold.csv", per_fold)
     write_csv(out / "summary.csv", summary)
-    write_text(out / "summary.md", _markdown(summary, per_fold, n_bootstrap))
+    write_text(out / "summary.md", _markdown(summary, per_fold, n_bootstrap, excluded))
     return summary
 
 
