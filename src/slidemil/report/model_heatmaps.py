@@ -12,7 +12,7 @@ model has fewer heatmaps or none).
 
 Command line::
 
-    python -m slidemil.report.model_heatmaps --checkpoint model.pt --extractor E --model M --fold 0 \\
+    slidemil heatmaps --checkpoint model.pt --extractor E --model M --fold 0 \\
         --sheet samples.csv --splits splits.csv --features features/E/manifest.csv \\
         --tiles tiles/manifest.csv --out heatmaps/E/M --index heatmaps/E/M.json
 """
