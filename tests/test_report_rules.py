@@ -92,12 +92,21 @@ def _build(study):
                                     heatmaps=[study["index"]])
 
 
-def test_report_builds_without_opening_any_hdf5_file(study, monkeypatch):
+def test_report_reads_manifests_not_hdf5_files_and_each_prediction_once(study, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError(f"the report opened an HDF5 file: {args}")
 
     monkeypatch.setattr(h5py, "File", refuse)
+    reads, read_csv = [], pd.read_csv
+
+    def counting_read_csv(path, *args, **kwargs):
+        reads.append(str(path))
+        return read_csv(path, *args, **kwargs)
+
+    monkeypatch.setattr(pd, "read_csv", counting_read_csv)
     doc = _build(study)
+    predictions = sorted(r for r in reads if r.endswith("predictions_patients.csv"))
+    assert predictions == sorted(run["predictions"] for run in study["runs"])  # each read once
     assert doc["cohort"]["n_slides"] == 12 and doc["cohort"]["n_slides_excluded"] == 1
     assert doc["cohort"]["tiles_per_slide"]["total"] == 11 * 50
     assert {r["n_candidates"] for r in doc["cohort"]["slides"]} == {60.0}
