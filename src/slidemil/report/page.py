@@ -32,6 +32,7 @@ import pandas as pd
 
 from slidemil.cohort import facts as cohort_mod
 from slidemil.files import write_csv, write_json, write_text
+from slidemil.files.splits import read_splits
 from slidemil.report.stats import (
     compare_models, load_tests, make_report, plot_comparison, plot_history,
 )
@@ -194,7 +195,7 @@ def build_report(
             write_csv(out / "splits_summary.csv", split_table)
             doc["splits"] = _records(split_table)
             if tiles is not None and int(cfg["heatmaps_per_model"]) > 0:
-                split_df = pd.read_csv(splits, dtype={"slide_id": str, "patient_id": str})
+                split_df = read_splits(splits)
                 doc["heatmaps"], doc["heatmap_notes"] = _heatmaps(
                     runs, split_df, sheet_df, features, tiles, int(cfg["heatmaps_per_model"]),
                     int(cfg["heatmap_top_k"]), seed, usable, out, device)
