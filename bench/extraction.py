@@ -36,9 +36,9 @@ import torch
 from _common import GpuSampler, dump, machine, make_large_slide, median
 
 from slidemil.features.extractors import IMAGENET_MEAN, IMAGENET_STD, create_extractor
-from slidemil.features.extract import (TileDataset, autocast_for, compile_model, extract_features, resolve_device,
-                               resolve_precision)
-from slidemil.files import write_h5
+from slidemil.features.extract import TileDataset, autocast_for, compile_model, extract_features, resolve_device
+from slidemil.runtime import resolve_precision
+from slidemil.files.tiles import write_tiles
 from slidemil.slides.reader import decode_scale, one_opencv_thread
 from slidemil.tiling.tile import load_tiles, tile_slide
 
@@ -53,7 +53,7 @@ def tiled_slide(slide: str, n_tiles: int, tmp: Path) -> tuple[str, int]:
         raise SystemExit(f"{slide}: no tissue tiles")
     coords = np.resize(coords, (n_tiles, 2)) if n_tiles > len(coords) else coords[:n_tiles]
     out = tmp / "tiles.h5"
-    write_h5(out, {"coords": coords}, attrs)
+    write_tiles(out, coords, attrs)
     return str(out), len(coords)
 
 
@@ -97,7 +97,7 @@ def one_case(args) -> None:
 
     torch.set_num_threads(args.threads)
     dev = resolve_device(args.device)
-    precision = resolve_precision(dev, args.precision)
+    precision = resolve_precision(dev, args.precision, need="inference").name
     extractor, n = args.extractors[0], args.n
     cpu0 = 0.0
     with GpuSampler() as gpu:
@@ -152,7 +152,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     dev = resolve_device(args.device)
-    precision = resolve_precision(dev, args.precision)
+    precision = resolve_precision(dev, args.precision, need="inference").name
     slide = args.slide or str(make_large_slide("/tmp/slidemil-bench/large.tiff"))
     results = []
     with tempfile.TemporaryDirectory(prefix="slidemil-bench-") as tmp:

@@ -45,6 +45,7 @@ import torch
 from slidemil.runtime import TRAIN_PRECISIONS, resolve_device  # noqa: E402
 from slidemil.mil.models import create_model, list_models  # noqa: E402
 from slidemil.mil.train import Data, class_weights, feature_stats, train_epoch  # noqa: E402
+from slidemil.training import Stepper  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -121,13 +122,14 @@ class Run:
                                           lr=2e-4, weight_decay=1e-5)
         self.steps = math.ceil(len(ids) / args.batch_size)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=self.steps * (args.epochs + 1))
+        self.stepper = Stepper(self.optimizer, data.amp.grad_scaler(data.device), self.scheduler)
         self.rng = np.random.default_rng(args.seed)
         self.times, self.peak = [], 0
         warm = ids[: min(len(ids), 4 * args.batch_size)]
         self._epoch(warm, step=0)
 
     def _epoch(self, ids, step):
-        train_epoch(self.model, self.data, ids, self.args.batch_size, self.optimizer, self.scheduler, self.rng,
+        train_epoch(self.model, self.data, ids, self.args.batch_size, self.stepper, self.rng,
                     step=step, total_steps=self.steps * self.args.epochs)
 
     def epoch(self, k: int) -> None:

@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 from slidemil.pretrain import simclr, tile_supervised  # noqa: E402
-from slidemil.runtime import TRAIN_PRECISIONS, cpu_has_bf16, resolve_device  # noqa: E402
+from slidemil.runtime import TRAIN_PRECISIONS, cpu_has_bf16, resolve_device, resolve_precision  # noqa: E402
 from slidemil.pretrain.tilepool import normalizer  # noqa: E402
-from slidemil.mil.train import autocast, weighted_loss  # noqa: E402
+from slidemil.training import weighted_loss  # noqa: E402
 
 STAGES = {"simclr": simclr.ARCHITECTURES, "tile_supervised": tile_supervised.ARCHITECTURES}
 
@@ -37,17 +37,15 @@ class Case:
     def __init__(self, stage: str, arch: str, precision: str, dev: torch.device, args):
         self.stage, self.arch, self.precision, self.dev = stage, arch, precision, dev
         torch.manual_seed(args.seed)
+        amp = resolve_precision(dev, precision, need="training")  # both stages follow the runtime policy
+        self.autocast = lambda: amp.autocast(dev)
+        self.scaler = amp.grad_scaler(dev)
         if stage == "simclr":
             self.model = simclr.SimCLRModel(arch, args.proj_dim)
             self.images = 2 * args.batch_size
-            amp_dtype, use_scaler = simclr.amp_settings(dev, precision)
-            self.autocast = lambda: torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-            self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
         else:
             self.model = tile_supervised.TileClassifier(arch, "random", args.seed)
             self.images = args.batch_size
-            self.autocast = lambda: autocast(dev, precision)
-            self.scaler = torch.amp.GradScaler("cuda", enabled=False)
             self.labels = torch.arange(args.batch_size, device=dev) % 2
             self.weights = torch.ones(2, device=dev)
         self.model = self.model.to(dev, memory_format=torch.channels_last).train()

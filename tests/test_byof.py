@@ -13,7 +13,8 @@ import torch
 from conftest import ROOT, SHARED_DATA
 from slidemil.features.byof import FeatureFileError, import_features, load_mil_npz, npz_to_cohort
 from slidemil.cohort.splits import SplitError, fold_columns, make_splits, validation_fraction
-from slidemil.mil.train import load_bags, read_split
+from slidemil.files.splits import read_fold
+from slidemil.mil.train import load_bags
 
 
 def _h5(path, datasets, attrs=None):
@@ -251,7 +252,7 @@ def test_fold_column_feeds_training_split(tmp_path):
     sheet = _fold_sheet(30, 3)
     make_splits(sheet, fold_column="fold").to_csv(tmp_path / "splits.csv", index=False)
     for k in range(3):
-        split = read_split(tmp_path / "splits.csv", k)
+        split = read_fold(tmp_path / "splits.csv", k)
         test = set(split.loc[split["partition"] == "test", "slide_id"])
         assert test == set(sheet.loc[sheet["fold"] == k, "slide_id"])
 

@@ -112,3 +112,14 @@ def test_tile_supervised_on_cuda(slides, tmp_path):
     assert all(t.device.type == "cpu" for t in ckpt["state_dict"].values())
     slides_out = pd.read_csv(tmp_path / "predictions_slides.csv")
     assert sorted(slides_out["slide_id"]) == ["S2", "S3", "S4", "S5"] and slides_out["prob"].between(0, 1).all()
+
+
+def test_precision_policy_on_this_gpu():
+    from slidemil.runtime import resolve_precision
+
+    dev = torch.device("cuda")
+    native_bf16 = torch.cuda.get_device_capability(dev)[0] >= 8
+    assert resolve_precision(dev, "auto", "inference").name == "fp16"  # feature files on CUDA: fp16, as always
+    training = resolve_precision(dev, "auto", "training")
+    assert (training.name, training.scaler) == (("bf16", False) if native_bf16 else ("fp16", True))
+    assert training.grad_scaler(dev).is_enabled() == training.scaler

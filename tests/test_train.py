@@ -13,6 +13,7 @@ import torch
 from slidemil.mil import train
 from slidemil.files import read_h5, write_h5
 from slidemil.mil.models import create_model
+from slidemil.runtime import resolve_precision
 
 DIM = 16
 N_PATIENTS = 30  # every third patient has two slides: 40 slides, multi-slide patients in every partition
@@ -280,7 +281,7 @@ def test_precision_setting_sets_the_autocast(dataset, tmp_path, monkeypatch):
     run(dataset, tmp_path / "auto", training={"epochs": 1})
     assert set(seen) == {torch.float32}  # auto: exact float32 on a CPU
     for precision, dtype in (("auto", torch.float32), ("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        with train.autocast(torch.device("cpu"), precision):
+        with resolve_precision(torch.device("cpu"), precision).autocast(torch.device("cpu")):
             assert torch.nn.Linear(4, 4)(torch.ones(1, 4)).dtype == dtype
     with pytest.raises(ValueError, match="training.precision must be one of auto, fp32, bf16, got 'fp16'"):
         run(dataset, tmp_path / "fp16", training={"precision": "fp16"})

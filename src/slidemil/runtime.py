@@ -1,16 +1,82 @@
-"""Where a stage computes: the device, and whether bf16 is native there."""
+"""Where a stage computes: the device, and the one precision policy every stage follows.
+
+The policy (``resolve_precision``), for ``auto``:
+
+- CPU (and any device other than CUDA): exact float32. A CPU without bf16 units would only emulate bf16,
+  slower; bf16 there is an explicit choice.
+- CUDA, inference (feature extraction): fp16. No gradients, so no loss scaling; fp16 keeps three more
+  mantissa bits than bf16, and it is what feature files extracted on CUDA have always held, so a cohort
+  resumed with a newer slidemil does not mix fp16 and bf16 features.
+- CUDA, training (MIL, tile-supervised, SimCLR): bf16 where the GPU computes it natively (Ampere and later);
+  else fp16 with a GradScaler, since fp16 gradients underflow without loss scaling.
+
+An explicit ``fp32``, ``bf16`` or ``fp16`` is taken as given; ``fp16`` in training comes with a scaler.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 logger = logging.getLogger(__name__)
 
 # What the training stages (MIL, SimCLR, tile-supervised) accept. fp16 would need loss scaling; bf16 has
-# float32's range and needs none.
+# float32's range and needs none. (auto may still pick fp16 with a scaler on a GPU without bf16.)
 TRAIN_PRECISIONS = ("auto", "fp32", "bf16")
+# What feature extraction accepts.
+INFERENCE_PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+STAGE_NEEDS = ("inference", "training")
+_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Precision:
+    """What a stage computes in: ``name`` (fp32, fp16, bf16), the autocast dtype (None: no autocast) and
+    whether training must scale its loss (a GradScaler)."""
+
+    name: str
+    dtype: torch.dtype | None
+    scaler: bool = False
+
+    def autocast(self, device: torch.device):
+        """The autocast context of this precision on ``device`` (no context at all for fp32)."""
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.dtype)
+
+    def grad_scaler(self, device: torch.device) -> torch.amp.GradScaler:
+        """A GradScaler, enabled only when this precision needs one (disabled, it passes the loss through)."""
+        return torch.amp.GradScaler("cuda" if device.type == "cuda" else device.type, enabled=self.scaler)
+
+
+def cuda_has_bf16(device: torch.device) -> bool:
+    """Whether the GPU computes bf16 natively (compute capability 8.0, Ampere, and later)."""
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def resolve_precision(device: torch.device, setting: str = "auto", need: str = "training",
+                      has_bf16: Callable[[torch.device], bool] = cuda_has_bf16) -> Precision:
+    """The precision a stage that ``need``s inference or training uses for ``setting`` on ``device``.
+
+    The rule is in the module docstring. ``has_bf16`` tells whether a CUDA device computes bf16 natively;
+    tests inject it, so the CUDA branch is checked without a GPU.
+    """
+    if need not in STAGE_NEEDS:
+        raise ValueError(f"need must be one of {', '.join(STAGE_NEEDS)}, got {need!r}")
+    if setting not in INFERENCE_PRECISIONS:
+        raise ValueError(f"unknown precision {setting!r}; use one of {', '.join(INFERENCE_PRECISIONS)}")
+    if setting == "auto":
+        if device.type != "cuda":
+            setting = "fp32"
+        elif need == "inference":
+            setting = "fp16"
+        else:
+            setting = "bf16" if has_bf16(device) else "fp16"
+    return Precision(setting, _DTYPES[setting], scaler=setting == "fp16" and need == "training")
 
 
 def resolve_device(device: str = "auto") -> torch.device:

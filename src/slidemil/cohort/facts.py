@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import os
 
-import h5py
 import numpy as np
 import pandas as pd
+
+from slidemil.files.features import read_features_attrs
+from slidemil.files.splits import fold_columns, read_splits
 
 COHORT_COLUMNS = ["slide_id", "patient_id", "label", "n_tiles", "n_candidates", "excluded"]
 SPLIT_COLUMNS = [
@@ -31,18 +33,25 @@ def feature_file_facts(path: str | os.PathLike) -> tuple[int, str]:
 
     A file with zero rows and no recorded reason is a slide where tiling found no tissue.
     """
+    n, attrs = feature_file_attrs(path)
+    return n, exclusion_reason(n, attrs)
+
+
+def feature_file_attrs(path: str | os.PathLike) -> tuple[int, dict]:
+    """(number of tiles, attributes) of a feature file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: feature file not found")
-    with h5py.File(path, "r") as f:
-        if "features" not in f:
-            raise ValueError(f"{path}: no 'features' dataset; not a slidemil feature file")
-        n = int(f["features"].shape[0])
-        reason = _text(f.attrs.get("excluded", "")).strip()
+    return read_features_attrs(path)
+
+
+def exclusion_reason(n: int, attrs: dict) -> str:
+    """Why a slide with ``n`` feature rows and these attributes cannot be used; "" when it can."""
+    reason = _text(attrs.get("excluded", "")).strip()
     if reason in ("null", "None"):
         reason = ""
     if n == 0 and not reason:
         reason = NO_TILES
-    return n, reason
+    return reason
 
 
 def cohort_table(sheet: pd.DataFrame, features: pd.DataFrame, tiles: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -102,10 +111,8 @@ def split_summary(splits_csv: str | os.PathLike, without_tiles: set[str] | None 
     ``without_tiles``: slides with no usable tiles; they are counted in their
     partition but training skips them, so they are also counted apart.
     """
-    table = pd.read_csv(splits_csv, dtype={"slide_id": str, "patient_id": str})
-    folds = sorted((c for c in table.columns if c.startswith("fold_")), key=lambda c: int(c.split("_")[1]))
-    if not folds or not {"slide_id", "patient_id", "label"} <= set(table.columns):
-        raise ValueError(f"{splits_csv}: expected slide_id, patient_id, label and fold_0.. columns")
+    table = read_splits(splits_csv)
+    folds = fold_columns(table)
     without_tiles = without_tiles or set()
     label = pd.to_numeric(table["label"], errors="coerce")
     rows = []
@@ -131,9 +138,9 @@ def excluded_slides(feature_files) -> pd.DataFrame:
     """Slides that cannot be used and why (columns slide_id, reason), from their feature files."""
     rows = []
     for path in feature_files:
-        _, reason = feature_file_facts(path)
+        n, attrs = feature_file_attrs(path)
+        reason = exclusion_reason(n, attrs)
         if reason:
-            with h5py.File(path, "r") as f:
-                slide_id = _text(f.attrs.get("slide_id", os.path.splitext(os.path.basename(path))[0]))
+            slide_id = _text(attrs.get("slide_id", os.path.splitext(os.path.basename(path))[0]))
             rows.append({"slide_id": slide_id, "reason": reason})
     return pd.DataFrame(rows, columns=["slide_id", "reason"])

@@ -15,13 +15,13 @@ import argparse
 import os
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pandas as pd
 
 from slidemil.errors import FeatureFileError
-from slidemil.cohort.facts import _text, feature_file_facts
+from slidemil.cohort.facts import _text, exclusion_reason, feature_file_attrs
 from slidemil.files import write_csv
+from slidemil.files.tiles import read_tiles_attrs
 
 FEATURE_COLUMNS = ["slide_id", "path", "n_tiles", "excluded", "extractor", "weights_digest"]
 TILE_COLUMNS = ["slide_id", "path", "qc", "n_tiles", "n_candidates"]
@@ -41,12 +41,12 @@ def feature_manifest(paths: list[str], out_csv: str | os.PathLike) -> pd.DataFra
     """List per-slide feature files ({slide_id}.h5); refuse a set mixing extractors or weights."""
     rows = []
     for slide, path in zip(_slide_ids(paths), paths):
-        n, reason = feature_file_facts(path)
-        with h5py.File(path, "r") as f:
-            extractor, digest = _text(f.attrs.get("extractor", "")), _text(f.attrs.get("weights_digest", ""))
-            # Imported features (slidemil.features.byof) carry a digest of each source file, not of the weights.
-            if f.attrs.get("source") is not None:
-                digest = ""
+        n, attrs = feature_file_attrs(path)
+        reason = exclusion_reason(n, attrs)
+        extractor, digest = _text(attrs.get("extractor", "")), _text(attrs.get("weights_digest", ""))
+        # Imported features (slidemil.features.byof) carry a digest of each source file, not of the weights.
+        if attrs.get("source") is not None:
+            digest = ""
         rows.append({"slide_id": slide, "path": str(path), "n_tiles": n, "excluded": reason,
                      "extractor": extractor, "weights_digest": digest})
     table = pd.DataFrame(rows, columns=FEATURE_COLUMNS)
@@ -68,9 +68,8 @@ def tile_manifest(paths: list[str], qc: list[str], out_csv: str | os.PathLike) -
         raise ValueError(f"{out_csv}: {len(paths)} tiles files but {len(qc)} QC pictures")
     rows = []
     for k, (slide, path) in enumerate(zip(_slide_ids(paths), paths)):
-        with h5py.File(path, "r") as f:
-            n = int(f["coords"].shape[0]) if "coords" in f else 0
-            candidates = f.attrs.get("n_candidates")
+        n, attrs = read_tiles_attrs(path)
+        candidates = attrs.get("n_candidates")
         rows.append({"slide_id": slide, "path": str(path), "qc": str(qc[k]) if qc else "",
                      "n_tiles": n, "n_candidates": float(candidates) if candidates is not None else np.nan})
     table = pd.DataFrame(rows, columns=TILE_COLUMNS)

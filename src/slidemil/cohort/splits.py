@@ -22,14 +22,13 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
-from slidemil.files import write_csv
+from slidemil.files.splits import PARTITIONS, fold_columns, write_splits_csv
 from slidemil.logs import setup_logging
 from slidemil.cohort.sheet import read_table
 from slidemil.errors import SplitError
 
 logger = logging.getLogger(__name__)
 
-PARTITIONS = ("train", "val", "test", "excluded")
 _TRUE = {"1", "true", "yes", "y", "test", "t"}
 _FALSE = {"0", "false", "no", "n", "", "train", "f", "nan"}
 
@@ -213,10 +212,6 @@ def _predefined_splits(sheet, column, seed, test_column, binarize, positive_clas
     return out.reset_index(drop=True)
 
 
-def fold_columns(splits: pd.DataFrame) -> list[str]:
-    return sorted((c for c in splits.columns if c.startswith("fold_")), key=lambda c: int(c.split("_")[1]))
-
-
 def check_splits(splits: pd.DataFrame) -> None:
     """Raise if any patient appears in two partitions of a fold, or a partition value is unknown."""
     for col in fold_columns(splits):
@@ -243,7 +238,7 @@ def summarize(splits: pd.DataFrame) -> pd.DataFrame:
 def write_splits(sheet_path: str, out_csv: str, **kwargs) -> pd.DataFrame:
     sheet = read_table(sheet_path)
     splits = make_splits(sheet, **kwargs)
-    write_csv(out_csv, splits)
+    write_splits_csv(out_csv, splits)
     logger.info("splits written to %s\n%s", out_csv, summarize(splits).to_string(index=False))
     return splits
 

@@ -40,7 +40,8 @@ import numpy as np
 import pandas as pd
 
 from slidemil.errors import FeatureFileError
-from slidemil.files import write_csv, write_h5
+from slidemil.files import write_csv
+from slidemil.files.features import write_features
 from slidemil.logs import setup_logging
 
 logger = logging.getLogger(__name__)
@@ -167,8 +168,8 @@ def import_features(src: str | os.PathLike, out_h5: str | os.PathLike, extractor
         logger.warning("%s: zero rows; writing an empty feature file marked excluded", src)
     name = extractor or next((attrs[k] for k in EXTRACTOR_ATTRS if attrs.get(k)), "unknown")
     digest = file_digest(src)
-    write_h5(out_h5, {"features": feats.astype(dtype, copy=False), "coords": coords.astype(np.int64, copy=False)},
-             {"extractor": name, "source": str(src.resolve()), "weights_digest": digest, "excluded": excluded})
+    write_features(out_h5, feats.astype(dtype, copy=False), coords.astype(np.int64, copy=False),
+                   {"extractor": name, "source": str(src.resolve()), "weights_digest": digest, "excluded": excluded})
     logger.info("%s: %d x %d features -> %s", src, feats.shape[0], feats.shape[1], out_h5)
     return {"source": str(src), "n_tiles": int(feats.shape[0]), "dim": int(feats.shape[1]),
             "excluded": excluded, "digest": digest}
@@ -235,9 +236,9 @@ def npz_to_cohort(npz: str | os.PathLike, out_dir: str | os.PathLike, repetition
         members = np.flatnonzero(index == b)
         coords = np.stack([members, np.full(len(members), -1)], axis=1).astype(np.int64)
         path = out_dir / "features" / f"{bag}.h5"
-        write_h5(path, {"features": feats[members].astype(np.float32), "coords": coords},
-                 {"extractor": npz.stem, "source": f"{npz.resolve()}#bag={b}", "weights_digest": digest,
-                  "excluded": ""})
+        write_features(path, feats[members].astype(np.float32), coords,
+                       {"extractor": npz.stem, "source": f"{npz.resolve()}#bag={b}", "weights_digest": digest,
+                        "excluded": ""})
         rows.append({"slide_id": bag, "patient_id": bag, "path": f"features/{bag}.h5",
                      "label": int(labels[b]), "fold": int(folds[b])})
     sheet = pd.DataFrame(rows)

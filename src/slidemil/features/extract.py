@@ -11,7 +11,6 @@ so the GPU never waits for a per-batch copy back. Mixed precision on CUDA
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 from pathlib import Path
 
@@ -20,12 +19,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from slidemil.runtime import resolve_device, warn_if_bf16_emulated
+from slidemil.runtime import INFERENCE_PRECISIONS as PRECISIONS
+from slidemil.runtime import resolve_device, resolve_precision, warn_if_bf16_emulated
 from slidemil.features.extractors import IMAGENET_MEAN, IMAGENET_STD, create_extractor, get_spec
-from slidemil.files import write_h5
+from slidemil.files.features import write_features
 from slidemil.logs import setup_logging
 from slidemil.slides.reader import SlideError, decode_scale, one_opencv_thread, open_slide, read_rgb, resize_tile
-from slidemil.tiling.tile import load_tiles
+from slidemil.files.tiles import read_tiles
 
 logger = logging.getLogger(__name__)
 
@@ -53,25 +53,10 @@ class TileDataset(Dataset):
         return torch.from_numpy(np.ascontiguousarray(tile.transpose(2, 0, 1)))
 
 
-def resolve_precision(device: torch.device, precision: str) -> str:
-    """``auto``: fp16 on CUDA, fp32 elsewhere (CPU autocast only helps on CPUs with bf16 units)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
-    if precision == "auto":
-        return "fp16" if device.type == "cuda" else "fp32"
-    return precision
-
-
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-
-
 def autocast_for(device: torch.device, precision: str):
-    """Mixed precision where it helps: fp16/bf16 on CUDA by default, bf16 on CPU only on request."""
-    precision = resolve_precision(device, precision)
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    """The autocast of feature extraction: the runtime policy for inference (``auto``: fp16 on CUDA, fp32
+    elsewhere; bf16 on CPU only on request)."""
+    return resolve_precision(device, precision, need="inference").autocast(device)
 
 
 def extract_features(
@@ -100,7 +85,7 @@ def extract_features(
     ``device``, ``batch_size``, ``workers``, ``threads`` and ``torch_compile`` only change
     how fast they come.
     """
-    coords, tile_attrs = load_tiles(tiles_h5)
+    coords, tile_attrs = read_tiles(tiles_h5)
     # The DAG passes no slide: the tiles file names the one it was cut from.
     slide_path = slide_path or str(tile_attrs["slide_path"])
     slide_id = slide_id or Path(slide_path).stem
@@ -111,10 +96,11 @@ def extract_features(
         torch.set_num_threads(threads)
     model, digest = create_extractor(extractor, weights, seed)
     model = model.to(dev, memory_format=torch.channels_last)
-    precision = resolve_precision(dev, precision)
+    amp = resolve_precision(dev, precision, need="inference")
+    precision = amp.name
     warn_if_bf16_emulated(dev, precision, f"features.settings.{extractor}.precision")
     if torch_compile and len(coords):
-        with torch.inference_mode(), autocast_for(dev, precision):
+        with torch.inference_mode(), amp.autocast(dev):
             model = compile_model(model, torch.zeros((min(batch_size, len(coords)), 3, input_px, input_px), device=dev))
     mean = torch.tensor(IMAGENET_MEAN, device=dev).view(1, 3, 1, 1) * 255
     std = torch.tensor(IMAGENET_STD, device=dev).view(1, 3, 1, 1) * 255
@@ -131,7 +117,7 @@ def extract_features(
                             pin_memory=dev.type == "cuda", persistent_workers=False,
                             prefetch_factor=4 if workers else None)
         start, next_log = 0, 0
-        with one_opencv_thread(), torch.inference_mode(), autocast_for(dev, precision):
+        with one_opencv_thread(), torch.inference_mode(), amp.autocast(dev):
             for batch in tqdm(loader, desc=f"features {slide_id}", mininterval=2, disable=None):
                 x = batch.to(dev, non_blocking=True).float().sub_(mean).div_(std)
                 out = model(x.contiguous(memory_format=torch.channels_last))
@@ -151,7 +137,7 @@ def extract_features(
         "level": int(tile_attrs["level"]), "tile_size_level0": int(tile_attrs["tile_size_level0"]),
         "precision": precision, "decode_scale": scale,
     }
-    write_h5(out_h5, {"features": feats.astype(dtype), "coords": coords.reshape(-1, 2)}, attrs)
+    write_features(out_h5, feats.astype(dtype), coords.reshape(-1, 2), attrs)
     logger.info("%s: %d tiles -> %s (%s, digest %s)", slide_id, len(coords), out_h5, extractor, digest)
     return {"slide_id": slide_id, "n_tiles": len(coords), "dim": dim, "weights_digest": digest}
 
@@ -165,7 +151,7 @@ def write_excluded_features(out_h5, slide_id, extractor, weights, input_px, dtyp
         "tile_px": int(tile_attrs["tile_px"]), "target_mpp": float(tile_attrs["target_mpp"]),
         "level": -1, "tile_size_level0": 0, "excluded": reason,
     }
-    write_h5(out_h5, {"features": np.zeros((0, dim), dtype=dtype), "coords": np.zeros((0, 2), np.int64)}, attrs)
+    write_features(out_h5, np.zeros((0, dim), dtype=dtype), np.zeros((0, 2), np.int64), attrs)
     logger.warning("%s: excluded at tiling (%s); writing an empty feature file", slide_id, reason)
     return {"slide_id": slide_id, "n_tiles": 0, "dim": dim, "excluded": reason}
 

@@ -25,22 +25,22 @@ import json
 import logging
 import math
 import resource
-import sys
 import time
-import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
-from sklearn.metrics import roc_auc_score
-from tqdm import tqdm
 
-from slidemil.runtime import check_train_precision, resolve_device, warn_if_bf16_emulated
-from slidemil.files import atomic_output, map_h5, read_h5, write_csv
+from slidemil.runtime import check_train_precision, resolve_device, resolve_precision, warn_if_bf16_emulated
+from slidemil.files.checkpoint import read_checkpoint
+from slidemil.files.features import map_features, read_features
+from slidemil.files.splits import read_fold
 from slidemil.mil.models import create_model
+from slidemil.training import (N_CLASSES, Loop, Selection, Stepper, auc_or_none, class_weights, fit_epochs, fmt_metric,
+                               patient_auc, patient_predictions, subsample_indices, validation_has_both_classes,
+                               weighted_loss, write_outputs)
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +60,6 @@ DEFAULT_TRAINING = {
     # epochs there, slightly different numbers); fp32 everywhere, e.g. to compare a GPU run with a CPU run.
     "precision": "auto",
 }
-PARTITIONS = ("train", "val", "test", "excluded")
-N_CLASSES = 2
 
 
 # --------------------------------------------------------------------------- inputs
@@ -91,44 +89,6 @@ def resolve_training(training: dict | None) -> dict:
     return cfg
 
 
-def read_split(splits_csv: str, fold: int) -> pd.DataFrame:
-    """Slides of ``fold`` outside ``excluded``: slide_id, patient_id, label, partition."""
-    table = pd.read_csv(splits_csv, dtype={"slide_id": str, "patient_id": str})
-    column = f"fold_{fold}"
-    missing = [c for c in ("slide_id", "patient_id", "label", column) if c not in table.columns]
-    if missing:
-        raise ValueError(f"{splits_csv}: missing column(s) {', '.join(missing)}")
-    bad = sorted(set(table[column].dropna()) - set(PARTITIONS))
-    if bad or table[column].isna().any():
-        raise ValueError(f"{splits_csv}: {column} must be one of {', '.join(PARTITIONS)}; found {bad or 'empty cells'}")
-    split = table.loc[table[column] != "excluded", ["slide_id", "patient_id", "label", column]]
-    split = split.rename(columns={column: "partition"}).reset_index(drop=True)
-    labels = pd.to_numeric(split["label"], errors="coerce")
-    if not labels.isin([0, 1]).all():
-        raise ValueError(f"{splits_csv}: labels of the slides used in {column} must be 0 or 1")
-    split["label"] = labels.astype(int)
-    shared = split.groupby("patient_id")["partition"].nunique()
-    if (shared > 1).any():
-        raise ValueError(f"{splits_csv}: patient(s) in two partitions of {column}: {', '.join(shared.index[shared > 1][:20])}")
-    for part in ("train", "val"):
-        if not (split["partition"] == part).any():
-            raise ValueError(f"{splits_csv}: {column} has no {part} slides")
-    return split
-
-
-def subsample_indices(n_tiles: int, max_tiles: int | None, seed: int, slide_id: str) -> np.ndarray | None:
-    """Tile indices kept for a slide, or None to keep all.
-
-    Drawn from the seed and the slide id alone, so a slide keeps the same subset
-    in every epoch, in every model trained with that seed, and whatever the
-    order in which slides are loaded. Sorted to keep the tiles' stored order.
-    """
-    if max_tiles is None or n_tiles <= max_tiles:
-        return None
-    rng = np.random.default_rng([seed, zlib.crc32(slide_id.encode())])
-    return np.sort(rng.choice(n_tiles, size=max_tiles, replace=False))
-
-
 def load_bags(
     slide_ids, features: dict[str, str], max_tiles: int | None = None, seed: int = 0, mmap: bool = True
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -150,10 +110,10 @@ def load_bags(
     bags, skipped = {}, []
     for slide_id in slide_ids:
         if maps_left > 0:
-            feats = map_h5(features[slide_id], "features")
+            feats = map_features(features[slide_id])
             maps_left -= isinstance(feats, np.memmap)
         else:
-            feats = read_h5(features[slide_id], names=("features",))[0]["features"]
+            feats = read_features(features[slide_id], names=("features",))[0]["features"]
         if feats.size == 0:
             logger.warning("slide %s has no tiles (%s); skipped", slide_id, features[slide_id])
             skipped.append(slide_id)
@@ -223,34 +183,6 @@ def batch_ids(slide_ids: list[str], batch_size: int, rng: np.random.Generator | 
     return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
 
 
-def class_weights(labels: np.ndarray, enabled: bool) -> torch.Tensor:
-    """Per-class loss weights n / (n_classes * n_c): each class weighs the same in total."""
-    counts = np.bincount(labels, minlength=N_CLASSES)
-    if (counts == 0).any():
-        raise ValueError(f"the training slides must contain both classes; class counts: {counts.tolist()}")
-    if not enabled:
-        return torch.ones(N_CLASSES)
-    return torch.tensor(len(labels) / (N_CLASSES * counts), dtype=torch.float32)
-
-
-def weighted_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    # Per-bag weight times loss, averaged over bags. PyTorch's weighted "mean"
-    # divides by the summed weights instead, which cancels the weighting
-    # entirely at batch size 1.
-    losses = F.cross_entropy(logits.float(), labels, weight=weights, reduction="none")
-    return losses.mean() if reduction == "mean" else losses.sum()
-
-
-# --------------------------------------------------------------------------- device
-
-
-def autocast(device: torch.device, precision: str = "auto"):
-    # bf16 needs no loss scaling. "auto" leaves CPU runs exact float32: CPUs without bf16 units would
-    # only emulate it, slower.
-    enabled = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
-
-
 # --------------------------------------------------------------------------- epochs
 
 
@@ -266,6 +198,7 @@ class Data:
     precision: str = "auto"  # training.precision: the autocast of every forward pass
 
     def __post_init__(self):
+        self.amp = resolve_precision(self.device, self.precision, need="training")
         if self.norm is not None:
             self.norm = tuple(t.float().to(self.device) for t in self.norm)
 
@@ -285,7 +218,7 @@ class Data:
 
 
 def train_epoch(
-    model, data: Data, ids: list[str], batch_size: int, optimizer, scheduler, rng, step: int = 0, total_steps: int = 1
+    model, data: Data, ids: list[str], batch_size: int, stepper: Stepper, rng, step: int = 0, total_steps: int = 1
 ) -> tuple[float, float]:
     """One pass over the training slides; returns (mean batch loss, lr of the last step).
 
@@ -299,16 +232,13 @@ def train_epoch(
     total, n_batches, lr = 0.0, 0, float("nan")
     for chunk in batch_ids(ids, batch_size, rng):
         x, mask, y = data.batch(chunk)
-        with autocast(data.device, data.precision):
+        with data.amp.autocast(data.device):
             if training_step is not None:
                 loss = training_step(x, mask, y, loss_fn, step, total_steps)
             else:
                 loss = loss_fn(model(x, mask)["logits"], y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
+        lr = stepper.lr  # the rate this step uses; the schedule moves it after the step
+        stepper.step(loss)
         if after_step is not None:
             after_step(step, total_steps)
         step += 1
@@ -324,50 +254,11 @@ def predict(model, data: Data, ids: list[str], batch_size: int) -> tuple[np.ndar
     probs, loss_sum = [], 0.0
     for chunk in batch_ids(ids, batch_size):
         x, mask, y = data.batch(chunk)
-        with autocast(data.device, data.precision):
+        with data.amp.autocast(data.device):
             logits = model(x, mask)["logits"].float()
         loss_sum += weighted_loss(logits, y, data.weights, reduction="sum").item()
         probs.append(torch.softmax(logits, dim=1)[:, 1].cpu().numpy())
     return np.concatenate(probs).astype(np.float64), loss_sum / max(len(ids), 1)
-
-
-# --------------------------------------------------------------------------- metrics
-
-
-def patient_predictions(slides: pd.DataFrame) -> pd.DataFrame:
-    """Patient probability = mean of its slides' probabilities (DeepSMILE section 3.2)."""
-    grouped = slides.groupby(["partition", "patient_id"], sort=False)
-    patients = grouped.agg(label=("label", "first"), n_slides=("slide_id", "size"), prob=("prob", "mean"))
-    return patients.reset_index()[["patient_id", "label", "partition", "n_slides", "prob"]]
-
-
-def auc_or_none(labels, probs) -> float | None:
-    labels = np.asarray(labels)
-    if len(np.unique(labels)) < 2:
-        return None
-    return float(roc_auc_score(labels, probs))
-
-
-@dataclass
-class Selection:
-    """Best checkpoint so far: highest validation AUC, ties (or no AUC) by lowest loss."""
-
-    use_auc: bool
-    epoch: int = 0
-    auc: float | None = None
-    loss: float = math.inf
-    state: dict = field(default_factory=dict)
-
-    def improves(self, auc: float | None, loss: float) -> bool:
-        if self.epoch == 0:
-            return True
-        if self.use_auc:
-            return auc > self.auc or (auc == self.auc and loss < self.loss)
-        return loss < self.loss
-
-    def update(self, epoch: int, auc: float | None, loss: float, model: torch.nn.Module) -> None:
-        self.epoch, self.auc, self.loss = epoch, auc, loss
-        self.state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
 def fit(net, data: Data, train_ids: list[str], val: pd.DataFrame, cfg: dict, seed: int, desc: str):
@@ -379,34 +270,19 @@ def fit(net, data: Data, train_ids: list[str], val: pd.DataFrame, cfg: dict, see
     steps_per_epoch = math.ceil(len(train_ids) / cfg["batch_size"])
     steps = cfg["epochs"] * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    stepper = Stepper(optimizer, data.amp.grad_scaler(data.device), scheduler)
     shuffle_rng = np.random.default_rng(seed)
 
-    use_auc = val.groupby("patient_id")["label"].first().nunique() == 2
-    if not use_auc:
-        logger.warning("%s: validation patients are all of one class; selecting on validation loss alone", desc)
-    best = Selection(use_auc)
-    history = []
-    progress = tqdm(range(1, cfg["epochs"] + 1), desc=desc, unit="epoch", file=sys.stderr)
-    for epoch in progress:
-        train_loss, lr = train_epoch(
-            net, data, train_ids, cfg["batch_size"], optimizer, scheduler, shuffle_rng,
-            step=(epoch - 1) * steps_per_epoch, total_steps=steps,
-        )
-        val_auc, val_loss = _validate(net, data, val, cfg["batch_size"])
-        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_auc": val_auc, "lr": lr})
-        improved = best.improves(val_auc, val_loss)
-        if improved:
-            best.update(epoch, val_auc, val_loss, net)
-        logger.info(
-            "%s epoch %d/%d train_loss %.4f val_loss %.4f val_auc %s lr %.3g%s",
-            desc, epoch, cfg["epochs"], train_loss, val_loss, _fmt(val_auc), lr, " (best)" if improved else "",
-        )
-        progress.set_postfix(val_auc=_fmt(val_auc), best_epoch=best.epoch)
-        if epoch - best.epoch >= cfg["patience"]:
-            logger.info("%s: early stop after epoch %d, no improvement for %d epochs", desc, epoch, cfg["patience"])
-            break
-    progress.close()
-    return best, history
+    def train(epoch: int) -> tuple[float, float]:
+        return train_epoch(net, data, train_ids, cfg["batch_size"], stepper, shuffle_rng,
+                           step=(epoch - 1) * steps_per_epoch, total_steps=steps)
+
+    def validate() -> tuple[float | None, float]:
+        probs, loss = predict(net, data, val["slide_id"].tolist(), cfg["batch_size"])
+        return patient_auc(val.assign(prob=probs)), loss
+
+    loop = Loop(train, validate, cfg["epochs"], cfg["patience"], desc)
+    return fit_epochs(net, loop, validation_has_both_classes(val))
 
 
 # --------------------------------------------------------------------------- stage
@@ -509,7 +385,7 @@ def train_fold(
     if num_threads:
         torch.set_num_threads(num_threads)
 
-    split = read_split(splits_csv, fold)
+    split = read_fold(splits_csv, fold)
     bags, skipped = load_bags(split["slide_id"].tolist(), features, cfg["max_tiles"], seed)
     split = split[split["slide_id"].isin(bags)].reset_index(drop=True)
     ids = {p: split.loc[split["partition"] == p, "slide_id"].tolist() for p in ("train", "val", "test")}
@@ -542,10 +418,10 @@ def train_fold(
         "device": str(resolve_device(device)),
         "seconds": round(time.monotonic() - started, 2),
     }
-    _write_outputs(Path(out_dir), checkpoint(run, model, model_kwargs, seed, fold), history, slides, patients)
+    write_outputs(out_dir, checkpoint(run, model, model_kwargs, seed, fold), history, slides, patients)
     logger.info(
         "fold %d done: best epoch %d, val auc %s, test auc %s",
-        fold, best.epoch, _fmt(best.auc), _fmt(summary["test_auc"]),
+        fold, best.epoch, fmt_metric(best.auc), fmt_metric(summary["test_auc"]),
     )
     return summary
 
@@ -553,14 +429,9 @@ def train_fold(
 def load_init_checkpoint(path: str, model: str, fold: int) -> dict:
     """Read the model.pt a model starts from (MHIM-MIL: its baseline on the same fold)."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = read_checkpoint(path, required=("state_dict", "model", "in_dim"))
     except FileNotFoundError:
         raise ValueError(f"{path}: initial checkpoint for {model!r} not found") from None
-    except Exception as err:  # a truncated or foreign file
-        raise ValueError(f"{path}: not a slidemil model checkpoint ({err.__class__.__name__}: {err})") from None
-    missing = [k for k in ("state_dict", "model", "in_dim") if k not in ckpt]
-    if missing:
-        raise ValueError(f"{path}: not a slidemil model checkpoint (missing {', '.join(missing)})")
     if ckpt.get("fold") is not None and ckpt["fold"] != fold:
         raise ValueError(f"{path}: trained on fold {ckpt['fold']}, not fold {fold}; its weights may have been fitted on this fold's validation or test slides")
     return ckpt
@@ -591,15 +462,6 @@ def _start_from(net, model: str, ckpt: dict | None, source: str | None, in_dim: 
     return (ckpt["feature_mean"].float(), ckpt["feature_std"].float()) if trained_standardized else None
 
 
-def _validate(net, data: Data, val: pd.DataFrame, batch_size: int) -> tuple[float | None, float]:
-    probs, loss = predict(net, data, val["slide_id"].tolist(), batch_size)
-    if val["patient_id"].is_unique:
-        # One slide per patient (MIL benchmarks): no grouping needed, and this runs every epoch.
-        return auc_or_none(val["label"], probs), loss
-    patients = patient_predictions(val.assign(prob=probs))
-    return auc_or_none(patients["label"], patients["prob"]), loss
-
-
 def _final_predictions(net, data: Data, split: pd.DataFrame, batch_size: int) -> pd.DataFrame:
     slides = split[split["partition"].isin(["val", "test"])].reset_index(drop=True)
     probs, _ = predict(net, data, slides["slide_id"].tolist(), batch_size)
@@ -623,18 +485,6 @@ def checkpoint(run: Trained, model: str, model_kwargs: dict, seed: int, fold: in
         "feature_mean": None if run.norm is None else run.norm[0],
         "feature_std": None if run.norm is None else run.norm[1],
     }
-
-
-def _write_outputs(out: Path, ckpt: dict, history, slides, patients) -> None:
-    with atomic_output(out / "model.pt") as tmp:
-        torch.save(ckpt, tmp)
-    write_csv(out / "history.csv", pd.DataFrame(history, columns=["epoch", "train_loss", "val_loss", "val_auc", "lr"]))
-    write_csv(out / "predictions_slides.csv", slides)
-    write_csv(out / "predictions_patients.csv", patients)
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
 
 
 # --------------------------------------------------------------------------- CLI

@@ -34,13 +34,15 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from slidemil.runtime import check_train_precision, resolve_device, warn_if_bf16_emulated
+from slidemil.runtime import check_train_precision, resolve_device, resolve_precision, warn_if_bf16_emulated
 from slidemil.features.extractors import get_spec, variance_preserving_init, weights_digest
 from slidemil.files import atomic_output, save_png, write_csv
 from slidemil.slides.reader import one_opencv_thread
-from slidemil.cohort.splits import SplitError
+from slidemil.errors import SplitError
+from slidemil.files.splits import never_test_slides
 from slidemil.pretrain.tilepool import (TilePool, add_cli_arguments, cli_cohort, epoch_generator, merge_settings, normalizer,
                        sample_slide_tiles)
+from slidemil.training import Stepper
 
 logger = logging.getLogger(__name__)
 
@@ -79,12 +81,7 @@ def resolve_settings(settings: dict | None) -> dict:
 
 def pretraining_slides(splits_csv: str) -> list[str]:
     """Slides that are never ``test`` in any fold (training, validation and unlabelled slides)."""
-    table = pd.read_csv(splits_csv, dtype={"slide_id": str, "patient_id": str})
-    folds = [c for c in table.columns if c.startswith("fold_")]
-    if "slide_id" not in table.columns or not folds:
-        raise SplitError(f"{splits_csv}: needs a slide_id column and fold_k columns")
-    ever_test = (table[folds] == "test").any(axis=1)
-    slides = table.loc[~ever_test, "slide_id"].tolist()
+    slides = never_test_slides(splits_csv)
     if not slides:
         raise SplitError(
             f"{splits_csv}: every slide is a test slide in some fold (predefined folds rotate the test set), "
@@ -139,19 +136,6 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> tor
     return F.cross_entropy(sim, targets)
 
 
-def amp_settings(device: torch.device, precision: str = "auto") -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype or None, whether to scale the loss) for ``simclr.precision`` on ``device``."""
-    if precision == "fp32":
-        return None, False
-    if precision == "bf16":
-        return torch.bfloat16, False
-    if device.type != "cuda":
-        return None, False
-    if torch.cuda.is_bf16_supported():
-        return torch.bfloat16, False
-    return torch.float16, True
-
-
 # --------------------------------------------------------------------------- stage
 
 
@@ -196,16 +180,19 @@ def pretrain_simclr(
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"], betas=tuple(cfg["betas"]),
                                  weight_decay=cfg["weight_decay"])
     warn_if_bf16_emulated(dev, cfg["precision"], "simclr.precision")
-    amp_dtype, use_scaler = amp_settings(dev, cfg["precision"])
-    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+    amp = resolve_precision(dev, cfg["precision"], need="training")
+    stepper = Stepper(optimizer, amp.grad_scaler(dev))
     normalize = normalizer(dev)
 
     # Everything but the number of epochs must match for a checkpoint to be continued. precision joins
     # only when set, so checkpoints written before the setting existed still continue.
     signature = {"arch": arch, "seed": seed, "slides": pool.slide_ids, "n_tiles": len(pool),
                  **{k: v for k, v in cfg.items() if k != "epochs" and (k, v) != ("precision", "auto")}}
-    first_epoch, history = _resume(out / CHECKPOINT, signature, cfg["epochs"], model, optimizer, scaler)
+    first_epoch, history = _resume(out / CHECKPOINT, signature, cfg["epochs"], model, optimizer, stepper.scaler)
 
+    # Not slidemil.training.fit_epochs: SimCLR has no validation to select or stop on, records the loss per
+    # step, and checkpoints after every epoch so that a longer run continues this one. It shares the
+    # optimiser step (Stepper, with the loss scaling of the runtime precision policy).
     for epoch in range(first_epoch, cfg["epochs"] + 1):
         pool.epoch = epoch
         loader = DataLoader(pool, batch_size=batch_size, shuffle=True, generator=epoch_generator(seed, epoch),
@@ -214,17 +201,14 @@ def pretrain_simclr(
         model.train()
         for step, (views, _) in enumerate(tqdm(loader, desc=f"simclr epoch {epoch}", mininterval=2, file=sys.stderr), 1):
             x = normalize(views.flatten(0, 1))  # [2B, 3, px, px]: tile k's views at 2k and 2k+1
-            with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            with amp.autocast(dev):
                 z = model(x).view(-1, 2, cfg["proj_dim"])
             loss = nt_xent(z[:, 0], z[:, 1], cfg["temperature"])
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            stepper.step(loss)
             history.append({"epoch": epoch, "step": step, "loss": loss.item()})
         epoch_loss = np.mean([h["loss"] for h in history if h["epoch"] == epoch])
         logger.info("SimCLR epoch %d/%d: mean loss %.4f", epoch, cfg["epochs"], epoch_loss)
-        _save_checkpoint(out / CHECKPOINT, epoch, signature, model, optimizer, scaler, history)
+        _save_checkpoint(out / CHECKPOINT, epoch, signature, model, optimizer, stepper.scaler, history)
 
     backbone = {k: v.detach().cpu().clone() for k, v in model.backbone.state_dict().items()}
     digest = weights_digest(model.backbone)

@@ -18,7 +18,7 @@ import json
 import logging
 import sys
 import time
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -28,15 +28,14 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from slidemil.runtime import check_train_precision, resolve_device, warn_if_bf16_emulated
+from slidemil.runtime import Precision, check_train_precision, resolve_device, resolve_precision, warn_if_bf16_emulated
 from slidemil.features.extractors import create_extractor, get_spec
-from slidemil.files import atomic_output, write_csv
+from slidemil.files.splits import read_fold
 from slidemil.slides.reader import one_opencv_thread
 from slidemil.pretrain.tilepool import (SlideTiles, TilePool, add_cli_arguments, cli_cohort, epoch_generator, merge_settings,
                        normalizer, sample_slide_tiles)
-from slidemil.mil.train import (
-    N_CLASSES, Selection, auc_or_none, autocast, class_weights, patient_predictions, read_split, weighted_loss,
-)
+from slidemil.training import (N_CLASSES, Loop, Stepper, auc_or_none, class_weights, fit_epochs, patient_auc,
+                               patient_predictions, validation_has_both_classes, weighted_loss, write_outputs)
 
 logger = logging.getLogger(__name__)
 
@@ -99,22 +98,99 @@ class _Augment:
         return self.flip(torch.rot90(tile, k, dims=(1, 2)))
 
 
+@dataclass
+class Run:
+    """What the epochs of one fold share: the model, where and how it computes, the loss weights."""
+
+    model: TileClassifier
+    device: torch.device
+    amp: Precision
+    weights: torch.Tensor
+    labels: dict[str, int]
+    cfg: dict
+    workers: int = 0
+
+
 @torch.inference_mode()
-def predict_tiles(model, pool: TilePool, labels: dict[str, int], weights, device, batch_size, workers,
-                  precision: str = "auto") -> tuple[pd.Series, float]:
+def predict_tiles(run: Run, pool: TilePool) -> tuple[pd.Series, float]:
     """Slide scores over the pool's slides and the mean weighted tile loss."""
-    model.eval()
-    normalize = normalizer(device)
-    loader = DataLoader(pool, batch_size=batch_size, shuffle=False, num_workers=workers)
+    run.model.eval()
+    normalize = normalizer(run.device)
+    loader = DataLoader(pool, batch_size=run.cfg["batch_size"], shuffle=False, num_workers=run.workers)
     item_slides = pool.item_slide_ids()
+    labels, weights = run.labels, run.weights
     logits = []
     for tiles, _ in loader:
-        with autocast(device, precision):
-            logits.append(model(normalize(tiles)).float().cpu())
+        with run.amp.autocast(run.device):
+            logits.append(run.model(normalize(tiles)).float().cpu())
     logits = torch.cat(logits)
     y = torch.tensor([labels[s] for s in item_slides], dtype=torch.long)
     loss = weighted_loss(logits, y, weights.cpu(), reduction="sum").item() / max(len(y), 1)
     return slide_scores(item_slides, logits), loss
+
+
+def train_epoch(run: Run, pool: TilePool, epoch: int, stepper: Stepper, seed: int, desc: str) -> float:
+    """One pass over the training tiles in an order drawn from (seed, epoch); the mean weighted tile loss."""
+    pool.epoch = epoch
+    loader = DataLoader(pool, batch_size=run.cfg["batch_size"], shuffle=True, generator=epoch_generator(seed, epoch),
+                        num_workers=run.workers, pin_memory=run.device.type == "cuda")
+    normalize = normalizer(run.device)
+    y_all = torch.tensor([run.labels[s] for s in pool.item_slide_ids()])
+    run.model.train()
+    total, n = 0.0, 0
+    for x, idx in tqdm(loader, desc=f"{desc} epoch {epoch}", mininterval=2, file=sys.stderr):
+        with run.amp.autocast(run.device):
+            logits = run.model(normalize(x))
+        loss = weighted_loss(logits, y_all[idx].to(run.device), run.weights)
+        stepper.step(loss)
+        total, n = total + loss.item() * len(idx), n + len(idx)
+    return total / max(n, 1)
+
+
+def sample_fold(split: pd.DataFrame, slides: dict[str, str], tiles: dict[str, str], cfg: dict, seed: int, fold: int):
+    """Each slide's fixed tile subset; returns (subsets, split without tileless slides, skipped slides)."""
+    missing = [s for s in split["slide_id"] if s not in slides or s not in tiles]
+    if missing:
+        raise ValueError(f"no slide or tiles file for slide(s) {', '.join(missing[:20])}")
+    sampled: dict[str, SlideTiles] = {}
+    for row in split.itertuples():
+        limit = cfg["tiles_per_slide"] if row.partition == "train" else cfg["eval_tiles_per_slide"]
+        sampled[row.slide_id] = sample_slide_tiles(row.slide_id, slides[row.slide_id], tiles[row.slide_id], limit, seed)
+    skipped = [s for s, t in sampled.items() if len(t.coords) == 0]
+    if skipped:
+        logger.warning("fold %d: %d slide(s) without tiles skipped: %s", fold, len(skipped), ", ".join(skipped[:20]))
+    split = split[~split["slide_id"].isin(skipped)].reset_index(drop=True)
+    for part in ("train", "val"):
+        if not (split["partition"] == part).any():
+            raise ValueError(f"fold {fold}: no {part} slide has tiles")
+    return sampled, split, skipped
+
+
+def fit(run: Run, sampled: dict[str, SlideTiles], split: pd.DataFrame, seed: int, fold: int):
+    """Train with early stopping on the validation patients' AUC; returns (Selection, history, train tiles)."""
+    cfg = run.cfg
+    train_pool = TilePool([sampled[s] for s in split.loc[split["partition"] == "train", "slide_id"]], _Augment(), seed,
+                          resize_px=cfg["input_px"])
+    val = split[split["partition"] == "val"]
+    val_pool = TilePool([sampled[s] for s in val["slide_id"]], None, seed, resize_px=cfg["input_px"])
+    logger.info("fold %d: %d train tiles, %d val tiles; %s init %s; device %s",
+                fold, len(train_pool), len(val_pool), cfg["arch"], cfg["init"], run.device)
+    optimizer = torch.optim.Adam(run.model.parameters(), lr=cfg["lr"], betas=tuple(cfg["betas"]),
+                                 weight_decay=cfg["weight_decay"])
+    stepper = Stepper(optimizer, run.amp.grad_scaler(run.device))
+    desc = f"tile_supervised fold {fold}"
+
+    def train(epoch: int) -> tuple[float, float]:
+        return train_epoch(run, train_pool, epoch, stepper, seed, desc), cfg["lr"]  # no schedule: lr is constant
+
+    def validate() -> tuple[float | None, float]:
+        scores, val_loss = predict_tiles(run, val_pool)
+        return patient_auc(val.assign(prob=val["slide_id"].map(scores))), val_loss
+
+    # The epoch's tiles show a progress bar of their own.
+    loop = Loop(train, validate, cfg["epochs"], cfg["patience"], desc, progress=False)
+    best, history = fit_epochs(run.model, loop, validation_has_both_classes(val))
+    return best, history, len(train_pool)
 
 
 @one_opencv_thread()  # the loader workers are the parallelism (see slides.one_opencv_thread)
@@ -138,94 +214,36 @@ def train_tile_supervised(
     dev = resolve_device(device)
     warn_if_bf16_emulated(dev, cfg["precision"], "tile_supervised.precision")
 
-    split = read_split(splits_csv, fold)
-    missing = [s for s in split["slide_id"] if s not in slides or s not in tiles]
-    if missing:
-        raise ValueError(f"no slide or tiles file for slide(s) {', '.join(missing[:20])}")
-    sampled: dict[str, SlideTiles] = {}
-    for row in split.itertuples():
-        limit = cfg["tiles_per_slide"] if row.partition == "train" else cfg["eval_tiles_per_slide"]
-        sampled[row.slide_id] = sample_slide_tiles(row.slide_id, slides[row.slide_id], tiles[row.slide_id], limit, seed)
-    skipped = [s for s, t in sampled.items() if len(t.coords) == 0]
-    if skipped:
-        logger.warning("fold %d: %d slide(s) without tiles skipped: %s", fold, len(skipped), ", ".join(skipped[:20]))
-    split = split[~split["slide_id"].isin(skipped)].reset_index(drop=True)
+    sampled, split, skipped = sample_fold(read_fold(splits_csv, fold), slides, tiles, cfg, seed, fold)
     ids = {p: split.loc[split["partition"] == p, "slide_id"].tolist() for p in ("train", "val", "test")}
-    for part in ("train", "val"):
-        if not ids[part]:
-            raise ValueError(f"fold {fold}: no {part} slide has tiles")
     labels = dict(zip(split["slide_id"], split["label"]))
-
-    train_pool = TilePool([sampled[s] for s in ids["train"]], _Augment(), seed, resize_px=cfg["input_px"])
-    val_pool = TilePool([sampled[s] for s in ids["val"]], None, seed, resize_px=cfg["input_px"])
-    tile_labels = np.array([labels[s] for s in train_pool.item_slide_ids()])
+    # Weighted by tiles, as the loss is: slides of one class may have more tiles than the other's.
+    tile_labels = np.array([labels[s] for s in ids["train"] for _ in range(len(sampled[s].coords))])
     weights = class_weights(tile_labels, cfg["class_weighted"]).to(dev)
-    logger.info("fold %d: %d train tiles from %d slides, %d val tiles; %s init %s; device %s",
-                fold, len(train_pool), len(ids["train"]), len(val_pool), cfg["arch"], cfg["init"], dev)
 
     torch.manual_seed(seed)
     model = TileClassifier(cfg["arch"], cfg["init"], seed).to(dev, memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"], betas=tuple(cfg["betas"]),
-                                 weight_decay=cfg["weight_decay"])
-    normalize = normalizer(dev)
-    y_all = torch.from_numpy(tile_labels)
-    val = split[split["partition"] == "val"]
-    best = Selection(use_auc=val.groupby("patient_id")["label"].first().nunique() == 2)
-    history = []
-    for epoch in range(1, cfg["epochs"] + 1):
-        train_pool.epoch = epoch
-        loader = DataLoader(train_pool, batch_size=cfg["batch_size"], shuffle=True,
-                            generator=epoch_generator(seed, epoch), num_workers=workers,
-                            pin_memory=dev.type == "cuda")
-        model.train()
-        total, n = 0.0, 0
-        for x, idx in tqdm(loader, desc=f"tile_supervised fold {fold} epoch {epoch}", mininterval=2, file=sys.stderr):
-            with autocast(dev, cfg["precision"]):
-                logits = model(normalize(x))
-            loss = weighted_loss(logits, y_all[idx].to(dev), weights)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total, n = total + loss.item() * len(idx), n + len(idx)
-        scores, val_loss = predict_tiles(model, val_pool, labels, weights, dev, cfg["batch_size"], workers,
-                                        cfg["precision"])
-        patients = patient_predictions(val.assign(prob=val["slide_id"].map(scores)))
-        val_auc = auc_or_none(patients["label"], patients["prob"])
-        history.append({"epoch": epoch, "train_loss": total / max(n, 1), "val_loss": val_loss,
-                        "val_auc": val_auc, "lr": cfg["lr"]})
-        improved = best.improves(val_auc, val_loss)
-        if improved:
-            best.update(epoch, val_auc, val_loss, model)
-        logger.info("fold %d epoch %d/%d train_loss %.4f val_loss %.4f val_auc %s%s", fold, epoch, cfg["epochs"],
-                    history[-1]["train_loss"], val_loss, "n/a" if val_auc is None else f"{val_auc:.4f}",
-                    " (best)" if improved else "")
-        if epoch - best.epoch >= cfg["patience"]:
-            logger.info("fold %d: early stop after epoch %d", fold, epoch)
-            break
+    run = Run(model, dev, resolve_precision(dev, cfg["precision"], need="training"), weights, labels, cfg, workers)
+    best, history, n_train_tiles = fit(run, sampled, split, seed, fold)
 
     model.load_state_dict(best.state)
     evaluated = split[split["partition"].isin(["val", "test"])].reset_index(drop=True)
     eval_pool = TilePool([sampled[s] for s in evaluated["slide_id"]], None, seed, resize_px=cfg["input_px"])
-    scores, _ = predict_tiles(model, eval_pool, labels, weights, dev, cfg["batch_size"], workers, cfg["precision"])
+    scores, _ = predict_tiles(run, eval_pool)
     slides_out = evaluated.assign(prob=evaluated["slide_id"].map(scores))[
         ["slide_id", "patient_id", "label", "partition", "prob"]]
     patients = patient_predictions(slides_out)
     test = patients[patients["partition"] == "test"]
 
-    out = Path(out_dir)
-    with atomic_output(out / "model.pt") as tmp:
-        torch.save({"state_dict": best.state, "model": "tile_supervised", "settings": cfg,
-                    "init_digest": model.init_digest, "epoch": best.epoch, "val_auc": best.auc,
-                    "seed": seed, "fold": fold, "n_classes": N_CLASSES}, tmp)
-    write_csv(out / "history.csv", pd.DataFrame(history, columns=["epoch", "train_loss", "val_loss", "val_auc", "lr"]))
-    write_csv(out / "predictions_slides.csv", slides_out)
-    write_csv(out / "predictions_patients.csv", patients)
+    write_outputs(out_dir, {"state_dict": best.state, "model": "tile_supervised", "settings": cfg,
+                            "init_digest": model.init_digest, "epoch": best.epoch, "val_auc": best.auc,
+                            "seed": seed, "fold": fold, "n_classes": N_CLASSES}, history, slides_out, patients)
     summary = {
         "model": "tile_supervised", "fold": fold, "seed": seed, "best_epoch": best.epoch,
         "epochs_run": len(history), "val_auc": best.auc,
         "test_auc": auc_or_none(test["label"], test["prob"]) if len(test) else None,
         "n_slides": {p: len(v) for p, v in ids.items()}, "skipped_slides": skipped,
-        "train_tiles": len(train_pool), "device": str(dev), "seconds": round(time.monotonic() - started, 2),
+        "train_tiles": n_train_tiles, "device": str(dev), "seconds": round(time.monotonic() - started, 2),
     }
     logger.info("fold %d done: best epoch %d, val auc %s, test auc %s", fold, best.epoch, best.auc, summary["test_auc"])
     return summary

@@ -21,8 +21,8 @@ import torch
 from torch.utils.data import Dataset
 
 from slidemil.slides.reader import open_slide, read_rgb, resize_tile
-from slidemil.tiling.tile import load_tiles
-from slidemil.mil.train import subsample_indices
+from slidemil.files.tiles import read_tiles
+from slidemil.training import subsample_indices
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class SlideTiles:
 
 def sample_slide_tiles(slide_id: str, slide_path: str, tiles_h5: str, max_tiles: int | None, seed: int) -> SlideTiles:
     """At most ``max_tiles`` of a slide's tiles, the same subset for every run with this seed."""
-    coords, attrs = load_tiles(tiles_h5)
+    coords, attrs = read_tiles(tiles_h5)
     coords = np.asarray(coords).reshape(-1, 2)
     keep = subsample_indices(len(coords), max_tiles, seed, slide_id)
     if keep is not None:

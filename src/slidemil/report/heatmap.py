@@ -39,7 +39,10 @@ from matplotlib.patches import Rectangle  # noqa: E402
 from scipy.stats import rankdata  # noqa: E402
 
 from slidemil.runtime import resolve_device  # noqa: E402
-from slidemil.files import read_h5, save_png  # noqa: E402
+from slidemil.files import save_png  # noqa: E402
+from slidemil.files.checkpoint import read_checkpoint  # noqa: E402
+from slidemil.files.features import read_features  # noqa: E402
+from slidemil.files.tiles import read_tiles  # noqa: E402
 from slidemil.errors import CheckpointError  # noqa: E402
 from slidemil.mil.models import create_model  # noqa: E402
 from slidemil.slides.reader import open_slide, read_rgb, resize_tile  # noqa: E402
@@ -56,14 +59,8 @@ CROP_PX = 192
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
-    """The model of a training checkpoint, in eval mode, and the checkpoint dict."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for unreadable files
-        raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({err})") from err
-    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise CheckpointError(f"{path}: not a slidemil training checkpoint (missing {', '.join(missing)})")
+    """The model of a MIL training checkpoint (``slidemil.files.checkpoint``), in eval mode, and the checkpoint dict."""
+    ckpt = read_checkpoint(path, required=CHECKPOINT_KEYS)
     model = create_model(ckpt["model"], in_dim=int(ckpt["in_dim"]), n_classes=int(ckpt.get("n_classes", 2)),
                          **dict(ckpt["model_kwargs"] or {}))
     try:
@@ -198,12 +195,12 @@ def make_heatmap(
     slide_id = slide_id or Path(slide_path).name.split(".")[0]
     device = resolve_device(device)
     model, ckpt = load_checkpoint(checkpoint, device)
-    data, feature_attrs = read_h5(features_h5, ("features", "coords"))
+    data, feature_attrs = read_features(features_h5, ("features", "coords"))
     features, coords = data["features"], data["coords"].astype(np.int64)
     tile_attrs = {}
     if tiles_h5 is not None:
-        tiles, tile_attrs = read_h5(tiles_h5, ("coords",))
-        if not np.array_equal(tiles["coords"], coords):
+        tile_coords, tile_attrs = read_tiles(tiles_h5)
+        if not np.array_equal(tile_coords, coords):
             raise ValueError(f"{features_h5}: tile coordinates differ from those in {tiles_h5}")
     if len(features) == 0:
         raise ValueError(f"{features_h5}: slide {slide_id} has no tiles, so there is no attention to draw")

@@ -30,6 +30,7 @@ import pandas as pd
 
 from slidemil.cohort.manifest import read_manifest_table
 from slidemil.files import write_json
+from slidemil.files.splits import read_splits
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def _slides_to_draw(sheet, splits, features: pd.DataFrame, fold, n: int, seed: i
     from slidemil.cohort.sheet import load_sheet
 
     usable = set(features.loc[features["excluded"] == "", "slide_id"])
-    split_df = pd.read_csv(splits, dtype={"slide_id": str, "patient_id": str})
+    split_df = read_splits(splits)
     sheet_df = load_sheet(sheet, check_files=False)
     return pick_heatmap_slides(split_df, fold, usable, n, seed), dict(zip(sheet_df["slide_id"].astype(str),
                                                                           sheet_df["path"]))

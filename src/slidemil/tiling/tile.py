@@ -27,7 +27,8 @@ import numpy as np
 import openslide
 from tqdm import tqdm
 
-from slidemil.files import atomic_output, read_h5, write_h5
+from slidemil.files import atomic_output
+from slidemil.files.tiles import read_tiles, write_tiles
 from slidemil.logs import setup_logging
 from slidemil.slides.reader import (SlideError, open_slide, pick_level, read_gray, read_rgb, read_thumbnail, resize_tile,
                      slide_mpp)
@@ -168,7 +169,7 @@ def write_excluded(out_h5, out_qc, slide_id: str, slide_path, reason: str, p: Ti
         "tile_size_level0": 0, "read_px": 0, "target_mpp": p.mpp, "n_grid": 0, "n_candidates": 0,
         "n_tiles": 0, "params": asdict(p), "excluded": reason,
     }
-    write_h5(out_h5, {"coords": np.zeros((0, 2), np.int64)}, attrs)
+    write_tiles(out_h5, np.zeros((0, 2), np.int64), attrs)
     if out_qc:
         img = np.full((160, 960, 3), 255, np.uint8)
         lines = [f"{slide_id}: EXCLUDED"] + textwrap.wrap(reason, 110)[:6]
@@ -258,7 +259,7 @@ def _tile(slide_path, out_h5, out_qc, p: TilingParams, slide_id: str, mpp_overri
         "n_grid": nx * ny, "n_candidates": len(candidates), "n_read": len(to_read), "n_tiles": len(coords),
         "params": asdict(p), "excluded": "",
     }
-    write_h5(out_h5, {"coords": coords.reshape(-1, 2)}, attrs)
+    write_tiles(out_h5, coords, attrs)
     if out_qc:
         write_qc(slide, slide_path, out_qc, coords, candidates, step0)
     slide.close()
@@ -389,8 +390,8 @@ def write_qc(slide, slide_path, out_png, coords, candidates, step0) -> None:
 
 
 def load_tiles(path: str) -> tuple[np.ndarray, dict]:
-    data, attrs = read_h5(path, ("coords",))
-    return data["coords"], attrs
+    """(coords, attributes) of a tiles file (``slidemil.files.tiles.read_tiles``, kept under the stage's name)."""
+    return read_tiles(path)
 
 
 def main(argv=None, prog: str = "python -m slidemil.tiling.tile") -> None:

@@ -1,4 +1,10 @@
-"""Atomic file output and small HDF5/CSV helpers shared by the stages."""
+"""Atomic file output and small HDF5/CSV helpers shared by the stages.
+
+The files that pass between stages each have one writer and one reader, in this package: tiles.h5
+(``slidemil.files.tiles``), features.h5 (``slidemil.files.features``), splits.csv (``slidemil.files.splits``)
+and model.pt (``slidemil.files.checkpoint``). Each writer stamps a format version (``FORMAT_VERSION``) that
+its reader checks; files from before the stamp are version 1.
+"""
 
 from __future__ import annotations
 
@@ -89,17 +95,44 @@ def map_h5(path: str | os.PathLike, name: str) -> np.ndarray:
     of each holding its own. Each map keeps one file descriptor open.
     """
     with h5py.File(path, "r") as f:
-        ds = f[name]
-        offset = ds.id.get_offset() if ds.chunks is None and ds.external is None and ds.size else None
-        if offset is None or ds.ndim == 0 or not ds.dtype.isnative or ds.dtype.kind != "f":
-            return ds[()]
-        shape, dtype, first = ds.shape, ds.dtype, ds[0]
+        where = map_plan(f[name])
+        if where is None:
+            return f[name][()]
+    return map_planned(path, name, where)
+
+
+def map_plan(ds: h5py.Dataset) -> tuple | None:
+    """Where a dataset lies in its file, for ``map_planned``; None when it must be read instead."""
+    offset = ds.id.get_offset() if ds.chunks is None and ds.external is None and ds.size else None
+    if offset is None or ds.ndim == 0 or not ds.dtype.isnative or ds.dtype.kind != "f":
+        return None
+    return offset, ds.shape, ds.dtype, ds[0]
+
+
+def map_planned(path: str | os.PathLike, name: str, where: tuple) -> np.ndarray:
+    """The copy-on-write map of dataset ``name`` at ``where`` (from ``map_plan``), read if the plan misjudged."""
+    offset, shape, dtype, first = where
     mapped = np.memmap(path, dtype=dtype, mode="c", offset=offset, shape=shape)
     # A layout this reader misjudged (a user block, a foreign writer) must not pass as features.
     if mapped[0].tobytes() != np.asarray(first).tobytes():
         del mapped
         return read_h5(path, names=(name,))[0][name]
     return mapped
+
+
+# --------------------------------------------------------------------------- format versions
+
+# The attribute (HDF5), key (model.pt) or column (splits.csv) holding a file's format version.
+FORMAT_VERSION = "format_version"
+
+
+def check_format(version, supported: int, path, what: str) -> int:
+    """``version`` as an int (absent: 1, the files from before versions were written), refused if newer."""
+    version = 1 if version is None else int(version)
+    if version > supported:
+        raise ValueError(f"{path}: {what} format version {version}, but this slidemil reads up to version "
+                         f"{supported}; update slidemil or make the file again")
+    return version
 
 
 def save_png(fig, path: str | os.PathLike, **savefig_kwargs) -> None:
