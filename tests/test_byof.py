@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import ROOT, SHARED_DATA
 from slidemil.features.byof import FeatureFileError, import_features, load_mil_npz, npz_to_cohort
 from slidemil.cohort.splits import SplitError, fold_columns, make_splits, validation_fraction
 from slidemil.files.splits import read_fold
 from slidemil.mil.train import load_bags
+from factories import SHARED_DATA, snakemake_cli
 
 
 def _h5(path, datasets, attrs=None):
@@ -135,7 +135,7 @@ def test_bad_files_name_the_file(tmp_path, make, message):
 
 def test_cli_import(tmp_path, feats):
     src = _h5(tmp_path / "a.h5", {"features": feats})
-    env = {"PYTHONPATH": str(ROOT / "workflow"), "PATH": "/usr/bin:/bin"}
+    env = {"PATH": "/usr/bin:/bin"}
     ok = subprocess.run([sys.executable, "-m", "slidemil.features.byof", "import", str(src), "--out", str(tmp_path / "o.h5")],
                         capture_output=True, text=True, env=env)
     assert ok.returncode == 0, ok.stderr
@@ -283,7 +283,7 @@ def test_workflow_on_musk1_with_predefined_folds(tmp_path):
     npz = SHARED_DATA / "mil" / "musk1.npz"
     if not npz.is_file():
         pytest.skip(f"MIL benchmark data not found at {npz}")
-    env = {"PYTHONPATH": str(ROOT / "workflow"), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
     conv = subprocess.run([sys.executable, "-m", "slidemil.features.byof", "from-npz", str(npz), "--out", str(tmp_path / "musk1")],
                           capture_output=True, text=True, env=env)
     assert conv.returncode == 0, conv.stderr
@@ -302,9 +302,7 @@ def test_workflow_on_musk1_with_predefined_folds(tmp_path):
         "compute": {"train_threads": 1},
     }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "workflow" / "Snakefile"), "--configfile", "config.yaml",
-           "--cores", "2"]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    proc = snakemake_cli(tmp_path, "--cores", "2")
     assert proc.returncode == 0, proc.stderr[-5000:]
     log = proc.stdout + proc.stderr
     assert "tile_slide" not in log and "extract_features" not in log

@@ -17,9 +17,8 @@ from slidemil.mil import train
 from slidemil.features.extract import extract_features
 from slidemil.report.heatmap import load_checkpoint, tile_attention
 from slidemil.files import read_h5
+from factories import FAST, make_tiled_cohort, MODEL_KWARGS, write_dataset
 
-from test_tile_supervised import make_tiled_cohort
-from test_train import FAST, MODEL_KWARGS, write_dataset
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="no CUDA device: the GPU path is tested only where there is one")

@@ -1,8 +1,6 @@
 """MHIM-MIL: instance masks, consistency loss, EMA, schedules, training from a baseline, the DAG."""
 
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
@@ -10,11 +8,10 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT
 from slidemil.mil.models import mhim_blocks as mhim
 from slidemil.mil import train
 from slidemil.mil.models import create_model
-from test_train import FAST, write_dataset
+from factories import FAST, snakemake_cli, write_dataset
 
 
 def real_mask(lengths, n_max=None):
@@ -283,9 +280,7 @@ def test_dag_trains_baseline_before_mhim(tmp_path):
     config = {"results": "results", "demo": {"n_patients": 16}, "splits": {"folds": 2},
               "mil": {"models": ["mhim_abmil"]}}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "workflow" / "Snakefile"), "--configfile", "config.yaml",
-           "--cores", "1", "-n"]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    proc = snakemake_cli(tmp_path, "--cores", "1", "-n", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = []  # (model, fold, inputs) in the order the dry run schedules them
     for block in proc.stdout.split("\nrule ")[1:]:

@@ -6,6 +6,7 @@ import torch
 
 from slidemil.mil import models
 from slidemil.mil.models import create_model, list_models, register_model
+from factories import ROOT
 
 IN_DIM = 12
 SMALL = {"embed_dim": 16, "attn_dim": 8}  # keeps the abmil family tiny; other models use defaults
@@ -240,8 +241,6 @@ def test_transmil_defaults():
 
 def test_config_settings_build_every_model():
     import yaml
-
-    from conftest import ROOT
 
     settings = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())["mil"]["settings"]
     assert {"meanpool", "maxpool", "varmil", "transmil", "mhim_abmil", "mhim_transmil"} <= set(settings)

@@ -17,70 +17,12 @@ from sklearn.metrics import roc_auc_score  # noqa: E402
 
 from slidemil.report import stats as report  # noqa: E402
 from slidemil.report.stats import _auc_rows, bootstrap_mean_auc, main, make_report  # noqa: E402
+from factories import both_class_labels, shared_runs, test_rows, write_run
 
 
 # ---------------------------------------------------------------------------
 # Synthetic inputs
 # ---------------------------------------------------------------------------
-
-def _labels(n: int, rng: np.random.Generator) -> np.ndarray:
-    # Both classes guaranteed, the rest random.
-    y = rng.integers(0, 2, size=n)
-    y[0], y[1] = 0, 1
-    return y
-
-
-def write_run(tmp_path, extractor, model, fold, test_ids, test_labels, signal, rng,
-              n_val=8, val_aucs=(0.6, 0.8, 0.7)):
-    """Write predictions_patients.csv and history.csv for one fold; return the run dict."""
-    test_labels = np.asarray(test_labels)
-    # Higher signal -> better separated probabilities -> higher AUC.
-    test_prob = 1 / (1 + np.exp(-(signal * (test_labels - 0.5) + rng.normal(size=len(test_ids)))))
-    val_labels = _labels(n_val, rng)
-    val_prob = rng.uniform(size=n_val)
-    preds = pd.DataFrame({
-        "patient_id": [f"v{fold}_{i}" for i in range(n_val)] + list(test_ids),
-        "label": np.concatenate([val_labels, test_labels]),
-        "partition": ["val"] * n_val + ["test"] * len(test_ids),
-        "n_slides": rng.integers(1, 4, size=n_val + len(test_ids)),
-        "prob": np.concatenate([val_prob, test_prob]),
-    })
-    # Shuffle rows so nothing depends on the file's order.
-    preds = preds.sample(frac=1.0, random_state=int(rng.integers(1 << 30))).reset_index(drop=True)
-    history = pd.DataFrame({
-        "epoch": np.arange(len(val_aucs)),
-        "train_loss": np.linspace(0.7, 0.4, len(val_aucs)),
-        "val_loss": np.linspace(0.7, 0.5, len(val_aucs)),
-        "val_auc": val_aucs,
-        "lr": 1e-4,
-    })
-    folder = tmp_path / "runs" / extractor / model / str(fold)
-    folder.mkdir(parents=True, exist_ok=True)
-    preds.to_csv(folder / "predictions_patients.csv", index=False)
-    history.to_csv(folder / "history.csv", index=False)
-    return {
-        "extractor": extractor,
-        "model": model,
-        "fold": fold,
-        "predictions": str(folder / "predictions_patients.csv"),
-        "history": str(folder / "history.csv"),
-    }
-
-
-def shared_runs(tmp_path, extractor, model, n_folds, n_test, signal, seed):
-    """Folds of one model scored on the same test patients (the normal split design)."""
-    rng = np.random.default_rng(seed)
-    ids = [f"p{i:04d}" for i in range(n_test)]
-    labels = _labels(n_test, rng)
-    return [write_run(tmp_path, extractor, model, k, ids, labels, signal, rng) for k in range(n_folds)]
-
-
-def test_rows(run) -> pd.DataFrame:
-    frame = pd.read_csv(run["predictions"], dtype={"patient_id": str})
-    return frame[frame["partition"] == "test"]
-
-
-test_rows.__test__ = False  # helper, not a test
 
 
 # ---------------------------------------------------------------------------
@@ -197,7 +139,7 @@ def test_ci_equals_direct_reimplementation_separate_test_sets(tmp_path):
     runs = []
     for k, n in enumerate((10, 12, 9)):
         ids = [f"f{k}_p{i}" for i in range(n)]
-        runs.append(write_run(tmp_path, "uni", "abmil", k, ids, _labels(n, rng), 1.5, rng))
+        runs.append(write_run(tmp_path, "uni", "abmil", k, ids, both_class_labels(n, rng), 1.5, rng))
     summary = make_report(runs, str(tmp_path / "out"), n_bootstrap=150, seed=3)
 
     tests = [test_rows(r).reset_index(drop=True) for r in runs]
@@ -344,7 +286,7 @@ def _fold_tests(ids, labels, prob):
 def test_paired_difference_of_identical_models_is_exactly_zero():
     rng = np.random.default_rng(20)
     ids = [f"p{i}" for i in range(30)]
-    folds = {k: _fold_tests(ids, _labels(30, rng), rng.uniform(size=30)) for k in range(3)}
+    folds = {k: _fold_tests(ids, both_class_labels(30, rng), rng.uniform(size=30)) for k in range(3)}
     rows = report.paired_auc_difference(folds, folds, n_bootstrap=300, seed=0)
     assert [r["fold"] for r in rows] == [0, 1, 2, "mean"]
     for row in rows:
@@ -357,7 +299,7 @@ def test_paired_difference_of_identical_models_is_exactly_zero():
 def test_paired_ci_is_above_zero_for_a_clearly_better_model():
     rng = np.random.default_rng(21)
     ids = [f"p{i}" for i in range(80)]
-    labels = _labels(80, rng)
+    labels = both_class_labels(80, rng)
     noise = rng.normal(size=80)
     better = {k: _fold_tests(ids, labels, 3.0 * labels + rng.normal(size=80)) for k in range(2)}
     worse = {k: _fold_tests(ids, labels, 0.3 * labels + noise) for k in range(2)}

@@ -25,7 +25,7 @@ from slidemil.report.model_heatmaps import draw_model_heatmaps
 from slidemil.files import write_h5
 from slidemil.mil.models import create_model
 from slidemil.tiling.tile import tile_slide
-from test_report import shared_runs, test_rows
+from factories import shared_runs, test_rows
 
 IN_DIM = 8
 SETTINGS = {"n_bootstrap": 200, "reference_model": "abmil", "heatmaps_per_model": 2, "heatmap_top_k": 4,

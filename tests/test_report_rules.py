@@ -6,7 +6,6 @@ so a report setting reruns the report job alone and a heatmap setting redraws th
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import re
@@ -24,8 +23,8 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import yaml  # noqa: E402
 
-from conftest import snakemake_cli  # noqa: E402
 from slidemil.report import page as report_page  # noqa: E402
+from factories import snakemake_cli
 
 EVIL_SLIDE = "S<script>alert(1)<"
 EVIL_MODEL = "ab<script>mil"

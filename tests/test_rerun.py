@@ -18,27 +18,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from factories import job_counts, ROOT, snakemake_cli, TINY_SHEET_CONFIG
 
-from conftest import ROOT, TINY_SHEET_CONFIG, snakemake_cli
 
 pytestmark = pytest.mark.workflow
 
 EXTRACTOR = "shufflenet_v2"
-
-
-def job_counts(output: str) -> dict:
-    """Rule -> number of jobs from a dry run's job table ({} when nothing would run)."""
-    if "Nothing to be done" in output:
-        return {}
-    table = output.split("Job stats:", 1)[1]
-    counts = {}
-    for line in table.splitlines()[3:]:
-        m = re.match(r"^(\w+)\s+(\d+)$", line.strip())
-        if not m:
-            break
-        if m.group(1) not in ("all", "total"):
-            counts[m.group(1)] = int(m.group(2))
-    return counts
 
 
 def dry_run(workdir, config: dict) -> dict:

@@ -8,9 +8,8 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from factories import job_counts, snakemake_cli, TINY
 
-from test_rerun import job_counts
-from test_workflow import TINY, snakemake
 
 pytestmark = pytest.mark.workflow
 
@@ -29,7 +28,7 @@ CONFIG["mil"] = {
 
 def dag_edges(workdir):
     """(upstream rule, downstream rule) pairs of the job graph, from ``snakemake --dag``."""
-    proc = snakemake(workdir, "--dag")
+    proc = snakemake_cli(workdir, "--cores", "2", "--dag")
     assert proc.returncode == 0, proc.stderr[-3000:]
     # Node labels are the rule name, then the wildcards after an escaped newline.
     names = {n: label.split("\\n")[0] for n, label in re.findall(r'^\s*(\d+)\[label = "([^"]+)"', proc.stdout, re.M)}
@@ -41,7 +40,7 @@ def run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("simclr_workflow")
     (workdir / "config.yaml").write_text(yaml.safe_dump(CONFIG))
     edges = dag_edges(workdir)
-    proc = snakemake(workdir)
+    proc = snakemake_cli(workdir, "--cores", "2")
     assert proc.returncode == 0, proc.stderr[-5000:]
     return workdir, edges
 
@@ -79,7 +78,7 @@ def planned_jobs(workdir, changed) -> dict[str, int]:
     """Jobs a dry run plans under the ``changed`` config (the run's own config is put back after)."""
     (workdir / "config.yaml").write_text(yaml.safe_dump(changed))
     try:
-        proc = snakemake(workdir, "-n")
+        proc = snakemake_cli(workdir, "--cores", "2", "-n")
     finally:
         (workdir / "config.yaml").write_text(yaml.safe_dump(CONFIG))
     assert proc.returncode == 0, proc.stderr[-3000:]

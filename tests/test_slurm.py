@@ -14,8 +14,8 @@ import subprocess
 import pandas as pd
 import pytest
 import yaml
+from factories import ROOT, snakemake_cli
 
-from conftest import ROOT, snakemake_cli
 
 pytestmark = [pytest.mark.workflow, pytest.mark.slurm]
 

@@ -6,7 +6,8 @@ import textwrap
 
 import pytest
 
-from conftest import ROOT
+from factories import ROOT
+
 
 SCRIPT = """
 import atexit, sys, types

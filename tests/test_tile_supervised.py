@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from slidemil.pretrain import tile_supervised
-from slidemil.demo.render import make_slide
-from slidemil.tiling.tile import tile_slide
+from factories import make_tiled_cohort
 
 
 def test_slide_score_is_fraction_of_positive_tiles():
@@ -22,19 +21,6 @@ def test_settings_are_checked():
         tile_supervised.resolve_settings({"epoch": 1})
     with pytest.raises(ValueError, match="arch"):
         tile_supervised.resolve_settings({"arch": "vit"})
-
-
-def make_tiled_cohort(d, parts: list[str]) -> dict:
-    """One 1024 px slide per patient under ``d``, tiled, and a splits CSV whose fold 0 is ``parts``."""
-    slides, tiles, rows = {}, {}, []
-    for k, part in enumerate(parts):
-        slide_id = f"S{k}"
-        slides[slide_id], tiles[slide_id] = str(d / f"{slide_id}.tiff"), str(d / f"{slide_id}.h5")
-        make_slide(slides[slide_id], label=k % 2, seed=k, slide_px=(1024, 1024))
-        tile_slide(slides[slide_id], tiles[slide_id], None, {"tile_px": 64, "mpp": 1.0})
-        rows.append({"slide_id": slide_id, "patient_id": f"P{k}", "label": k % 2, "fold_0": part})
-    pd.DataFrame(rows).to_csv(d / "splits.csv", index=False)
-    return {"dir": d, "slides": slides, "tiles": tiles, "splits": str(d / "splits.csv")}
 
 
 @pytest.fixture(scope="module")

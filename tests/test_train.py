@@ -14,51 +14,7 @@ from slidemil.mil import train
 from slidemil.files import read_h5, write_h5
 from slidemil.mil.models import create_model
 from slidemil.runtime import resolve_precision
-
-DIM = 16
-N_PATIENTS = 30  # every third patient has two slides: 40 slides, multi-slide patients in every partition
-FAST = {"epochs": 6, "lr": 1e-3}
-MODEL_KWARGS = {"dropout": 0.25}  # the default architecture: on 16-d inputs it is fast and learns quickly
-
-
-def make_bag(rng, label):
-    """10-30 Gaussian instances; a positive bag has 3-5 instances shifted by 6 sd along one axis."""
-    n = int(rng.integers(10, 31))
-    feats = rng.normal(size=(n, DIM)).astype(np.float32)
-    if label:
-        hot = rng.choice(n, size=int(rng.integers(3, 6)), replace=False)
-        feats[hot, 0] += 6.0
-    return feats
-
-
-def partition(patient, fold):
-    # fold 0: patients 0-17 train, 18-23 val, 24-29 test; fold 1 rotates and
-    # excludes two patients.
-    p = (patient + 6 * fold) % N_PATIENTS
-    if fold == 1 and patient in (0, 1):
-        return "excluded"
-    return "train" if p < 18 else "val" if p < 24 else "test"
-
-
-def write_dataset(root):
-    """Feature files and a splits CSV with folds 0 and 1 under ``root``."""
-    rng = np.random.default_rng(0)
-    rows, features = [], {}
-    for patient in range(N_PATIENTS):
-        label = patient % 2
-        for k in range(2 if patient % 3 == 0 else 1):
-            slide = f"S{patient:02d}_{k}"
-            feats = make_bag(rng, label)
-            path = root / f"{slide}.h5"
-            # float16 on some slides: both stored precisions must load.
-            write_h5(path, {"features": feats.astype(np.float16 if k else np.float32),
-                            "coords": np.zeros((len(feats), 2), dtype=np.int64)}, {})
-            features[slide] = str(path)
-            rows.append({"slide_id": slide, "patient_id": f"P{patient:02d}", "label": label,
-                         "fold_0": partition(patient, 0), "fold_1": partition(patient, 1)})
-    splits = root / "splits.csv"
-    pd.DataFrame(rows).to_csv(splits, index=False)
-    return {"root": root, "features": features, "splits": str(splits), "table": pd.DataFrame(rows)}
+from factories import DIM, FAST, MODEL_KWARGS, write_dataset
 
 
 @pytest.fixture(scope="module")

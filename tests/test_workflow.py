@@ -1,50 +1,29 @@
 """The whole DAG through the Snakemake command line on a tiny demo cohort."""
 
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
 from sklearn.metrics import roc_auc_score
+from factories import snakemake_cli, TINY
 
-from conftest import ROOT
 
 pytestmark = pytest.mark.workflow
-
-TINY = {
-    "results": "results",
-    "demo": {"n_patients": 16, "slide_px": [1536, 1536]},
-    "tiling": {"mpp": 1.0, "tile_px": 128},
-    "features": {"extractors": ["shufflenet_v2"],
-                 "settings": {"shufflenet_v2": {"weights": "random", "input_px": 128, "dtype": "float32"}}},
-    "splits": {"folds": 2, "test_fraction": 0.25},
-    # mhim_abmil: MHIM-MIL starts from abmil trained on the same fold, and is reported beside it.
-    "mil": {"models": ["abmil", "mhim_abmil"], "training": {"epochs": 8, "patience": 4, "lr": 0.0005}},
-    "report": {"n_bootstrap": 200},
-    "compute": {"threads": 1, "loader_workers": 0, "batch_size": 32},
-}
-
-
-def snakemake(workdir, *args):
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "workflow" / "Snakefile"), "--configfile", "config.yaml",
-           "--cores", "2", *args]
-    return subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=900)
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("workflow")
     (workdir / "config.yaml").write_text(yaml.safe_dump(TINY))
-    proc = snakemake(workdir)
+    proc = snakemake_cli(workdir, "--cores", "2")
     assert proc.returncode == 0, proc.stderr[-5000:]
     return workdir
 
 
 def test_dry_run_lists_dag_and_until(tmp_path):
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(TINY))
-    proc = snakemake(tmp_path, "-n", "--until", "splits")
+    proc = snakemake_cli(tmp_path, "--cores", "2", "-n", "--until", "splits")
     assert proc.returncode == 0, proc.stderr
     assert "demo_cohort" in proc.stdout and "splits" in proc.stdout
     assert "tile_slide" not in proc.stdout and "train" not in proc.stdout
@@ -88,7 +67,7 @@ def test_every_stage_output_is_consistent(run):
 
 
 def test_second_run_does_nothing(run):
-    proc = snakemake(run, "-n")
+    proc = snakemake_cli(run, "--cores", "2", "-n")
     assert proc.returncode == 0
     assert "Nothing to be done" in proc.stdout + proc.stderr
 
@@ -131,7 +110,7 @@ def test_report_page_and_snakemake_report(run, tmp_path):
         assert splits.set_index("slide_id").loc[item["slide_id"], "fold_0"] == "test"
     assert all(src.startswith("data:image/") for src in re.findall(r'src="([^"]*)"', page))
 
-    proc = snakemake(run, "--report", str(tmp_path / "report.zip"))
+    proc = snakemake_cli(run, "--cores", "2", "--report", str(tmp_path / "report.zip"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     names = [Path(n).name for n in zipfile.ZipFile(tmp_path / "report.zip").namelist()]
     for figure in ["report.html", "roc_shufflenet_v2_abmil.png", "history_shufflenet_v2_abmil.png"] + [

@@ -1,0 +1,231 @@
+"""Shared test data and runners: every test builds its inputs here, never from another test file.
+
+- paths: ROOT (the repository), SHARED_DATA (../shared/data, third-party files never copied in);
+- Snakemake: snakemake_cli (the one runner of the workflow's command line) and job_counts (the one
+  parser of a dry run's job table); TINY (the demo cohort, tiny) and TINY_SHEET_CONFIG + make_tiny_cohort
+  (a user sample sheet with unusable slides);
+- MIL bags: write_dataset (feature files + splits.csv with two folds), FAST, MODEL_KWARGS;
+- tiled slides: make_tiled_cohort;
+- report inputs: write_run / shared_runs (prediction and history files), test_rows.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from slidemil.demo.render import make_cohort, make_slide
+from slidemil.files import write_h5
+from slidemil.tiling.tile import tile_slide
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+# TINY on a user sample sheet: the demo's slides plus three unusable ones.
+TINY_SHEET_CONFIG = {
+    "results": "results",
+    "tiling": {"mpp": 1.0, "tile_px": 128},
+    "features": {"extractors": ["shufflenet_v2"],
+                 "settings": {"shufflenet_v2": {"weights": "random", "input_px": 128, "dtype": "float32"}}},
+    "splits": {"folds": 2, "test_fraction": 0.25},
+    "mil": {"models": ["abmil"], "training": {"epochs": 8, "patience": 4, "lr": 0.0005}},
+    "report": {"n_bootstrap": 200},
+    "compute": {"threads": 1, "loader_workers": 0, "batch_size": 32},
+}
+
+
+def snakemake_cli(workdir, *args, configfile="config.yaml", timeout=900, env=None):
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "workflow" / "Snakefile"), "--configfile", configfile, *args]
+    return subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def make_tiny_cohort(folder: Path) -> Path:
+    """An 8-patient demo cohort plus unusable slides (no mpp, no tissue, unreadable); returns the sheet."""
+    make_cohort(str(folder), n_patients=8, seed=7, slide_px=(1536, 1536))
+    sheet = pd.read_csv(folder / "samples.csv", dtype=str)
+    extra = folder / "extra"
+    extra.mkdir()
+    make_slide(str(extra / "nompp.tiff"), label=1, seed=3, slide_px=(768, 768), mpp=None, objective_power=None)
+    make_slide(str(extra / "blank.tiff"), label=0, seed=4, slide_px=(768, 768), tissue=False)
+    rows = [("BAD-NOMPP", "BAD-P1", "extra/nompp.tiff", "1"), ("BAD-BLANK", "BAD-P2", "extra/blank.tiff", "0")]
+    unreadable = SHARED_DATA / "slides" / "bad" / "unreadable.svs"
+    if unreadable.is_file():
+        rows.append(("BAD-UNREADABLE", "DEMO-P001", str(unreadable), sheet.loc[0, "label"]))
+    sheet = pd.concat([sheet, pd.DataFrame(rows, columns=["slide_id", "patient_id", "path", "label"])])
+    sheet.to_csv(folder / "sheet.csv", index=False)
+    return folder / "sheet.csv"
+
+
+
+# The demo cohort at its smallest: 16 patients, tiny slides, one fast extractor, abmil and MHIM-MIL on it.
+TINY = {
+    "results": "results",
+    "demo": {"n_patients": 16, "slide_px": [1536, 1536]},
+    "tiling": {"mpp": 1.0, "tile_px": 128},
+    "features": {"extractors": ["shufflenet_v2"],
+                 "settings": {"shufflenet_v2": {"weights": "random", "input_px": 128, "dtype": "float32"}}},
+    "splits": {"folds": 2, "test_fraction": 0.25},
+    # mhim_abmil: MHIM-MIL starts from abmil trained on the same fold, and is reported beside it.
+    "mil": {"models": ["abmil", "mhim_abmil"], "training": {"epochs": 8, "patience": 4, "lr": 0.0005}},
+    "report": {"n_bootstrap": 200},
+    "compute": {"threads": 1, "loader_workers": 0, "batch_size": 32},
+}
+
+
+
+# ---- dry runs ----
+
+def job_counts(output: str) -> dict:
+    """Rule -> number of jobs from a dry run's job table ({} when nothing would run)."""
+    if "Nothing to be done" in output:
+        return {}
+    table = output.split("Job stats:", 1)[1]
+    counts = {}
+    for line in table.splitlines()[3:]:
+        m = re.match(r"^(\w+)\s+(\d+)$", line.strip())
+        if not m:
+            break
+        if m.group(1) not in ("all", "total"):
+            counts[m.group(1)] = int(m.group(2))
+    return counts
+
+
+
+# ---- MIL bags ----
+
+DIM = 16
+
+
+N_PATIENTS = 30  # every third patient has two slides: 40 slides, multi-slide patients in every partition
+
+
+FAST = {"epochs": 6, "lr": 1e-3}
+
+
+MODEL_KWARGS = {"dropout": 0.25}  # the default architecture: on 16-d inputs it is fast and learns quickly
+
+
+def make_bag(rng, label):
+    """10-30 Gaussian instances; a positive bag has 3-5 instances shifted by 6 sd along one axis."""
+    n = int(rng.integers(10, 31))
+    feats = rng.normal(size=(n, DIM)).astype(np.float32)
+    if label:
+        hot = rng.choice(n, size=int(rng.integers(3, 6)), replace=False)
+        feats[hot, 0] += 6.0
+    return feats
+
+
+def partition(patient, fold):
+    # fold 0: patients 0-17 train, 18-23 val, 24-29 test; fold 1 rotates and
+    # excludes two patients.
+    p = (patient + 6 * fold) % N_PATIENTS
+    if fold == 1 and patient in (0, 1):
+        return "excluded"
+    return "train" if p < 18 else "val" if p < 24 else "test"
+
+
+def write_dataset(root):
+    """Feature files and a splits CSV with folds 0 and 1 under ``root``."""
+    rng = np.random.default_rng(0)
+    rows, features = [], {}
+    for patient in range(N_PATIENTS):
+        label = patient % 2
+        for k in range(2 if patient % 3 == 0 else 1):
+            slide = f"S{patient:02d}_{k}"
+            feats = make_bag(rng, label)
+            path = root / f"{slide}.h5"
+            # float16 on some slides: both stored precisions must load.
+            write_h5(path, {"features": feats.astype(np.float16 if k else np.float32),
+                            "coords": np.zeros((len(feats), 2), dtype=np.int64)}, {})
+            features[slide] = str(path)
+            rows.append({"slide_id": slide, "patient_id": f"P{patient:02d}", "label": label,
+                         "fold_0": partition(patient, 0), "fold_1": partition(patient, 1)})
+    splits = root / "splits.csv"
+    pd.DataFrame(rows).to_csv(splits, index=False)
+    return {"root": root, "features": features, "splits": str(splits), "table": pd.DataFrame(rows)}
+
+
+
+# ---- tiled slides ----
+
+def make_tiled_cohort(d, parts: list[str]) -> dict:
+    """One 1024 px slide per patient under ``d``, tiled, and a splits CSV whose fold 0 is ``parts``."""
+    slides, tiles, rows = {}, {}, []
+    for k, part in enumerate(parts):
+        slide_id = f"S{k}"
+        slides[slide_id], tiles[slide_id] = str(d / f"{slide_id}.tiff"), str(d / f"{slide_id}.h5")
+        make_slide(slides[slide_id], label=k % 2, seed=k, slide_px=(1024, 1024))
+        tile_slide(slides[slide_id], tiles[slide_id], None, {"tile_px": 64, "mpp": 1.0})
+        rows.append({"slide_id": slide_id, "patient_id": f"P{k}", "label": k % 2, "fold_0": part})
+    pd.DataFrame(rows).to_csv(d / "splits.csv", index=False)
+    return {"dir": d, "slides": slides, "tiles": tiles, "splits": str(d / "splits.csv")}
+
+
+
+# ---- report inputs ----
+
+def both_class_labels(n: int, rng: np.random.Generator) -> np.ndarray:
+    # Both classes guaranteed, the rest random.
+    y = rng.integers(0, 2, size=n)
+    y[0], y[1] = 0, 1
+    return y
+
+
+def write_run(tmp_path, extractor, model, fold, test_ids, test_labels, signal, rng,
+              n_val=8, val_aucs=(0.6, 0.8, 0.7)):
+    """Write predictions_patients.csv and history.csv for one fold; return the run dict."""
+    test_labels = np.asarray(test_labels)
+    # Higher signal -> better separated probabilities -> higher AUC.
+    test_prob = 1 / (1 + np.exp(-(signal * (test_labels - 0.5) + rng.normal(size=len(test_ids)))))
+    val_labels = both_class_labels(n_val, rng)
+    val_prob = rng.uniform(size=n_val)
+    preds = pd.DataFrame({
+        "patient_id": [f"v{fold}_{i}" for i in range(n_val)] + list(test_ids),
+        "label": np.concatenate([val_labels, test_labels]),
+        "partition": ["val"] * n_val + ["test"] * len(test_ids),
+        "n_slides": rng.integers(1, 4, size=n_val + len(test_ids)),
+        "prob": np.concatenate([val_prob, test_prob]),
+    })
+    # Shuffle rows so nothing depends on the file's order.
+    preds = preds.sample(frac=1.0, random_state=int(rng.integers(1 << 30))).reset_index(drop=True)
+    history = pd.DataFrame({
+        "epoch": np.arange(len(val_aucs)),
+        "train_loss": np.linspace(0.7, 0.4, len(val_aucs)),
+        "val_loss": np.linspace(0.7, 0.5, len(val_aucs)),
+        "val_auc": val_aucs,
+        "lr": 1e-4,
+    })
+    folder = tmp_path / "runs" / extractor / model / str(fold)
+    folder.mkdir(parents=True, exist_ok=True)
+    preds.to_csv(folder / "predictions_patients.csv", index=False)
+    history.to_csv(folder / "history.csv", index=False)
+    return {
+        "extractor": extractor,
+        "model": model,
+        "fold": fold,
+        "predictions": str(folder / "predictions_patients.csv"),
+        "history": str(folder / "history.csv"),
+    }
+
+
+def shared_runs(tmp_path, extractor, model, n_folds, n_test, signal, seed):
+    """Folds of one model scored on the same test patients (the normal split design)."""
+    rng = np.random.default_rng(seed)
+    ids = [f"p{i:04d}" for i in range(n_test)]
+    labels = both_class_labels(n_test, rng)
+    return [write_run(tmp_path, extractor, model, k, ids, labels, signal, rng) for k in range(n_folds)]
+
+
+def test_rows(run) -> pd.DataFrame:
+    frame = pd.read_csv(run["predictions"], dtype={"patient_id": str})
+    return frame[frame["partition"] == "test"]
+
+
+
+test_rows.__test__ = False  # a helper, not a test
