@@ -33,11 +33,13 @@ SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.
 
 
 class ConfigError(ValueError):
-    """A config problem as one line: ``config: <key>: <problem>; allowed: <what>``."""
+    """A config problem as one line: ``config: <key>: <problem>; allowed: <names>`` or
+    ``config: <key> must be <what is allowed>, got <value>``."""
 
     def __init__(self, key: str, problem: str, allowed: str | None = None):
         self.key = key
-        super().__init__(f"config: {key}: {problem}" + (f"; allowed: {allowed}" if allowed else ""))
+        text = f"config: {key} {problem}" if problem.startswith("must be") else f"config: {key}: {problem}"
+        super().__init__(text + (f"; allowed: {allowed}" if allowed else ""))
 
 
 def setting(default=dataclasses.MISSING, *, choices=None, minimum=None, maximum=None, above=None, below=None,
@@ -299,7 +301,9 @@ def check_section(cls, given, key: str, fill: bool = True, unset: bool = False) 
     out = {}
     for name, value in _mapping(given, key, ", ".join(known)).items():
         if name not in known:
-            raise ConfigError(_join(key, name), "unknown setting", ", ".join(known))
+            section = key.rsplit(".", 1)[-1]
+            raise ConfigError(_join(key, name), f"unknown {section} setting" if key else "unknown setting",
+                              ", ".join(known))
         out[name] = _check_field(known[name], hints[name], value, _join(key, name))
     for f in fields(cls) if fill else ():
         if f.name not in out and (unset or not f.metadata.get("unset")):
@@ -319,19 +323,19 @@ def _check_field(f, hint, value, key: str):
         return check_section(hint, value, key)
     value = _coerce(value, hint)
     if not _is_type(value, hint):
-        raise ConfigError(key, f"got {value!r}", _describe(hint, f.metadata))
+        raise _bad_value(key, value, hint, f.metadata)
     for item in value if isinstance(value, list) else [value]:
         if not _in_range(item, f.metadata):
-            raise ConfigError(key, f"got {value!r}", _describe(hint, f.metadata))
+            raise _bad_value(key, value, hint, f.metadata)
     meta = f.metadata
     if isinstance(value, list) and ("length" in meta and len(value) != meta["length"]
                                     or len(value) < meta.get("min_items", 0)):
-        raise ConfigError(key, f"got {value!r}", _describe(hint, meta))
+        raise _bad_value(key, value, hint, meta)
     for item in value if "item_choices" in meta else ():
         if item not in meta["item_choices"]:
             raise ConfigError(key, f"unknown {meta['item_kind']} {item!r}", ", ".join(meta["item_choices"]))
     if "pattern" in meta and value is not None and not re.fullmatch(meta["pattern"], value):
-        raise ConfigError(key, f"got {value!r}", _describe(hint, meta))
+        raise _bad_value(key, value, hint, meta)
     return value
 
 
@@ -393,11 +397,15 @@ def _describe(hint, meta) -> str:
     if len(_args(hint)) > 1:
         return " or ".join("null" if a is type(None) else _describe(a, meta) for a in _args(hint))
     words = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping"}[hint]
-    bounds = [f"{op} {meta[k]}" for k, op in (("minimum", ">="), ("above", ">"), ("maximum", "<="), ("below", "<"))
-              if k in meta]
+    bounds = [f"{op} {meta[k]}" for k, op in (("minimum", "at least"), ("above", "above"), ("maximum", "at most"),
+                                              ("below", "below")) if k in meta]
     if "pattern" in meta:
         bounds.append(f"matching {meta['pattern']}")
     return " and ".join([words + (" " + bounds[0] if bounds else ""), *bounds[1:]])
+
+
+def _bad_value(key: str, value, hint, meta) -> ConfigError:
+    return ConfigError(key, f"must be {_describe(hint, meta)}, got {value!r}")
 
 
 def _mapping(value, key: str, allowed: str) -> dict:
