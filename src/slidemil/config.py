@@ -107,7 +107,7 @@ class Splits:
 class Training:
     epochs: int = setting(20, minimum=1)
     patience: int = setting(5, minimum=1)
-    lr: float = setting(0.0002, above=0)
+    lr: float = setting(0.0002, minimum=0)   # 0 trains nothing, a valid control
     weight_decay: float = setting(0.00001, minimum=0)
     betas: list[float] = setting([0.9, 0.999], length=2)
     batch_size: int = setting(1, minimum=1)
@@ -116,6 +116,8 @@ class Training:
     # z-score each feature dimension with training-slide statistics: extractors differ in scale by
     # orders of magnitude (random-weight CNNs especially), and the MIL models should not care.
     standardize: bool = setting(True)
+    # auto: bf16 autocast on CUDA, exact float32 elsewhere; bf16 also on CPUs with bf16 units (1.1-1.8x faster
+    # epochs there, slightly different numbers); fp32 everywhere, e.g. to compare a GPU run with a CPU run.
     precision: str = setting("auto", choices=TRAIN_PRECISIONS, unset=True)
 
 
@@ -125,16 +127,17 @@ class TileSupervised:
     arch: str = setting("shufflenet_v2", choices=TILE_ARCHITECTURES)
     init: str = setting("random")   # imagenet, random, or a path to a state dict (the workflow's "simclr" is one)
     input_px: int = setting(128, minimum=1)
-    tiles_per_slide: int | None = setting(32, minimum=1)
-    eval_tiles_per_slide: int | None = setting(64, minimum=1)
-    epochs: int = setting(4, minimum=1)   # DeepSMILE (TCGA-BC, after Kather et al. 2020): 4 epochs, lr 5e-5
+    tiles_per_slide: int | None = setting(32, minimum=1)        # training tiles per slide, fixed once by the seed
+    eval_tiles_per_slide: int | None = setting(64, minimum=1)   # validation/test tiles per slide (null: all)
+    # DeepSMILE (TCGA-BC, after Kather et al. 2020): 4 epochs, lr 5e-5, batch 512
+    epochs: int = setting(4, minimum=1)
     patience: int = setting(4, minimum=1)
     lr: float = setting(0.00005, above=0)
     betas: list[float] = setting([0.9, 0.99], length=2)
     weight_decay: float = setting(0.0, minimum=0)
     batch_size: int = setting(64, minimum=1)
     class_weighted: bool = setting(True)
-    precision: str = setting("auto", choices=TRAIN_PRECISIONS)
+    precision: str = setting("auto", choices=TRAIN_PRECISIONS)   # as simclr.precision: bf16 on CUDA, fp32 on CPU
 
 
 def _check_extractor_settings(value, key: str) -> dict:
@@ -228,6 +231,8 @@ class Simclr:
     proj_dim: int = setting(128, minimum=1)
     color_strength: float = setting(1.0, minimum=0)
     min_crop_scale: float = setting(0.08, above=0, maximum=1)
+    # auto: bf16 autocast on CUDA (fp16 with loss scaling on GPUs without bf16), float32 on CPU. bf16 on a CPU
+    # with bf16 units: 2-3x faster ResNet steps but 20 % slower ShuffleNetV2 ones (docs/performance.md).
     precision: str = setting("auto", choices=TRAIN_PRECISIONS, unset=True)
 
 
@@ -293,9 +298,9 @@ def fill_defaults(config: dict, default: dict) -> dict:
     return config
 
 
-def check_section(cls, given, key: str, fill: bool = True, unset: bool = False) -> dict:
+def check_section(cls, given, key: str, fill: bool = True, unset: bool = False, ranges: bool = True) -> dict:
     """``given`` checked against dataclass ``cls``; ``fill`` appends missing settings' defaults (``unset``:
-    those left out of the config too)."""
+    those left out of the config too); ``ranges=False`` checks names and types only."""
     known = {f.name: f for f in fields(cls)}
     hints = _hints(cls)
     out = {}
@@ -304,7 +309,7 @@ def check_section(cls, given, key: str, fill: bool = True, unset: bool = False) 
             section = key.rsplit(".", 1)[-1]
             raise ConfigError(_join(key, name), f"unknown {section} setting" if key else "unknown setting",
                               ", ".join(known))
-        out[name] = _check_field(known[name], hints[name], value, _join(key, name))
+        out[name] = _check_field(known[name], hints[name], value, _join(key, name), ranges)
     for f in fields(cls) if fill else ():
         if f.name not in out and (unset or not f.metadata.get("unset")):
             if dataclasses.is_dataclass(hints[f.name]):
@@ -316,15 +321,15 @@ def check_section(cls, given, key: str, fill: bool = True, unset: bool = False) 
     return out
 
 
-def _check_field(f, hint, value, key: str):
+def _check_field(f, hint, value, key: str, ranges: bool = True):
     if "check" in f.metadata:
         return f.metadata["check"](value, key)
     if dataclasses.is_dataclass(hint):
         return check_section(hint, value, key)
     value = _coerce(value, hint)
-    if not _is_type(value, hint):
+    if not _is_type(value, hint) or value not in f.metadata.get("choices", (value,)):
         raise _bad_value(key, value, hint, f.metadata)
-    for item in value if isinstance(value, list) else [value]:
+    for item in (value if isinstance(value, list) else [value]) if ranges else ():
         if not _in_range(item, f.metadata):
             raise _bad_value(key, value, hint, f.metadata)
     meta = f.metadata
@@ -340,8 +345,6 @@ def _check_field(f, hint, value, key: str):
 
 
 def _in_range(value, meta) -> bool:
-    if "choices" in meta:
-        return value in meta["choices"]
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return True
     return not (("minimum" in meta and value < meta["minimum"]) or ("maximum" in meta and value > meta["maximum"])

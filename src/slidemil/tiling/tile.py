@@ -73,12 +73,14 @@ class TilingParams:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "TilingParams":
-        """Checked by slidemil.config (one line naming a bad setting); on_error is not a tiling parameter."""
+        """Names and types checked by slidemil.config (one line naming a bad setting); any size a caller
+        asks for is allowed here (the workflow's config check holds the ranges). on_error is not a tiling
+        parameter."""
         d = dict(d or {})
         for name in d:
             if name not in cls.__dataclass_fields__:
                 raise ConfigError(f"tiling.{name}", "unknown tiling setting", ", ".join(cls.__dataclass_fields__))
-        return cls(**check_section(Tiling, d, "tiling", fill=False))
+        return cls(**check_section(Tiling, d, "tiling", fill=False, ranges=False))
 
 
 def is_tissue(tile_rgb: np.ndarray, p: TilingParams) -> bool:
