@@ -394,17 +394,23 @@ def _describe(hint, meta) -> str:
     if "choices" in meta:
         return "one of " + ", ".join("null" if c is None else str(c) for c in meta["choices"])
     if typing.get_origin(hint) is list:
-        count = f"{meta['length']} " if "length" in meta else ""
-        return f"a list of {count}" + _describe(typing.get_args(hint)[0], meta).split(" ", 1)[1].replace(
-            "number", "numbers").replace("integer", "integers")
+        count = (f"{meta['length']} " if "length" in meta
+                 else f"at least {meta['min_items']} " if "min_items" in meta else "")
+        if "item_choices" in meta:
+            return f"a list of {count}names from " + ", ".join(meta["item_choices"])
+        plural = {int: "integers", float: "numbers", str: "strings"}[typing.get_args(hint)[0]]
+        return " ".join([f"a list of {count}{plural}", *_bounds(meta)])
     if len(_args(hint)) > 1:
         return " or ".join("null" if a is type(None) else _describe(a, meta) for a in _args(hint))
     words = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping"}[hint]
+    return " ".join([words, *_bounds(meta)])
+
+
+def _bounds(meta) -> list[str]:
     bounds = [f"{op} {meta[k]}" for k, op in (("minimum", "at least"), ("above", "above"), ("maximum", "at most"),
                                               ("below", "below")) if k in meta]
-    if "pattern" in meta:
-        bounds.append(f"matching {meta['pattern']}")
-    return " and ".join([words + (" " + bounds[0] if bounds else ""), *bounds[1:]])
+    bounds += [f"matching {meta['pattern']}"] if "pattern" in meta else []
+    return [" and ".join(bounds)] if bounds else []
 
 
 def _bad_value(key: str, value, hint, meta) -> ConfigError:
