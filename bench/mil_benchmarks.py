@@ -45,11 +45,11 @@ from sklearn.metrics import roc_auc_score  # noqa: E402
 from slidemil.features.byof import bag_ids, cv_test_folds, load_mil_npz  # noqa: E402
 from slidemil.mil.models import list_models, model_kwargs_defaults  # noqa: E402
 from slidemil.cohort.splits import make_splits, validation_fraction  # noqa: E402
+from slidemil.names import base_model  # noqa: E402
 from slidemil.runtime import TRAIN_PRECISIONS  # noqa: E402
 from slidemil.mil.train import checkpoint, train_bags  # noqa: E402
 
 DATASETS = ("musk1", "fox", "tiger")
-MHIM_PREFIX = "mhim_"
 
 # Chosen once for these small-dimensional datasets (166-230 features, a few instances per bag),
 # after Ilse et al. (Adam, lr 5e-4, weight decay 5e-4, early stopping); not tuned on test folds.
@@ -84,10 +84,6 @@ REFERENCE = [
 ILSE_COUNTERPART = {"abmil": "Attention (Ilse et al. 2018)", "abmil_gated": "Gated attention (Ilse et al. 2018)"}
 
 logger = logging.getLogger("mil_benchmarks")
-
-
-def base_model(name: str) -> str | None:
-    return name[len(MHIM_PREFIX):] if name.startswith(MHIM_PREFIX) else None
 
 
 def model_kwargs(name: str) -> dict:

@@ -44,6 +44,7 @@ import torch
 
 from slidemil.runtime import TRAIN_PRECISIONS, resolve_device  # noqa: E402
 from slidemil.mil.models import create_model, list_models  # noqa: E402
+from slidemil.names import base_model  # noqa: E402
 from slidemil.mil.train import Data, class_weights, feature_stats, train_epoch  # noqa: E402
 from slidemil.training import Stepper  # noqa: E402
 
@@ -201,7 +202,7 @@ def main(argv=None):
     print("|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
         mhim = speedup = ""
-        base = r["model"][len("mhim_"):] if r["model"].startswith("mhim_") else None
+        base = base_model(r["model"])
         if (base, r["precision"]) in by_key:
             mhim = f"{r['s_per_epoch'] / by_key[base, r['precision']]['s_per_epoch']:.2f}"
         if r["precision"] != args.precision[0]:

@@ -1,4 +1,8 @@
-"""Names the DAG needs before torch is imported: SimCLR extractors and the architecture each shares.
+"""Names the DAG and the config check need before torch is imported.
+
+The registries that build models and extractors import torch; the workflow must not (``snakemake -n``
+stays light), so their names and each MIL builder's keyword arguments are declared here.
+tests/test_config.py asserts that these declarations equal the real registries, so they cannot drift.
 
 A SimCLR extractor is a registered architecture (``shufflenet_v2``, ``resnet18``,
 ``resnet50_trunc``) whose weights come from SimCLR pre-training on the cohort's
@@ -12,3 +16,45 @@ SIMCLR_EXTRACTORS = {
 }
 # Weights setting that means "the cohort's own SimCLR backbone" (resolved by the workflow to a file).
 SIMCLR_WEIGHTS = "simclr"
+# Every registered feature extractor (slidemil.features.extractors).
+EXTRACTORS = ("resnet50_trunc", "shufflenet_v2", "resnet18", *SIMCLR_EXTRACTORS)
+
+# MHIM-MIL wraps an attention model: ``mhim_<base>`` trains a student/teacher pair of ``<base>``.
+MHIM_PREFIX = "mhim_"
+MHIM_BASES = ("abmil", "transmil")
+_MHIM_PARAMS = ("base_kwargs", "preset", "mask_ratio_r", "mask_ratio_l", "mask_ratio_h", "mask_ratio_hr", "alpha",
+                "momentum_schedule", "mask_ratio_h_decay", "mask_attention", "temp_t", "temp_s", "momentum",
+                "init_student", "evaluate")
+
+
+def mhim_name(base: str) -> str:
+    """The MHIM-MIL model built on ``base``."""
+    return MHIM_PREFIX + base
+
+
+def base_model(model: str) -> str | None:
+    """The baseline an MHIM-MIL model is built on (its teacher), or None for any other model."""
+    return model[len(MHIM_PREFIX):] if model.startswith(MHIM_PREFIX) else None
+
+
+# Each registered MIL model's own keyword arguments (its builder's signature without in_dim, n_classes).
+MODEL_PARAMS = {
+    "abmil": ("embed_dim", "attn_dim", "dropout"),
+    "abmil_gated": ("embed_dim", "attn_dim", "dropout"),
+    "meanpool": ("embed_dim", "dropout"),
+    "maxpool": ("embed_dim", "dropout"),
+    "varmil": ("embed_dim", "attn_dim", "dropout", "gated", "variance_n"),
+    "transmil": ("embed_dim", "n_heads", "dropout", "attn_dropout"),
+    **{mhim_name(base): _MHIM_PARAMS for base in MHIM_BASES},
+}
+MIL_MODELS = tuple(MODEL_PARAMS)
+# DeepSMILE's tile-supervised baseline trains a CNN on tiles, not a MIL model on features; its runs sit
+# under this "extractor" slot.
+TILE_MODEL = "tile_supervised"
+TILE_SLOT = "tiles"
+# Backbones the tile-supervised baseline and SimCLR pre-training can train.
+TILE_ARCHITECTURES = ("shufflenet_v2", "resnet18")
+SIMCLR_ARCHITECTURES = tuple(dict.fromkeys(SIMCLR_EXTRACTORS.values()))
+# Compute precisions: training (MIL, SimCLR, tile-supervised; fp16 would need loss scaling) and extraction.
+TRAIN_PRECISIONS = ("auto", "fp32", "bf16")
+FEATURE_PRECISIONS = ("auto", "fp32", "fp16", "bf16")

@@ -1,14 +1,23 @@
 # Config and sample-sheet validation, wildcard constraints, and every input/params helper.
 import re
+import sys
 
 from snakemake.utils import validate
 
 # The installed package; rules use only its light modules (no torch, OpenCV or tqdm at DAG build).
 from slidemil.cohort.sheet import SheetError, check_sheet, load_sheet
+from slidemil.config import ConfigError, TileSupervised, check_config
 from slidemil.demo.plan import plan_cohort
-from slidemil.names import SIMCLR_EXTRACTORS, SIMCLR_WEIGHTS
+from slidemil.names import SIMCLR_EXTRACTORS, SIMCLR_WEIGHTS, TILE_MODEL, TILE_SLOT, base_model
 
-validate(config, "../schemas/config.schema.yaml")
+# The one check of the config, before anything reads it: defaults filled in (a partial --configfile, a
+# module's config: or a run without config/config.yaml gets them too), the first problem as one line.
+try:
+    _checked = check_config(config)
+except ConfigError as _error:
+    sys.exit(str(_error))
+config.clear()
+config.update(_checked)
 
 RESULTS = config["results"].rstrip("/")
 LOGS = f"{RESULTS}/logs"
@@ -47,17 +56,6 @@ if FOLD_COLUMN:
     FOLDS = list(range(SAMPLES[FOLD_COLUMN].nunique()))
 else:
     FOLDS = list(range(config["splits"]["folds"]))
-MHIM_PREFIX = "mhim_"
-# The tile-supervised baseline trains on pixels, not features: its runs sit under this "extractor".
-TILE_MODEL = "tile_supervised"
-TILE_SLOT = "tiles"
-
-
-def base_model(model):
-    """The baseline an MHIM-MIL model is built on (its teacher), or None."""
-    return model[len(MHIM_PREFIX):] if model.startswith(MHIM_PREFIX) else None
-
-
 
 
 def _alternation(names):
@@ -178,32 +176,6 @@ def simclr_backbone(arch):
     return f"{RESULTS}/simclr/{arch}/backbone.pt"
 
 
-def _check_simclr_config():
-    problems = []
-    for name in [] if PRECOMPUTED else EXTRACTORS:
-        settings = config["features"]["settings"].get(name)
-        if settings is None:
-            problems.append(f"features.settings has no entry for extractor {name!r}")
-        elif settings["weights"] == SIMCLR_WEIGHTS and name not in SIMCLR_EXTRACTORS:
-            problems.append(f"features.settings.{name}.weights: {SIMCLR_WEIGHTS!r} is for the SimCLR extractors "
-                            f"({', '.join(SIMCLR_EXTRACTORS)}) only")
-        elif settings["weights"] == SIMCLR_WEIGHTS and settings["input_px"] != config["simclr"]["input_px"]:
-            problems.append(f"features.settings.{name}.input_px ({settings['input_px']}) must equal simclr.input_px "
-                            f"({config['simclr']['input_px']}): the encoder would see tiles at another scale")
-    if TILE_MODEL in MODELS:
-        if PRECOMPUTED:
-            problems.append(f"mil.models lists {TILE_MODEL}, which trains on tiles; precomputed features have none")
-        init = (config["mil"]["settings"].get(TILE_MODEL) or {}).get("init")
-        if init == SIMCLR_WEIGHTS and tile_model_settings()["arch"] not in SIMCLR_EXTRACTORS.values():
-            problems.append(f"mil.settings.{TILE_MODEL}.arch has no SimCLR pre-training")
-    uses_simclr = any(_simclr_backbones(e) for e in ([] if PRECOMPUTED else EXTRACTORS))
-    if FOLD_COLUMN and (uses_simclr or (TILE_MODEL in MODELS and tile_model_init(None))):
-        problems.append(f"splits.fold_column {FOLD_COLUMN!r} makes every slide a test slide in some fold, so SimCLR "
-                        "pre-training would see test tiles; give the extractor a weights file made elsewhere")
-    if problems:
-        raise ValueError("config: " + "; ".join(problems))
-
-
 def _simclr_backbones(extractor):
     settings = config["features"]["settings"].get(extractor) or {}
     if settings.get("weights") != SIMCLR_WEIGHTS:
@@ -221,7 +193,7 @@ USES_SIMCLR = any(_simclr_backbones(e) for e in EXTRACTORS)
 
 def tile_model_settings():
     settings = dict(config["mil"]["settings"].get(TILE_MODEL) or {})
-    settings.setdefault("arch", "shufflenet_v2")
+    settings.setdefault("arch", TileSupervised.arch)
     return settings
 
 
@@ -244,5 +216,3 @@ def all_slide_files(wildcards=None):
 def all_tiles(wildcards=None):
     return [tiles_h5(s) for s in SLIDES]
 
-
-_check_simclr_config()

@@ -33,7 +33,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from slidemil.runtime import check_train_precision, resolve_device, resolve_precision, warn_if_bf16_emulated
+from slidemil.config import Compute, Config, Training, field_defaults, resolve
+from slidemil.runtime import resolve_device, resolve_precision, warn_if_bf16_emulated
 from slidemil.files.checkpoint import read_checkpoint
 from slidemil.files.features import map_features, read_features
 from slidemil.files.splits import read_fold
@@ -44,49 +45,16 @@ from slidemil.training import (N_CLASSES, Loop, Selection, Stepper, auc_or_none,
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TRAINING = {
-    "epochs": 20,
-    "patience": 5,
-    "lr": 2e-4,
-    "weight_decay": 1e-5,
-    "betas": [0.9, 0.999],
-    "batch_size": 1,
-    "max_tiles": None,
-    "class_weighted": True,
-    # z-score each feature dimension with training-slide statistics: extractors differ in scale by
-    # orders of magnitude (random-weight CNNs especially), and the MIL models should not care.
-    "standardize": True,
-    # auto: bf16 autocast on CUDA, exact float32 elsewhere; bf16 also on CPUs with bf16 units (1.1-1.8x faster
-    # epochs there, slightly different numbers); fp32 everywhere, e.g. to compare a GPU run with a CPU run.
-    "precision": "auto",
-}
+# The defaults and checks are slidemil.config.Training's (one home for the workflow and this CLI).
+DEFAULT_TRAINING = field_defaults(Training)
 
 
 # --------------------------------------------------------------------------- inputs
 
 
 def resolve_training(training: dict | None) -> dict:
-    """``training`` completed with the defaults; unknown keys and bad values are errors."""
-    training = dict(training or {})
-    unknown = sorted(set(training) - set(DEFAULT_TRAINING))
-    if unknown:
-        raise ValueError(
-            f"unknown training setting(s) {', '.join(unknown)}; known: {', '.join(DEFAULT_TRAINING)}"
-        )
-    cfg = {**DEFAULT_TRAINING, **training}
-    for key in ("epochs", "patience", "batch_size"):
-        if not isinstance(cfg[key], int) or cfg[key] < 1:
-            raise ValueError(f"training.{key} must be a positive integer, got {cfg[key]!r}")
-    if cfg["max_tiles"] is not None and (not isinstance(cfg["max_tiles"], int) or cfg["max_tiles"] < 1):
-        raise ValueError(f"training.max_tiles must be null or a positive integer, got {cfg['max_tiles']!r}")
-    if len(cfg["betas"]) != 2:
-        raise ValueError(f"training.betas must be two numbers, got {cfg['betas']!r}")
-    cfg["betas"] = [float(b) for b in cfg["betas"]]
-    cfg["lr"] = float(cfg["lr"])
-    cfg["weight_decay"] = float(cfg["weight_decay"])
-    cfg["class_weighted"] = bool(cfg["class_weighted"])
-    check_train_precision(cfg["precision"], "training.precision")
-    return cfg
+    """``training`` completed with the defaults; unknown keys and bad values are errors (one line)."""
+    return resolve(Training, training, "training")
 
 
 def load_bags(
@@ -502,9 +470,9 @@ def _parse_args(argv=None, prog: str = "python -m slidemil.mil.train") -> argpar
     parser.add_argument("--model-kwargs", type=json.loads, default={}, help="model keyword arguments as JSON")
     parser.add_argument("--training", type=json.loads, default={},
                         help=f"training settings as JSON; defaults: {json.dumps(DEFAULT_TRAINING)}")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=Config.seed)
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--device", default=Compute.device, help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--init-checkpoint", default=None,
                         help="model.pt to start from (MHIM-MIL models: the baseline trained on the same fold)")

@@ -34,46 +34,29 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from slidemil.runtime import check_train_precision, resolve_device, resolve_precision, warn_if_bf16_emulated
+from slidemil.config import Simclr, field_defaults, resolve
+from slidemil.names import SIMCLR_ARCHITECTURES
+from slidemil.runtime import resolve_device, resolve_precision, warn_if_bf16_emulated
 from slidemil.features.extractors import get_spec, variance_preserving_init, weights_digest
 from slidemil.files import atomic_output, save_png, write_csv
 from slidemil.slides.reader import one_opencv_thread
 from slidemil.errors import SplitError
 from slidemil.files.splits import never_test_slides
-from slidemil.pretrain.tilepool import (TilePool, add_cli_arguments, cli_cohort, epoch_generator, merge_settings, normalizer,
+from slidemil.pretrain.tilepool import (TilePool, add_cli_arguments, cli_cohort, epoch_generator, normalizer,
                        sample_slide_tiles)
 from slidemil.training import Stepper
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_SETTINGS = {
-    "epochs": 3,
-    "batch_size": 64,
-    "tiles_per_slide": 16,
-    "input_px": 128,
-    "temperature": 0.5,
-    "lr": 3e-4,
-    "betas": [0.9, 0.99],
-    "weight_decay": 0.0,
-    "proj_dim": 128,
-    "color_strength": 1.0,
-    "min_crop_scale": 0.08,
-    # auto: bf16 autocast on CUDA (fp16 with loss scaling on GPUs without bf16), float32 on CPU. bf16 on a CPU
-    # with bf16 units: 2-3x faster ResNet steps but 20 % slower ShuffleNetV2 ones (docs/performance.md).
-    "precision": "auto",
-}
-ARCHITECTURES = ("shufflenet_v2", "resnet18", "resnet50_trunc")
+# The defaults and checks are slidemil.config.Simclr's (one home for the workflow and this CLI).
+DEFAULT_SETTINGS = field_defaults(Simclr)
+ARCHITECTURES = SIMCLR_ARCHITECTURES
 CHECKPOINT = "checkpoint.pt"
 
 
 def resolve_settings(settings: dict | None) -> dict:
-    cfg = merge_settings("simclr", settings, DEFAULT_SETTINGS, positive=("epochs", "batch_size", "input_px", "proj_dim"),
-                         optional_positive=("tiles_per_slide",),
-                         floats=("temperature", "lr", "weight_decay", "color_strength", "min_crop_scale"))
-    if cfg["batch_size"] < 2:
-        raise ValueError("simclr.batch_size must be at least 2: the other tiles of a batch are the negatives")
-    check_train_precision(cfg["precision"], "simclr.precision")
-    return cfg
+    """``settings`` completed with the defaults; unknown keys and bad values are errors (one line)."""
+    return resolve(Simclr, settings, "simclr")
 
 
 # --------------------------------------------------------------------------- data

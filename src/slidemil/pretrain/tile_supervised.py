@@ -28,43 +28,27 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from slidemil.runtime import Precision, check_train_precision, resolve_device, resolve_precision, warn_if_bf16_emulated
+from slidemil.config import TileSupervised, field_defaults, resolve
+from slidemil.names import TILE_ARCHITECTURES
+from slidemil.runtime import Precision, resolve_device, resolve_precision, warn_if_bf16_emulated
 from slidemil.features.extractors import create_extractor, get_spec
 from slidemil.files.splits import read_fold
 from slidemil.slides.reader import one_opencv_thread
-from slidemil.pretrain.tilepool import (SlideTiles, TilePool, add_cli_arguments, cli_cohort, epoch_generator, merge_settings,
+from slidemil.pretrain.tilepool import (SlideTiles, TilePool, add_cli_arguments, cli_cohort, epoch_generator,
                        normalizer, sample_slide_tiles)
 from slidemil.training import (N_CLASSES, Loop, Stepper, auc_or_none, class_weights, fit_epochs, patient_auc,
                                patient_predictions, validation_has_both_classes, weighted_loss, write_outputs)
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_SETTINGS = {
-    "arch": "shufflenet_v2",
-    "init": "random",           # imagenet, random, or a path to a state dict (the workflow's "simclr" is one)
-    "input_px": 128,
-    "tiles_per_slide": 32,      # training tiles per slide, fixed once by the seed
-    "eval_tiles_per_slide": 64,  # validation/test tiles per slide (null: all)
-    "epochs": 4,                # DeepSMILE (TCGA-BC, after Kather et al. 2020): 4 epochs, lr 5e-5, batch 512
-    "patience": 4,
-    "lr": 5e-5,
-    "betas": [0.9, 0.99],
-    "weight_decay": 0.0,
-    "batch_size": 64,
-    "class_weighted": True,
-    "precision": "auto",        # as simclr.precision: auto is bf16 on CUDA, float32 on CPU
-}
-ARCHITECTURES = ("shufflenet_v2", "resnet18")
+# The defaults and checks are slidemil.config.TileSupervised's (one home for the workflow and this CLI).
+DEFAULT_SETTINGS = field_defaults(TileSupervised)
+ARCHITECTURES = TILE_ARCHITECTURES
 
 
 def resolve_settings(settings: dict | None) -> dict:
-    cfg = merge_settings("tile_supervised", settings, DEFAULT_SETTINGS,
-                         positive=("input_px", "epochs", "patience", "batch_size"),
-                         optional_positive=("tiles_per_slide", "eval_tiles_per_slide"), floats=("lr", "weight_decay"))
-    if cfg["arch"] not in ARCHITECTURES:
-        raise ValueError(f"tile_supervised.arch must be one of {', '.join(ARCHITECTURES)}, got {cfg['arch']!r}")
-    check_train_precision(cfg["precision"], "tile_supervised.precision")
-    return cfg
+    """``settings`` completed with the defaults; unknown keys and bad values are errors (one line)."""
+    return resolve(TileSupervised, settings, "tile_supervised")
 
 
 class TileClassifier(nn.Module):

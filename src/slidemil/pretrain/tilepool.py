@@ -20,11 +20,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from slidemil.config import Compute, Config, Simclr, TileSupervised, resolve
 from slidemil.slides.reader import open_slide, read_rgb, resize_tile
 from slidemil.files.tiles import read_tiles
 from slidemil.training import subsample_indices
 
 logger = logging.getLogger(__name__)
+
+STAGE_SETTINGS = {"simclr": Simclr, "tile_supervised": TileSupervised}
 
 # Open slides kept per worker: enough that a shuffled epoch rarely reopens one, few enough for the fd limit.
 MAX_OPEN_SLIDES = 64
@@ -136,28 +139,11 @@ def normalizer(device: torch.device):
 # --------------------------------------------------------------------------- shared settings and CLI of the pixel stages
 
 
-def merge_settings(stage: str, settings: dict | None, defaults: dict, positive: tuple[str, ...],
-                   optional_positive: tuple[str, ...], floats: tuple[str, ...]) -> dict:
-    """``defaults`` updated by ``settings``, refusing unknown keys and checking the types a stage needs.
-
-    ``positive``: positive integers; ``optional_positive``: null or positive integers; ``floats`` and
-    ``betas`` are converted to float (a YAML ``0`` or ``1`` arrives as an int).
-    """
-    settings = dict(settings or {})
-    unknown = sorted(set(settings) - set(defaults))
-    if unknown:
-        raise ValueError(f"unknown {stage} setting(s) {', '.join(unknown)}; known: {', '.join(defaults)}")
-    cfg = {**defaults, **settings}
-    for key in positive:
-        if not isinstance(cfg[key], int) or cfg[key] < 1:
-            raise ValueError(f"{stage}.{key} must be a positive integer, got {cfg[key]!r}")
-    for key in optional_positive:
-        if cfg[key] is not None and (not isinstance(cfg[key], int) or cfg[key] < 1):
-            raise ValueError(f"{stage}.{key} must be null or a positive integer, got {cfg[key]!r}")
-    for key in floats:
-        cfg[key] = float(cfg[key])
-    cfg["betas"] = [float(b) for b in cfg["betas"]]
-    return cfg
+def merge_settings(stage: str, settings: dict | None, defaults: dict | None = None, positive: tuple[str, ...] = (),
+                   optional_positive: tuple[str, ...] = (), floats: tuple[str, ...] = ()) -> dict:
+    """``settings`` of a pixel stage (simclr, tile_supervised) checked and completed by slidemil.config,
+    which holds their defaults and rules; the other arguments are those of the former signature, unused."""
+    return resolve(STAGE_SETTINGS[stage], settings, stage)
 
 
 def add_cli_arguments(ap, defaults: dict) -> None:
@@ -167,8 +153,8 @@ def add_cli_arguments(ap, defaults: dict) -> None:
     ap.add_argument("--splits", required=True, help="splits CSV; slides that are test in any fold are never read")
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--settings", type=json.loads, default={}, help=f"settings as JSON; defaults: {json.dumps(defaults)}")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="auto")
+    ap.add_argument("--seed", type=int, default=Config.seed)
+    ap.add_argument("--device", default=Compute.device)
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--num-threads", type=int)
     ap.add_argument("--log")

@@ -29,12 +29,14 @@ import numpy as np
 import pandas as pd
 
 from slidemil.cohort.manifest import read_manifest_table
+from slidemil.config import Report, field_defaults
 from slidemil.files import write_json
 from slidemil.files.splits import read_splits
 
 logger = logging.getLogger(__name__)
 
-HEATMAP_DEFAULTS = {"heatmaps_per_model": 2, "heatmap_top_k": 8}
+# The heatmap rule's share of the report section; the defaults are slidemil.config.Report's (one home).
+HEATMAP_DEFAULTS = {k: v for k, v in field_defaults(Report).items() if k in ("heatmaps_per_model", "heatmap_top_k")}
 
 
 def pick_heatmap_slides(splits: pd.DataFrame, fold, usable: set[str], n: int, seed: int) -> list[tuple[str, int]]:

@@ -38,16 +38,15 @@ import pandas as pd
 
 from slidemil.cohort import facts as cohort_mod
 from slidemil.cohort.manifest import read_manifest_table
+from slidemil.config import Report, field_defaults
 from slidemil.files import write_csv, write_json, write_text
+from slidemil.names import base_model
 from slidemil.report.stats import compare_models, load_tests, plot_comparison, plot_history, write_summary
 
 logger = logging.getLogger(__name__)
 
-DEFAULTS = {
-    "n_bootstrap": 1000,
-    "reference_model": "abmil",
-    "qc_examples": 4,
-}
+# The page's share of the report section; the defaults are slidemil.config.Report's (one home).
+DEFAULTS = {k: v for k, v in field_defaults(Report).items() if k in ("n_bootstrap", "reference_model", "qc_examples")}
 QC_EMBED_PX = 420
 TABLE_LINKS = ("summary.csv", "per_fold.csv", "comparison.csv", "cohort.csv", "splits_summary.csv", "report.json")
 
@@ -231,6 +230,7 @@ def _environment():
     env = jinja2.Environment(loader=jinja2.PackageLoader("slidemil.report", "templates"), autoescape=True,
                              trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
     env.filters["num"] = _f
+    env.tests["mhim"] = lambda model: base_model(str(model)) is not None   # names.py's one MHIM naming rule
     return env
 
 

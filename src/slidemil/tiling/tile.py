@@ -18,6 +18,7 @@ import argparse
 import logging
 import math
 import textwrap
+import typing
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ import numpy as np
 import openslide
 from tqdm import tqdm
 
+from slidemil.config import ConfigError, Tiling, check_section, field_defaults
 from slidemil.files import atomic_output
 from slidemil.files.tiles import read_tiles, write_tiles
 from slidemil.logs import setup_logging
@@ -50,31 +52,35 @@ CHECK_MAX_COST = 0.25
 REFINE_FROM = 0.7
 REFINE_MIN_DOWNSAMPLE = 4.0
 QC_MAX_PX = 1024
-ON_ERROR = ("exclude", "fail")
+ON_ERROR = Tiling.__dataclass_fields__["on_error"].metadata["choices"]
+
+
+# The defaults and checks are slidemil.config.Tiling's (one home for the workflow and this CLI).
+_DEFAULTS = field_defaults(Tiling)
 
 
 @dataclass(frozen=True)
 class TilingParams:
-    mpp: float = 0.5                       # target microns per pixel of the tiles
-    tile_px: int = 256                     # tile edge at the target mpp
-    bright_threshold: int = 240            # gray level above which a pixel is "white"
-    max_bright_fraction: float = 0.5       # background if more than this fraction is white
-    sobel_threshold: float = 20.0          # gradient magnitude at or below this is "flat"
-    max_flat_fraction: float = 0.6         # kept only if fewer than this fraction is flat
-    mask_min_saturation: int = 15          # floor for the Otsu threshold (blank slides)
-    mask_min_fraction: float = 0.05        # a grid cell is a candidate above this tissue fraction
-    precheck_brightness: bool = True       # reject candidates mostly white on a 32 px-per-tile overview unread
+    mpp: float = _DEFAULTS["mpp"]                                   # target microns per pixel of the tiles
+    tile_px: int = _DEFAULTS["tile_px"]                             # tile edge at the target mpp
+    bright_threshold: int = _DEFAULTS["bright_threshold"]           # gray level above which a pixel is "white"
+    max_bright_fraction: float = _DEFAULTS["max_bright_fraction"]   # background if more than this fraction is white
+    sobel_threshold: float = _DEFAULTS["sobel_threshold"]           # gradient magnitude at or below this is "flat"
+    max_flat_fraction: float = _DEFAULTS["max_flat_fraction"]       # kept only if fewer than this fraction is flat
+    mask_min_saturation: int = _DEFAULTS["mask_min_saturation"]     # floor for the Otsu threshold (blank slides)
+    mask_min_fraction: float = _DEFAULTS["mask_min_fraction"]       # a grid cell is a candidate above this tissue fraction
+    precheck_brightness: bool = _DEFAULTS["precheck_brightness"]    # reject candidates mostly white on an overview unread
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "TilingParams":
+        """Names and types checked by slidemil.config (one line naming a bad setting); any size a caller
+        asks for is allowed here (the workflow's config check holds the ranges). on_error is not a tiling
+        parameter."""
         d = dict(d or {})
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown tiling setting(s): {', '.join(sorted(unknown))}")
-        p = cls(**d)
-        if not isinstance(p.precheck_brightness, bool):
-            raise ValueError(f"tiling setting precheck_brightness must be true or false, not {p.precheck_brightness!r}")
-        return p
+        for name in d:
+            if name not in cls.__dataclass_fields__:
+                raise ConfigError(f"tiling.{name}", "unknown tiling setting", ", ".join(cls.__dataclass_fields__))
+        return cls(**check_section(Tiling, d, "tiling", fill=False, ranges=False))
 
 
 def is_tissue(tile_rgb: np.ndarray, p: TilingParams) -> bool:
@@ -403,10 +409,12 @@ def main(argv=None, prog: str = "python -m slidemil.tiling.tile") -> None:
     ap.add_argument("--slide-id")
     ap.add_argument("--mpp-override", type=float, help="level-0 mpp when the slide has none")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--on-error", choices=ON_ERROR, default="exclude",
+    ap.add_argument("--on-error", choices=ON_ERROR, default=Tiling.on_error,
                     help="unusable slide: write an empty tiles file marked excluded, or fail")
-    for name, field in TilingParams.__dataclass_fields__.items():
-        kind = _yes_no if isinstance(field.default, bool) else type(field.default)
+    # The declared type, not the default's: sobel_threshold defaults to the integer 20 but takes 20.5.
+    for name, kind in typing.get_type_hints(TilingParams).items():
+        field = TilingParams.__dataclass_fields__[name]
+        kind = _yes_no if kind is bool else kind
         ap.add_argument("--" + name.replace("_", "-"), type=kind, default=field.default)
     args = ap.parse_args(argv)
     setup_logging()

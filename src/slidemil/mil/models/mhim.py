@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from slidemil.mil.models import mhim_blocks as mhim
+from slidemil.names import MHIM_BASES, mhim_name
 from slidemil.mil.models import _REGISTRY, create_model, model_kwargs_defaults, register_model
 
 PRESET_KEYS = ("mask_ratio_r", "mask_ratio_l", "mask_ratio_h", "mask_ratio_hr", "alpha", "momentum_schedule")
@@ -65,7 +66,7 @@ def resolve_settings(base: str, preset: str | None, explicit: dict) -> dict:
             values = dict(PRESETS[preset][base])
         except KeyError:
             known = ", ".join(p for p in PRESETS if base in PRESETS[p])
-            raise ValueError(f"mhim_{base}: unknown preset {preset!r}; known: {known} (or null)") from None
+            raise ValueError(f"{mhim_name(base)}: unknown preset {preset!r}; known: {known} (or null)") from None
     values.update({k: v for k, v in explicit.items() if v is not None})
     return values
 
@@ -77,7 +78,7 @@ class MHIM(nn.Module):
                  mask_ratio_h_decay: bool, mask_attention: str, temp_t: float, temp_s: float,
                  momentum: float, init_student: str, evaluate: str):
         super().__init__()
-        name = f"mhim_{base}"
+        name = mhim_name(base)
         for key, value, allowed in (("mask_attention", mask_attention, mhim.FUSIONS),
                                     ("init_student", init_student, INIT_STUDENT), ("evaluate", evaluate, EVALUATE)):
             if value not in allowed:
@@ -159,7 +160,7 @@ class MHIM(nn.Module):
 
 
 def _register(base: str) -> None:
-    name = f"mhim_{base}"
+    name = mhim_name(base)
 
     def build(
         in_dim: int,
@@ -191,6 +192,6 @@ def _register(base: str) -> None:
     register_model(name)(build)
 
 
-for _base in ("abmil", "transmil"):
+for _base in MHIM_BASES:
     if _base in _REGISTRY:
         _register(_base)

@@ -1,0 +1,596 @@
+"""The slidemil configuration: every setting's default and its check, in one place.
+
+One dataclass per section holds the defaults; ``check_config(raw)`` completes a raw config (a partial
+--configfile, a module's ``config:``, --config overrides) with them and checks it once, reporting the
+first problem as one line that names the key and what is allowed::
+
+    config: mil.models: unknown model 'abmill'; allowed: abmil, abmil_gated, ...
+
+The stages take their defaults from the same dataclasses (``resolve``). What each setting means is
+in the JSON schema's descriptions (workflow/schemas/config.schema.yaml), rendered to config/README.md by
+``python -m slidemil.config --readme``. This module imports neither torch nor snakemake: the DAG uses it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+import sys
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from functools import cache
+from pathlib import Path
+
+from slidemil.names import (EXTRACTORS, FEATURE_PRECISIONS, MIL_MODELS, MODEL_PARAMS, SIMCLR_ARCHITECTURES,
+                            SIMCLR_EXTRACTORS, SIMCLR_WEIGHTS, TILE_ARCHITECTURES, TILE_MODEL, TRAIN_PRECISIONS)
+
+MODELS = (*MIL_MODELS, TILE_MODEL)
+# Builder arguments the workflow sets itself (from the base model's settings), never the config.
+WORKFLOW_MODEL_PARAMS = ("base_kwargs",)
+SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+
+
+class ConfigError(ValueError):
+    """A config problem as one line: ``config: <key>: <problem>; allowed: <names>`` or
+    ``config: <key> must be <what is allowed>, got <value>``."""
+
+    def __init__(self, key: str, problem: str, allowed: str | None = None):
+        self.key = key
+        text = f"config: {key} {problem}" if problem.startswith("must be") else f"config: {key}: {problem}"
+        super().__init__(text + (f"; allowed: {allowed}" if allowed else ""))
+
+
+def setting(default=dataclasses.MISSING, *, choices=None, minimum=None, maximum=None, above=None, below=None,
+            length=None, min_items=None, item_choices=None, item_kind="name", pattern=None, unset=False, check=None):
+    """A dataclass field with its rules. ``unset``: left out of the config unless given, because adding
+    it to a job's params would rerun every existing run (the stage then uses ``default``)."""
+    rules = dict(choices=choices, minimum=minimum, maximum=maximum, above=above, below=below, length=length,
+                 min_items=min_items, item_choices=item_choices, item_kind=item_kind, pattern=pattern, check=check)
+    meta = {k: v for k, v in rules.items() if v is not None and (k != "item_kind" or item_choices)}
+    meta |= {"unset": True} if unset else {}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# ---- sections, in the order of config/config.yaml ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Demo:
+    n_patients: int = setting(32, minimum=8)
+    seed: int = setting(7)
+    slide_px: list[int] = setting([2560, 2560], length=2, minimum=512)
+    mpp: float = setting(0.5, above=0)
+    objective_power: float = setting(20, above=0)
+    tumor_tile_fraction: list[float] = setting([0.1, 0.3], length=2, minimum=0, maximum=1)
+    two_slide_fraction: float = setting(0.3, minimum=0, maximum=1)
+    positive_fraction: float = setting(0.5, above=0, below=1)
+
+
+@dataclass(frozen=True)
+class Tiling:
+    mpp: float = setting(0.5, above=0)
+    tile_px: int = setting(256, minimum=16)
+    bright_threshold: int = setting(240, minimum=0, maximum=255)
+    max_bright_fraction: float = setting(0.5, minimum=0, maximum=1)
+    sobel_threshold: float = setting(20, minimum=0)
+    max_flat_fraction: float = setting(0.6, minimum=0, maximum=1)
+    mask_min_saturation: int = setting(15, minimum=0, maximum=255)
+    mask_min_fraction: float = setting(0.05, minimum=0, maximum=1)
+    precheck_brightness: bool = setting(True)
+    on_error: str = setting("exclude", choices=("exclude", "fail"))
+
+
+@dataclass(frozen=True)
+class ExtractorSettings:
+    weights: str = setting()
+    input_px: int = setting(minimum=32)
+    dtype: str = setting(choices=("float32", "float16"))
+    precision: str = setting("auto", choices=FEATURE_PRECISIONS)
+    scaled_decode: bool = setting(True)
+
+
+@dataclass(frozen=True)
+class Splits:
+    folds: int = setting(5, minimum=2)
+    test_fraction: float = setting(0.25, minimum=0, below=1)
+    test_column: str | None = setting(None)
+    binarize: str | None = setting(None, choices=(None, "median", "tertiles"))
+    positive_class: str | int | None = setting(None)
+    fold_column: str | None = setting(None)
+
+
+@dataclass(frozen=True)
+class Training:
+    epochs: int = setting(20, minimum=1)
+    patience: int = setting(5, minimum=1)
+    lr: float = setting(0.0002, minimum=0)   # 0 trains nothing, a valid control
+    weight_decay: float = setting(0.00001, minimum=0)
+    betas: list[float] = setting([0.9, 0.999], length=2)
+    batch_size: int = setting(1, minimum=1)
+    max_tiles: int | None = setting(None, minimum=1)
+    class_weighted: bool = setting(True)
+    # z-score each feature dimension with training-slide statistics: extractors differ in scale by
+    # orders of magnitude (random-weight CNNs especially), and the MIL models should not care.
+    standardize: bool = setting(True)
+    # auto: bf16 autocast on CUDA, exact float32 elsewhere; bf16 also on CPUs with bf16 units (1.1-1.8x faster
+    # epochs there, slightly different numbers); fp32 everywhere, e.g. to compare a GPU run with a CPU run.
+    precision: str = setting("auto", choices=TRAIN_PRECISIONS, unset=True)
+
+
+@dataclass(frozen=True)
+class TileSupervised:
+    """DeepSMILE's tile-supervised baseline (``mil.settings.tile_supervised``)."""
+    arch: str = setting("shufflenet_v2", choices=TILE_ARCHITECTURES)
+    init: str = setting("random")   # imagenet, random, or a path to a state dict (the workflow's "simclr" is one)
+    input_px: int = setting(128, minimum=1)
+    tiles_per_slide: int | None = setting(32, minimum=1)        # training tiles per slide, fixed once by the seed
+    eval_tiles_per_slide: int | None = setting(64, minimum=1)   # validation/test tiles per slide (null: all)
+    # DeepSMILE (TCGA-BC, after Kather et al. 2020): 4 epochs, lr 5e-5, batch 512
+    epochs: int = setting(4, minimum=1)
+    patience: int = setting(4, minimum=1)
+    lr: float = setting(0.00005, above=0)
+    betas: list[float] = setting([0.9, 0.99], length=2)
+    weight_decay: float = setting(0.0, minimum=0)
+    batch_size: int = setting(64, minimum=1)
+    class_weighted: bool = setting(True)
+    precision: str = setting("auto", choices=TRAIN_PRECISIONS)   # as simclr.precision: bf16 on CUDA, fp32 on CPU
+
+
+def _check_extractor_settings(value, key: str) -> dict:
+    out = {}
+    for name, entry in _mapping(value, key, "extractor names").items():
+        if name not in EXTRACTORS:
+            raise ConfigError(f"{key}.{name}", "unknown extractor", ", ".join(EXTRACTORS))
+        out[name] = check_section(ExtractorSettings, entry, f"{key}.{name}")
+    return out
+
+
+def _check_model_settings(value, key: str) -> dict:
+    out = {}
+    for name, entry in _mapping(value, key, "model names").items():
+        if name not in MODELS:
+            raise ConfigError(f"{key}.{name}", f"unknown model {name!r}", ", ".join(MODELS))
+        if entry is None:
+            out[name] = entry
+        elif name == TILE_MODEL:
+            # Checked, not completed: the job's params stay the settings given (the stage fills the rest).
+            out[name] = check_section(TileSupervised, entry, f"{key}.{name}", fill=False)
+        else:
+            allowed = [p for p in MODEL_PARAMS[name] if p not in WORKFLOW_MODEL_PARAMS]
+            for param in _mapping(entry, f"{key}.{name}", ", ".join(allowed)):
+                if param not in allowed:
+                    raise ConfigError(f"{key}.{name}.{param}", "unknown setting", ", ".join(sorted(allowed)))
+            out[name] = entry
+    return out
+
+
+# The settings config/config.yaml lists: extractors and models a user adds get checked the same way.
+DEFAULT_EXTRACTOR_SETTINGS = {
+    "resnet50_trunc": {"weights": "random", "input_px": 224, "dtype": "float32"},
+    "shufflenet_v2": {"weights": "random", "input_px": 224, "dtype": "float32"},
+    "shufflenet_simclr": {"weights": "simclr", "input_px": 128, "dtype": "float32"},
+    "resnet18_simclr": {"weights": "simclr", "input_px": 128, "dtype": "float32"},
+    "resnet50_simclr": {"weights": "simclr", "input_px": 128, "dtype": "float32"},
+    "resnet18": {"weights": "random", "input_px": 224, "dtype": "float32"},
+}
+_MHIM_DEFAULTS = {"mask_ratio_h_decay": True, "temp_t": 0.1, "temp_s": 1.0, "momentum": 0.9999,
+                  "init_student": "projection", "evaluate": "student"}
+DEFAULT_MODEL_SETTINGS = {
+    "abmil": {"embed_dim": 512, "attn_dim": 128, "dropout": 0.25},
+    "abmil_gated": {"embed_dim": 512, "attn_dim": 128, "dropout": 0.25},
+    "meanpool": {"embed_dim": 512, "dropout": 0.25},
+    "maxpool": {"embed_dim": 512, "dropout": 0.25},
+    "varmil": {"embed_dim": None, "attn_dim": 128, "dropout": 0.0, "gated": False, "variance_n": "real"},
+    "transmil": {"embed_dim": 512, "n_heads": 8, "dropout": 0.25, "attn_dropout": 0.1},
+    "mhim_abmil": {"preset": "camelyon16", **_MHIM_DEFAULTS},
+    "mhim_transmil": {"preset": "camelyon16", "mask_attention": "vote", **_MHIM_DEFAULTS},
+    TILE_MODEL: {"arch": "shufflenet_v2", "init": "simclr", "input_px": 128, "tiles_per_slide": 32,
+                 "eval_tiles_per_slide": 64, "epochs": 4, "patience": 4, "lr": 0.00005, "batch_size": 64},
+}
+
+
+@dataclass(frozen=True)
+class Features:
+    extractors: list[str] = setting(["resnet50_trunc"], min_items=1, item_choices=EXTRACTORS,
+                                      item_kind="extractor")
+    precomputed: str | None = setting(None, pattern=r"[A-Za-z0-9_.-]+")
+    settings: dict = setting(DEFAULT_EXTRACTOR_SETTINGS, check=_check_extractor_settings)
+
+
+@dataclass(frozen=True)
+class Mil:
+    models: list[str] = setting(["abmil", "abmil_gated", "mhim_abmil"], min_items=1,
+                                  item_choices=MODELS, item_kind="model")
+    training: Training = field(default_factory=Training)
+    settings: dict = setting(DEFAULT_MODEL_SETTINGS, check=_check_model_settings)
+
+
+@dataclass(frozen=True)
+class Report:
+    n_bootstrap: int = setting(1000, minimum=0)
+    reference_model: str = setting("abmil", choices=MODELS)
+    heatmaps_per_model: int = setting(2, minimum=0)
+    heatmap_top_k: int = setting(8, minimum=0)
+    qc_examples: int = setting(4, minimum=0)
+
+
+@dataclass(frozen=True)
+class Simclr:
+    epochs: int = setting(3, minimum=1)
+    batch_size: int = setting(64, minimum=2)   # the other tiles of a batch are each view's negatives
+    tiles_per_slide: int | None = setting(16, minimum=1)
+    input_px: int = setting(128, minimum=32)
+    temperature: float = setting(0.5, above=0)
+    lr: float = setting(0.0003, above=0)
+    betas: list[float] = setting([0.9, 0.99], length=2)
+    weight_decay: float = setting(0.0, minimum=0)
+    proj_dim: int = setting(128, minimum=1)
+    color_strength: float = setting(1.0, minimum=0)
+    min_crop_scale: float = setting(0.08, above=0, maximum=1)
+    # auto: bf16 autocast on CUDA (fp16 with loss scaling on GPUs without bf16), float32 on CPU. bf16 on a CPU
+    # with bf16 units: 2-3x faster ResNet steps but 20 % slower ShuffleNetV2 ones (docs/performance.md).
+    precision: str = setting("auto", choices=TRAIN_PRECISIONS, unset=True)
+
+
+@dataclass(frozen=True)
+class Compute:
+    device: str = setting("auto")
+    threads: int = setting(2, minimum=1)
+    train_threads: int = setting(1, minimum=1)
+    batch_size: int = setting(64, minimum=1)
+    loader_workers: int = setting(1, minimum=0)
+    torch_compile: bool = setting(False)
+
+
+@dataclass(frozen=True)
+class Config:
+    samples: str = setting("")
+    results: str = setting("results")
+    seed: int = setting(0, minimum=0)
+    demo: Demo = field(default_factory=Demo)
+    tiling: Tiling = field(default_factory=Tiling)
+    features: Features = field(default_factory=Features)
+    splits: Splits = field(default_factory=Splits)
+    mil: Mil = field(default_factory=Mil)
+    report: Report = field(default_factory=Report)
+    simclr: Simclr = field(default_factory=Simclr)
+    compute: Compute = field(default_factory=Compute)
+
+
+# ---- checking --------------------------------------------------------------------------------------
+
+
+def check_config(raw: dict | None) -> dict:
+    """``raw`` completed with the defaults and checked: the config every rule reads.
+
+    Keys keep the order a merge of config/config.yaml under ``raw`` gives (Snakemake's), then missing
+    settings follow in declaration order, so that each job's params look exactly as before a new
+    setting existed. Raises ConfigError (one line) at the first problem.
+    """
+    merged = fill_defaults(copy.deepcopy(dict(raw or {})), defaults())
+    cfg = check_section(Config, merged, "")
+    _check_rules(cfg)
+    return cfg
+
+
+def defaults() -> dict:
+    """The complete default config, as config/config.yaml writes it."""
+    return _section_defaults(Config)
+
+
+def _section_defaults(cls) -> dict:
+    hints = _hints(cls)
+    return {f.name: _section_defaults(hints[f.name]) if dataclasses.is_dataclass(hints[f.name]) else _default(f)
+            for f in fields(cls) if not f.metadata.get("unset")}
+
+
+def fill_defaults(config: dict, default: dict) -> dict:
+    """Add to ``config`` what it lacks of ``default``, recursively into mappings (lists are replaced whole)."""
+    for key, value in default.items():
+        if key not in config:
+            config[key] = copy.deepcopy(value)
+        elif isinstance(value, dict) and isinstance(config[key], dict):
+            fill_defaults(config[key], value)
+    return config
+
+
+def check_section(cls, given, key: str, fill: bool = True, unset: bool = False, ranges: bool = True) -> dict:
+    """``given`` checked against dataclass ``cls``; ``fill`` appends missing settings' defaults (``unset``:
+    those left out of the config too); ``ranges=False`` checks names and types only."""
+    known = {f.name: f for f in fields(cls)}
+    hints = _hints(cls)
+    out = {}
+    for name, value in _mapping(given, key, ", ".join(known)).items():
+        if name not in known:
+            section = key.rsplit(".", 1)[-1]
+            raise ConfigError(_join(key, name), f"unknown {section} setting" if key else "unknown setting",
+                              ", ".join(known))
+        out[name] = _check_field(known[name], hints[name], value, _join(key, name), ranges)
+    for f in fields(cls) if fill else ():
+        if f.name not in out and (unset or not f.metadata.get("unset")):
+            if dataclasses.is_dataclass(hints[f.name]):
+                out[f.name] = check_section(hints[f.name], {}, _join(key, f.name), fill, unset)
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(_join(key, f.name), "missing", _describe(hints[f.name], f.metadata))
+            else:
+                out[f.name] = _default(f)
+    return out
+
+
+def _check_field(f, hint, value, key: str, ranges: bool = True):
+    if "check" in f.metadata:
+        return f.metadata["check"](value, key)
+    if dataclasses.is_dataclass(hint):
+        return check_section(hint, value, key)
+    value = _coerce(value, hint)
+    if not _is_type(value, hint) or value not in f.metadata.get("choices", (value,)):
+        raise _bad_value(key, value, hint, f.metadata)
+    for item in (value if isinstance(value, list) else [value]) if ranges else ():
+        if not _in_range(item, f.metadata):
+            raise _bad_value(key, value, hint, f.metadata)
+    meta = f.metadata
+    if isinstance(value, list) and ("length" in meta and len(value) != meta["length"]
+                                    or len(value) < meta.get("min_items", 0)):
+        raise _bad_value(key, value, hint, meta)
+    for item in value if "item_choices" in meta else ():
+        if item not in meta["item_choices"]:
+            raise ConfigError(key, f"unknown {meta['item_kind']} {item!r}", ", ".join(meta["item_choices"]))
+    if "pattern" in meta and value is not None and not re.fullmatch(meta["pattern"], value):
+        raise _bad_value(key, value, hint, meta)
+    return value
+
+
+def _in_range(value, meta) -> bool:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return True
+    return not (("minimum" in meta and value < meta["minimum"]) or ("maximum" in meta and value > meta["maximum"])
+                or ("above" in meta and value <= meta["above"]) or ("below" in meta and value >= meta["below"]))
+
+
+def _coerce(value, hint):
+    """Strings where the setting takes numbers, booleans or null, as nested --config values arrive
+    (Snakemake reads ``--config splits='{folds: 2}'`` with YAML's BaseLoader: every scalar a string)."""
+    if isinstance(value, list) and typing.get_origin(hint) is list:
+        return [_coerce(v, typing.get_args(hint)[0]) for v in value]
+    if not isinstance(value, str):
+        return value
+    parsed = _parse_scalar(value)
+    if parsed is None and type(None) in _args(hint) and value in ("null", "~"):
+        return None
+    return parsed if not _is_type(value, hint) and _is_type(parsed, hint) else value
+
+
+def _parse_scalar(text: str):
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return None
+
+
+def _is_type(value, hint) -> bool:
+    if hint is type(None) or hint is None:
+        return value is None
+    if typing.get_origin(hint) is list:
+        return isinstance(value, list) and all(_is_type(v, typing.get_args(hint)[0]) for v in value)
+    if len(_args(hint)) > 1:
+        return any(_is_type(value, a) for a in _args(hint))
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _describe(hint, meta) -> str:
+    """What a setting allows, in words (the end of an error line)."""
+    if "choices" in meta:
+        return "one of " + ", ".join("null" if c is None else str(c) for c in meta["choices"])
+    if typing.get_origin(hint) is list:
+        count = (f"{meta['length']} " if "length" in meta
+                 else f"at least {meta['min_items']} " if "min_items" in meta else "")
+        if "item_choices" in meta:
+            return f"a list of {count}names from " + ", ".join(meta["item_choices"])
+        plural = {int: "integers", float: "numbers", str: "strings"}[typing.get_args(hint)[0]]
+        return " ".join([f"a list of {count}{plural}", *_bounds(meta)])
+    if len(_args(hint)) > 1:
+        return " or ".join("null" if a is type(None) else _describe(a, meta) for a in _args(hint))
+    words = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping"}[hint]
+    return " ".join([words, *_bounds(meta)])
+
+
+def _bounds(meta) -> list[str]:
+    bounds = [f"{op} {meta[k]}" for k, op in (("minimum", "at least"), ("above", "above"), ("maximum", "at most"),
+                                              ("below", "below")) if k in meta]
+    bounds += [f"matching {meta['pattern']}"] if "pattern" in meta else []
+    return [" and ".join(bounds)] if bounds else []
+
+
+def _bad_value(key: str, value, hint, meta) -> ConfigError:
+    return ConfigError(key, f"must be {_describe(hint, meta)}, got {value!r}")
+
+
+def _mapping(value, key: str, allowed: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(key or "config", f"got {value!r}, not a mapping", allowed)
+    return value
+
+
+def _join(key: str, name) -> str:
+    return f"{key}.{name}" if key else str(name)
+
+
+def _args(hint) -> tuple:
+    return typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+
+
+def _default(f):
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else copy.deepcopy(f.default)
+
+
+@cache
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+# ---- rules across sections -------------------------------------------------------------------------
+
+
+def _check_rules(cfg: dict) -> None:
+    if not cfg["results"].rstrip("/"):
+        raise ConfigError("results", f"{cfg['results']!r} would plan every output at the filesystem root",
+                          "a folder path other than '' and '/'")
+    features, models = cfg["features"], cfg["mil"]["models"]
+    extractors = [] if features["precomputed"] else features["extractors"]
+    for name in extractors:
+        _check_extractor_rules(name, features["settings"].get(name), cfg["simclr"]["input_px"])
+    tile = cfg["mil"]["settings"].get(TILE_MODEL) or {}
+    if TILE_MODEL in models and features["precomputed"]:
+        raise ConfigError("mil.models", f"{TILE_MODEL} trains on tiles, and precomputed features have none",
+                          ", ".join(MIL_MODELS))
+    tile_simclr = TILE_MODEL in models and tile.get("init") == SIMCLR_WEIGHTS
+    if tile_simclr and tile.get("arch", TileSupervised.arch) not in SIMCLR_ARCHITECTURES:
+        raise ConfigError(f"mil.settings.{TILE_MODEL}.arch", "has no SimCLR pre-training while init is simclr",
+                          ", ".join(SIMCLR_ARCHITECTURES))
+    uses_simclr = tile_simclr or any(features["settings"][e]["weights"] == SIMCLR_WEIGHTS for e in extractors)
+    if cfg["splits"]["fold_column"] and uses_simclr:
+        raise ConfigError("splits.fold_column", "makes every slide a test slide in some fold, so SimCLR "
+                          "pre-training would see test tiles", "null, or extractor weights made elsewhere")
+
+
+def _check_extractor_rules(name: str, settings: dict | None, simclr_px: int) -> None:
+    key = f"features.settings.{name}"
+    if settings is None:
+        raise ConfigError(key, "missing for a listed extractor", "a mapping of weights, input_px, dtype")
+    if settings["weights"] != SIMCLR_WEIGHTS:
+        return
+    if name not in SIMCLR_EXTRACTORS:
+        raise ConfigError(f"{key}.weights", f"{SIMCLR_WEIGHTS!r} is for the SimCLR extractors only "
+                          f"({', '.join(SIMCLR_EXTRACTORS)})", "imagenet, random or a path to a state dict")
+    if settings["input_px"] != simclr_px:
+        raise ConfigError(f"{key}.input_px", f"{settings['input_px']} differs from simclr.input_px: the encoder "
+                          "would see tiles at another scale", str(simclr_px))
+
+
+# ---- the stages' view --------------------------------------------------------------------------------
+
+
+def resolve(cls, settings: dict | None, key: str) -> dict:
+    """A stage's settings: ``settings`` checked and completed with every default of ``cls`` (those the
+    config leaves unset included), numbers of float settings as floats (YAML's ``0`` is an int)."""
+    cfg = check_section(cls, dict(settings or {}), key, unset=True)
+    for name, hint in _hints(cls).items():
+        if hint is float or (typing.get_origin(hint) is list and typing.get_args(hint)[0] is float):
+            cfg[name] = [float(v) for v in cfg[name]] if isinstance(cfg[name], list) else float(cfg[name])
+    return cfg
+
+
+def field_defaults(cls) -> dict:
+    """Every setting of ``cls`` with its default (for the stages' command lines)."""
+    return {f.name: _default(f) for f in fields(cls)}
+
+
+# ---- config/README.md from the schema's descriptions -------------------------------------------------
+
+# Where each dataclass sits in the schema ("*": each entry of a mapping).
+SCHEMA_SECTIONS = {"": Config, "demo": Demo, "tiling": Tiling, "features": Features, "features.settings.*":
+                   ExtractorSettings, "splits": Splits, "mil": Mil, "mil.training": Training,
+                   "mil.settings.tile_supervised": TileSupervised, "report": Report, "simclr": Simclr,
+                   "compute": Compute}
+
+
+def schema_objects(schema: dict, path: str = ""):
+    """(path, object schema) of every object in ``schema`` with properties, depth first."""
+    yield path, schema
+    for name, prop in schema.get("properties", {}).items():
+        if "properties" in prop or isinstance(prop.get("additionalProperties"), dict):
+            yield from schema_objects(prop, _join(path, name))
+    extra = schema.get("additionalProperties")
+    if isinstance(extra, dict) and "properties" in extra:
+        yield from schema_objects(extra, _join(path, "*"))
+
+
+def readme(schema_path: str | Path = SCHEMA) -> str:
+    """config/README.md: every setting with its default (slidemil.config) and meaning (the schema)."""
+    import yaml
+
+    schema = yaml.safe_load(Path(schema_path).read_text())
+    lines = ["# Configuration", "", "<!-- Generated by `python -m slidemil.config --readme > config/README.md` from "
+             "workflow/schemas/config.schema.yaml (meanings) and src/slidemil/config.py (defaults); edit those. -->",
+             "", "config/config.yaml holds every default; a --configfile (or a module's `config:`) needs only the "
+             "settings it changes. Nested `--config` values such as `--config splits='{folds: 3}'` are read as "
+             "numbers, true/false and null where the setting takes those.", ""]
+    for path, obj in schema_objects(schema):
+        cls = SCHEMA_SECTIONS.get(path)
+        title = path.replace("*", "<extractor>") or "top level"
+        lines += [f"## {title}", "", obj.get("description", schema["description"]), ""]
+        rows = [f"| `{name}` | {_default_text(cls, name) if cls else ''} | {prop.get('description', '')} |"
+                for name, prop in obj.get("properties", {}).items()
+                if "properties" not in prop and not isinstance(prop.get("additionalProperties"), dict)]
+        if rows:
+            lines += ["| setting | default | meaning |", "|---|---|---|", *rows, ""]
+        if path == "mil.settings":
+            lines += _model_settings_table()
+    return "\n".join(lines)
+
+
+def _model_settings_table() -> list[str]:
+    rows = [f"| `{model}` | {', '.join(p for p in params if p not in WORKFLOW_MODEL_PARAMS)} | "
+            f"{_show(DEFAULT_MODEL_SETTINGS.get(model, {})).strip('`')} |" for model, params in MODEL_PARAMS.items()]
+    return ["| model | settings it takes | config/config.yaml |", "|---|---|---|", *rows, ""]
+
+
+def _default_text(cls, name: str) -> str:
+    f = next((f for f in fields(cls) if f.name == name), None)
+    if f is None:
+        return ""
+    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+        return "required"
+    value = _default(f)
+    if isinstance(value, dict):
+        return "see config/config.yaml"
+    if f.metadata.get("unset"):
+        return f"absent ({_show(value)})"
+    return _show(value)
+
+
+def _show(value) -> str:
+    if isinstance(value, dict):
+        return "`{" + ", ".join(f"{k}: {_show(v).strip('`')}" for k, v in value.items()) + "}`"
+    if isinstance(value, list):
+        return "`[" + ", ".join(_show(v).strip("`") for v in value) + "]`"
+    text = {None: "null", True: "true", False: "false"}.get(value, value) if not isinstance(value, (int, float)) \
+        or isinstance(value, bool) else value
+    return f"`{text}`" if text != "" else '`""`'
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m slidemil.config", description=__doc__.split("\n")[0])
+    ap.add_argument("--readme", action="store_true", help="print config/README.md")
+    ap.add_argument("--check", metavar="CONFIG_YAML", help="check a config file (completed with the defaults)")
+    args = ap.parse_args(argv)
+    if args.readme:
+        sys.stdout.write(readme())
+    if args.check:
+        import yaml
+
+        try:
+            check_config(yaml.safe_load(Path(args.check).read_text()))
+        except ConfigError as error:
+            raise SystemExit(str(error))
+        print(f"{args.check}: ok")
+
+
+if __name__ == "__main__":
+    main()
