@@ -13,7 +13,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import ROOT, TINY_SHEET_CONFIG, snakemake_cli
+from factories import ROOT, TINY_SHEET_CONFIG, snakemake_cli
 from slidemil import config as cfg
 from slidemil import names
 

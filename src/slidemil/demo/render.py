@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import hashlib
 import logging
 import multiprocessing
 import os
@@ -39,7 +38,7 @@ import pandas as pd
 import tifffile
 from tqdm import tqdm
 
-from slidemil.demo.plan import SAMPLES_COLUMNS, plan_cohort, seed_sequence
+from slidemil.demo.plan import plan_cohort, seed_sequence
 from slidemil.files import atomic_output, write_csv
 
 logger = logging.getLogger(__name__)
