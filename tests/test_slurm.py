@@ -1,9 +1,9 @@
 """The tiny DAG through a real (one-node, local) SLURM cluster with profiles/slurm.
 
-The cluster comes from scripts/slurm-local.sh (installs slurm-wlm and munge with apt-get when
-missing, so it needs root). The results must equal those of the local run of the same config
-(`tiny_sheet_run`), which also makes this the determinism test: same config, same machine,
-two runs, identical splits, predictions and AUCs.
+The cluster comes from scripts/slurm-local.sh, which starts slurmctld, slurmd and munged (as root)
+but installs nothing: .ci/run installs slurm-wlm and munge, and without them this test skips. The
+results must equal those of the local run of the same config (`tiny_sheet_run`), which also makes
+this the determinism test: same config, same machine, two runs, identical splits, predictions and AUCs.
 """
 
 import os
@@ -21,12 +21,17 @@ pytestmark = [pytest.mark.workflow, pytest.mark.slurm]
 
 SCRIPT = ROOT / "scripts" / "slurm-local.sh"
 PARTITION = "slidemil_test"
+SLURM_TOOLS = ("slurmctld", "slurmd", "munged", "sbatch", "squeue", "sinfo")
 
 
 @pytest.fixture(scope="module")
 def slurm_cluster():
-    if os.geteuid() != 0 and not shutil.which("slurmctld"):
-        pytest.skip("SLURM is not installed and installing it needs root")
+    missing = [tool for tool in SLURM_TOOLS if not shutil.which(tool)]
+    if missing:
+        pytest.skip(f"SLURM is not installed (no {', '.join(missing)}): apt-get install slurm-wlm munge, "
+                    "as .ci/run does")
+    if os.geteuid() != 0:
+        pytest.skip("starting a local SLURM cluster (slurmctld, slurmd, munged) needs root")
     env = dict(os.environ, SLURM_LOCAL_PARTITION=PARTITION)
     proc = subprocess.run(["bash", str(SCRIPT), "start"], capture_output=True, text=True, timeout=900, env=env)
     if proc.returncode != 0:
