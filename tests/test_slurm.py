@@ -17,21 +17,24 @@ import yaml
 
 from conftest import ROOT, snakemake_cli
 
-pytestmark = [pytest.mark.workflow, pytest.mark.slurm]
-
 SCRIPT = ROOT / "scripts" / "slurm-local.sh"
 PARTITION = "slidemil_test"
 SLURM_TOOLS = ("slurmctld", "slurmd", "munged", "sbatch", "squeue", "sinfo")
+MISSING = [tool for tool in SLURM_TOOLS if not shutil.which(tool)]
+
+# Checked before any fixture runs (the tiny run this test compares with takes a minute).
+pytestmark = [
+    pytest.mark.workflow,
+    pytest.mark.slurm,
+    pytest.mark.skipif(bool(MISSING), reason=f"SLURM is not installed (no {', '.join(MISSING)}): "
+                       "apt-get install slurm-wlm munge, as .ci/run does"),
+    pytest.mark.skipif(os.geteuid() != 0, reason="starting a local SLURM cluster (slurmctld, slurmd, munged) "
+                       "needs root"),
+]
 
 
 @pytest.fixture(scope="module")
 def slurm_cluster():
-    missing = [tool for tool in SLURM_TOOLS if not shutil.which(tool)]
-    if missing:
-        pytest.skip(f"SLURM is not installed (no {', '.join(missing)}): apt-get install slurm-wlm munge, "
-                    "as .ci/run does")
-    if os.geteuid() != 0:
-        pytest.skip("starting a local SLURM cluster (slurmctld, slurmd, munged) needs root")
     env = dict(os.environ, SLURM_LOCAL_PARTITION=PARTITION)
     proc = subprocess.run(["bash", str(SCRIPT), "start"], capture_output=True, text=True, timeout=900, env=env)
     if proc.returncode != 0:
