@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # A one-node SLURM cluster on this machine, for testing the SLURM profile (tests/test_slurm.py, CI).
 #
-#   source <(bash scripts/slurm-local.sh start)   # install if missing, start; prints `export SLURM_CONF=...`
+#   source <(bash scripts/slurm-local.sh start)   # start; prints `export SLURM_CONF=...`
 #   bash scripts/slurm-local.sh status
 #   bash scripts/slurm-local.sh stop
 #
-# Needs root (apt-get, daemons). No systemd or cgroups needed: linuxproc process tracking, no task
+# Needs slurm-wlm and munge installed (.ci/run installs them: apt-get install slurm-wlm munge) and root
+# to start the daemons. No systemd or cgroups needed: linuxproc process tracking, no task
 # plugin, no accounting database. `sacct` cannot answer without slurmdbd, so status queries go through
 # `squeue`, which keeps finished jobs for MinJobAge seconds (the Snakemake SLURM plugin keeps squeue
 # when MinJobAge is at least 3x its first status-check delay).
@@ -21,36 +22,16 @@ NODE=$(hostname -s)
 log() { echo "slurm-local: $*" >&2; }
 die() { log "error: $*"; exit 1; }
 
-apt_install() {
-    # Another process may hold the dpkg lock (unattended upgrades, a parallel install): wait for it.
-    local try
-    for try in $(seq 1 60); do
-        if DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$@" >"$DIR/apt.log" 2>&1; then
-            return 0
-        fi
-        if grep -qi "could not get lock\|unable to acquire\|dpkg was interrupted" "$DIR/apt.log"; then
-            sleep 5
-            continue
-        fi
-        if grep -qi "unable to locate package\|has no installation candidate" "$DIR/apt.log" && [ "$try" = 1 ]; then
-            apt-get update >>"$DIR/apt.log" 2>&1 || true
-            continue
-        fi
-        tail -5 "$DIR/apt.log" >&2
-        return 1
-    done
-    return 1
-}
+# Installing is not this script's job (CI installs the packages in .ci/run; tests install nothing).
+MISSING_HINT="install them first, e.g. as root: apt-get update && apt-get install slurm-wlm munge"
 
-install() {
-    if command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v munged >/dev/null \
-            && command -v sbatch >/dev/null; then
-        return 0
-    fi
-    [ "$(id -u)" = 0 ] || die "SLURM is not installed and installing it needs root (apt-get install slurm-wlm munge)"
-    command -v apt-get >/dev/null || die "SLURM is not installed and this system has no apt-get"
-    log "installing slurm-wlm and munge with apt-get"
-    apt_install slurm-wlm munge || die "apt-get install slurm-wlm munge failed (see $DIR/apt.log)"
+require() {
+    local tool missing=()
+    for tool in slurmctld slurmd munged munge sbatch sinfo squeue scontrol; do
+        command -v "$tool" >/dev/null || missing+=("$tool")
+    done
+    [ ${#missing[@]} = 0 ] || die "not installed: ${missing[*]}; $MISSING_HINT"
+    [ "$(id -u)" = 0 ] || die "starting the SLURM and munge daemons needs root"
 }
 
 write_conf() {
@@ -132,8 +113,8 @@ link_conf() {
 running() { [ -f "$DIR/$1.pid" ] && kill -0 "$(cat "$DIR/$1.pid")" 2>/dev/null; }
 
 start() {
+    require
     mkdir -p "$DIR"
-    install
     start_munge
     if ! running slurmctld || ! running slurmd; then
         stop_daemons

@@ -1,14 +1,13 @@
 from pathlib import Path
 
-import _step
+from _step import run
+from slidemil.demo.render import make_cohort
 
 # The generator's worker processes are spawned and re-import this script: only the parent runs it.
 if __name__ == "__main__":
-    _step.start(snakemake)
-    from slidemil.demo.render import make_cohort
-
     d = snakemake.params.demo
-    _step.run(
+    run(
+        snakemake,
         make_cohort,
         out_dir=str(Path(snakemake.output.sheet).parent),
         n_patients=d["n_patients"],

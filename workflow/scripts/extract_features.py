@@ -1,18 +1,16 @@
-import _step
-
-_step.start(snakemake)
-from slidemil.features.extract import extract_features  # noqa: E402
+from _step import run
+from slidemil.features.extract import extract_features
 
 settings = dict(snakemake.params.extractor)
-# "simclr" weights are the cohort's own backbone, made by pretrain_simclr.
-weights = snakemake.input.simclr[0] if snakemake.input.simclr else settings["weights"]
-_step.run(
+run(
+    snakemake,
     extract_features,
     None,  # the slide the tiles file was cut from
     snakemake.input.tiles,
     snakemake.output[0],
     extractor=snakemake.wildcards.extractor,
-    weights=weights,
+    # "simclr" weights are the cohort's own backbone, made by pretrain_simclr.
+    weights=snakemake.input.simclr[0] if snakemake.input.simclr else settings["weights"],
     input_px=settings["input_px"],
     dtype=settings["dtype"],
     precision=settings.get("precision", "auto"),

@@ -1,11 +1,9 @@
-import _step
+from _step import run
+from slidemil.report.model_heatmaps import draw_model_heatmaps
 
-_step.start(snakemake)
-from slidemil.report.model_heatmaps import draw_model_heatmaps  # noqa: E402
-
-inp, settings = snakemake.input, dict(snakemake.params.settings)
-seed = settings.pop("seed")
-_step.run(
+inp, settings = snakemake.input, snakemake.params.settings
+run(
+    snakemake,
     draw_model_heatmaps,
     inp.checkpoint,
     snakemake.wildcards.extractor,
@@ -17,7 +15,8 @@ _step.run(
     tiles=inp.tiles,
     out_dir=snakemake.output.pngs,
     index=snakemake.output.index,
-    settings=settings,
-    seed=seed,
+    # The seed is in the settings param so that changing it redraws the heatmaps; it is its own argument.
+    settings={k: v for k, v in settings.items() if k != "seed"},
+    seed=settings["seed"],
     device=snakemake.resources.device,
 )

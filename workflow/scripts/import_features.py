@@ -1,6 +1,4 @@
-import _step
+from _step import run
+from slidemil.features.byof import import_features
 
-_step.start(snakemake)
-from slidemil.features.byof import import_features  # noqa: E402
-
-_step.run(import_features, snakemake.input[0], snakemake.output[0], extractor=snakemake.params.extractor)
+run(snakemake, import_features, snakemake.input[0], snakemake.output[0], extractor=snakemake.params.extractor)

@@ -1,9 +1,10 @@
-import _step
+from _step import run
+from slidemil.cohort.manifest import feature_manifest, tile_manifest
 
-_step.start(snakemake)
-from slidemil.cohort.manifest import feature_manifest, tile_manifest  # noqa: E402
-
-if snakemake.rule == "tile_manifest":
-    _step.run(tile_manifest, list(snakemake.input.tiles), list(snakemake.input.qc), snakemake.output[0])
+# One script for both manifest rules, told apart by their inputs: the rule's name has a prefix when the
+# workflow is used as a module (`use rule * from slidemil as slidemil_*`).
+if "qc" in snakemake.input.keys():
+    stage, inputs = tile_manifest, (list(snakemake.input.tiles), list(snakemake.input.qc))
 else:
-    _step.run(feature_manifest, list(snakemake.input.features), snakemake.output[0])
+    stage, inputs = feature_manifest, (list(snakemake.input.features),)
+run(snakemake, stage, *inputs, snakemake.output[0])

@@ -1,11 +1,10 @@
 from pathlib import Path
 
-import _step
+from _step import run
+from slidemil.pretrain.simclr import pretrain_simclr
 
-_step.start(snakemake)
-from slidemil.pretrain.simclr import pretrain_simclr  # noqa: E402
-
-_step.run(
+run(
+    snakemake,
     pretrain_simclr,
     slides={Path(t).stem: s for s, t in zip(snakemake.input.slides, snakemake.input.tiles)},
     tiles={Path(t).stem: t for t in snakemake.input.tiles},

@@ -1,18 +1,16 @@
 from pathlib import Path
 
-import _step
-
-_step.start(snakemake)
-from slidemil.report.page import build_report  # noqa: E402
+from _step import run
+from slidemil.report.page import build_report
 
 inp = snakemake.input
-runs = [
-    dict(run, predictions=pred, history=hist)
-    for run, pred, hist in zip(snakemake.params.runs, inp.predictions, inp.histories)
-]
-_step.run(
+run(
+    snakemake,
     build_report,
-    runs,
+    [
+        dict(r, predictions=pred, history=hist)
+        for r, pred, hist in zip(snakemake.params.runs, inp.predictions, inp.histories)
+    ],
     out_dir=str(Path(snakemake.output.html).parent),
     settings=snakemake.params.report,
     seed=snakemake.params.seed,

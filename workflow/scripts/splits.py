@@ -1,10 +1,9 @@
-import _step
-
-_step.start(snakemake)
-from slidemil.cohort.splits import write_splits  # noqa: E402
+from _step import run
+from slidemil.cohort.splits import write_splits
 
 s = snakemake.params.splits
-_step.run(
+run(
+    snakemake,
     write_splits,
     snakemake.input.sheet,
     snakemake.output[0],

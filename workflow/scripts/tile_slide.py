@@ -1,9 +1,8 @@
-import _step
+from _step import run
+from slidemil.tiling.tile import tile_slide
 
-_step.start(snakemake)
-from slidemil.tiling.tile import tile_slide  # noqa: E402
-
-_step.run(
+run(
+    snakemake,
     tile_slide,
     snakemake.input.slide,
     snakemake.output.h5,

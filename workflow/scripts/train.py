@@ -1,15 +1,12 @@
 from pathlib import Path
 
-import _step
+from _step import run
+from slidemil.steps import train_from_manifest
 
-_step.start(snakemake)
-from slidemil.cohort.manifest import read_manifest  # noqa: E402
-from slidemil.mil.train import train_fold  # noqa: E402
-
-features = read_manifest(snakemake.input.features)
-_step.run(
-    train_fold,
-    features=features,
+run(
+    snakemake,
+    train_from_manifest,
+    snakemake.input.features,
     splits_csv=snakemake.input.splits,
     fold=int(snakemake.wildcards.fold),
     model=snakemake.wildcards.model,

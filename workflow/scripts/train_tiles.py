@@ -1,21 +1,20 @@
 from pathlib import Path
 
-import _step
+from _step import run
+from slidemil.pretrain.tile_supervised import train_tile_supervised
 
-_step.start(snakemake)
-from slidemil.pretrain.tile_supervised import train_tile_supervised  # noqa: E402
-
-settings = dict(snakemake.params.model)
-settings.pop("simclr", None)  # in params only so a SimCLR change retrains; the weights come as a file
-if snakemake.input.init:
-    settings["init"] = snakemake.input.init[0]
-_step.run(
+run(
+    snakemake,
     train_tile_supervised,
     slides={Path(t).stem: s for s, t in zip(snakemake.input.slides, snakemake.input.tiles)},
     tiles={Path(t).stem: t for t in snakemake.input.tiles},
     splits_csv=snakemake.input.splits,
     fold=int(snakemake.wildcards.fold),
-    settings=settings,
+    # "simclr" is in params only so that a SimCLR change retrains; the weights come as a file (init).
+    settings={
+        **{k: v for k, v in snakemake.params.model.items() if k != "simclr"},
+        **({"init": snakemake.input.init[0]} if snakemake.input.init else {}),
+    },
     seed=snakemake.params.seed,
     out_dir=str(Path(snakemake.output[0]).parent),
     device=snakemake.resources.device,

@@ -1,0 +1,18 @@
+"""Stage entry points for the workflow steps whose rule hands over files rather than the stage's arguments.
+
+A step script (workflow/scripts/) is one call to one package function. Most stages take a rule's inputs as
+they are; the one here first reads the manifest the rule depends on (one file instead of N per-slide files),
+inside the call, so that a missing or malformed manifest is reported like any other input error.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def train_from_manifest(features_manifest: str | os.PathLike, **kwargs) -> dict:
+    """:func:`slidemil.mil.train.train_fold` on the feature files a feature manifest lists."""
+    from slidemil.cohort.manifest import read_manifest
+    from slidemil.mil.train import train_fold
+
+    return train_fold(features=read_manifest(features_manifest), **kwargs)
