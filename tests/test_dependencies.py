@@ -16,7 +16,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import ROOT
+from factories import ROOT
 
 tomllib = pytest.importorskip("tomllib" if sys.version_info >= (3, 11) else "tomli")
 

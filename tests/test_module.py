@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import ROOT, TINY_SHEET_CONFIG, make_tiny_cohort
+from factories import ROOT, TINY_SHEET_CONFIG, make_tiny_cohort
 
 pytestmark = pytest.mark.workflow
 

@@ -4,12 +4,12 @@ if DEMO:
         output:
             sheet=SHEET,
             slides=[SAMPLES.loc[s, "path"] for s in SLIDES],
-        params:
-            demo=config["demo"],
-        threads: 2
-        conda:
-            "../envs/slidemil.yaml"
         log:
             f"{LOGS}/demo_cohort.log",
+        conda:
+            "../envs/slidemil.yaml"
+        threads: 2
+        params:
+            demo=config["demo"],
         script:
             "../scripts/demo_cohort.py"

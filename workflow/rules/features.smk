@@ -4,11 +4,11 @@ rule feature_manifest:
         features=extractor_slide_features,
     output:
         f"{RESULTS}/features/{{extractor}}/manifest.csv",
+    log:
+        f"{LOGS}/features/{{extractor}}/manifest.log",
     localrule: True
     conda:
         "../envs/slidemil.yaml"
-    log:
-        f"{LOGS}/features/{{extractor}}/manifest.log",
     script:
         "../scripts/manifest.py"
 
@@ -21,12 +21,12 @@ if PRECOMPUTED:
             slide_path,
         output:
             f"{RESULTS}/features/{PRECOMPUTED}/{{slide}}.h5",
-        params:
-            extractor=PRECOMPUTED,
-        conda:
-            "../envs/slidemil.yaml"
         log:
             f"{LOGS}/features/{PRECOMPUTED}/{{slide}}.log",
+        conda:
+            "../envs/slidemil.yaml"
+        params:
+            extractor=PRECOMPUTED,
         script:
             "../scripts/import_features.py"
 
@@ -40,8 +40,12 @@ else:
             simclr=extractor_simclr_weights if USES_SIMCLR else [],
         output:
             f"{RESULTS}/features/{{extractor}}/{{slide}}.h5",
-        params:
-            extractor=extractor_params,
+        log:
+            f"{LOGS}/features/{{extractor}}/{{slide}}.log",
+        benchmark:
+            f"{LOGS}/features/{{extractor}}/{{slide}}.benchmark.tsv"
+        conda:
+            "../envs/slidemil.yaml"
         # How features are computed (device, batch, workers) is not what they are: resources, not params.
         threads: config["compute"]["threads"]
         resources:
@@ -49,11 +53,7 @@ else:
             batch_size=config["compute"]["batch_size"],
             loader_workers=config["compute"]["loader_workers"],
             torch_compile=int(config["compute"].get("torch_compile", False)),
-        conda:
-            "../envs/slidemil.yaml"
-        log:
-            f"{LOGS}/features/{{extractor}}/{{slide}}.log",
-        benchmark:
-            f"{LOGS}/features/{{extractor}}/{{slide}}.benchmark.tsv"
+        params:
+            extractor=extractor_params,
         script:
             "../scripts/extract_features.py"

@@ -12,22 +12,22 @@ rule pretrain_simclr:
         backbone=f"{RESULTS}/simclr/{{arch}}/backbone.pt",
         loss_csv=f"{RESULTS}/simclr/{{arch}}/loss.csv",
         loss_png=f"{RESULTS}/simclr/{{arch}}/loss.png",
+    log:
+        f"{LOGS}/simclr/{{arch}}.log",
+    benchmark:
+        f"{LOGS}/simclr/{{arch}}.benchmark.tsv"
+    wildcard_constraints:
+        arch=_alternation(sorted(set(SIMCLR_EXTRACTORS.values()))),
+    conda:
+        "../envs/slidemil.yaml"
+    threads: config["compute"]["threads"]
+    resources:
+        device=config["compute"]["device"],
+        loader_workers=config["compute"]["loader_workers"],
     # Not an output (Snakemake would delete it before a rerun): an interrupted job resumes from
     # {RESULTS}/simclr/{arch}/checkpoint.pt, written after every epoch.
     params:
         simclr=config["simclr"],
         seed=config["seed"],
-    wildcard_constraints:
-        arch=_alternation(sorted(set(SIMCLR_EXTRACTORS.values()))),
-    threads: config["compute"]["threads"]
-    resources:
-        device=config["compute"]["device"],
-        loader_workers=config["compute"]["loader_workers"],
-    conda:
-        "../envs/slidemil.yaml"
-    log:
-        f"{LOGS}/simclr/{{arch}}.log",
-    benchmark:
-        f"{LOGS}/simclr/{{arch}}.benchmark.tsv"
     script:
         "../scripts/pretrain_simclr.py"

@@ -3,12 +3,12 @@ rule splits:
         sheet=SHEET,
     output:
         f"{RESULTS}/splits/splits.csv",
+    log:
+        f"{LOGS}/splits.log",
+    conda:
+        "../envs/slidemil.yaml"
     params:
         splits=config["splits"],
         seed=config["seed"],
-    conda:
-        "../envs/slidemil.yaml"
-    log:
-        f"{LOGS}/splits.log",
     script:
         "../scripts/splits.py"

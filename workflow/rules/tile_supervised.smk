@@ -10,18 +10,18 @@ rule train_tiles:
         init=tile_model_init,
     output:
         [f"{RESULTS}/train/{TILE_SLOT}/{TILE_MODEL}/fold_{{fold}}/{name}" for name in TRAIN_FILES],
-    params:
-        model=tile_model_params,
-        seed=config["seed"],
-    threads: config["compute"]["threads"]
-    resources:
-        device=config["compute"]["device"],
-        loader_workers=config["compute"]["loader_workers"],
-    conda:
-        "../envs/slidemil.yaml"
     log:
         f"{LOGS}/train/{TILE_SLOT}/{TILE_MODEL}/fold_{{fold}}.log",
     benchmark:
         f"{LOGS}/train/{TILE_SLOT}/{TILE_MODEL}/fold_{{fold}}.benchmark.tsv"
+    conda:
+        "../envs/slidemil.yaml"
+    threads: config["compute"]["threads"]
+    resources:
+        device=config["compute"]["device"],
+        loader_workers=config["compute"]["loader_workers"],
+    params:
+        model=tile_model_params,
+        seed=config["seed"],
     script:
         "../scripts/train_tiles.py"

@@ -4,14 +4,14 @@ rule tile_slide:
     output:
         h5=f"{RESULTS}/tiles/{{slide}}.h5",
         qc=tiles_qc("{slide}"),
+    log:
+        f"{LOGS}/tiling/{{slide}}.log",
+    conda:
+        "../envs/slidemil.yaml"
+    threads: 1
     params:
         tiling=TILING_PARAMS,
         mpp=slide_mpp_override if SLIDE_MPPS else None,
-    threads: 1
-    conda:
-        "../envs/slidemil.yaml"
-    log:
-        f"{LOGS}/tiling/{{slide}}.log",
     script:
         "../scripts/tile_slide.py"
 
@@ -23,10 +23,10 @@ rule tile_manifest:
         qc=[tiles_qc(s) for s in SLIDES],
     output:
         f"{RESULTS}/tiles/manifest.csv",
+    log:
+        f"{LOGS}/tiling/manifest.log",
     localrule: True
     conda:
         "../envs/slidemil.yaml"
-    log:
-        f"{LOGS}/tiling/manifest.log",
     script:
         "../scripts/manifest.py"
