@@ -82,7 +82,9 @@ def test_profile_on_local_slurm_equals_local_run(slurm_cluster, tiny_sheet_run, 
     assert sum(c.startswith("rule_per_slide") for c in comments) == 1   # 2 x n_slides jobs in one SLURM job
     assert {"rule_splits", "rule_report"} <= set(comments)
     assert sum(c.startswith("rule_train") for c in comments) == 2
-    assert len(slurm_ids) == 5 < 2 * n_slides
+    assert sum(c.startswith("rule_heatmaps") for c in comments) == 1
+    # per-slide group, splits, 2 folds, the model's heatmaps, the report
+    assert len(slurm_ids) == 6 < 2 * n_slides
     logs = list((tmp_path / ".snakemake" / "slurm_logs").rglob("*.log"))
     assert {p.stem for p in logs} == slurm_ids
 
