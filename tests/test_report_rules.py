@@ -24,7 +24,7 @@ import pytest  # noqa: E402
 import yaml  # noqa: E402
 
 from slidemil.report import page as report_page  # noqa: E402
-from factories import snakemake_cli
+from factories import job_counts, snakemake_cli
 
 EVIL_SLIDE = "S<script>alert(1)<"
 EVIL_MODEL = "ab<script>mil"
@@ -147,20 +147,6 @@ def test_report_job_needs_no_torch(study):
 
 
 # ---- the rules: what reruns after a report edit ---------------------------------------------
-
-
-def job_counts(output: str) -> dict:
-    """Rule -> number of jobs in a dry run's job table ({} when nothing would run)."""
-    if "Nothing to be done" in output:
-        return {}
-    counts = {}
-    for line in output.split("Job stats:", 1)[1].splitlines()[3:]:
-        m = re.match(r"^(\w+)\s+(\d+)$", line.strip())
-        if not m:
-            break
-        if m.group(1) not in ("all", "total"):
-            counts[m.group(1)] = int(m.group(2))
-    return counts
 
 
 def _dry_run(workdir, edit: dict) -> tuple[dict, str]:
