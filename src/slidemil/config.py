@@ -116,7 +116,8 @@ class Training:
     # z-score each feature dimension with training-slide statistics: extractors differ in scale by
     # orders of magnitude (random-weight CNNs especially), and the MIL models should not care.
     standardize: bool = setting(True)
-    # auto: bf16 autocast on CUDA, exact float32 elsewhere; bf16 also on CPUs with bf16 units (1.1-1.8x faster
+    # auto (slidemil.runtime): bf16 autocast on GPUs with bf16, fp16 with loss scaling on older ones, exact float32
+    # elsewhere; bf16 also on CPUs with bf16 units (1.1-1.8x faster
     # epochs there, slightly different numbers); fp32 everywhere, e.g. to compare a GPU run with a CPU run.
     precision: str = setting("auto", choices=TRAIN_PRECISIONS, unset=True)
 
@@ -137,7 +138,7 @@ class TileSupervised:
     weight_decay: float = setting(0.0, minimum=0)
     batch_size: int = setting(64, minimum=1)
     class_weighted: bool = setting(True)
-    precision: str = setting("auto", choices=TRAIN_PRECISIONS)   # as simclr.precision: bf16 on CUDA, fp32 on CPU
+    precision: str = setting("auto", choices=TRAIN_PRECISIONS)   # as simclr.precision (slidemil.runtime)
 
 
 def _check_extractor_settings(value, key: str) -> dict:
@@ -231,8 +232,9 @@ class Simclr:
     proj_dim: int = setting(128, minimum=1)
     color_strength: float = setting(1.0, minimum=0)
     min_crop_scale: float = setting(0.08, above=0, maximum=1)
-    # auto: bf16 autocast on CUDA (fp16 with loss scaling on GPUs without bf16), float32 on CPU. bf16 on a CPU
-    # with bf16 units: 2-3x faster ResNet steps but 20 % slower ShuffleNetV2 ones (docs/performance.md).
+    # auto (slidemil.runtime): bf16 autocast on GPUs with bf16, fp16 with loss scaling on older ones, float32 on
+    # CPU. bf16 on a CPU with bf16 units: 2-3x faster ResNet steps but 20 % slower ShuffleNetV2 ones
+    # (docs/performance.md).
     precision: str = setting("auto", choices=TRAIN_PRECISIONS, unset=True)
 
 
