@@ -22,13 +22,12 @@ from typing import Callable
 
 import torch
 
+# The settings each kind of stage accepts are named in slidemil.names (the config check needs them without torch);
+# training's leave out fp16, which auto may still pick, with a scaler, on a GPU without bf16.
+from slidemil.names import FEATURE_PRECISIONS, TRAIN_PRECISIONS
+
 logger = logging.getLogger(__name__)
 
-# What the training stages (MIL, SimCLR, tile-supervised) accept. fp16 would need loss scaling; bf16 has
-# float32's range and needs none. (auto may still pick fp16 with a scaler on a GPU without bf16.)
-TRAIN_PRECISIONS = ("auto", "fp32", "bf16")
-# What feature extraction accepts.
-INFERENCE_PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 STAGE_NEEDS = ("inference", "training")
 _DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -67,8 +66,8 @@ def resolve_precision(device: torch.device, setting: str = "auto", need: str = "
     """
     if need not in STAGE_NEEDS:
         raise ValueError(f"need must be one of {', '.join(STAGE_NEEDS)}, got {need!r}")
-    if setting not in INFERENCE_PRECISIONS:
-        raise ValueError(f"unknown precision {setting!r}; use one of {', '.join(INFERENCE_PRECISIONS)}")
+    if setting not in FEATURE_PRECISIONS:
+        raise ValueError(f"unknown precision {setting!r}; use one of {', '.join(FEATURE_PRECISIONS)}")
     if setting == "auto":
         if device.type != "cuda":
             setting = "fp32"

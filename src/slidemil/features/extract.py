@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from slidemil.runtime import INFERENCE_PRECISIONS as PRECISIONS
+from slidemil.names import FEATURE_PRECISIONS as PRECISIONS
 from slidemil.runtime import resolve_device, resolve_precision, warn_if_bf16_emulated
 from slidemil.features.extractors import IMAGENET_MEAN, IMAGENET_STD, create_extractor, get_spec
 from slidemil.files.features import write_features
