@@ -95,10 +95,9 @@ def read_manifest_table(path: str | os.PathLike) -> pd.DataFrame:
 
 def read_manifest(path: str | os.PathLike, column: str = "path") -> dict[str, str]:
     """slide_id -> the manifest's ``column`` (a file path), in the manifest's order."""
-    table = pd.read_csv(path, dtype={"slide_id": str, column: str}, keep_default_na=False)
-    missing = {"slide_id", column} - set(table.columns)
-    if missing:
-        raise ValueError(f"{path}: not a manifest (no {', '.join(sorted(missing))} column)")
+    table = read_manifest_table(path)
+    if column not in table.columns:
+        raise ValueError(f"{path}: not a manifest (no {column} column)")
     return dict(zip(table["slide_id"], table[column]))
 
 
