@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
-from slidemil.files.splits import PARTITIONS, fold_columns, write_splits_csv
+from slidemil.files.splits import PARTITIONS, fold_column_name, fold_columns, write_splits_csv
 from slidemil.logs import setup_logging
 from slidemil.cohort.sheet import read_table
 from slidemil.errors import SplitError
@@ -145,7 +145,7 @@ def make_splits(
         col[dev.index] = "train"
         col[dev.index[val_idx]] = "val"
         col[patients.index[patients["test"] & patients["label"].notna()]] = "test"
-        table[f"fold_{k}"] = col
+        table[fold_column_name(k)] = col
 
     out = sheet[["slide_id", "patient_id"]].merge(
         patients[["label", "label_value"]].join(table), left_on="patient_id", right_index=True, how="left")
@@ -202,13 +202,13 @@ def _predefined_splits(sheet, column, seed, test_column, binarize, positive_clas
         col = pd.Series("train", index=patients.index)
         col[val_ids] = "val"
         col[folds.index[folds == k]] = "test"
-        table[f"fold_{k}"] = col
+        table[fold_column_name(k)] = col
     out = sheet[["slide_id", "patient_id"]].merge(
         patients[["label", "label_value"]].join(table), left_on="patient_id", right_index=True, how="left")
     out["label"] = out["label"].astype("Int64")
     check_splits(out)
     for k in range(n_folds):
-        logger.info("predefined fold %d: %s", k, out.drop_duplicates("patient_id")[f"fold_{k}"].value_counts().to_dict())
+        logger.info("predefined fold %d: %s", k, out.drop_duplicates("patient_id")[fold_column_name(k)].value_counts().to_dict())
     return out.reset_index(drop=True)
 
 

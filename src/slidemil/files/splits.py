@@ -21,6 +21,11 @@ PARTITIONS = ("train", "val", "test", "excluded")
 REQUIRED = ("slide_id", "patient_id", "label")
 
 
+def fold_column_name(fold) -> str:
+    """The column of fold ``fold``."""
+    return f"fold_{fold}"
+
+
 def fold_columns(splits: pd.DataFrame) -> list[str]:
     """The fold_k columns, in fold order."""
     return sorted((c for c in splits.columns if c.startswith("fold_")), key=lambda c: int(c.split("_")[1]))
@@ -50,7 +55,7 @@ def read_splits(path: str | os.PathLike) -> pd.DataFrame:
 def read_fold(path: str | os.PathLike, fold: int) -> pd.DataFrame:
     """Slides of ``fold`` outside ``excluded``: slide_id, patient_id, label (int 0/1), partition."""
     table = read_splits(path)
-    column = f"fold_{fold}"
+    column = fold_column_name(fold)
     if column not in table.columns:
         raise SplitError(f"{path}: missing column(s) {column}")
     bad = sorted(set(table[column].dropna()) - set(PARTITIONS))

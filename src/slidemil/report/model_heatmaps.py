@@ -31,7 +31,7 @@ import pandas as pd
 from slidemil.cohort.manifest import read_manifest_table
 from slidemil.config import Report, field_defaults
 from slidemil.files import write_json
-from slidemil.files.splits import read_splits
+from slidemil.files.splits import fold_column_name, read_splits
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def pick_heatmap_slides(splits: pd.DataFrame, fold, usable: set[str], n: int, se
     Drawn rather than chosen by prediction so the page shows typical slides,
     not the model's best; every model of an extractor gets the same slides.
     """
-    column = f"fold_{fold}"
+    column = fold_column_name(fold)
     if column not in splits.columns or n <= 0:
         return []
     test = splits[(splits[column] == "test") & splits["slide_id"].isin(usable)]
