@@ -208,7 +208,8 @@ def _predefined_splits(sheet, column, seed, test_column, binarize, positive_clas
     out["label"] = out["label"].astype("Int64")
     check_splits(out)
     for k in range(n_folds):
-        logger.info("predefined fold %d: %s", k, out.drop_duplicates("patient_id")[fold_column_name(k)].value_counts().to_dict())
+        counts = out.drop_duplicates("patient_id")[fold_column_name(k)].value_counts().to_dict()
+        logger.info("predefined fold %d: %s", k, counts)
     return out.reset_index(drop=True)
 
 
