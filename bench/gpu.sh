@@ -9,6 +9,7 @@
 # loader), "extraction" and "compile" read it. Each step fits in a few minutes on one H100 with 16 cores.
 # PYTHON picks the interpreter (default: python3); it needs the project's dependencies (pyproject.toml).
 # SMOKE=1 DEVICE=cpu runs every step at toy sizes, to check the script itself on a machine without a GPU.
+# BLOCKS, TILES, REPEATS and BAGS override the sizes, to fit a short lease (a smaller slide repeats each tile more).
 set -euo pipefail
 
 out=${1:?usage: bash bench/gpu.sh OUT_DIR [info slide tests extraction compile mil pixel]}
@@ -27,6 +28,7 @@ if [[ ${SMOKE:-0} == 1 ]]; then
 else
     blocks=30 tiles=20000 batch=256 repeats=3 bags=270 bag_tiles=9000 pixel_batch=256 pixel_px=224
 fi
+blocks=${BLOCKS:-$blocks} tiles=${TILES:-$tiles} repeats=${REPEATS:-$repeats} bags=${BAGS:-$bags}
 slide=/tmp/slidemil-bench/gpu-$((blocks * 4096)).tiff
 
 for step in $steps; do
