@@ -19,7 +19,7 @@ from slidemil.cohort.sheet import load_sheet
 from slidemil.config import ConfigError, check_config
 from slidemil.demo.render import make_slide
 from slidemil.errors import DeviceError, SheetError, WeightsError
-from slidemil.names import SLIDE_ID_PATTERN
+from slidemil.names import SLIDE_ID_CHARS, SLIDE_ID_PATTERN
 
 pytestmark = pytest.mark.faults
 
@@ -69,6 +69,7 @@ def test_usual_slide_ids_pass(tmp_path):
 def test_sheet_schema_has_the_slide_id_rule():
     schema = yaml.safe_load((ROOT / "workflow" / "schemas" / "samples.schema.yaml").read_text())
     assert schema["properties"]["slide_id"]["pattern"] == SLIDE_ID_PATTERN
+    assert SLIDE_ID_CHARS in schema["properties"]["slide_id"]["description"]
 
 
 def test_braces_in_a_slide_id_stop_the_dry_run_at_the_sheet(tmp_path):
@@ -205,8 +206,9 @@ def test_cuda_without_a_gpu_is_one_line_at_job_start(monkeypatch, tmp_path, caps
     from slidemil.runtime import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(DeviceError, match=r"^compute.device is 'cuda' but this machine has no CUDA GPU\(s\) "
-                                          r"visible to PyTorch; run the job on a GPU node or set compute.device: auto$"):
+    no_gpu = (r"^compute.device is 'cuda' but this machine has no CUDA GPU\(s\) visible to PyTorch; "
+              r"run the job on a GPU node or set compute.device: auto$")
+    with pytest.raises(DeviceError, match=no_gpu):
         resolve_device("cuda")
     assert resolve_device("auto").type == "cpu" and resolve_device("cpu").type == "cpu"
     tiled = tiled_slide(tmp_path, "A", slide_px=512)
@@ -263,6 +265,14 @@ def test_features_of_a_missing_slide_exit_1_naming_the_path(tmp_path, capsys):
                           "--extractor", "shufflenet_v2", "--weights", "random")
     assert status == 1 and err == [f"slidemil features: error: {missing}: slide file not found; "
                                    "check the slide path on the command line"]
+
+
+def test_heatmap_of_a_missing_slide_names_the_path_before_loading_the_model(tmp_path):
+    missing = tmp_path / "moved.tiff"
+    with pytest.raises(SystemExit) as info:
+        cli.main(["heatmap", "--slide", str(missing), "--features", str(tmp_path / "f.h5"), "--checkpoint",
+                  str(tmp_path / "model.pt"), "--out", str(tmp_path / "h.png")])
+    assert info.value.code == f"error: {missing}: slide file not found; check the slide path on the command line"
 
 
 # ---- item 10: a tiles file made from another slide ----
