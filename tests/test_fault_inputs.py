@@ -217,6 +217,19 @@ def test_cuda_without_a_gpu_is_one_line_at_job_start(monkeypatch, tmp_path, caps
     assert status == 1 and len(err) == 1 and "compute.device is 'cuda' but this machine has no CUDA GPU" in err[0]
 
 
+def test_a_gpu_index_past_the_last_gpu_is_one_line(monkeypatch):
+    """On a one-GPU node ``cuda`` and ``cuda:0`` resolve (test_cuda.py runs them for real); ``cuda:1`` does not."""
+    import torch
+
+    from slidemil.runtime import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda") == torch.device("cuda") and resolve_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(DeviceError, match=r"^compute.device is 'cuda:1' but this machine has 1 CUDA GPU\(s\)"):
+        resolve_device("cuda:1")
+
+
 def test_a_device_typo_is_refused_by_the_config_check():
     """``cuda`` passes the config check (jobs may run on a GPU node); a name that is no device does not."""
     assert check_config({"compute": {"device": "cuda:1"}})["compute"]["device"] == "cuda:1"
