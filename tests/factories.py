@@ -5,7 +5,8 @@
   parser of a dry run's job table); TINY (the demo cohort, tiny) and TINY_SHEET_CONFIG + make_tiny_cohort
   (a user sample sheet with unusable slides);
 - MIL bags: write_dataset (feature files + splits.csv with two folds), FAST, MODEL_KWARGS;
-- tiled slides: make_tiled_cohort;
+- tiled slides: make_tiled_cohort, tiled_slide (one slide and its tiles);
+- sample sheets: write_sheet (rows plus placeholder slide files);
 - report inputs: write_run / shared_runs (prediction and history files), test_rows.
 """
 
@@ -76,6 +77,35 @@ TINY = {
     "report": {"n_bootstrap": 200},
     "compute": {"threads": 1, "loader_workers": 0, "batch_size": 32},
 }
+
+
+
+# ---- sample sheets and single slides (the fault cases, issue 21) ----
+
+SHEET_COLUMNS = ["slide_id", "patient_id", "path", "label"]
+
+
+def write_sheet(folder: Path, rows, name: str = "sheet.csv", sep: str = ",") -> Path:
+    """A sample sheet of ``rows`` (slide_id, patient_id, path, label) under ``folder``; every relative path in
+    it gets a small placeholder file, so only the problem a test plants is wrong."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for _, _, path, _ in rows:
+        file = folder / path
+        if not Path(path).is_absolute() and not file.exists():
+            file.parent.mkdir(parents=True, exist_ok=True)
+            file.write_bytes(b"placeholder")
+    sheet = folder / name
+    pd.DataFrame(rows, columns=SHEET_COLUMNS).to_csv(sheet, sep=sep, index=False)
+    return sheet
+
+
+def tiled_slide(folder: Path, name: str, slide_px: int = 1024, **slide) -> dict:
+    """One demo slide of ``slide_px`` square under ``folder`` and its tiles file (64 px tiles at 1 mpp)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path, tiles = folder / f"{name}.tiff", folder / f"{name}.h5"
+    make_slide(str(path), label=1, seed=len(name), slide_px=(slide_px, slide_px), **slide)
+    tile_slide(str(path), str(tiles), None, {"tile_px": 64, "mpp": 1.0})
+    return {"slide": str(path), "tiles": str(tiles)}
 
 
 

@@ -177,7 +177,8 @@ def test_malformed_sheet_refused_before_any_job(tmp_path):
     proc = snakemake_cli(tmp_path, "-n", "--cores", "1")
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
-    for problem in ("4 problem(s)", "duplicate slide_id(s): s1", "different labels on their slides: p1",
+    for problem in ("5 problem(s)", "duplicate slide_id(s): s1", "different labels on their slides: p1",
+                    "is listed under slide_ids s1, s2 (patients p1, p2)",
                     "missing.tiff", "the label column is not binary (values: 0, 1, 2)"):
         assert problem in out, out[-3000:]
     assert "Job stats" not in out and not (tmp_path / "results").exists()

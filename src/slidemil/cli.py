@@ -44,13 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     if stage not in STAGES:
         print(f"slidemil: unknown stage {stage!r}; one of: {', '.join(STAGES)}", file=sys.stderr)
         return 2
-    from slidemil.errors import USER_ERRORS
+    from slidemil.errors import USER_ERRORS, command_line_message
 
     module = importlib.import_module(STAGES[stage][0])
     try:
         status = module.main(rest, prog=f"slidemil {stage}")
     except USER_ERRORS as err:
-        print(f"slidemil {stage}: error: {err}", file=sys.stderr)
+        print(f"slidemil {stage}: error: {command_line_message(err)}", file=sys.stderr)
         return 1
     return status or 0
 

@@ -240,7 +240,8 @@ class Simclr:
 
 @dataclass(frozen=True)
 class Compute:
-    device: str = setting("auto")
+    # A typo ("gpu") is refused here; a CUDA device the machine lacks only at job start (slidemil.runtime).
+    device: str = setting("auto", pattern=r"auto|cpu|cuda(:\d+)?|mps")
     threads: int = setting(2, minimum=1)
     train_threads: int = setting(1, minimum=1)
     batch_size: int = setting(64, minimum=1)

@@ -19,7 +19,15 @@ class SheetError(ValueError):
 
 
 class SlideError(RuntimeError):
-    """A slide cannot be used; the message names the file and what to do."""
+    """A slide cannot be used; the message names the file and what to do.
+
+    The message names the sample sheet's fix (the workflow's); ``command_line``, when given, is the same
+    line with the fix a command-line user makes instead (an option, the path argument).
+    """
+
+    def __init__(self, message: str, command_line: str | None = None):
+        super().__init__(message)
+        self.command_line = command_line
 
 
 class SplitError(ValueError):
@@ -34,4 +42,19 @@ class CheckpointError(ValueError):
     """A checkpoint cannot rebuild its model; the message names the file."""
 
 
-USER_ERRORS = (SheetError, SlideError, SplitError, FeatureFileError, CheckpointError, FileNotFoundError)
+class WeightsError(ValueError):
+    """Model weights cannot be had as asked (a file for another architecture, no internet); the message says
+    what to pass instead."""
+
+
+class DeviceError(RuntimeError):
+    """The asked compute device is not on this machine; the message names the setting."""
+
+
+USER_ERRORS = (SheetError, SlideError, SplitError, FeatureFileError, CheckpointError, WeightsError, DeviceError,
+               FileNotFoundError)
+
+
+def command_line_message(err: BaseException) -> str:
+    """The error's line as a command-line user should read it (see SlideError.command_line)."""
+    return getattr(err, "command_line", None) or str(err)

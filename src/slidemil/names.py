@@ -58,3 +58,10 @@ SIMCLR_ARCHITECTURES = tuple(dict.fromkeys(SIMCLR_EXTRACTORS.values()))
 # Compute precisions: training (MIL, SimCLR, tile-supervised; fp16 would need loss scaling) and extraction.
 TRAIN_PRECISIONS = ("auto", "fp32", "bf16")
 FEATURE_PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+# Slide ids become file names and Snakemake wildcards (results/tiles/{slide}.h5): letters, digits and ``._+-``,
+# not starting with a dot. Braces would be read as wildcards, "/" and newlines would make other paths.
+# The sample sheet's check (slidemil.cohort.sheet) and workflow/schemas/samples.schema.yaml use this one rule
+# (tests/test_fault_inputs.py holds them equal).
+SLIDE_ID_CHARS = "letters, digits and ._+- (not starting with a dot)"
+SLIDE_ID_PATTERN = r"^[A-Za-z0-9_+-][A-Za-z0-9._+-]*$"

@@ -24,6 +24,7 @@ import torch
 
 # The settings each kind of stage accepts are named in slidemil.names (the config check needs them without torch);
 # training's leave out fp16, which auto may still pick, with a scaler, on a GPU without bf16.
+from slidemil.errors import DeviceError
 from slidemil.names import FEATURE_PRECISIONS, TRAIN_PRECISIONS
 
 logger = logging.getLogger(__name__)
@@ -79,9 +80,23 @@ def resolve_precision(device: torch.device, setting: str = "auto", need: str = "
 
 
 def resolve_device(device: str = "auto") -> torch.device:
+    """The device a job computes on; a CUDA device this machine lacks is a DeviceError (one line).
+
+    Checked here, at job start, not in the config check: the workflow is often planned on a machine without
+    a GPU (a login node) for jobs that run on GPU nodes.
+    """
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise DeviceError(f"compute.device {device!r} is not a device ({err}); use auto, cpu, cuda or cuda:N") from err
+    if dev.type == "cuda":
+        n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n_gpus <= (dev.index or 0):
+            raise DeviceError(f"compute.device is {device!r} but this machine has {n_gpus or 'no'} CUDA GPU(s) "
+                              "visible to PyTorch; run the job on a GPU node or set compute.device: auto")
+    return dev
 
 
 def cpu_has_bf16() -> bool:

@@ -22,8 +22,13 @@ config.update(_checked)
 RESULTS = config["results"].rstrip("/")
 LOGS = f"{RESULTS}/logs"
 DEMO = not config.get("samples")
-# The label column must fit the split settings; checked with the rest of the sheet before any job runs.
-LABEL_SETTINGS = {"binarize": config["splits"]["binarize"], "positive_class": config["splits"]["positive_class"]}
+# The label column must fit the split settings, with both classes; checked with the rest of the sheet before any
+# job runs.
+LABEL_SETTINGS = {
+    "binarize": config["splits"]["binarize"],
+    "positive_class": config["splits"]["positive_class"],
+    "both_classes": True,
+}
 
 if DEMO:
     # The demo cohort is planned from its settings alone, so the DAG is known before any slide exists.
@@ -40,7 +45,10 @@ if DEMO:
         raise SheetError("demo cohort", _problems)
 else:
     SHEET = config["samples"]
-    SAMPLES = load_sheet(SHEET, **LABEL_SETTINGS)
+    try:
+        SAMPLES = load_sheet(SHEET, **LABEL_SETTINGS)
+    except SheetError as _error:
+        sys.exit(str(_error))  # every problem of the sheet, without Snakemake's traceback around them
 
 validate(SAMPLES, "../schemas/samples.schema.yaml")
 SAMPLES = SAMPLES.set_index("slide_id", drop=False)

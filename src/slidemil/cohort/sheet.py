@@ -7,26 +7,41 @@ user fixes a 1,000-row sheet in one go instead of one error per run.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pandas as pd
 
 from slidemil.errors import SheetError
+from slidemil.names import SLIDE_ID_CHARS, SLIDE_ID_PATTERN
 
 REQUIRED_COLUMNS = ("slide_id", "patient_id", "path", "label")
 
 
 def read_table(path: str | os.PathLike) -> pd.DataFrame:
-    """Read a CSV or TSV table with ids kept as strings."""
-    sep = "\t" if str(path).endswith((".tsv", ".txt")) else ","
-    return pd.read_csv(path, sep=sep, dtype={"slide_id": str, "patient_id": str})
+    """Read a CSV or TSV table with ids kept as strings; the separator is the header's."""
+    return pd.read_csv(path, sep=table_separator(path), dtype={"slide_id": str, "patient_id": str})
+
+
+def table_separator(path: str | os.PathLike) -> str:
+    """Tab, comma or semicolon, whichever splits the header line into the most columns.
+
+    The file's name does not decide: a spreadsheet saves a comma-separated ``.txt`` or a semicolon ``.csv``,
+    and read with the wrong separator it is one column that the sheet check reports as missing columns.
+    """
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
+        header = f.readline()
+    default = "\t" if str(path).endswith((".tsv", ".txt")) else ","
+    counts = {sep: header.count(sep) for sep in (default, "\t", ",", ";")}
+    return max(counts, key=counts.get)  # ties keep the name's separator (listed first)
 
 
 def load_sheet(path: str | os.PathLike, check_files: bool = True, binarize: str | None = None,
-               positive_class=None) -> pd.DataFrame:
+               positive_class=None, both_classes: bool = False) -> pd.DataFrame:
     """Read and check a sample sheet; relative slide paths resolve against the sheet's folder.
 
-    ``binarize`` / ``positive_class`` are the split settings the label column must fit.
+    ``binarize`` / ``positive_class`` are the split settings the label column must fit; ``both_classes``: a
+    sheet to split and train on must hold both classes (a sheet for SimCLR or a report need not).
 
     Returns the sheet with ``path`` made absolute. Raises SheetError listing all problems.
     """
@@ -38,7 +53,7 @@ def load_sheet(path: str | os.PathLike, check_files: bool = True, binarize: str 
     except Exception as err:  # pandas raises many types for unreadable tables
         raise SheetError(path, [f"cannot be read as a table: {err}"]) from err
     problems = check_sheet(sheet, base_dir=path.parent, check_files=check_files, binarize=binarize,
-                           positive_class=positive_class)
+                           positive_class=positive_class, both_classes=both_classes)
     if problems:
         raise SheetError(path, problems)
     sheet = sheet.copy()
@@ -52,7 +67,7 @@ def resolve_path(value: str, base_dir: str | os.PathLike) -> Path:
 
 
 def check_sheet(sheet: pd.DataFrame, base_dir: str | os.PathLike = ".", check_files: bool = True,
-                binarize: str | None = None, positive_class=None) -> list[str]:
+                binarize: str | None = None, positive_class=None, both_classes: bool = False) -> list[str]:
     """Every problem of the sheet as a readable line; empty when the sheet is fine.
 
     The label column must be binary (0/1, true/false, or two classes one of which is
@@ -72,9 +87,10 @@ def check_sheet(sheet: pd.DataFrame, base_dir: str | os.PathLike = ".", check_fi
     dup = sheet["slide_id"][sheet["slide_id"].duplicated(keep=False)].dropna().unique()
     if len(dup):
         problems.append(f"duplicate slide_id(s): {', '.join(map(str, dup[:20]))}")
-    bad_ids = [s for s in sheet["slide_id"].dropna().astype(str) if "/" in s or s.startswith(".")]
-    if bad_ids:
-        problems.append(f"slide_id(s) unusable as file names: {', '.join(bad_ids[:20])}")
+    problems += _slide_id_problems(sheet["slide_id"])
+    if check_files:
+        # Without files on this machine (a planned demo, a report's copy of the sheet) there is nothing to resolve.
+        problems += _shared_file_problems(sheet, base_dir)
     no_label = sheet.index[sheet["label"].isna()]
     if len(no_label):
         problems.append(f"missing label in row(s) {_rows(no_label)}")
@@ -85,6 +101,8 @@ def check_sheet(sheet: pd.DataFrame, base_dir: str | os.PathLike = ".", check_fi
     label_problem = _label_problem(sheet["label"].dropna(), binarize, positive_class)
     if label_problem:
         problems.append(label_problem)
+    elif both_classes:
+        problems += _one_class_problem(sheet["label"].dropna())
     if "mpp" in sheet.columns:
         mpp = pd.to_numeric(sheet["mpp"], errors="coerce")
         bad = sheet.index[sheet["mpp"].notna() & ~(mpp > 0)]
@@ -97,6 +115,29 @@ def check_sheet(sheet: pd.DataFrame, base_dir: str | os.PathLike = ".", check_fi
             more = f" and {len(unreadable) - 10} more" if len(unreadable) > 10 else ""
             problems.append(f"slide file(s) missing or unreadable: {', '.join(unreadable[:10])}{more}")
     return problems
+
+
+def _slide_id_problems(ids: pd.Series) -> list[str]:
+    # Ids become file names and Snakemake wildcards: "s{x}" would end the DAG with a WildcardError.
+    bad = ids.index[ids.notna() & ~ids.astype(str).map(lambda s: bool(re.fullmatch(SLIDE_ID_PATTERN, s)))]
+    if not len(bad):
+        return []
+    shown = ", ".join(repr(str(ids[i])) for i in list(bad)[:10])
+    return [f"slide_id(s) {shown} in row(s) {_rows(bad)} unusable as file names; use only {SLIDE_ID_CHARS}"]
+
+
+def _shared_file_problems(sheet: pd.DataFrame, base_dir) -> list[str]:
+    """One slide file under two slide ids: its tiles could land in training and test (leakage)."""
+    rows = sheet.dropna(subset=["path"])
+    real = rows["path"].map(lambda p: os.path.realpath(resolve_path(p, base_dir)))
+    problems = []
+    for file, group in rows.groupby(real, sort=False):
+        if group["slide_id"].nunique() > 1:
+            ids = ", ".join(map(str, group["slide_id"].unique()[:5]))
+            patients = ", ".join(map(str, group["patient_id"].unique()[:5]))
+            problems.append(f"slide file {file} is listed under slide_ids {ids} (patients {patients}) in rows "
+                            f"{_rows(group.index)}: one slide, one row, or it may sit in training and test")
+    return problems[:20]
 
 
 def _label_problem(labels: pd.Series, binarize: str | None, positive_class) -> str | None:
@@ -123,6 +164,18 @@ def _label_problem(labels: pd.Series, binarize: str | None, positive_class) -> s
         return (f"the label column is not binary (values: {shown}); use 0/1 labels, name the positive class "
                 "(splits.positive_class), or binarise a numeric label (splits.binarize: median or tertiles)")
     return None
+
+
+def _one_class_problem(labels: pd.Series) -> list[str]:
+    # Every split would hold one class: no AUC, and training would fail only after tiling and features.
+    numeric = pd.to_numeric(labels, errors="coerce")
+    # "1" and "1.0", "true" and "True" are one class.
+    classes = labels.astype(str).str.lower().unique() if numeric.isna().any() else numeric.unique()
+    if len(classes) != 1:
+        return []
+    value = labels.iloc[0]
+    return [f"every label is {str(value)!r}: a classifier needs slides of both classes; "
+            "add the other class's slides to the sheet"]
 
 
 def _readable_file(path: Path) -> bool:

@@ -24,8 +24,8 @@ from slidemil.runtime import resolve_device, resolve_precision, warn_if_bf16_emu
 from slidemil.features.extractors import IMAGENET_MEAN, IMAGENET_STD, create_extractor, get_spec
 from slidemil.files.features import write_features
 from slidemil.logs import setup_logging
-from slidemil.slides.reader import SlideError, decode_scale, one_opencv_thread, open_slide, read_rgb, resize_tile
-from slidemil.files.tiles import read_tiles
+from slidemil.slides.reader import decode_scale, one_opencv_thread, open_slide, read_rgb, resize_tile
+from slidemil.files.tiles import check_tiles_slide, read_tiles
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +86,11 @@ def extract_features(
     how fast they come.
     """
     coords, tile_attrs = read_tiles(tiles_h5)
+    if slide_path and not tile_attrs.get("excluded"):
+        # A slide given with the tiles (the command line): coordinates of another slide would read wrong pixels.
+        slide = open_slide(slide_path)
+        check_tiles_slide(tiles_h5, tile_attrs, slide_path, slide.dimensions)
+        slide.close()
     # The DAG passes no slide: the tiles file names the one it was cut from.
     slide_path = slide_path or str(tile_attrs["slide_path"])
     slide_id = slide_id or Path(slide_path).stem
@@ -193,14 +198,17 @@ def main(argv=None, prog: str = "python -m slidemil.features.extract") -> None:
                          "slightly)")
     args = ap.parse_args(argv)
     setup_logging()
-    try:
-        print(extract_features(args.slide, args.tiles, args.out, args.extractor, args.weights, args.input_px,
-                               args.seed, args.dtype, args.device, args.batch_size, args.workers,
-                               args.precision, args.threads, torch_compile=args.compile,
-                               scaled_decode=args.scaled_decode))
-    except SlideError as err:
-        raise SystemExit(f"error: {err}")
+    # A user error (missing slide, wrong weights, no GPU): slidemil.cli prints its one line and exits 1.
+    print(extract_features(args.slide, args.tiles, args.out, args.extractor, args.weights, args.input_px,
+                           args.seed, args.dtype, args.device, args.batch_size, args.workers,
+                           args.precision, args.threads, torch_compile=args.compile,
+                           scaled_decode=args.scaled_decode))
 
 
 if __name__ == "__main__":
-    main()
+    from slidemil.errors import USER_ERRORS, command_line_message
+
+    try:
+        main()
+    except USER_ERRORS as err:  # one line, as from slidemil.cli
+        raise SystemExit(f"error: {command_line_message(err)}")

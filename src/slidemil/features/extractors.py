@@ -18,6 +18,7 @@ import torch
 import torchvision
 from torch import nn
 
+from slidemil.errors import WeightsError
 from slidemil.names import SIMCLR_EXTRACTORS, SIMCLR_WEIGHTS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -34,6 +35,7 @@ class ExtractorSpec:
     imagenet_weights: Callable[[], object]   # torchvision weights enum member
     truncate: Callable[[nn.Module], nn.Module]
     dropped: tuple[str, ...]                 # top-level modules removed by truncation
+    architecture: str = ""                   # as a user knows it ("ResNet-18"), for error messages
 
 
 _REGISTRY: dict[str, ExtractorSpec] = {}
@@ -70,12 +72,12 @@ register_extractor(ExtractorSpec(
     "resnet50_trunc", 1024,
     lambda: torchvision.models.resnet50(weights=None),
     lambda: torchvision.models.ResNet50_Weights.IMAGENET1K_V1,
-    _resnet50_trunc, ("layer4", "fc")))
+    _resnet50_trunc, ("layer4", "fc"), "ResNet-50"))
 register_extractor(ExtractorSpec(
     "shufflenet_v2", 1024,
     lambda: torchvision.models.shufflenet_v2_x1_0(weights=None),
     lambda: torchvision.models.ShuffleNet_V2_X1_0_Weights.IMAGENET1K_V1,
-    _shufflenet_trunc, ("fc",)))
+    _shufflenet_trunc, ("fc",), "ShuffleNetV2"))
 
 
 def _resnet18_trunc(m: nn.Module) -> nn.Module:
@@ -88,7 +90,7 @@ register_extractor(ExtractorSpec(
     "resnet18", 512,
     lambda: torchvision.models.resnet18(weights=None),
     lambda: torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
-    _resnet18_trunc, ("fc",)))
+    _resnet18_trunc, ("fc",), "ResNet-18"))
 
 # SimCLR extractors share their architecture's spec under their own name; their
 # weights setting "simclr" is resolved by the workflow to the cohort's backbone file.
@@ -139,10 +141,10 @@ def _download_imagenet(spec: ExtractorSpec) -> dict:
     try:
         return enum.get_state_dict(progress=False)
     except Exception as err:  # no network, proxy, disk: all end the same for the user
-        raise RuntimeError(
-            f"could not obtain torchvision's ImageNet weights for {spec.name} ({err}). "
-            f"On a machine with internet, download {enum.url} and set the extractor's "
-            "'weights' to that file's path (or use 'random')."
+        reason = (str(err).splitlines() or [type(err).__name__])[0]
+        raise WeightsError(
+            f"could not download torchvision's ImageNet weights for {spec.name} ({reason}); on a machine with "
+            f"internet download {enum.url}, copy it here and set the extractor's weights to that file's path"
         ) from err
 
 
@@ -150,19 +152,50 @@ def _load_local(spec: ExtractorSpec, full: nn.Module, path: str) -> None:
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"weights file for {spec.name} not found: {file}")
-    state = torch.load(file, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle, zip and torch errors alike: not a file of weights
+        raise WeightsError(f"{file}: cannot be read as PyTorch weights ({type(err).__name__}); "
+                           f"pass a state dict of {_title(spec)} saved with torch.save") from err
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise ValueError(f"{file}: expected a state dict (or a dict with 'state_dict'), got {type(state).__name__}")
-    state = {_strip_prefix(k): v for k, v in state.items()}
+        raise WeightsError(f"{file}: expected a state dict (or a dict with 'state_dict'), got {type(state).__name__}")
+    raw = {_strip_prefix(k): v for k, v in state.items()}
+    state = _as_full_keys(spec, full, raw)
+    if not _fits(spec, full, state):
+        other = next((s for s in _architectures() if s.build_full is not spec.build_full
+                      and _fits(s, s.build_full(), _as_full_keys(s, s.build_full(), raw))), None)
+        holds = f"{_title(other)}'s weights" if other else "no weights of an extractor slidemil knows"
+        raise WeightsError(f"{file}: does not fit {spec.name}: this file holds {holds}, not {_title(spec)}'s; "
+                           f"pass weights saved from {_title(spec)}, or choose the extractor they belong to")
+    own = full.state_dict()
+    # What truncation drops (a SimCLR projection head, another fc) may have any shape: it is not loaded.
+    full.load_state_dict({k: v for k, v in state.items() if k in own and v.shape == own[k].shape}, strict=False)
+
+
+def _title(spec: ExtractorSpec) -> str:
+    return spec.architecture or spec.name
+
+
+def _architectures() -> list[ExtractorSpec]:
+    # One spec per architecture: the SimCLR extractors share theirs.
+    return list({id(s.build_full): s for s in _REGISTRY.values()}.values())
+
+
+def _as_full_keys(spec: ExtractorSpec, full: nn.Module, state: dict) -> dict:
+    """A truncated model's state dict ("4.0.conv1.weight") renamed to the full model's keys."""
     truncated_keys = _truncated_key_map(spec, full)
     if truncated_keys.keys() & state.keys() and not (state.keys() & full.state_dict().keys()):
-        state = {truncated_keys[k]: v for k, v in state.items() if k in truncated_keys}
-    result = full.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if k.split(".")[0] not in spec.dropped]
-    if missing:
-        raise ValueError(f"{file}: does not fit {spec.name}; missing {len(missing)} tensors, e.g. {missing[:3]}")
+        return {truncated_keys[k]: v for k, v in state.items() if k in truncated_keys}
+    return state
+
+
+def _fits(spec: ExtractorSpec, full: nn.Module, state: dict) -> bool:
+    """Whether ``state`` fills every tensor the truncated model keeps, each with its shape."""
+    kept = {k: v for k, v in full.state_dict().items()
+            if k.split(".")[0] not in spec.dropped and not k.endswith("num_batches_tracked")}
+    return all(k in state and tuple(state[k].shape) == tuple(v.shape) for k, v in kept.items())
 
 
 def _strip_prefix(key: str) -> str:

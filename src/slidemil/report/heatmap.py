@@ -193,6 +193,7 @@ def make_heatmap(
     and ``note`` says why). Returns what was drawn, top tiles included.
     """
     slide_id = slide_id or Path(slide_path).name.split(".")[0]
+    open_slide(slide_path).close()  # a wrong slide path fails at once, not after the model has run
     device = resolve_device(device)
     model, ckpt = load_checkpoint(checkpoint, device)
     data, feature_attrs = read_features(features_h5, ("features", "coords"))
@@ -281,8 +282,8 @@ def _draw(thumb, canvas, crops, top, top_coords, size0, scale, title, out_png) -
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m slidemil.report.heatmap") -> int:
+    from slidemil.errors import USER_ERRORS, command_line_message
     from slidemil.logs import setup_logging
-    from slidemil.slides.reader import SlideError
 
     parser = argparse.ArgumentParser(
         prog=prog,
@@ -301,8 +302,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m slidemil.report.h
     try:
         result = make_heatmap(args.slide, args.features, args.checkpoint, args.out, tiles_h5=args.tiles,
                               top_k=args.top_k, slide_id=args.slide_id, device=args.device)
-    except (SlideError, CheckpointError, ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"error: {err}")
+    except (*USER_ERRORS, ValueError) as err:
+        raise SystemExit(f"error: {command_line_message(err)}")
     print(json.dumps(result.to_dict(), indent=2))
     return 0
 

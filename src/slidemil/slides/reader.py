@@ -28,12 +28,15 @@ MPP_TOLERANCE = 0.05
 def open_slide(path: str | os.PathLike) -> openslide.OpenSlide:
     path = Path(path)
     if not path.is_file():
-        raise SlideError(f"{path}: slide file not found; fix the path in the sample sheet")
+        raise SlideError(f"{path}: slide file not found; fix the path in the sample sheet",
+                         command_line=f"{path}: slide file not found; check the slide path on the command line")
     try:
         return openslide.OpenSlide(str(path))
     except openslide.OpenSlideUnsupportedFormatError as err:
         raise SlideError(f"{path}: not a slide format OpenSlide can open ({err}); "
-                         "convert it or remove it from the sample sheet") from err
+                         "convert it or remove it from the sample sheet",
+                         command_line=f"{path}: not a slide format OpenSlide can open ({err}); "
+                         "convert it to one it opens (e.g. a pyramidal TIFF)") from err
     except openslide.OpenSlideError as err:
         raise SlideError(f"{path}: OpenSlide cannot open this file ({err}); "
                          "it may be corrupt or truncated: re-export or re-copy it") from err
@@ -226,11 +229,10 @@ def slide_mpp(slide: openslide.OpenSlide, path, mpp_override: float | None = Non
         mpp = 10.0 / float(power)
         logger.warning("%s: no mpp in metadata; using %.4g mpp from objective power %sx", path, mpp, power)
         return SlideMpp(mpp, "objective-power")
-    raise SlideError(
-        f"{path}: no resolution in the slide metadata (neither openslide.mpp-x nor objective power), "
-        "so the tile grid cannot be placed in microns; add an 'mpp' column to the sample sheet "
-        "with this slide's level-0 microns per pixel"
-    )
+    problem = (f"{path}: no resolution in the slide metadata (neither openslide.mpp-x nor objective power), "
+               "so the tile grid cannot be placed in microns; ")
+    raise SlideError(problem + "add an 'mpp' column to the sample sheet with this slide's level-0 microns per pixel",
+                     command_line=problem + "pass --mpp-override with this slide's level-0 microns per pixel")
 
 
 def level_mpps(slide: openslide.OpenSlide, base_mpp: float) -> list[float]:

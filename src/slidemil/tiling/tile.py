@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from slidemil.config import ConfigError, Tiling, check_section, field_defaults
 from slidemil.files import atomic_output
-from slidemil.files.tiles import read_tiles, write_tiles
+from slidemil.files.tiles import read_tiles, slide_identity, write_tiles
 from slidemil.logs import setup_logging
 from slidemil.slides.reader import (SlideError, open_slide, pick_level, read_gray, read_rgb, read_thumbnail, resize_tile,
                      slide_mpp)
@@ -254,16 +254,16 @@ def _tile(slide_path, out_h5, out_qc, p: TilingParams, slide_id: str, mpp_overri
     if len(coords) == 0:
         slide.close()
         # Blank, or tissue too faint for the thresholds: nothing to learn from.
-        raise SlideError(f"{slide_path}: no tissue tiles found ({len(candidates)} candidate tiles in the "
-                         "tissue mask, none kept); "
-                         "check the slide and its QC picture, or lower tiling.mask_min_saturation")
+        problem = (f"{slide_path}: no tissue tiles found ({len(candidates)} candidate tiles in the tissue mask, "
+                   "none kept); check the slide and its QC picture, or lower ")
+        raise SlideError(problem + "tiling.mask_min_saturation", command_line=problem + "--mask-min-saturation")
 
     attrs = {
         "slide_id": slide_id, "slide_path": str(slide_path), "level": level,
         "tile_px": p.tile_px, "tile_size_level0": step0, "read_px": read_px,
         "target_mpp": p.mpp, "slide_mpp": base.mpp, "mpp_source": base.source, "level_mpp": level_mpp,
         "n_grid": nx * ny, "n_candidates": len(candidates), "n_read": len(to_read), "n_tiles": len(coords),
-        "params": asdict(p), "excluded": "",
+        "params": asdict(p), "excluded": "", **slide_identity(slide_path, slide.dimensions),
     }
     write_tiles(out_h5, coords, attrs)
     if out_qc:
@@ -409,8 +409,10 @@ def main(argv=None, prog: str = "python -m slidemil.tiling.tile") -> None:
     ap.add_argument("--slide-id")
     ap.add_argument("--mpp-override", type=float, help="level-0 mpp when the slide has none")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--on-error", choices=ON_ERROR, default=Tiling.on_error,
-                    help="unusable slide: write an empty tiles file marked excluded, or fail")
+    # From the command line an unusable slide fails (status 1, one line) unless exclusion is asked for: the
+    # workflow's default (exclude, so the cohort goes on) would exit 0 and hide it.
+    ap.add_argument("--on-error", choices=ON_ERROR, default="fail",
+                    help="unusable slide: fail (default) or write an empty tiles file marked excluded")
     # The declared type, not the default's: sobel_threshold defaults to the integer 20 but takes 20.5.
     for name, kind in typing.get_type_hints(TilingParams).items():
         field = TilingParams.__dataclass_fields__[name]
@@ -419,12 +421,9 @@ def main(argv=None, prog: str = "python -m slidemil.tiling.tile") -> None:
     args = ap.parse_args(argv)
     setup_logging()
     params = {k: getattr(args, k) for k in TilingParams.__dataclass_fields__}
-    try:
-        summary = tile_slide(args.slide, args.out, args.qc, params, args.slide_id, args.mpp_override, args.threads,
-                             args.on_error)
-    except SlideError as err:
-        raise SystemExit(f"error: {err}")
-    print(summary)
+    # An unusable slide: slidemil.cli prints its command-line line and exits 1.
+    print(tile_slide(args.slide, args.out, args.qc, params, args.slide_id, args.mpp_override, args.threads,
+                     args.on_error))
 
 
 def _yes_no(text: str) -> bool:
@@ -436,4 +435,9 @@ def _yes_no(text: str) -> bool:
 
 
 if __name__ == "__main__":
-    main()
+    from slidemil.errors import USER_ERRORS, command_line_message
+
+    try:
+        main()
+    except USER_ERRORS as err:  # one line, as from slidemil.cli
+        raise SystemExit(f"error: {command_line_message(err)}")
