@@ -229,3 +229,54 @@ def test_rows(run) -> pd.DataFrame:
 
 
 test_rows.__test__ = False  # a helper, not a test
+
+
+# ---- odd slide files (issue 21): OME-TIFF, plain TIFF, placeholder resolutions, false colours ----
+
+
+def he_pixels(width: int = 1024, height: int = 768, seed: int = 3, tissue: bool = True) -> np.ndarray:
+    """An (height, width, 3) uint8 H&E-like image (the demo's renderer)."""
+    from slidemil.demo.render import render_slide
+
+    rgb, _, _ = render_slide(f"odd{seed}", 1, seed, (width, height), (0.1, 0.3), tissue)
+    return rgb
+
+
+def write_ome_tiff(path, rgb: np.ndarray, mpp: float = 0.5, unit: str = "µm", levels: int = 2) -> Path:
+    """A tiled, JPEG OME-TIFF pyramid in SubIFDs with PhysicalSizeX/Y, as QuPath and bfconvert write them."""
+    import tifffile
+
+    size = mpp * {"µm": 1.0, "nm": 1000.0, "mm": 1e-3}[unit]
+    meta = {"axes": "YXS", "PhysicalSizeX": size, "PhysicalSizeXUnit": unit,
+            "PhysicalSizeY": size, "PhysicalSizeYUnit": unit}
+    with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tw:
+        tw.write(rgb, tile=(256, 256), subifds=levels - 1, photometric="rgb", compression="jpeg", metadata=meta)
+        for k in range(1, levels):
+            tw.write(np.ascontiguousarray(rgb[::4 ** k, ::4 ** k]), tile=(256, 256), subfiletype=1,
+                     photometric="rgb", compression="jpeg")
+    return Path(path)
+
+
+def write_plain_tiff(path, rgb: np.ndarray, dpi: float | None = None, mpp: float | None = None,
+                     tiled: bool = False, rowsperstrip: int | None = 64, photometric: str = "rgb") -> Path:
+    """An untiled (strips) or tiled TIFF, one level, with a resolution in dots per inch (``dpi``, e.g. the
+    72 dpi placeholder) or in microns per pixel (``mpp``, written per centimetre), or none."""
+    import tifffile
+
+    kwargs = {}
+    if dpi is not None:
+        kwargs = {"resolution": (dpi, dpi), "resolutionunit": "INCH"}
+    elif mpp is not None:
+        kwargs = {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"}
+    layout = {"tile": (256, 256)} if tiled else {"rowsperstrip": rowsperstrip}
+    tifffile.imwrite(path, rgb, photometric=photometric, metadata=None, **layout, **kwargs)
+    return Path(path)
+
+
+def ycbcr_as_rgb(rgb: np.ndarray) -> np.ndarray:
+    """The image's YCbCr values stored as if they were RGB: what a reader shows when a header declares RGB over
+    YCbCr frames (white becomes 255, 128, 128)."""
+    import cv2
+
+    ycrcb = cv2.cvtColor(rgb, cv2.COLOR_RGB2YCrCb)
+    return np.ascontiguousarray(ycrcb[..., [0, 2, 1]])

@@ -126,7 +126,8 @@ def _label_problem(labels: pd.Series, binarize: str | None, positive_class) -> s
 
 
 def _readable_file(path: Path) -> bool:
-    return path.is_file() and os.access(path, os.R_OK)
+    # A folder is a DICOM WSI series (slidemil.slides.reader.open_slide picks its file).
+    return (path.is_file() or path.is_dir()) and os.access(path, os.R_OK)
 
 
 def _rows(index) -> str:

@@ -1,0 +1,222 @@
+"""TIFF slides that OpenSlide cannot open, or opens without their pixel size, read with tifffile.
+
+OME-TIFF (QuPath and Bio-Formats exports, pyramids in SubIFDs) and plain TIFF, tiled or in strips, with a
+physical resolution: OpenSlide refuses untiled TIFF and reads an OME-TIFF as a one-level generic TIFF without
+its mpp. ``TiffSlide`` offers what slidemil uses of an ``openslide.OpenSlide``: dimensions, level_dimensions,
+level_downsamples, properties (with ``openslide.mpp-x/y``), read_region, get_thumbnail, associated_images,
+close. Regions decode only the tiles or strips they touch (each cached, 64 MiB per slide), so a large slide is
+never decoded whole; only a level whose samples are stored in separate planes is read whole, once.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import os
+import threading
+import xml.etree.ElementTree as ET
+
+import numpy as np
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+VENDOR = "tifffile"
+CACHE_BYTES = 64 << 20
+# Microns per unit of OME's PhysicalSizeXUnit and of TIFF's ResolutionUnit (2 inch, 3 centimetre).
+_OME_UNIT_UM = {"µm": 1.0, "um": 1.0, "\u00b5m": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6, "pm": 1e-6}
+_RESOLUTION_UNIT_UM = {2: 25400.0, 3: 10000.0}
+
+
+def tiff_mpp(tif) -> tuple[float, float] | None:
+    """Level-0 (mpp_x, mpp_y) from the OME-XML's PhysicalSizeX/Y, else the first page's resolution tags."""
+    if tif.is_ome and tif.ome_metadata:
+        try:
+            mpp = _ome_mpp(tif.ome_metadata)
+        except ET.ParseError as err:
+            logger.debug("%s: unreadable OME-XML (%s)", tif.filename, err)
+            mpp = None
+        if mpp is not None:
+            return mpp
+    page = tif.pages[0]
+    unit = _RESOLUTION_UNIT_UM.get(int(page.tags.valueof("ResolutionUnit", 2)))
+    xres, yres = page.tags.valueof("XResolution"), page.tags.valueof("YResolution")
+    if unit is None or not xres:
+        return None
+    px_x = _rational(xres)
+    px_y = _rational(yres) if yres else px_x
+    if not (px_x > 0 and px_y > 0):
+        return None
+    return unit / px_x, unit / px_y
+
+
+def _rational(value) -> float:
+    if isinstance(value, tuple):
+        return value[0] / value[1] if value[1] else 0.0
+    return float(value)
+
+
+def _ome_mpp(xml: str) -> tuple[float, float] | None:
+    root = ET.fromstring(xml)
+    for pixels in root.iter():
+        if not pixels.tag.endswith("}Pixels") and pixels.tag != "Pixels":
+            continue
+        sizes = []
+        for axis in ("X", "Y"):
+            value = pixels.get(f"PhysicalSize{axis}")
+            unit = _OME_UNIT_UM.get(pixels.get(f"PhysicalSize{axis}Unit", "µm"))
+            sizes.append(float(value) * unit if value and unit else None)
+        if sizes[0]:
+            return sizes[0], sizes[1] or sizes[0]
+    return None
+
+
+class _Level:
+    """One pyramid level: its tiles or strips decoded on demand."""
+
+    def __init__(self, series_level, fd: int):
+        self.series = series_level
+        page = series_level.keyframe
+        self.page, self.fd = page, fd
+        self.height, self.width = int(page.imagelength), int(page.imagewidth)
+        self.samples = int(page.samplesperpixel)
+        # Segments are read one by one only where each holds every sample of its pixels (contiguous planes).
+        self.chunked = len(series_level.pages) == 1 and (self.samples == 1 or page.planarconfig == 1) \
+            and page.dtype == np.uint8 and len(page.dataoffsets) > 0
+        if page.is_tiled:
+            self.seg_h, self.seg_w = int(page.tilelength), int(page.tilewidth)
+        else:
+            self.seg_h, self.seg_w = min(int(page.rowsperstrip or self.height), self.height), self.width
+        self.across = -(-self.width // self.seg_w)
+
+    def segment(self, i: int) -> np.ndarray:
+        page = self.page
+        count = int(page.databytecounts[i])
+        data = os.pread(self.fd, count, int(page.dataoffsets[i])) if count else None
+        seg, _, _ = page.decode(data, i, jpegtables=page.jpegtables)
+        if seg is None:  # a missing segment: background
+            return np.full((self.seg_h, self.seg_w, self.samples), 255, np.uint8)
+        return np.asarray(seg).reshape(seg.shape[-3], seg.shape[-2], -1)
+
+
+class TiffSlide:
+    """A TIFF slide read with tifffile, in the part of openslide.OpenSlide's interface slidemil uses."""
+
+    def __init__(self, path: str | os.PathLike):
+        import tifffile
+
+        self.path = str(path)
+        self._tif = tifffile.TiffFile(self.path)
+        try:
+            series = max(self._tif.series, key=lambda s: _area(s))
+            if series.keyframe.dtype != np.uint8 or _area(series) == 0:
+                raise ValueError(f"{series.dtype} pixels in {series.axes} layout, not 8-bit RGB or gray")
+            self._fd = os.open(self.path, os.O_RDONLY)
+            self._levels = [_Level(lv, self._fd) for lv in series.levels]
+            mpp = tiff_mpp(self._tif)
+        except Exception:
+            self._tif.close()
+            raise
+        self.level_dimensions = tuple((lv.width, lv.height) for lv in self._levels)
+        self.dimensions = self.level_dimensions[0]
+        self.level_count = len(self._levels)
+        w0, h0 = self.dimensions
+        self.level_downsamples = tuple((w0 / w + h0 / h) / 2 for w, h in self.level_dimensions)
+        props = {"openslide.vendor": VENDOR, "openslide.level-count": str(self.level_count),
+                 "tifffile.series-axes": series.axes, "tifffile.is-ome": str(bool(self._tif.is_ome))}
+        if mpp is not None:
+            props["openslide.mpp-x"], props["openslide.mpp-y"] = repr(mpp[0]), repr(mpp[1])
+        self.properties = props
+        self.associated_images: dict = {}
+        self._cache: collections.OrderedDict = collections.OrderedDict()
+        self._cache_bytes = 0
+        self._lock = threading.Lock()
+        self._whole: dict[int, np.ndarray] = {}
+
+    def read_rgb(self, location, level: int, size) -> np.ndarray:
+        """The region (level-0 top-left, level, size in level pixels) as RGB uint8; outside the image white."""
+        lv = self._levels[level]
+        ds = self.level_downsamples[level]
+        x, y = int(math.floor(location[0] / ds)), int(math.floor(location[1] / ds))
+        w, h = int(size[0]), int(size[1])
+        out = np.full((h, w, 3), 255, np.uint8)
+        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, lv.width), min(y + h, lv.height)
+        if x1 <= x0 or y1 <= y0:
+            return out
+        if not lv.chunked:
+            whole = self._whole_level(level)
+            out[y0 - y:y1 - y, x0 - x:x1 - x] = whole[y0:y1, x0:x1]
+            return out
+        for sy in range(y0 // lv.seg_h, (y1 - 1) // lv.seg_h + 1):
+            for sx in range(x0 // lv.seg_w, (x1 - 1) // lv.seg_w + 1):
+                seg = self._segment(level, lv, sy * lv.across + sx)
+                ox, oy = sx * lv.seg_w, sy * lv.seg_h
+                ax, ay = max(x0, ox), max(y0, oy)
+                bx, by = min(x1, ox + seg.shape[1]), min(y1, oy + seg.shape[0])
+                if bx > ax and by > ay:
+                    out[ay - y:by - y, ax - x:bx - x] = seg[ay - oy:by - oy, ax - ox:bx - ox]
+        return out
+
+    def read_region(self, location, level: int, size) -> Image.Image:
+        """As OpenSlide: an RGBA image, transparent outside the slide."""
+        rgb = self.read_rgb(location, level, size)
+        lv, ds = self._levels[level], self.level_downsamples[level]
+        x, y = int(math.floor(location[0] / ds)), int(math.floor(location[1] / ds))
+        alpha = np.zeros(rgb.shape[:2], np.uint8)
+        alpha[max(0, -y):max(0, lv.height - y), max(0, -x):max(0, lv.width - x)] = 255
+        return Image.fromarray(np.dstack([rgb, alpha]), "RGBA")
+
+    def get_thumbnail(self, size) -> Image.Image:
+        level = max(i for i, d in enumerate(self.level_downsamples)
+                    if i == 0 or d <= max(self.dimensions[0] / size[0], self.dimensions[1] / size[1]))
+        img = Image.fromarray(self.read_rgb((0, 0), level, self.level_dimensions[level]))
+        img.thumbnail(size, Image.Resampling.LANCZOS)
+        return img
+
+    def close(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._tif.close()
+
+    def _segment(self, level: int, lv: _Level, i: int) -> np.ndarray:
+        key = (level, i)
+        with self._lock:
+            seg = self._cache.get(key)
+            if seg is not None:
+                self._cache.move_to_end(key)
+                return seg
+        seg = _to_rgb(lv.segment(i))
+        with self._lock:
+            if key not in self._cache:
+                self._cache[key] = seg
+                self._cache_bytes += seg.nbytes
+            while self._cache_bytes > CACHE_BYTES and len(self._cache) > 1:
+                self._cache_bytes -= self._cache.popitem(last=False)[1].nbytes
+        return seg
+
+    def _whole_level(self, level: int) -> np.ndarray:
+        with self._lock:
+            if level not in self._whole:
+                lv = self._levels[level]
+                logger.info("%s: level %d (%d x %d px) stored in separate planes: decoded whole",
+                            self.path, level, lv.width, lv.height)
+                arr = lv.series.asarray()
+                axes = lv.series.axes
+                if "S" not in axes and "C" in axes and arr.ndim == 3:  # CYX planes -> YXC
+                    arr = np.moveaxis(arr, axes.index("C"), -1)
+                self._whole[level] = _to_rgb(np.asarray(arr).reshape(lv.height, lv.width, -1))
+            return self._whole[level]
+
+
+def _to_rgb(arr: np.ndarray) -> np.ndarray:
+    """(H, W, S) uint8 as RGB: gray repeated, a fourth (alpha) or further channel dropped."""
+    if arr.shape[-1] == 1:
+        return np.ascontiguousarray(np.repeat(arr, 3, axis=-1))
+    return np.ascontiguousarray(arr[..., :3])
+
+
+def _area(series) -> int:
+    page = series.keyframe
+    return int(page.imagewidth) * int(page.imagelength)
