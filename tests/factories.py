@@ -280,3 +280,59 @@ def ycbcr_as_rgb(rgb: np.ndarray) -> np.ndarray:
 
     ycrcb = cv2.cvtColor(rgb, cv2.COLOR_RGB2YCrCb)
     return np.ascontiguousarray(ycrcb[..., [0, 2, 1]])
+
+
+def write_dicom_wsi(folder, rgb: np.ndarray, mpp: float = 0.5, tile: int = 256, photometric: str = "YBR_FULL_422",
+                    levels: int = 2) -> Path:
+    """A DICOM WSI series (VL Whole Slide Microscopy, TILED_FULL, JPEG baseline frames), one file per level, as a
+    folder. ``photometric="RGB"`` declares RGB over the YCbCr JPEG frames: the header error that false-colours
+    a slide."""
+    import cv2
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit, generate_uid
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    study, series, frame_of_reference = generate_uid(), generate_uid(), generate_uid()
+    for level in range(levels):
+        img = np.ascontiguousarray(rgb[::2 ** level, ::2 ** level])
+        h, w = img.shape[:2]
+        frames = []
+        for y in range(0, h, tile):
+            for x in range(0, w, tile):
+                block = np.full((tile, tile, 3), 255, np.uint8)
+                part = img[y:y + tile, x:x + tile]
+                block[:part.shape[0], :part.shape[1]] = part
+                frames.append(cv2.imencode(".jpg", block[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes())
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.77.1.6"
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = JPEGBaseline8Bit
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame_of_reference
+        ds.Modality, ds.PatientID, ds.PatientName = "SM", "TEST", "TEST"
+        ds.ImageType = ["ORIGINAL" if level == 0 else "DERIVED", "PRIMARY", "VOLUME", "NONE"]
+        ds.DimensionOrganizationType = "TILED_FULL"
+        ds.TotalPixelMatrixColumns, ds.TotalPixelMatrixRows, ds.TotalPixelMatrixFocalPlanes = w, h, 1
+        ds.Columns, ds.Rows, ds.NumberOfFrames = tile, tile, len(frames)
+        ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, photometric, 0
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+        ds.NumberOfOpticalPaths = 1
+        path_item = Dataset()
+        path_item.OpticalPathIdentifier = "1"
+        ds.OpticalPathSequence = [path_item]
+        spacing = Dataset()
+        spacing.PixelSpacing = [mpp * 2 ** level / 1000, mpp * 2 ** level / 1000]
+        spacing.SliceThickness = 0.001
+        shared = Dataset()
+        shared.PixelMeasuresSequence = [spacing]
+        ds.SharedFunctionalGroupsSequence = [shared]
+        ds.ImagedVolumeWidth, ds.ImagedVolumeHeight = rgb.shape[1] * mpp / 1000, rgb.shape[0] * mpp / 1000
+        ds.PixelData = encapsulate(frames)
+        ds["PixelData"].VR = "OB"
+        ds.save_as(folder / f"level{level}.dcm", enforce_file_format=True)
+    return folder

@@ -117,6 +117,9 @@ def test_ome_tiff_is_read_with_its_physical_size_and_pyramid(rgb, tmp_path, unit
     assert float(slide.properties["openslide.mpp-x"]) == pytest.approx(0.5)
     region = read_rgb(slide, path, (300, 200), 0, (400, 300))
     assert np.abs(region.astype(int) - rgb[200:500, 300:700]).mean() < 4  # JPEG
+    thumb = slide.get_thumbnail((192, 192))  # from level 1
+    expected = cv2.resize(rgb, (192, 128), interpolation=cv2.INTER_AREA)
+    assert thumb.shape == (128, 192, 3) and np.abs(thumb.astype(int) - expected).mean() < 6
     summary, coords, attrs, _ = _tile(path, tmp_path, params={"mpp": 2.0, "tile_px": 64})
     assert attrs["excluded"] == "" and attrs["mpp_source"] == "metadata" and attrs["level"] == 1
     assert len(coords) > 0
@@ -175,14 +178,28 @@ def test_the_sheet_accepts_a_dicom_folder(tmp_path):
     assert "missing" in problems and "series" not in problems
 
 
-def test_a_dicom_wsi_folder_opens_through_openslide(tmp_path):
+def test_a_dicom_wsi_folder_is_tiled_through_openslide(rgb, tmp_path):
     pytest.importorskip("pydicom", reason="pydicom (the dev extra) writes the test DICOM WSI")
     from factories import write_dicom_wsi
 
-    folder = write_dicom_wsi(tmp_path / "dicom", he_pixels(512, 512), mpp=0.5)
+    folder = write_dicom_wsi(tmp_path / "series", rgb, mpp=0.5)
     slide = open_slide(folder)
-    assert slide.properties["openslide.vendor"] == "dicom" and slide.dimensions == (512, 512)
+    assert slide.properties["openslide.vendor"] == "dicom" and slide.level_dimensions == ((1536, 1024), (768, 512))
     assert float(slide.properties["openslide.mpp-x"]) == pytest.approx(0.5)
+    region = read_rgb(slide, folder, (300, 200), 0, (400, 300))
+    assert np.abs(region.astype(int) - rgb[200:500, 300:700]).mean() < 4  # JPEG
+    summary, coords, attrs, _ = _tile(folder, tmp_path)
+    assert attrs["excluded"] == "" and attrs["slide_mpp"] == pytest.approx(0.5) and attrs["warning"] == ""
+    assert len(coords) > 0 and summary["slide_id"] == "series"
+
+
+def test_a_dicom_header_declaring_rgb_over_ycbcr_frames_warns(rgb, tmp_path):
+    pytest.importorskip("pydicom", reason="pydicom (the dev extra) writes the test DICOM WSI")
+    from factories import write_dicom_wsi
+
+    folder = write_dicom_wsi(tmp_path / "false", rgb, mpp=0.5, photometric="RGB")
+    _, _, attrs, _ = _tile(folder, tmp_path)
+    assert "far from neutral white" in attrs["warning"]
 
 
 @pytest.mark.parametrize("name", ["CMU-1-Small-Region.svs", "small.svs", "boxes.tiff"])

@@ -17,8 +17,8 @@ import os
 import threading
 import xml.etree.ElementTree as ET
 
+import cv2
 import numpy as np
-from PIL import Image
 
 logger = logging.getLogger(__name__)
 
@@ -158,21 +158,23 @@ class TiffSlide:
                     out[ay - y:by - y, ax - x:bx - x] = seg[ay - oy:by - oy, ax - ox:bx - ox]
         return out
 
-    def read_region(self, location, level: int, size) -> Image.Image:
-        """As OpenSlide: an RGBA image, transparent outside the slide."""
+    def read_region(self, location, level: int, size) -> np.ndarray:
+        """As OpenSlide's, RGBA and transparent outside the slide, but an array (slidemil's readers take
+        ``np.asarray`` of OpenSlide's PIL image)."""
         rgb = self.read_rgb(location, level, size)
         lv, ds = self._levels[level], self.level_downsamples[level]
         x, y = int(math.floor(location[0] / ds)), int(math.floor(location[1] / ds))
         alpha = np.zeros(rgb.shape[:2], np.uint8)
         alpha[max(0, -y):max(0, lv.height - y), max(0, -x):max(0, lv.width - x)] = 255
-        return Image.fromarray(np.dstack([rgb, alpha]), "RGBA")
+        return np.dstack([rgb, alpha])
 
-    def get_thumbnail(self, size) -> Image.Image:
-        level = max(i for i, d in enumerate(self.level_downsamples)
-                    if i == 0 or d <= max(self.dimensions[0] / size[0], self.dimensions[1] / size[1]))
-        img = Image.fromarray(self.read_rgb((0, 0), level, self.level_dimensions[level]))
-        img.thumbnail(size, Image.Resampling.LANCZOS)
-        return img
+    def get_thumbnail(self, size) -> np.ndarray:
+        """RGB array fitting in ``size`` (width, height), from the coarsest level not coarser than that."""
+        factor = max(self.dimensions[0] / size[0], self.dimensions[1] / size[1], 1.0)
+        level = max(i for i, d in enumerate(self.level_downsamples) if i == 0 or d <= factor)
+        img = self.read_rgb((0, 0), level, self.level_dimensions[level])
+        out = (max(1, round(self.dimensions[0] / factor)), max(1, round(self.dimensions[1] / factor)))
+        return cv2.resize(img, out, interpolation=cv2.INTER_AREA)
 
     def close(self) -> None:
         if getattr(self, "_fd", None) is not None:
