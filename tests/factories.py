@@ -336,3 +336,18 @@ def write_dicom_wsi(folder, rgb: np.ndarray, mpp: float = 0.5, tile: int = 256, 
         ds["PixelData"].VR = "OB"
         ds.save_as(folder / f"level{level}.dcm", enforce_file_format=True)
     return folder
+
+
+def write_planar_tiff(path, rgb: np.ndarray, mpp: float = 0.5, ome: bool = False) -> Path:
+    """A tiled TIFF whose colour samples lie in separate planes: one page in planar configuration 2, or with
+    ``ome`` an OME "CYX" series of one gray page per channel (as Bio-Formats writes some exports)."""
+    import tifffile
+
+    planes = np.ascontiguousarray(np.moveaxis(rgb, -1, 0))
+    if ome:
+        tifffile.imwrite(path, planes, photometric="minisblack", tile=(256, 256), ome=True,
+                         metadata={"axes": "CYX", "PhysicalSizeX": mpp, "PhysicalSizeY": mpp})
+    else:
+        tifffile.imwrite(path, planes, photometric="rgb", planarconfig="separate", tile=(256, 256),
+                         resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER", metadata=None)
+    return Path(path)

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from factories import he_pixels, write_ome_tiff, write_plain_tiff, ycbcr_as_rgb
+from factories import he_pixels, write_ome_tiff, write_plain_tiff, write_planar_tiff, ycbcr_as_rgb
 from slidemil.cohort.manifest import read_manifest_table, tile_manifest
 from slidemil.cohort.sheet import check_sheet
 from slidemil.demo.render import make_slide
@@ -142,6 +142,16 @@ def test_a_region_decodes_only_the_strips_it_touches(rgb, tmp_path):
     assert sorted(slide._cache) == [(0, 2), (0, 3)]
     outside = np.asarray(slide.read_region((1500, 1000), 0, (64, 64)))
     assert (outside[:24, :36, 3] == 255).all() and (outside[24:, :, 3] == 0).all() and (outside[:, 36:, 3] == 0).all()
+    slide.close()
+
+
+@pytest.mark.parametrize("ome", [False, True])
+def test_colour_planes_are_read_tile_by_tile(rgb, tmp_path, ome):
+    slide = TiffSlide(write_planar_tiff(tmp_path / "planes.tif", rgb, mpp=0.5, ome=ome))
+    assert float(slide.properties["openslide.mpp-x"]) == pytest.approx(0.5)
+    region = slide.read_rgb((300, 200), 0, (400, 300))
+    np.testing.assert_array_equal(region, rgb[200:500, 300:700])
+    assert sorted(slide._cache) == [(0, 1), (0, 2), (0, 7), (0, 8)] and not slide._whole  # 4 of 24 tiles
     slide.close()
 
 

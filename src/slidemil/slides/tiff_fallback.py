@@ -73,31 +73,50 @@ def _ome_mpp(xml: str) -> tuple[float, float] | None:
 
 
 class _Level:
-    """One pyramid level: its tiles or strips decoded on demand."""
+    """One pyramid level: its tiles or strips decoded on demand, each with every sample of its pixels.
+
+    The samples of a pixel lie together (contiguous), in separate planes of one page (planar configuration 2),
+    or in one page per channel (an OME "CYX" series): a segment is then read from each plane and stacked."""
 
     def __init__(self, series_level, fd: int):
         self.series = series_level
+        pages = list(series_level.pages)
         page = series_level.keyframe
         self.page, self.fd = page, fd
         self.height, self.width = int(page.imagelength), int(page.imagewidth)
-        self.samples = int(page.samplesperpixel)
-        # Segments are read one by one only where each holds every sample of its pixels (contiguous planes).
-        self.chunked = len(series_level.pages) == 1 and (self.samples == 1 or page.planarconfig == 1) \
-            and page.dtype == np.uint8 and len(page.dataoffsets) > 0
         if page.is_tiled:
             self.seg_h, self.seg_w = int(page.tilelength), int(page.tilewidth)
         else:
             self.seg_h, self.seg_w = min(int(page.rowsperstrip or self.height), self.height), self.width
         self.across = -(-self.width // self.seg_w)
+        n_segments = self.across * -(-self.height // self.seg_h)
+        separate = page.planarconfig == 2 and page.samplesperpixel > 1
+        # Pages after the first may be tifffile frames: offsets of their own, the rest (decoding) the keyframe's.
+        if separate and len(pages) == 1:  # plane k's segment i is the page's segment k * n + i
+            self.planes = [(page, k * n_segments) for k in range(int(page.samplesperpixel))]
+        elif not separate and all(p is not None and p.shape == page.shape for p in pages):
+            self.planes = [(p, 0) for p in pages]
+        else:
+            self.planes = []
+        per_plane = 1 if separate else int(page.samplesperpixel)
+        self.samples = per_plane * len(self.planes) if not separate else len(self.planes)
+        # Anything else (other layouts, other bit depths) is read whole, once per level.
+        self.chunked = bool(self.planes) and page.dtype == np.uint8 and self.samples in (1, 3, 4) \
+            and all(len(p.dataoffsets) >= start + n_segments for p, start in self.planes)
 
     def segment(self, i: int) -> np.ndarray:
-        page = self.page
-        count = int(page.databytecounts[i])
-        data = os.pread(self.fd, count, int(page.dataoffsets[i])) if count else None
-        seg, _, _ = page.decode(data, i, jpegtables=page.jpegtables)
-        if seg is None:  # a missing segment: background
-            return np.full((self.seg_h, self.seg_w, self.samples), 255, np.uint8)
-        return np.asarray(seg).reshape(seg.shape[-3], seg.shape[-2], -1)
+        parts = []
+        key = self.page
+        for page, start in self.planes:
+            k = start + i
+            count = int(page.databytecounts[k])
+            data = os.pread(self.fd, count, int(page.dataoffsets[k])) if count else None
+            seg, _, _ = key.decode(data, k, jpegtables=key.jpegtables)
+            if seg is None:  # a missing segment: background
+                seg = np.full((self.seg_h, self.seg_w, 1), 255, np.uint8)
+            seg = np.asarray(seg)
+            parts.append(seg.reshape(seg.shape[-3], seg.shape[-2], -1))
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
 
 
 class TiffSlide:
@@ -206,8 +225,8 @@ class TiffSlide:
                             self.path, level, lv.width, lv.height)
                 arr = lv.series.asarray()
                 axes = lv.series.axes
-                if "S" not in axes and "C" in axes and arr.ndim == 3:  # CYX planes -> YXC
-                    arr = np.moveaxis(arr, axes.index("C"), -1)
+                if arr.ndim == 3 and axes[0] in "CS":  # planes first (CYX, SYX) -> YXC
+                    arr = np.moveaxis(arr, 0, -1)
                 self._whole[level] = _to_rgb(np.asarray(arr).reshape(lv.height, lv.width, -1))
             return self._whole[level]
 
