@@ -288,7 +288,6 @@ def write_dicom_wsi(folder, rgb: np.ndarray, mpp: float = 0.5, tile: int = 256, 
     folder. ``photometric="RGB"`` declares RGB over the YCbCr JPEG frames: the header error that false-colours
     a slide."""
     import cv2
-    import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.encaps import encapsulate
     from pydicom.uid import JPEGBaseline8Bit, generate_uid

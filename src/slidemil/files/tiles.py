@@ -1,5 +1,6 @@
 """tiles.h5, the tiling's output: dataset ``coords`` [N, 2] (level-0 x, y of each kept tile) and the
-tiling's attributes (slide_id, slide_path, level, tile_px, read_px, tile_size_level0, target_mpp, excluded, ...).
+tiling's attributes (slide_id, slide_path, level, tile_px, read_px, tile_size_level0, target_mpp, excluded, warning:
+a colour warning or "", ...).
 
 Written by ``slidemil.tiling.tile``; read by feature extraction, the tile pool of the pixel stages, the
 manifests and the heatmaps, all through ``read_tiles``.
