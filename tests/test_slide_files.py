@@ -120,6 +120,8 @@ def test_ome_tiff_is_read_with_its_physical_size_and_pyramid(rgb, tmp_path, unit
     thumb = slide.get_thumbnail((192, 192))  # from level 1
     expected = cv2.resize(rgb, (192, 128), interpolation=cv2.INTER_AREA)
     assert thumb.shape == (128, 192, 3) and np.abs(thumb.astype(int) - expected).mean() < 6
+    # As OpenSlide's: the coarsest level not coarser than asked (the heatmaps' thumbnails use it).
+    assert [slide.get_best_level_for_downsample(d) for d in (0.5, 3.9, 4.0, 9.0)] == [0, 0, 1, 1]
     summary, coords, attrs, _ = _tile(path, tmp_path, params={"mpp": 2.0, "tile_px": 64})
     assert attrs["excluded"] == "" and attrs["mpp_source"] == "metadata" and attrs["level"] == 1
     assert len(coords) > 0

@@ -3,9 +3,10 @@
 OME-TIFF (QuPath and Bio-Formats exports, pyramids in SubIFDs) and plain TIFF, tiled or in strips, with a
 physical resolution: OpenSlide refuses untiled TIFF and reads an OME-TIFF as a one-level generic TIFF without
 its mpp. ``TiffSlide`` offers what slidemil uses of an ``openslide.OpenSlide``: dimensions, level_dimensions,
-level_downsamples, properties (with ``openslide.mpp-x/y``), read_region, get_thumbnail, associated_images,
-close. Regions decode only the tiles or strips they touch (each cached, 64 MiB per slide), so a large slide is
-never decoded whole; only a level whose samples are stored in separate planes is read whole, once.
+level_downsamples, properties (with ``openslide.mpp-x/y``), read_region, get_best_level_for_downsample,
+get_thumbnail, associated_images, close. Regions decode only the tiles or strips they touch (each cached,
+64 MiB per slide), so a large slide is never decoded whole for them; a level in a layout other than those
+``_Level`` reads segment by segment (other bit depths, odd plane layouts) is decoded whole, once.
 """
 
 from __future__ import annotations
@@ -186,6 +187,11 @@ class TiffSlide:
         alpha = np.zeros(rgb.shape[:2], np.uint8)
         alpha[max(0, -y):max(0, lv.height - y), max(0, -x):max(0, lv.width - x)] = 255
         return np.dstack([rgb, alpha])
+
+    def get_best_level_for_downsample(self, downsample: float) -> int:
+        """As OpenSlide: the level with the largest downsample not above ``downsample`` (level 0 if none)."""
+        below = [i for i, d in enumerate(self.level_downsamples) if d <= downsample]
+        return max(below, key=lambda i: self.level_downsamples[i]) if below else 0
 
     def get_thumbnail(self, size) -> np.ndarray:
         """RGB array fitting in ``size`` (width, height), from the coarsest level not coarser than that."""
