@@ -350,3 +350,24 @@ def write_planar_tiff(path, rgb: np.ndarray, mpp: float = 0.5, ome: bool = False
         tifffile.imwrite(path, planes, photometric="rgb", planarconfig="separate", tile=(256, 256),
                          resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER", metadata=None)
     return Path(path)
+
+
+def make_odd_files_cohort(folder: Path, dicom: bool = True) -> Path:
+    """Eight demo slides plus an OME-TIFF, a 72-dpi TIFF, a false-colour TIFF and (``dicom``, pydicom needed)
+    a DICOM WSI folder, in a sample sheet; returns the sheet."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(8):
+        make_slide(str(folder / f"s{i}.tiff"), label=i % 2, seed=i, slide_px=(768, 768))
+        rows.append((f"S{i}", f"P{i}", f"s{i}.tiff", i % 2))
+    write_ome_tiff(folder / "qupath.ome.tif", he_pixels(768, 768, seed=12), mpp=0.5)
+    write_plain_tiff(folder / "scan72.tif", he_pixels(768, 768, seed=13), dpi=72)
+    write_plain_tiff(folder / "false.tif", ycbcr_as_rgb(he_pixels(768, 768, seed=14)), mpp=0.5)
+    rows += [("OME", "P9", "qupath.ome.tif", 1), ("DPI72", "P10", "scan72.tif", 0), ("FALSE", "P11", "false.tif", 1)]
+    if dicom:
+        write_dicom_wsi(folder / "dicom_series", he_pixels(768, 768, seed=11), mpp=0.5)
+        rows.append(("DCM", "P8", "dicom_series", 0))
+    sheet = folder / "samples.csv"
+    pd.DataFrame(rows, columns=["slide_id", "patient_id", "path", "label"]).to_csv(sheet, index=False)
+    return sheet

@@ -263,3 +263,27 @@ def test_the_report_lists_the_warnings(tmp_path):
                           "n_tiles": [5, 7], "n_candidates": [9.0, 9.0], "warning": ["background colour off", ""]})
     doc = _cohort(sheet, None, features, tiles, 0, tmp_path)
     assert doc["cohort"]["warnings"] == [{"slide_id": "A", "warning": "background colour off"}]
+
+
+@pytest.mark.workflow
+def test_the_workflow_takes_odd_files_and_reports_them(tmp_path):
+    import importlib.util
+    from html import escape as html_escape
+
+    import yaml
+
+    from factories import TINY_SHEET_CONFIG, make_odd_files_cohort, snakemake_cli
+
+    dicom = importlib.util.find_spec("pydicom") is not None  # without it the DICOM folder is left out
+    sheet = make_odd_files_cohort(tmp_path / "cohort", dicom=dicom)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(dict(TINY_SHEET_CONFIG, samples=str(sheet))))
+    proc = snakemake_cli(tmp_path, "--cores", "2")
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    tiles = read_manifest_table(tmp_path / "results" / "tiles" / "manifest.csv").set_index("slide_id")
+    read = ["OME", "DCM"] if dicom else ["OME"]
+    assert (tiles.loc[read, "n_tiles"] > 0).all() and tiles.loc["DPI72", "n_tiles"] == 0
+    excluded = pd.read_csv(tmp_path / "results" / "report" / "excluded.csv").set_index("slide_id")["reason"]
+    assert "placeholder" in excluded["DPI72"] and "add an 'mpp' column" in excluded["DPI72"]
+    assert not set(read) & set(excluded.index)
+    html = (tmp_path / "results" / "report" / "report.html").read_text()
+    assert "Slide warnings" in html and html_escape(tiles.loc["FALSE", "warning"]) in html
