@@ -287,3 +287,20 @@ def test_the_workflow_takes_odd_files_and_reports_them(tmp_path):
     assert not set(read) & set(excluded.index)
     html = (tmp_path / "results" / "report" / "report.html").read_text()
     assert "Slide warnings" in html and html_escape(tiles.loc["FALSE", "warning"]) in html
+
+
+def test_a_dropped_tifffile_slide_frees_its_file(rgb, tmp_path):
+    import gc
+    import os
+
+    path = write_plain_tiff(tmp_path / "strips.tif", rgb, mpp=0.5)
+    before = len(os.listdir("/proc/self/fd"))
+    slides = [TiffSlide(path) for _ in range(5)]
+    assert len(os.listdir("/proc/self/fd")) > before
+    del slides
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) == before
+    slide = TiffSlide(path)
+    slide.close()
+    slide.close()  # twice is harmless, as OpenSlide's
+    assert len(os.listdir("/proc/self/fd")) == before

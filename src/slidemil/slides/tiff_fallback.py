@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import threading
+import weakref
 import xml.etree.ElementTree as ET
 
 import cv2
@@ -133,6 +134,8 @@ class TiffSlide:
             if series.keyframe.dtype != np.uint8 or _area(series) == 0:
                 raise ValueError(f"{series.dtype} pixels in {series.axes} layout, not 8-bit RGB or gray")
             self._fd = os.open(self.path, os.O_RDONLY)
+            # Readers that drop a slide without close() (a DataLoader worker's handles) still free its file.
+            self._finalizer = weakref.finalize(self, _close, self._fd, self._tif)
             self._levels = [_Level(lv, self._fd) for lv in series.levels]
             mpp = tiff_mpp(self._tif)
         except Exception:
@@ -202,10 +205,7 @@ class TiffSlide:
         return cv2.resize(img, out, interpolation=cv2.INTER_AREA)
 
     def close(self) -> None:
-        if getattr(self, "_fd", None) is not None:
-            os.close(self._fd)
-            self._fd = None
-        self._tif.close()
+        self._finalizer()
 
     def _segment(self, level: int, lv: _Level, i: int) -> np.ndarray:
         key = (level, i)
@@ -235,6 +235,11 @@ class TiffSlide:
                     arr = np.moveaxis(arr, 0, -1)
                 self._whole[level] = _to_rgb(np.asarray(arr).reshape(lv.height, lv.width, -1))
             return self._whole[level]
+
+
+def _close(fd: int, tif) -> None:
+    os.close(fd)
+    tif.close()
 
 
 def _to_rgb(arr: np.ndarray) -> np.ndarray:
