@@ -259,3 +259,145 @@ def test_rows(run) -> pd.DataFrame:
 
 
 test_rows.__test__ = False  # a helper, not a test
+
+
+# ---- odd slide files (issue 21): OME-TIFF, plain TIFF, placeholder resolutions, false colours ----
+
+
+def he_pixels(width: int = 1024, height: int = 768, seed: int = 3, tissue: bool = True) -> np.ndarray:
+    """An (height, width, 3) uint8 H&E-like image (the demo's renderer)."""
+    from slidemil.demo.render import render_slide
+
+    rgb, _, _ = render_slide(f"odd{seed}", 1, seed, (width, height), (0.1, 0.3), tissue)
+    return rgb
+
+
+def write_ome_tiff(path, rgb: np.ndarray, mpp: float = 0.5, unit: str = "µm", levels: int = 2) -> Path:
+    """A tiled, JPEG OME-TIFF pyramid in SubIFDs with PhysicalSizeX/Y, as QuPath and bfconvert write them."""
+    import tifffile
+
+    size = mpp * {"µm": 1.0, "nm": 1000.0, "mm": 1e-3}[unit]
+    meta = {"axes": "YXS", "PhysicalSizeX": size, "PhysicalSizeXUnit": unit,
+            "PhysicalSizeY": size, "PhysicalSizeYUnit": unit}
+    with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tw:
+        tw.write(rgb, tile=(256, 256), subifds=levels - 1, photometric="rgb", compression="jpeg", metadata=meta)
+        for k in range(1, levels):
+            tw.write(np.ascontiguousarray(rgb[::4 ** k, ::4 ** k]), tile=(256, 256), subfiletype=1,
+                     photometric="rgb", compression="jpeg")
+    return Path(path)
+
+
+def write_plain_tiff(path, rgb: np.ndarray, dpi: float | None = None, mpp: float | None = None,
+                     tiled: bool = False, rowsperstrip: int | None = 64, photometric: str = "rgb") -> Path:
+    """An untiled (strips) or tiled TIFF, one level, with a resolution in dots per inch (``dpi``, e.g. the
+    72 dpi placeholder) or in microns per pixel (``mpp``, written per centimetre), or none."""
+    import tifffile
+
+    kwargs = {}
+    if dpi is not None:
+        kwargs = {"resolution": (dpi, dpi), "resolutionunit": "INCH"}
+    elif mpp is not None:
+        kwargs = {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"}
+    layout = {"tile": (256, 256)} if tiled else {"rowsperstrip": rowsperstrip}
+    tifffile.imwrite(path, rgb, photometric=photometric, metadata=None, **layout, **kwargs)
+    return Path(path)
+
+
+def ycbcr_as_rgb(rgb: np.ndarray) -> np.ndarray:
+    """The image's YCbCr values stored as if they were RGB: what a reader shows when a header declares RGB over
+    YCbCr frames (white becomes 255, 128, 128)."""
+    import cv2
+
+    ycrcb = cv2.cvtColor(rgb, cv2.COLOR_RGB2YCrCb)
+    return np.ascontiguousarray(ycrcb[..., [0, 2, 1]])
+
+
+def write_dicom_wsi(folder, rgb: np.ndarray, mpp: float = 0.5, tile: int = 256, photometric: str = "YBR_FULL_422",
+                    levels: int = 2) -> Path:
+    """A DICOM WSI series (VL Whole Slide Microscopy, TILED_FULL, JPEG baseline frames), one file per level, as a
+    folder. ``photometric="RGB"`` declares RGB over the YCbCr JPEG frames: the header error that false-colours
+    a slide."""
+    import cv2
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit, generate_uid
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    study, series, frame_of_reference = generate_uid(), generate_uid(), generate_uid()
+    for level in range(levels):
+        img = np.ascontiguousarray(rgb[::2 ** level, ::2 ** level])
+        h, w = img.shape[:2]
+        frames = []
+        for y in range(0, h, tile):
+            for x in range(0, w, tile):
+                block = np.full((tile, tile, 3), 255, np.uint8)
+                part = img[y:y + tile, x:x + tile]
+                block[:part.shape[0], :part.shape[1]] = part
+                frames.append(cv2.imencode(".jpg", block[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes())
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.77.1.6"
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = JPEGBaseline8Bit
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame_of_reference
+        ds.Modality, ds.PatientID, ds.PatientName = "SM", "TEST", "TEST"
+        ds.ImageType = ["ORIGINAL" if level == 0 else "DERIVED", "PRIMARY", "VOLUME", "NONE"]
+        ds.DimensionOrganizationType = "TILED_FULL"
+        ds.TotalPixelMatrixColumns, ds.TotalPixelMatrixRows, ds.TotalPixelMatrixFocalPlanes = w, h, 1
+        ds.Columns, ds.Rows, ds.NumberOfFrames = tile, tile, len(frames)
+        ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, photometric, 0
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+        ds.NumberOfOpticalPaths = 1
+        path_item = Dataset()
+        path_item.OpticalPathIdentifier = "1"
+        ds.OpticalPathSequence = [path_item]
+        spacing = Dataset()
+        spacing.PixelSpacing = [mpp * 2 ** level / 1000, mpp * 2 ** level / 1000]
+        spacing.SliceThickness = 0.001
+        shared = Dataset()
+        shared.PixelMeasuresSequence = [spacing]
+        ds.SharedFunctionalGroupsSequence = [shared]
+        ds.ImagedVolumeWidth, ds.ImagedVolumeHeight = rgb.shape[1] * mpp / 1000, rgb.shape[0] * mpp / 1000
+        ds.PixelData = encapsulate(frames)
+        ds["PixelData"].VR = "OB"
+        ds.save_as(folder / f"level{level}.dcm", enforce_file_format=True)
+    return folder
+
+
+def write_planar_tiff(path, rgb: np.ndarray, mpp: float = 0.5, ome: bool = False) -> Path:
+    """A tiled TIFF whose colour samples lie in separate planes: one page in planar configuration 2, or with
+    ``ome`` an OME "CYX" series of one gray page per channel (as Bio-Formats writes some exports)."""
+    import tifffile
+
+    planes = np.ascontiguousarray(np.moveaxis(rgb, -1, 0))
+    if ome:
+        tifffile.imwrite(path, planes, photometric="minisblack", tile=(256, 256), ome=True,
+                         metadata={"axes": "CYX", "PhysicalSizeX": mpp, "PhysicalSizeY": mpp})
+    else:
+        tifffile.imwrite(path, planes, photometric="rgb", planarconfig="separate", tile=(256, 256),
+                         resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER", metadata=None)
+    return Path(path)
+
+
+def make_odd_files_cohort(folder: Path, dicom: bool = True) -> Path:
+    """Eight demo slides plus an OME-TIFF, a 72-dpi TIFF, a false-colour TIFF and (``dicom``, pydicom needed)
+    a DICOM WSI folder, in a sample sheet; returns the sheet."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(8):
+        make_slide(str(folder / f"s{i}.tiff"), label=i % 2, seed=i, slide_px=(768, 768))
+        rows.append((f"S{i}", f"P{i}", f"s{i}.tiff", i % 2))
+    write_ome_tiff(folder / "qupath.ome.tif", he_pixels(768, 768, seed=12), mpp=0.5)
+    write_plain_tiff(folder / "scan72.tif", he_pixels(768, 768, seed=13), dpi=72)
+    write_plain_tiff(folder / "false.tif", ycbcr_as_rgb(he_pixels(768, 768, seed=14)), mpp=0.5)
+    rows += [("OME", "P9", "qupath.ome.tif", 1), ("DPI72", "P10", "scan72.tif", 0), ("FALSE", "P11", "false.tif", 1)]
+    if dicom:
+        write_dicom_wsi(folder / "dicom_series", he_pixels(768, 768, seed=11), mpp=0.5)
+        rows.append(("DCM", "P8", "dicom_series", 0))
+    sheet = folder / "samples.csv"
+    pd.DataFrame(rows, columns=["slide_id", "patient_id", "path", "label"]).to_csv(sheet, index=False)
+    return sheet

@@ -24,7 +24,7 @@ from slidemil.files import write_csv
 from slidemil.files.tiles import read_tiles_attrs
 
 FEATURE_COLUMNS = ["slide_id", "path", "n_tiles", "excluded", "extractor", "weights_digest"]
-TILE_COLUMNS = ["slide_id", "path", "qc", "n_tiles", "n_candidates"]
+TILE_COLUMNS = ["slide_id", "path", "qc", "n_tiles", "n_candidates", "warning"]
 
 
 def _slide_ids(paths: list[str]) -> list[str]:
@@ -71,14 +71,15 @@ def tile_manifest(paths: list[str], qc: list[str], out_csv: str | os.PathLike) -
         n, attrs = read_tiles_attrs(path)
         candidates = attrs.get("n_candidates")
         rows.append({"slide_id": slide, "path": str(path), "qc": str(qc[k]) if qc else "",
-                     "n_tiles": n, "n_candidates": float(candidates) if candidates is not None else np.nan})
+                     "n_tiles": n, "n_candidates": float(candidates) if candidates is not None else np.nan,
+                     "warning": _text(attrs.get("warning", "")).strip()})
     table = pd.DataFrame(rows, columns=TILE_COLUMNS)
     write_csv(out_csv, table)
     return table
 
 
 # Text columns stay text: a slide id such as "007" or an empty exclusion reason must not become a number or NaN.
-_TEXT_COLUMNS = ("slide_id", "path", "qc", "excluded", "extractor", "weights_digest")
+_TEXT_COLUMNS = ("slide_id", "path", "qc", "excluded", "extractor", "weights_digest", "warning")
 
 
 def read_manifest_table(path: str | os.PathLike) -> pd.DataFrame:

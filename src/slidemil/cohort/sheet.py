@@ -179,7 +179,8 @@ def _one_class_problem(labels: pd.Series) -> list[str]:
 
 
 def _readable_file(path: Path) -> bool:
-    return path.is_file() and os.access(path, os.R_OK)
+    # A folder is a DICOM WSI series (slidemil.slides.reader.open_slide picks its file).
+    return (path.is_file() or path.is_dir()) and os.access(path, os.R_OK)
 
 
 def _rows(index) -> str:

@@ -1,7 +1,7 @@
 """tiles.h5, the tiling's output: dataset ``coords`` [N, 2] (level-0 x, y of each kept tile) and the
-tiling's attributes (slide_id, slide_path, level, tile_px, read_px, tile_size_level0, target_mpp, excluded, ...),
-among them the slide's level-0 size and file size (``slide_identity``), so that a stage given a slide and a
-tiles file refuses a pair that do not belong together (``check_tiles_slide``).
+tiling's attributes (slide_id, slide_path, level, tile_px, read_px, tile_size_level0, target_mpp, excluded, warning:
+a colour warning or "", ...), among them the slide's level-0 size and file size (``slide_identity``), so that a
+stage given a slide and a tiles file refuses a pair that do not belong together (``check_tiles_slide``).
 
 Written by ``slidemil.tiling.tile``; read by feature extraction, the tile pool of the pixel stages, the
 manifests and the heatmaps, all through ``read_tiles``.

@@ -114,6 +114,9 @@ def _cohort(sheet, splits, features: pd.DataFrame, tiles: pd.DataFrame | None, q
     usable = set(table.loc[table["excluded"] == "", "slide_id"])
     doc = {"cohort": {**cohort_mod.cohort_facts(table), "slides": _records(table),
                       "excluded": _records(table[table["excluded"] != ""][["slide_id", "patient_id", "excluded"]])}}
+    # Colours that cannot be right (slidemil.tiling.tile); manifests from before the column have none.
+    warned = tiles is not None and "warning" in tiles.columns
+    doc["cohort"]["warnings"] = _records(tiles.loc[tiles["warning"] != "", ["slide_id", "warning"]]) if warned else []
     if splits is not None:
         split_table = cohort_mod.split_summary(splits, set(table["slide_id"]) - usable)
         write_csv(out / "splits_summary.csv", split_table)

@@ -16,6 +16,7 @@ import openslide
 from openslide import lowlevel
 
 from slidemil.errors import SlideError
+from slidemil.slides.tiff_fallback import TiffSlide
 from slidemil.slides.tiffjpeg import SCALES, reader_for
 
 logger = logging.getLogger(__name__)
@@ -23,23 +24,66 @@ logger = logging.getLogger(__name__)
 # A pyramid level counts as "at or below" the target mpp within this relative
 # tolerance, so a 0.5040 mpp scan still serves a 0.5 mpp grid from level 0.
 MPP_TOLERANCE = 0.05
+# Level-0 resolutions coarser than this are no microscope's: scanner software writes a screen or print
+# placeholder (72, 96 or 300 dpi is 353, 265 or 85 um/px) where it knows none, so such metadata counts as none.
+MAX_MPP = 20.0
 
 
-def open_slide(path: str | os.PathLike) -> openslide.OpenSlide:
+def open_slide(path: str | os.PathLike) -> openslide.OpenSlide | TiffSlide:
+    """The slide, through OpenSlide; a folder is a DICOM WSI series (OpenSlide opens it from one of its files).
+
+    TIFF that OpenSlide refuses (untiled, or a layout it does not know) or reads as a generic TIFF without mpp
+    (OME-TIFF: its pixel size is in the OME-XML) is read with tifffile instead (slidemil.slides.tiff_fallback).
+    """
     path = Path(path)
+    given = path
+    if path.is_dir():
+        path = dicom_file(path)
     if not path.is_file():
         raise SlideError(f"{path}: slide file not found; fix the path in the sample sheet",
                          command_line=f"{path}: slide file not found; check the slide path on the command line")
     try:
-        return openslide.OpenSlide(str(path))
+        slide = openslide.OpenSlide(str(path))
     except openslide.OpenSlideUnsupportedFormatError as err:
-        raise SlideError(f"{path}: not a slide format OpenSlide can open ({err}); "
+        fallback = _open_tiff(path)
+        if fallback is not None:
+            return fallback
+        raise SlideError(f"{given}: not a slide format OpenSlide or tifffile can open ({err}); "
                          "convert it or remove it from the sample sheet",
-                         command_line=f"{path}: not a slide format OpenSlide can open ({err}); "
-                         "convert it to one it opens (e.g. a pyramidal TIFF)") from err
+                         command_line=f"{given}: not a slide format OpenSlide or tifffile can open ({err}); "
+                         "convert it to one they open (e.g. a pyramidal TIFF)") from err
     except openslide.OpenSlideError as err:
-        raise SlideError(f"{path}: OpenSlide cannot open this file ({err}); "
+        raise SlideError(f"{given}: OpenSlide cannot open this file ({err}); "
                          "it may be corrupt or truncated: re-export or re-copy it") from err
+    props = slide.properties
+    if props.get(openslide.PROPERTY_NAME_VENDOR) == "generic-tiff" and not props.get(openslide.PROPERTY_NAME_MPP_X):
+        fallback = _open_tiff(path)
+        if fallback is not None and fallback.properties.get(openslide.PROPERTY_NAME_MPP_X):
+            logger.info("%s: read with tifffile (OpenSlide finds no mpp in it)", path)
+            slide.close()
+            return fallback
+        if fallback is not None:
+            fallback.close()
+    return slide
+
+
+def _open_tiff(path: Path) -> TiffSlide | None:
+    try:
+        return TiffSlide(path)
+    except Exception as err:  # noqa: BLE001 - not a TIFF tifffile can read: the caller reports OpenSlide's error
+        logger.debug("%s: tifffile cannot read it either (%s)", path, err)
+        return None
+
+
+def dicom_file(folder: Path) -> Path:
+    """The file of a DICOM WSI folder to hand OpenSlide (it finds the series' other files next to it)."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    dcm = [p for p in files if p.suffix.lower() == ".dcm"] or files
+    for candidate in dcm:
+        if openslide.OpenSlide.detect_format(str(candidate)) == "dicom":
+            return candidate
+    raise SlideError(f"{folder}: a folder, but no DICOM WSI file in it that OpenSlide recognises "
+                     f"({len(files)} files); give the slide's file, or the folder of one DICOM WSI series")
 
 
 def read_rgb(slide: openslide.OpenSlide, path, location, level: int, size, scale: int = 1) -> np.ndarray:
@@ -59,6 +103,8 @@ def read_rgb(slide: openslide.OpenSlide, path, location, level: int, size, scale
             return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
         return cv2.resize(read_rgb(slide, path, location, level, (w, h)), (w // scale, h // scale),
                           interpolation=cv2.INTER_AREA)
+    if isinstance(slide, TiffSlide):
+        return _read_tiff(slide, path, location, level, size)
     img = _read_fast(slide, path, location, level, size, cv2.COLOR_BGR2RGB, cv2.COLOR_BGRA2RGB)
     if img is not None:
         return img
@@ -73,6 +119,8 @@ def decode_scale(read_px: int, out_px: int) -> int:
 
 def read_gray(slide: openslide.OpenSlide, path, location, level: int, size) -> np.ndarray:
     """Read a region as a gray uint8 array (transparent pixels white), without an RGB copy in between."""
+    if isinstance(slide, TiffSlide):
+        return cv2.cvtColor(_read_tiff(slide, path, location, level, size), cv2.COLOR_RGB2GRAY)
     img = _read_fast(slide, path, location, level, size, cv2.COLOR_BGR2GRAY, cv2.COLOR_BGRA2GRAY)
     if img is not None:
         return img
@@ -89,6 +137,13 @@ def _read_fast(slide, path, location, level: int, size, from_bgr: int, from_bgra
         return cv2.cvtColor(bgr, from_bgr)
     bgra = _read_opaque_bgra(slide, path, location, level, size)
     return cv2.cvtColor(bgra, from_bgra) if bgra is not None else None
+
+
+def _read_tiff(slide: TiffSlide, path, location, level: int, size) -> np.ndarray:
+    try:
+        return slide.read_rgb(location, level, size)
+    except Exception as err:  # noqa: BLE001 - tifffile and its codecs raise many types for a corrupt segment
+        raise _read_error(path, location, level, err) from err
 
 
 def _read_rgba(slide: openslide.OpenSlide, path, location, level: int, size) -> np.ndarray:
@@ -219,18 +274,22 @@ def slide_mpp(slide: openslide.OpenSlide, path, mpp_override: float | None = Non
         return SlideMpp(float(mpp_override), "sheet")
     props = slide.properties
     mpp_x, mpp_y = props.get(openslide.PROPERTY_NAME_MPP_X), props.get(openslide.PROPERTY_NAME_MPP_Y)
+    what = "no resolution in the slide metadata (neither openslide.mpp-x nor objective power)"
     if mpp_x:
         mpp = float(mpp_x) if not mpp_y else (float(mpp_x) + float(mpp_y)) / 2
-        if mpp > 0:
+        if 0 < mpp <= MAX_MPP:
             return SlideMpp(mpp, "metadata")
+        if mpp > MAX_MPP:
+            what = (f"no resolution in the slide metadata: it says {mpp:.4g} um/px ({25400 / mpp:.3g} dpi), "
+                    f"a scanner software's placeholder (no microscope scans coarser than {MAX_MPP:g} um/px)")
+            logger.warning("%s: metadata mpp %.4g is over %g um/px, a placeholder: ignored", path, mpp, MAX_MPP)
     power = props.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER) or props.get("aperio.AppMag")
     if power and float(power) > 0:
         # The usual convention (20x ~ 0.5 mpp, 40x ~ 0.25 mpp); scanners differ by a few percent.
         mpp = 10.0 / float(power)
         logger.warning("%s: no mpp in metadata; using %.4g mpp from objective power %sx", path, mpp, power)
         return SlideMpp(mpp, "objective-power")
-    problem = (f"{path}: no resolution in the slide metadata (neither openslide.mpp-x nor objective power), "
-               "so the tile grid cannot be placed in microns; ")
+    problem = f"{path}: {what}, so the tile grid cannot be placed in microns; "
     raise SlideError(problem + "add an 'mpp' column to the sample sheet with this slide's level-0 microns per pixel",
                      command_line=problem + "pass --mpp-override with this slide's level-0 microns per pixel")
 

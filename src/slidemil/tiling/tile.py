@@ -161,30 +161,92 @@ def tile_slide(
         return _tile(slide_path, out_h5, out_qc, p, slide_id, mpp_override, threads)
     except SlideError as err:
         if on_error == "fail":
+            if out_qc and getattr(err, "qc_picture", None) is not None:
+                _write_excluded_qc(out_qc, slide_id, str(err), err.qc_picture)
             raise
-        reason = str(err)
+        reason, picture, warning = str(err), getattr(err, "qc_picture", None), getattr(err, "warning", "")
     logger.error("%s excluded: %s", slide_id, reason)
-    write_excluded(out_h5, out_qc, slide_id, slide_path, reason, p)
+    write_excluded(out_h5, out_qc, slide_id, slide_path, reason, p, picture, warning)
     return {"slide_id": slide_id, "n_tiles": 0, "excluded": reason}
 
 
-def write_excluded(out_h5, out_qc, slide_id: str, slide_path, reason: str, p: TilingParams) -> None:
-    """A zero-row tiles file carrying the reason, and a QC picture that says it."""
+def write_excluded(out_h5, out_qc, slide_id: str, slide_path, reason: str, p: TilingParams,
+                   picture: np.ndarray | None = None, warning: str = "") -> None:
+    """A zero-row tiles file carrying the reason, and a QC picture that says it (above ``picture``, BGR, if any:
+    a no-tissue slide's thumbnail and mask, which the reason tells the user to look at)."""
     attrs = {
         "slide_id": slide_id, "slide_path": str(slide_path), "level": -1, "tile_px": p.tile_px,
         "tile_size_level0": 0, "read_px": 0, "target_mpp": p.mpp, "n_grid": 0, "n_candidates": 0,
-        "n_tiles": 0, "params": asdict(p), "excluded": reason,
+        "n_tiles": 0, "params": asdict(p), "excluded": reason, "warning": warning,
     }
     write_tiles(out_h5, np.zeros((0, 2), np.int64), attrs)
     if out_qc:
-        img = np.full((160, 960, 3), 255, np.uint8)
-        lines = [f"{slide_id}: EXCLUDED"] + textwrap.wrap(reason, 110)[:6]
-        for i, line in enumerate(lines):
-            cv2.putText(img, line, (8, 22 + 22 * i), cv2.FONT_HERSHEY_SIMPLEX, 0.45,
-                        (0, 0, 200) if i == 0 else (0, 0, 0), 1, cv2.LINE_AA)
-        ok, buf = cv2.imencode(".png", img)
-        with atomic_output(out_qc) as tmp:
-            tmp.write_bytes(buf.tobytes())
+        _write_excluded_qc(out_qc, slide_id, reason, picture)
+
+
+def _write_excluded_qc(out_qc, slide_id: str, reason: str, picture: np.ndarray | None) -> None:
+    width = max(960, picture.shape[1] if picture is not None else 0)
+    img = np.full((160, width, 3), 255, np.uint8)
+    lines = [f"{slide_id}: EXCLUDED"] + textwrap.wrap(reason, 110)[:6]
+    for i, line in enumerate(lines):
+        cv2.putText(img, line, (8, 22 + 22 * i), cv2.FONT_HERSHEY_SIMPLEX, 0.45,
+                    (0, 0, 200) if i == 0 else (0, 0, 0), 1, cv2.LINE_AA)
+    if picture is not None:
+        below = np.full((picture.shape[0], width, 3), 255, np.uint8)
+        below[:, :picture.shape[1]] = picture
+        img = np.vstack([img, below])
+    ok, buf = cv2.imencode(".png", img)
+    with atomic_output(out_qc) as tmp:
+        tmp.write_bytes(buf.tobytes())
+
+
+def mask_picture(slide, slide_path, p: TilingParams, step0: int, candidates: np.ndarray) -> np.ndarray:
+    """The thumbnail (candidates outlined in red) beside the tissue mask (tissue white), BGR, each at most
+    QC_MAX_PX / 2 wide: what a user checks when no tile was kept. The mask is the tiling's own, at its
+    resolution (MASK_PX_PER_TILE per grid cell), shown larger without smoothing."""
+    w0, h0 = slide.dimensions
+    thumb = _thumbnail(slide, slide_path, max(step0 / MASK_PX_PER_TILE, 1.0))
+    mask = tissue_mask(thumb, p.mask_min_saturation)
+    side = QC_MAX_PX // 2
+    size = (max(1, round(w0 * side / max(w0, h0))), max(1, round(h0 * side / max(w0, h0))))
+    left = np.ascontiguousarray(cv2.resize(thumb, size, interpolation=cv2.INTER_AREA)[..., ::-1])
+    right = cv2.resize(mask.astype(np.uint8) * 255, size, interpolation=cv2.INTER_NEAREST)
+    s = size[0] / w0
+    for x, y in candidates.tolist():
+        cv2.rectangle(left, (int(x * s), int(y * s)), (int((x + step0) * s) - 1, int((y + step0) * s) - 1),
+                      (0, 0, 220), 1)
+    gap = np.full((size[1], 8, 3), 255, np.uint8)
+    return np.hstack([left, gap, cv2.cvtColor(right, cv2.COLOR_GRAY2BGR)])
+
+
+# A slide's background (its brightest tenth of overview pixels) is glass: near neutral white. Further than this
+# from gray (largest minus smallest channel of its median colour, 0-255) the colours cannot be right: e.g. a
+# DICOM header declaring RGB over YCbCr JPEG frames turns white into (255, 128, 128): 123 on a demo slide.
+# Measured on slides read right: CMU-1 3, openslide's small.svs 10, the demo slides and boxes.tiff 0; a
+# yellowish glass (240, 235, 215) would be 25.
+MAX_BACKGROUND_CHROMA = 40
+BACKGROUND_QUANTILE = 0.9
+
+
+def colour_warning(overview_rgb: np.ndarray, slide_path) -> str:
+    """A warning (logged) when the slide's background on its overview is far from neutral white, else ""."""
+    if overview_rgb.size == 0:
+        return ""
+    stride = max(1, int(math.sqrt(overview_rgb.shape[0] * overview_rgb.shape[1] / 1e6)))  # a million pixels do
+    overview_rgb = np.ascontiguousarray(overview_rgb[::stride, ::stride])
+    pixels = overview_rgb.reshape(-1, 3)
+    gray = cv2.cvtColor(overview_rgb, cv2.COLOR_RGB2GRAY).ravel()
+    background = pixels[gray >= np.quantile(gray, BACKGROUND_QUANTILE)]
+    colour = np.median(background, axis=0)
+    chroma = float(colour.max() - colour.min())
+    if chroma <= MAX_BACKGROUND_CHROMA:
+        return ""
+    rgb = ", ".join(f"{c:.0f}" for c in colour)
+    warning = (f"background colour ({rgb}) is far from neutral white (channels differ by {chroma:.0f} > "
+               f"{MAX_BACKGROUND_CHROMA}): the colours are probably read wrongly (e.g. YCbCr taken for RGB); "
+               "check the QC picture before trusting its features")
+    logger.warning("%s: %s", slide_path, warning)
+    return warning
 
 
 def _tile(slide_path, out_h5, out_qc, p: TilingParams, slide_id: str, mpp_override, threads) -> dict:
@@ -196,9 +258,15 @@ def _tile(slide_path, out_h5, out_qc, p: TilingParams, slide_id: str, mpp_overri
     read_px = int(round(step0 / slide.level_downsamples[level]))
     w0, h0 = slide.dimensions
     nx, ny = w0 // step0, h0 // step0
+    if nx == 0 or ny == 0:
+        slide.close()
+        raise SlideError(f"{slide_path}: slide {slide_id} is {w0} x {h0} px at {base.mpp:.4g} mpp, smaller than one "
+                         f"{p.tile_px} px tile at {p.mpp:g} mpp ({step0} x {step0} px of this slide); leave it out "
+                         "of the sample sheet, or tile at a smaller tiling.tile_px")
 
     sources = overview_sources(slide)
     candidates, mask_source, mask_img = tissue_candidates(slide, slide_path, p, step0, sources)
+    warning = colour_warning(mask_img, slide_path)
     logger.info("%s: %.4g mpp (%s), level %d (%.4g mpp), grid %dx%d of %d px at level 0, %d candidates",
                 slide_id, base.mpp, base.source, level, level_mpp, nx, ny, step0, len(candidates))
 
@@ -252,18 +320,21 @@ def _tile(slide_path, out_h5, out_qc, p: TilingParams, slide_id: str, mpp_overri
             keep = list(tqdm(pool.map(judge, to_read), **progress))
     coords = to_read[np.asarray(keep, dtype=bool)] if len(to_read) else np.zeros((0, 2), np.int64)
     if len(coords) == 0:
-        slide.close()
         # Blank, or tissue too faint for the thresholds: nothing to learn from.
         problem = (f"{slide_path}: no tissue tiles found ({len(candidates)} candidate tiles in the tissue mask, "
                    "none kept); check the slide and its QC picture, or lower ")
-        raise SlideError(problem + "tiling.mask_min_saturation", command_line=problem + "--mask-min-saturation")
+        err = SlideError(problem + "tiling.mask_min_saturation", command_line=problem + "--mask-min-saturation")
+        err.qc_picture = mask_picture(slide, slide_path, p, step0, candidates)
+        err.warning = warning  # false colours are a likely cause: the excluded slide's file keeps the warning
+        slide.close()
+        raise err
 
     attrs = {
         "slide_id": slide_id, "slide_path": str(slide_path), "level": level,
         "tile_px": p.tile_px, "tile_size_level0": step0, "read_px": read_px,
         "target_mpp": p.mpp, "slide_mpp": base.mpp, "mpp_source": base.source, "level_mpp": level_mpp,
         "n_grid": nx * ny, "n_candidates": len(candidates), "n_read": len(to_read), "n_tiles": len(coords),
-        "params": asdict(p), "excluded": "", **slide_identity(slide_path, slide.dimensions),
+        "params": asdict(p), "excluded": "", "warning": warning, **slide_identity(slide_path, slide.dimensions),
     }
     write_tiles(out_h5, coords, attrs)
     if out_qc:
