@@ -34,4 +34,9 @@ class CheckpointError(ValueError):
     """A checkpoint cannot rebuild its model; the message names the file."""
 
 
-USER_ERRORS = (SheetError, SlideError, SplitError, FeatureFileError, CheckpointError, FileNotFoundError)
+class WeightsError(ValueError):
+    """An extractor's weights file cannot be read or does not fit its architecture; one line naming both."""
+
+
+USER_ERRORS = (SheetError, SlideError, SplitError, FeatureFileError, CheckpointError, WeightsError,
+               FileNotFoundError)

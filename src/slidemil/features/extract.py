@@ -21,11 +21,12 @@ from tqdm import tqdm
 
 from slidemil.names import FEATURE_PRECISIONS as PRECISIONS
 from slidemil.runtime import resolve_device, resolve_precision, warn_if_bf16_emulated
-from slidemil.features.extractors import IMAGENET_MEAN, IMAGENET_STD, create_extractor, get_spec
+from slidemil.features.extractors import create_extractor, get_spec
 from slidemil.files.features import write_features
 from slidemil.logs import setup_logging
 from slidemil.slides.reader import SlideError, decode_scale, one_opencv_thread, open_slide, read_rgb, resize_tile
 from slidemil.files.tiles import read_tiles
+from slidemil.weights import is_local, weights_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ def extract_features(
     slide_id: str | None = None,
     torch_compile: bool = False,
     scaled_decode: bool = True,
+    options: dict | None = None,
 ) -> dict:
     """Extract features of every tile listed in ``tiles_h5``; write ``out_h5`` atomically.
 
@@ -83,18 +85,21 @@ def extract_features(
     ``scaled_decode`` reads tiles at least twice ``input_px`` (40x scans at 20x) at 1/2, 1/4 or 1/8 resolution
     before the resize, which for JPEG-tiled 40x slides cuts the loader's CPU time per tile by a third;
     ``device``, ``batch_size``, ``workers``, ``threads`` and ``torch_compile`` only change
-    how fast they come.
+    how fast they come. ``options``: the generic ``timm`` extractor's settings (arch, timm_kwargs, mean, std,
+    pool). A local weights file's sha256 is recorded as ``weights_sha256`` (Hugging Face lists the same digest).
     """
     coords, tile_attrs = read_tiles(tiles_h5)
     # The DAG passes no slide: the tiles file names the one it was cut from.
     slide_path = slide_path or str(tile_attrs["slide_path"])
     slide_id = slide_id or Path(slide_path).stem
     if tile_attrs.get("excluded"):
-        return write_excluded_features(out_h5, slide_id, extractor, weights, input_px, dtype, tile_attrs)
+        return write_excluded_features(out_h5, slide_id, extractor, weights, input_px, dtype, tile_attrs,
+                                       get_spec(extractor, options).dim)
     dev = resolve_device(device)
     if threads:
         torch.set_num_threads(threads)
-    model, digest = create_extractor(extractor, weights, seed)
+    spec = get_spec(extractor, options)
+    model, digest = create_extractor(extractor, weights, seed, options)
     model = model.to(dev, memory_format=torch.channels_last)
     amp = resolve_precision(dev, precision, need="inference")
     precision = amp.name
@@ -102,10 +107,10 @@ def extract_features(
     if torch_compile and len(coords):
         with torch.inference_mode(), amp.autocast(dev):
             model = compile_model(model, torch.zeros((min(batch_size, len(coords)), 3, input_px, input_px), device=dev))
-    mean = torch.tensor(IMAGENET_MEAN, device=dev).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, device=dev).view(1, 3, 1, 1) * 255
+    mean = torch.tensor(spec.mean, device=dev).view(1, 3, 1, 1) * 255
+    std = torch.tensor(spec.std, device=dev).view(1, 3, 1, 1) * 255
 
-    dim = get_spec(extractor).dim
+    dim = spec.dim
     read_px = int(tile_attrs["read_px"])
     scale = decode_scale(read_px, input_px) if scaled_decode else 1
     feats = torch.zeros((len(coords), dim), dtype=torch.float32, device=dev)
@@ -132,7 +137,7 @@ def extract_features(
         raise RuntimeError(f"{slide_id}: non-finite features from {extractor} ({weights}); check the weights")
     attrs = {
         "slide_id": slide_id, "extractor": extractor, "weights": str(weights), "weights_digest": digest,
-        "excluded": "",
+        "weights_sha256": weights_sha256(weights) if is_local(weights) else "", "excluded": "",
         "input_px": input_px, "tile_px": int(tile_attrs["tile_px"]), "target_mpp": float(tile_attrs["target_mpp"]),
         "level": int(tile_attrs["level"]), "tile_size_level0": int(tile_attrs["tile_size_level0"]),
         "precision": precision, "decode_scale": scale,
@@ -142,10 +147,9 @@ def extract_features(
     return {"slide_id": slide_id, "n_tiles": len(coords), "dim": dim, "weights_digest": digest}
 
 
-def write_excluded_features(out_h5, slide_id, extractor, weights, input_px, dtype, tile_attrs) -> dict:
+def write_excluded_features(out_h5, slide_id, extractor, weights, input_px, dtype, tile_attrs, dim: int) -> dict:
     """An excluded slide (see tiling) passes on as zero rows with the same ``excluded`` reason."""
     reason = str(tile_attrs["excluded"])
-    dim = get_spec(extractor).dim
     attrs = {
         "slide_id": slide_id, "extractor": extractor, "weights": str(weights), "input_px": input_px,
         "tile_px": int(tile_attrs["tile_px"]), "target_mpp": float(tile_attrs["target_mpp"]),
