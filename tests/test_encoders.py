@@ -117,6 +117,14 @@ def test_small_encoder_loads_strictly_and_extracts_its_dim(tiled, small_weights,
         assert torch.allclose(loaded(x), random_model(x), atol=1e-5)
 
 
+def test_legacy_torch_format_and_wrapped_state_dict_load(small_weights, tmp_path):
+    d, random_model = small_weights
+    state = torch.load(d / "pytorch_model.bin", weights_only=True)
+    torch.save({"model": state}, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    loaded, digest = create_extractor("dinov2_vits14", str(tmp_path / "legacy.pth"))
+    assert digest == create_extractor("dinov2_vits14", "random", seed=4)[1]
+
+
 def _one_line(err) -> str:
     text = str(err.value)
     assert "\n" not in text

@@ -171,7 +171,7 @@ def read_state_dict(name: str, weights: str) -> dict:
                 from safetensors.torch import load_file
                 part = load_file(file)
             else:
-                part = torch.load(file, map_location="cpu", weights_only=True)
+                part = _torch_load(file)
         except Exception as err:  # pickle, zip or safetensors header errors: all mean "not this format"
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise WeightsError(f"{name}: {file} is not a readable {suffix} weights file ({first[:160]})") from err
@@ -182,6 +182,17 @@ def read_state_dict(name: str, weights: str) -> dict:
             raise WeightsError(f"{name}: {file} holds a {type(part).__name__}, not a state dict of tensors")
         state.update(part)
     return state
+
+
+def _torch_load(file: str):
+    """torch.load memory-mapped (a giant's 4 GB are paged in as read, not copied first); files in the legacy
+    (pre-zip) format cannot be mapped and are read whole."""
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as err:
+        if "mmap" not in str(err) and "zip" not in str(err):
+            raise
+        return torch.load(file, map_location="cpu", weights_only=True)
 
 
 def check_fits(name: str, weights: str, model: nn.Module, state: dict) -> None:
