@@ -173,8 +173,11 @@ def read_state_dict(name: str, weights: str) -> dict:
             else:
                 part = _torch_load(file)
         except Exception as err:  # pickle, zip or safetensors header errors: all mean "not this format"
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise WeightsError(f"{name}: {file} is not a readable {suffix} weights file ({first[:160]})") from err
+            first = (str(err).strip().splitlines() or [""])[0]
+            # torch's own first line is a paragraph about weights_only: the error type says more
+            detail = first if first and len(first) <= 120 and "weights_only" not in first else type(err).__name__
+            raise WeightsError(f"{name}: {file} is not a readable {suffix} weights file ({detail}); expected "
+                               f"a state dict saved with torch.save or safetensors") from err
         for key in ("state_dict", "model"):
             if isinstance(part, dict) and isinstance(part.get(key), dict):
                 part = part[key]
