@@ -109,7 +109,7 @@ def test_small_encoder_loads_strictly_and_extracts_its_dim(tiled, small_weights,
     # the file's sha256, as sha256sum (and Hugging Face) give it
     assert attrs["weights_sha256"] == hashlib.sha256((d / "model.safetensors" if file == "snapshot"
                                                       else d / file).read_bytes()).hexdigest()
-    assert attrs["weights_digest"] == create_extractor("dinov2_vits14", "random", seed=4)[1]
+    assert attrs["weights_digest"] == attrs["weights_sha256"][:16]
     # the loaded network is the saved one: same features as the random model it came from
     x = torch.rand(2, 3, 224, 224)
     loaded, _ = create_extractor("dinov2_vits14", str(d / file))
@@ -121,8 +121,10 @@ def test_legacy_torch_format_and_wrapped_state_dict_load(small_weights, tmp_path
     d, random_model = small_weights
     state = torch.load(d / "pytorch_model.bin", weights_only=True)
     torch.save({"model": state}, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
-    loaded, digest = create_extractor("dinov2_vits14", str(tmp_path / "legacy.pth"))
-    assert digest == create_extractor("dinov2_vits14", "random", seed=4)[1]
+    loaded, _ = create_extractor("dinov2_vits14", str(tmp_path / "legacy.pth"))
+    x = torch.rand(1, 3, 224, 224)
+    with torch.inference_mode():
+        assert torch.allclose(loaded(x), random_model(x), atol=1e-5)
 
 
 def _one_line(err) -> str:

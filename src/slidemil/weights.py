@@ -9,6 +9,7 @@ the same digest Hugging Face lists for each file. Light (no torch): the DAG uses
 from __future__ import annotations
 
 import hashlib
+from functools import lru_cache
 from pathlib import Path
 
 from slidemil.names import ENCODER_CARDS, SIMCLR_WEIGHTS
@@ -37,6 +38,13 @@ def weights_files(weights: str) -> list[str]:
 
 
 def _file_sha256(path: str) -> str:
+    stat = Path(path).stat()
+    return _sha256_of(str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=16)
+def _sha256_of(path: str, mtime_ns: int, size: int) -> str:
+    """Hashed once per process and file version: a giant's 4.5 GB take seconds."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):

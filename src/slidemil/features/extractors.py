@@ -21,6 +21,7 @@ from torch import nn
 from slidemil.errors import WeightsError
 from slidemil.features.encoders import ENCODERS, IMAGENET_MEAN, IMAGENET_STD, EncoderSpec, create_encoder
 from slidemil.names import SIMCLR_EXTRACTORS, SIMCLR_WEIGHTS, TIMM_EXTRACTOR
+from slidemil.weights import is_local, weights_sha256
 
 _KNOWN_PREFIXES = ("module.", "backbone.", "encoder.", "model.")
 
@@ -119,7 +120,8 @@ def create_extractor(name: str, weights: str = "imagenet", seed: int = 0,
     spec = get_spec(name, options)
     if isinstance(spec, EncoderSpec):
         model = create_encoder(spec, weights, seed)
-        return model, weights_digest(model)
+        # A giant's tensors take seconds to hash per slide: a weights file's own sha256 names them as well.
+        return model, weights_sha256(weights)[:16] if is_local(weights) else weights_digest(model)
     if weights == "random":
         torch.manual_seed(seed)  # every slide of a cohort must see the same random network
         full = variance_preserving_init(spec.build_full())
