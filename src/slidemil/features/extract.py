@@ -11,6 +11,7 @@ so the GPU never waits for a per-batch copy back. Mixed precision on CUDA
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 
@@ -19,12 +20,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from slidemil.errors import USER_ERRORS
 from slidemil.names import FEATURE_PRECISIONS as PRECISIONS
 from slidemil.runtime import resolve_device, resolve_precision, warn_if_bf16_emulated
 from slidemil.features.extractors import create_extractor, get_spec
 from slidemil.files.features import write_features
 from slidemil.logs import setup_logging
-from slidemil.slides.reader import SlideError, decode_scale, one_opencv_thread, open_slide, read_rgb, resize_tile
+from slidemil.slides.reader import decode_scale, one_opencv_thread, open_slide, read_rgb, resize_tile
 from slidemil.files.tiles import read_tiles
 from slidemil.weights import is_local, weights_sha256
 
@@ -181,7 +183,11 @@ def main(argv=None, prog: str = "python -m slidemil.features.extract") -> None:
     ap.add_argument("--tiles", required=True, help="HDF5 from the tiling stage")
     ap.add_argument("--out", required=True)
     ap.add_argument("--extractor", default="resnet50_trunc")
-    ap.add_argument("--weights", default="imagenet", help="imagenet, random or a path to a state dict")
+    ap.add_argument("--weights", default="imagenet",
+                    help="imagenet, random, or a local weights file / Hugging Face snapshot folder (never downloaded)")
+    ap.add_argument("--timm", type=json.loads, metavar="JSON",
+                    help='the timm extractor\'s settings, e.g. \'{"arch": "vit_small_patch14_dinov2", '
+                         '"timm_kwargs": {"img_size": 224}, "pool": "cls"}\' (also mean, std)')
     ap.add_argument("--input-px", type=int, default=224)
     ap.add_argument("--seed", type=int, default=0, help="seeds random weights")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16"])
@@ -201,8 +207,8 @@ def main(argv=None, prog: str = "python -m slidemil.features.extract") -> None:
         print(extract_features(args.slide, args.tiles, args.out, args.extractor, args.weights, args.input_px,
                                args.seed, args.dtype, args.device, args.batch_size, args.workers,
                                args.precision, args.threads, torch_compile=args.compile,
-                               scaled_decode=args.scaled_decode))
-    except SlideError as err:
+                               scaled_decode=args.scaled_decode, options=args.timm))
+    except USER_ERRORS as err:
         raise SystemExit(f"error: {err}")
 
 
