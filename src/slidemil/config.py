@@ -23,8 +23,9 @@ from dataclasses import dataclass, field, fields
 from functools import cache
 from pathlib import Path
 
-from slidemil.names import (EXTRACTORS, FEATURE_PRECISIONS, MIL_MODELS, MODEL_PARAMS, SIMCLR_ARCHITECTURES,
-                            SIMCLR_EXTRACTORS, SIMCLR_WEIGHTS, TILE_ARCHITECTURES, TILE_MODEL, TRAIN_PRECISIONS)
+from slidemil.names import (ENCODER_CARDS, ENCODER_POOLS, EXTRACTORS, FEATURE_PRECISIONS, MIL_MODELS, MODEL_PARAMS,
+                            SIMCLR_ARCHITECTURES, SIMCLR_EXTRACTORS, SIMCLR_WEIGHTS, TILE_ARCHITECTURES, TILE_MODEL,
+                            TIMM_EXTRACTOR, TIMM_OPTIONS, TRAIN_PRECISIONS)
 
 MODELS = (*MIL_MODELS, TILE_MODEL)
 # Builder arguments the workflow sets itself (from the base model's settings), never the config.
@@ -91,6 +92,12 @@ class ExtractorSettings:
     dtype: str = setting(choices=("float32", "float16"))
     precision: str = setting("auto", choices=FEATURE_PRECISIONS)
     scaled_decode: bool = setting(True)
+    # The generic timm extractor only; unset elsewhere, so existing runs keep their params.
+    arch: str | None = setting(None, unset=True)
+    timm_kwargs: dict | None = setting(None, unset=True)
+    mean: list[float] | None = setting(None, length=3, unset=True)
+    std: list[float] | None = setting(None, length=3, above=0, unset=True)
+    pool: str | None = setting(None, choices=(None, *ENCODER_POOLS), unset=True)
 
 
 @dataclass(frozen=True)
@@ -456,6 +463,7 @@ def _check_rules(cfg: dict) -> None:
     extractors = [] if features["precomputed"] else features["extractors"]
     for name in extractors:
         _check_extractor_rules(name, features["settings"].get(name), cfg["simclr"]["input_px"])
+        _check_encoder_rules(name, features["settings"][name], cfg["tiling"])
     tile = cfg["mil"]["settings"].get(TILE_MODEL) or {}
     if TILE_MODEL in models and features["precomputed"]:
         raise ConfigError("mil.models", f"{TILE_MODEL} trains on tiles, and precomputed features have none",
@@ -482,6 +490,27 @@ def _check_extractor_rules(name: str, settings: dict | None, simclr_px: int) -> 
     if settings["input_px"] != simclr_px:
         raise ConfigError(f"{key}.input_px", f"{settings['input_px']} differs from simclr.input_px: the encoder "
                           "would see tiles at another scale", str(simclr_px))
+
+
+def _check_encoder_rules(name: str, settings: dict, tiling: dict) -> None:
+    key = f"features.settings.{name}"
+    given = [o for o in TIMM_OPTIONS if settings.get(o) is not None]
+    if name == TIMM_EXTRACTOR and not settings.get("arch"):
+        raise ConfigError(f"{key}.arch", "missing: the timm extractor needs a timm architecture name",
+                          "e.g. vit_small_patch14_dinov2")
+    if name != TIMM_EXTRACTOR and given:
+        raise ConfigError(f"{key}.{given[0]}", f"is a setting of the {TIMM_EXTRACTOR} extractor only")
+    card = ENCODER_CARDS.get(name)
+    if card is None:
+        return
+    if settings["input_px"] != card.px:
+        raise ConfigError(f"{key}.input_px", f"{settings['input_px']} differs from the {card.px} px of {name}'s "
+                          "model card", str(card.px))
+    # Tiles of tile_px at tiling.mpp are resized to input_px: the encoder sees them at this magnification.
+    seen_mpp = tiling["mpp"] * tiling["tile_px"] / settings["input_px"]
+    if abs(seen_mpp / card.mpp - 1) > 0.25:
+        raise ConfigError("tiling.mpp", f"{name} would see tiles at {seen_mpp:.2f} um/px (tiling.mpp x tile_px / "
+                          f"input_px), its model card's is {card.mpp}", f"tiling.mpp near {card.mpp}")
 
 
 # ---- the stages' view --------------------------------------------------------------------------------

@@ -43,8 +43,8 @@ class CheckpointError(ValueError):
 
 
 class WeightsError(ValueError):
-    """Model weights cannot be had as asked (a file for another architecture, no internet); the message says
-    what to pass instead."""
+    """Model weights cannot be had as asked (a file for another architecture, an unreadable file, no internet);
+    the one line names the extractor and the file, and says what to pass instead."""
 
 
 class DeviceError(RuntimeError):

@@ -9,6 +9,8 @@ A SimCLR extractor is a registered architecture (``shufflenet_v2``, ``resnet18``
 own training tiles (``results/simclr/{architecture}/backbone.pt``).
 """
 
+from typing import NamedTuple
+
 SIMCLR_EXTRACTORS = {
     "shufflenet_simclr": "shufflenet_v2",    # DeepSMILE, TCGA-BC
     "resnet18_simclr": "resnet18",           # DeepSMILE, TCGA-CRCk
@@ -16,8 +18,43 @@ SIMCLR_EXTRACTORS = {
 }
 # Weights setting that means "the cohort's own SimCLR backbone" (resolved by the workflow to a file).
 SIMCLR_WEIGHTS = "simclr"
+
+
+class EncoderCard(NamedTuple):
+    """What a foundation-model encoder expects, from its model card: tile px and magnification (um/px), the
+    feature size, where its weights are published and which file(s) to copy, and their licence."""
+    px: int
+    mpp: float
+    dim: int
+    card: str
+    files: str
+    licence: str
+
+
+_HF = "https://huggingface.co/"
+# Pathology foundation-model encoders (slidemil.features.encoders), loaded with timm from local weights only.
+ENCODER_CARDS = {
+    "uni": EncoderCard(224, 0.5, 1024, _HF + "MahmoodLab/UNI", "pytorch_model.bin", "CC-BY-NC-ND-4.0"),
+    "uni2_h": EncoderCard(224, 0.5, 1536, _HF + "MahmoodLab/UNI2-h", "pytorch_model.bin", "CC-BY-NC-ND-4.0"),
+    "virchow2": EncoderCard(224, 0.5, 2560, _HF + "paige-ai/Virchow2", "pytorch_model.bin or model.safetensors",
+                            "CC-BY-NC-ND-4.0"),
+    "h_optimus_0": EncoderCard(224, 0.5, 1536, _HF + "bioptimus/H-optimus-0", "pytorch_model.bin", "Apache-2.0"),
+    "h_optimus_1": EncoderCard(224, 0.5, 1536, _HF + "bioptimus/H-optimus-1", "pytorch_model.bin",
+                               "Bioptimus, academic research only"),
+    "gigapath": EncoderCard(224, 0.5, 1536, _HF + "prov-gigapath/prov-gigapath", "pytorch_model.bin",
+                            "Apache-2.0 (gated, research use)"),
+    "phikon_v2": EncoderCard(224, 0.5, 1024, _HF + "owkin/phikon-v2", "model.safetensors",
+                             "Owkin non-commercial"),
+    # Natural-image DINOv2 (LVD-142M), small enough for CPUs: a baseline, and the encoder tests run for real.
+    "dinov2_vits14": EncoderCard(224, 0.5, 384, _HF + "timm/vit_small_patch14_dinov2.lvd142m", "model.safetensors",
+                                 "Apache-2.0"),
+}
+# Any timm architecture with local weights; its architecture, normalisation and pooling are settings.
+TIMM_EXTRACTOR = "timm"
+TIMM_OPTIONS = ("arch", "timm_kwargs", "mean", "std", "pool")
+ENCODER_POOLS = ("model", "cls", "mean", "cls_mean")
 # Every registered feature extractor (slidemil.features.extractors).
-EXTRACTORS = ("resnet50_trunc", "shufflenet_v2", "resnet18", *SIMCLR_EXTRACTORS)
+EXTRACTORS = ("resnet50_trunc", "shufflenet_v2", "resnet18", *SIMCLR_EXTRACTORS, *ENCODER_CARDS, TIMM_EXTRACTOR)
 
 # MHIM-MIL wraps an attention model: ``mhim_<base>`` trains a student/teacher pair of ``<base>``.
 MHIM_PREFIX = "mhim_"

@@ -9,6 +9,7 @@ from slidemil.cohort.sheet import SheetError, check_sheet, load_sheet
 from slidemil.config import ConfigError, TileSupervised, check_config
 from slidemil.demo.plan import plan_cohort
 from slidemil.names import SIMCLR_EXTRACTORS, SIMCLR_WEIGHTS, TILE_MODEL, TILE_SLOT, base_model
+from slidemil.weights import is_local, missing_weights, weights_files
 
 # The one check of the config, before anything reads it: defaults filled in (a partial --configfile, a
 # module's config: or a run without config/config.yaml gets them too), the first problem as one line.
@@ -197,6 +198,27 @@ def extractor_simclr_weights(wildcards):
 
 
 USES_SIMCLR = any(_simclr_backbones(e) for e in EXTRACTORS)
+
+
+# ---- local weights files: inputs, so that replacing one at the same path reruns its extraction ----
+
+
+def _local_weights(extractor):
+    weights = (config["features"]["settings"].get(extractor) or {}).get("weights")
+    return weights_files(weights) if is_local(weights) else []
+
+
+def extractor_weights_files(wildcards):
+    """The local weights file(s) of an extractor (a snapshot folder's weight files); nothing for named weights."""
+    return _local_weights(wildcards.extractor)
+
+
+# Missing weights end the run before any job, with one line saying where the model card is.
+for _extractor in [] if PRECOMPUTED else EXTRACTORS:
+    _weights = config["features"]["settings"][_extractor]["weights"]
+    if is_local(_weights) and missing_weights(_extractor, _weights):
+        sys.exit(f"config: {missing_weights(_extractor, _weights)}")
+USES_LOCAL_WEIGHTS = not PRECOMPUTED and any(_local_weights(e) for e in EXTRACTORS)
 
 
 def tile_model_settings():

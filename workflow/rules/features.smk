@@ -38,6 +38,8 @@ else:
             tiles=f"{RESULTS}/tiles/{{slide}}.h5",
             # An input function per job costs DAG time at 1,000s of slides: only when SimCLR is in use.
             simclr=extractor_simclr_weights if USES_SIMCLR else [],
+            # Local weights files: replacing one at the same path reruns extraction (and what uses the features).
+            weights=extractor_weights_files if USES_LOCAL_WEIGHTS else [],
         output:
             f"{RESULTS}/features/{{extractor}}/{{slide}}.h5",
         log:

@@ -1,5 +1,6 @@
 from _step import run
 from slidemil.features.extract import extract_features
+from slidemil.names import TIMM_OPTIONS
 
 settings = dict(snakemake.params.extractor)
 run(
@@ -22,4 +23,6 @@ run(
     threads=snakemake.threads,
     slide_id=snakemake.wildcards.slide,
     torch_compile=bool(snakemake.resources.get("torch_compile", 0)),
+    # The generic timm extractor's architecture, normalisation and pooling (None for the others).
+    options={k: settings[k] for k in TIMM_OPTIONS if k in settings} or None,
 )

@@ -11,6 +11,7 @@ so the GPU never waits for a per-batch copy back. Mixed precision on CUDA
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 
@@ -21,11 +22,12 @@ from tqdm import tqdm
 
 from slidemil.names import FEATURE_PRECISIONS as PRECISIONS
 from slidemil.runtime import resolve_device, resolve_precision, warn_if_bf16_emulated
-from slidemil.features.extractors import IMAGENET_MEAN, IMAGENET_STD, create_extractor, get_spec
+from slidemil.features.extractors import create_extractor, get_spec
 from slidemil.files.features import write_features
 from slidemil.logs import setup_logging
 from slidemil.slides.reader import decode_scale, one_opencv_thread, open_slide, read_rgb, resize_tile
 from slidemil.files.tiles import check_tiles_slide, read_tiles
+from slidemil.weights import is_local, weights_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +78,7 @@ def extract_features(
     slide_id: str | None = None,
     torch_compile: bool = False,
     scaled_decode: bool = True,
+    options: dict | None = None,
 ) -> dict:
     """Extract features of every tile listed in ``tiles_h5``; write ``out_h5`` atomically.
 
@@ -83,7 +86,8 @@ def extract_features(
     ``scaled_decode`` reads tiles at least twice ``input_px`` (40x scans at 20x) at 1/2, 1/4 or 1/8 resolution
     before the resize, which for JPEG-tiled 40x slides cuts the loader's CPU time per tile by a third;
     ``device``, ``batch_size``, ``workers``, ``threads`` and ``torch_compile`` only change
-    how fast they come.
+    how fast they come. ``options``: the generic ``timm`` extractor's settings (arch, timm_kwargs, mean, std,
+    pool). A local weights file's sha256 is recorded as ``weights_sha256`` (Hugging Face lists the same digest).
     """
     coords, tile_attrs = read_tiles(tiles_h5)
     if slide_path and not tile_attrs.get("excluded"):
@@ -95,11 +99,13 @@ def extract_features(
     slide_path = slide_path or str(tile_attrs["slide_path"])
     slide_id = slide_id or Path(slide_path).stem
     if tile_attrs.get("excluded"):
-        return write_excluded_features(out_h5, slide_id, extractor, weights, input_px, dtype, tile_attrs)
+        return write_excluded_features(out_h5, slide_id, extractor, weights, input_px, dtype, tile_attrs,
+                                       get_spec(extractor, options).dim)
     dev = resolve_device(device)
     if threads:
         torch.set_num_threads(threads)
-    model, digest = create_extractor(extractor, weights, seed)
+    spec = get_spec(extractor, options)
+    model, digest = create_extractor(extractor, weights, seed, options)
     model = model.to(dev, memory_format=torch.channels_last)
     amp = resolve_precision(dev, precision, need="inference")
     precision = amp.name
@@ -107,10 +113,10 @@ def extract_features(
     if torch_compile and len(coords):
         with torch.inference_mode(), amp.autocast(dev):
             model = compile_model(model, torch.zeros((min(batch_size, len(coords)), 3, input_px, input_px), device=dev))
-    mean = torch.tensor(IMAGENET_MEAN, device=dev).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, device=dev).view(1, 3, 1, 1) * 255
+    mean = torch.tensor(spec.mean, device=dev).view(1, 3, 1, 1) * 255
+    std = torch.tensor(spec.std, device=dev).view(1, 3, 1, 1) * 255
 
-    dim = get_spec(extractor).dim
+    dim = spec.dim
     read_px = int(tile_attrs["read_px"])
     scale = decode_scale(read_px, input_px) if scaled_decode else 1
     feats = torch.zeros((len(coords), dim), dtype=torch.float32, device=dev)
@@ -137,7 +143,7 @@ def extract_features(
         raise RuntimeError(f"{slide_id}: non-finite features from {extractor} ({weights}); check the weights")
     attrs = {
         "slide_id": slide_id, "extractor": extractor, "weights": str(weights), "weights_digest": digest,
-        "excluded": "",
+        "weights_sha256": weights_sha256(weights) if is_local(weights) else "", "excluded": "",
         "input_px": input_px, "tile_px": int(tile_attrs["tile_px"]), "target_mpp": float(tile_attrs["target_mpp"]),
         "level": int(tile_attrs["level"]), "tile_size_level0": int(tile_attrs["tile_size_level0"]),
         "precision": precision, "decode_scale": scale,
@@ -147,10 +153,9 @@ def extract_features(
     return {"slide_id": slide_id, "n_tiles": len(coords), "dim": dim, "weights_digest": digest}
 
 
-def write_excluded_features(out_h5, slide_id, extractor, weights, input_px, dtype, tile_attrs) -> dict:
+def write_excluded_features(out_h5, slide_id, extractor, weights, input_px, dtype, tile_attrs, dim: int) -> dict:
     """An excluded slide (see tiling) passes on as zero rows with the same ``excluded`` reason."""
     reason = str(tile_attrs["excluded"])
-    dim = get_spec(extractor).dim
     attrs = {
         "slide_id": slide_id, "extractor": extractor, "weights": str(weights), "input_px": input_px,
         "tile_px": int(tile_attrs["tile_px"]), "target_mpp": float(tile_attrs["target_mpp"]),
@@ -182,7 +187,11 @@ def main(argv=None, prog: str = "python -m slidemil.features.extract") -> None:
     ap.add_argument("--tiles", required=True, help="HDF5 from the tiling stage")
     ap.add_argument("--out", required=True)
     ap.add_argument("--extractor", default="resnet50_trunc")
-    ap.add_argument("--weights", default="imagenet", help="imagenet, random or a path to a state dict")
+    ap.add_argument("--weights", default="imagenet",
+                    help="imagenet, random, or a local weights file / Hugging Face snapshot folder (never downloaded)")
+    ap.add_argument("--timm", type=json.loads, metavar="JSON",
+                    help='the timm extractor\'s settings, e.g. \'{"arch": "vit_small_patch14_dinov2", '
+                         '"timm_kwargs": {"img_size": 224}, "pool": "cls"}\' (also mean, std)')
     ap.add_argument("--input-px", type=int, default=224)
     ap.add_argument("--seed", type=int, default=0, help="seeds random weights")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16"])
@@ -202,7 +211,7 @@ def main(argv=None, prog: str = "python -m slidemil.features.extract") -> None:
     print(extract_features(args.slide, args.tiles, args.out, args.extractor, args.weights, args.input_px,
                            args.seed, args.dtype, args.device, args.batch_size, args.workers,
                            args.precision, args.threads, torch_compile=args.compile,
-                           scaled_decode=args.scaled_decode))
+                           scaled_decode=args.scaled_decode, options=args.timm))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
-"""Registry of tile feature extractors: name -> truncated CNN giving one vector per tile.
+"""Registry of tile feature extractors: name -> a network giving one vector per tile.
 
-Weights are ``imagenet`` (torchvision's published weights, downloaded once into
-the torch cache), ``random`` (seeded, for offline demos and tests) or a path to
-a local file (a state dict of the full torchvision model or of the truncated one,
-e.g. the cohort's own SimCLR backbone).
+Truncated torchvision CNNs: weights are ``imagenet`` (torchvision's published weights, downloaded once into
+the torch cache), ``random`` (seeded, for offline demos and tests) or a path to a local file (a state dict of
+the full torchvision model or of the truncated one, e.g. the cohort's own SimCLR backbone).
+Pathology foundation models and any timm architecture (``timm``): see ``slidemil.features.encoders``.
 """
 
 from __future__ import annotations
@@ -19,10 +19,9 @@ import torchvision
 from torch import nn
 
 from slidemil.errors import WeightsError
-from slidemil.names import SIMCLR_EXTRACTORS, SIMCLR_WEIGHTS
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from slidemil.features.encoders import ENCODERS, IMAGENET_MEAN, IMAGENET_STD, EncoderSpec, create_encoder
+from slidemil.names import SIMCLR_EXTRACTORS, SIMCLR_WEIGHTS, TIMM_EXTRACTOR
+from slidemil.weights import is_local, weights_sha256
 
 _KNOWN_PREFIXES = ("module.", "backbone.", "encoder.", "model.")
 
@@ -36,6 +35,8 @@ class ExtractorSpec:
     truncate: Callable[[nn.Module], nn.Module]
     dropped: tuple[str, ...]                 # top-level modules removed by truncation
     architecture: str = ""                   # as a user knows it ("ResNet-18"), for error messages
+    mean: tuple = IMAGENET_MEAN              # the input normalisation its weights were trained with
+    std: tuple = IMAGENET_STD
 
 
 _REGISTRY: dict[str, ExtractorSpec] = {}
@@ -47,13 +48,29 @@ def register_extractor(spec: ExtractorSpec) -> ExtractorSpec:
 
 
 def list_extractors() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted([*_REGISTRY, *ENCODERS, TIMM_EXTRACTOR])
 
 
-def get_spec(name: str) -> ExtractorSpec:
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown extractor {name!r}; known: {', '.join(list_extractors())}")
-    return _REGISTRY[name]
+def get_spec(name: str, options: dict | None = None) -> ExtractorSpec | EncoderSpec:
+    """The spec of extractor ``name``; ``options`` are the generic ``timm`` extractor's settings (arch,
+    timm_kwargs, mean, std, pool)."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if name in ENCODERS:
+        return ENCODERS[name]
+    if name == TIMM_EXTRACTOR:
+        return timm_spec(options or {})
+    raise ValueError(f"unknown extractor {name!r}; known: {', '.join(list_extractors())}")
+
+
+def timm_spec(options: dict) -> EncoderSpec:
+    """Any timm architecture, its keyword arguments, normalisation and pooling from the settings."""
+    if not options.get("arch"):
+        raise WeightsError(f"{TIMM_EXTRACTOR}: features.settings.{TIMM_EXTRACTOR}.arch is missing; name a timm "
+                           "architecture, e.g. vit_small_patch14_dinov2")
+    kwargs = {"num_classes": 0, **(options.get("timm_kwargs") or {})}
+    return EncoderSpec(TIMM_EXTRACTOR, options["arch"], kwargs, options.get("pool") or "model",
+                       tuple(options.get("mean") or IMAGENET_MEAN), tuple(options.get("std") or IMAGENET_STD))
 
 
 def _resnet50_trunc(m: nn.Module) -> nn.Module:
@@ -98,9 +115,14 @@ for _name, _arch in SIMCLR_EXTRACTORS.items():
     register_extractor(dataclasses.replace(_REGISTRY[_arch], name=_name))
 
 
-def create_extractor(name: str, weights: str = "imagenet", seed: int = 0) -> tuple[nn.Module, str]:
-    """Build the truncated extractor in eval mode; returns (model, digest of its weights)."""
-    spec = get_spec(name)
+def create_extractor(name: str, weights: str = "imagenet", seed: int = 0,
+                     options: dict | None = None) -> tuple[nn.Module, str]:
+    """Build the extractor in eval mode; returns (model, digest of its weights)."""
+    spec = get_spec(name, options)
+    if isinstance(spec, EncoderSpec):
+        model = create_encoder(spec, weights, seed)
+        # A giant's tensors take seconds to hash per slide: a weights file's own sha256 names them as well.
+        return model, weights_sha256(weights)[:16] if is_local(weights) else weights_digest(model)
     if weights == "random":
         torch.manual_seed(seed)  # every slide of a cohort must see the same random network
         full = variance_preserving_init(spec.build_full())
