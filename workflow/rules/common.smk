@@ -93,6 +93,11 @@ def feature_manifest(extractor):
     return f"{RESULTS}/features/{extractor}/manifest.csv"
 
 
+def usable_manifest():
+    """The manifest that says which slides are usable: the tile manifest, or the precomputed features' one."""
+    return feature_manifest(PRECOMPUTED) if PRECOMPUTED else TILE_MANIFEST
+
+
 def extractor_slide_features(wildcards):
     return [features_h5(wildcards.extractor, s) for s in SLIDES]
 
@@ -300,3 +305,19 @@ def report_outputs():
     pngs = [f"{REPORT}/roc_{e}_{m}.png" for e, m in report_pairs()]
     tables = [f"{REPORT}/{name}" for name in ("summary.csv", "summary.md", "per_fold.csv", "excluded.csv")]
     return tables + pngs + report_page_outputs()
+
+
+def intermediate_outputs():
+    """Every file the report is built from, down to the per-slide ones: targets of rule all too.
+
+    Snakemake does not rebuild a missing intermediate file while the files made from it exist: a training job
+    that failed (its outputs deleted) or a deleted feature file would leave the old report standing, and the
+    next run would have "Nothing to be done". As targets, a missing one is made again, and all that follows.
+    """
+    files = [] if PRECOMPUTED else [TILE_MANIFEST] + [tiles_h5(s) for s in SLIDES] + [tiles_qc(s) for s in SLIDES]
+    for e in EXTRACTORS:
+        files += [feature_manifest(e)] + [features_h5(e, s) for s in SLIDES] + _simclr_backbones(e)
+    files += tile_model_init(None) if TILE_MODEL in MODELS else []
+    files.append(f"{RESULTS}/splits/splits.csv")
+    files += [f"{train_dir(e, m, f)}/{name}" for e, m, f in train_runs() for name in TRAIN_FILES]
+    return files + report_heatmaps(None)

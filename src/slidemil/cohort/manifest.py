@@ -24,7 +24,7 @@ from slidemil.files import write_csv
 from slidemil.files.tiles import read_tiles_attrs
 
 FEATURE_COLUMNS = ["slide_id", "path", "n_tiles", "excluded", "extractor", "weights_digest"]
-TILE_COLUMNS = ["slide_id", "path", "qc", "n_tiles", "n_candidates"]
+TILE_COLUMNS = ["slide_id", "path", "qc", "n_tiles", "n_candidates", "excluded"]
 
 
 def _slide_ids(paths: list[str]) -> list[str]:
@@ -71,7 +71,9 @@ def tile_manifest(paths: list[str], qc: list[str], out_csv: str | os.PathLike) -
         n, attrs = read_tiles_attrs(path)
         candidates = attrs.get("n_candidates")
         rows.append({"slide_id": slide, "path": str(path), "qc": str(qc[k]) if qc else "",
-                     "n_tiles": n, "n_candidates": float(candidates) if candidates is not None else np.nan})
+                     "n_tiles": n, "n_candidates": float(candidates) if candidates is not None else np.nan,
+                     # the splits leave these slides out of every fold
+                     "excluded": exclusion_reason(n, attrs)})
     table = pd.DataFrame(rows, columns=TILE_COLUMNS)
     write_csv(out_csv, table)
     return table
