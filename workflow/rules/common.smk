@@ -290,6 +290,20 @@ def report_heatmap_settings():
     return {**{k: config["report"][k] for k in HEATMAP_SETTINGS}, "seed": config["seed"]}
 
 
+def report_run_settings():
+    """The settings the results are made with (no compute resources): the report records them and their digest."""
+    settings = {"seed": config["seed"], "splits": config["splits"], "mil": config["mil"], "report": config["report"]}
+    features = {k: v for k, v in config["features"].items() if k != "settings"}
+    settings["features"] = {**features, "settings": {e: config["features"]["settings"].get(e) for e in EXTRACTORS}}
+    if not PRECOMPUTED:
+        settings["tiling"] = TILING_PARAMS
+    if USES_SIMCLR or (TILE_MODEL in MODELS and tile_model_init(None)):
+        settings["simclr"] = config["simclr"]
+    if DEMO:
+        settings["demo"] = config["demo"]
+    return settings
+
+
 def report_first_checkpoint(wildcards):
     """The heatmaps are drawn with the model of the first fold."""
     return f"{train_dir(wildcards.extractor, wildcards.model, FOLDS[0])}/model.pt"
