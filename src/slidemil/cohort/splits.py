@@ -147,11 +147,23 @@ def make_splits(
     ``excluded``: unusable slides (slide_id -> reason); patients are drawn over the usable slides only.
     """
     usable = _usable_sheet(sheet, excluded)
+    if fold_column and excluded and fold_column in sheet.columns:
+        _check_predefined_folds_usable(sheet, usable, fold_column)
     splits = _draw_splits(usable, folds, test_fraction, seed, test_column, binarize, positive_class, fold_column)
     splits = _with_excluded(splits, sheet, excluded)
     check_splits(splits)
     _check_folds_usable(splits, excluded or {}, bool(test_column or fold_column or test_fraction > 0))
     return splits
+
+
+def _check_predefined_folds_usable(sheet: pd.DataFrame, usable: pd.DataFrame, column: str) -> None:
+    """One line when every slide of a predefined fold is unusable (its split would have no test set)."""
+    folds = pd.to_numeric(sheet[column], errors="coerce")
+    empty = sorted(set(folds.dropna()) - set(pd.to_numeric(usable[column], errors="coerce").dropna()))
+    if empty:
+        n = int((folds == empty[0]).sum())
+        raise SplitError(f"no usable slide in the test set of fold {int(empty[0])}: its {n} slide(s) in {column!r} "
+                         "are all excluded as unusable; add usable slides to that fold")
 
 
 def _check_folds_usable(splits: pd.DataFrame, excluded: dict[str, str], test_expected: bool) -> None:
