@@ -1,4 +1,5 @@
 # Config and sample-sheet validation, wildcard constraints, and every input/params helper.
+import os
 import re
 import sys
 
@@ -321,17 +322,20 @@ def report_outputs():
     return tables + pngs + report_page_outputs()
 
 
-def intermediate_outputs():
-    """Every file the report is built from, down to the per-slide ones: targets of rule all too.
+def missing_intermediate_outputs():
+    """The files the report is built from, down to the per-slide ones, that are missing: targets of rule all.
 
     Snakemake does not rebuild a missing intermediate file while the files made from it exist: a training job
     that failed (its outputs deleted) or a deleted feature file would leave the old report standing, and the
-    next run would have "Nothing to be done". As targets, a missing one is made again, and all that follows.
+    next run would have "Nothing to be done". As targets they are made again, and all that follows. Only the
+    missing ones are listed (a stat each, ~20 ms at 1,000 slides; listing all ~4,000 cost 0.5 s of DAG time).
     """
+    if not os.path.isdir(RESULTS):
+        return []  # a first run: every job runs anyway
     files = [] if PRECOMPUTED else [TILE_MANIFEST] + [tiles_h5(s) for s in SLIDES] + [tiles_qc(s) for s in SLIDES]
     for e in EXTRACTORS:
         files += [feature_manifest(e)] + [features_h5(e, s) for s in SLIDES] + _simclr_backbones(e)
     files += tile_model_init(None) if TILE_MODEL in MODELS else []
     files.append(f"{RESULTS}/splits/splits.csv")
     files += [f"{train_dir(e, m, f)}/{name}" for e, m, f in train_runs() for name in TRAIN_FILES]
-    return files + report_heatmaps(None)
+    return [f for f in files + report_heatmaps(None) if not os.path.exists(f)]
