@@ -58,8 +58,9 @@ RERUN_TABLE = [
     ("mil.settings.abmil", {"embed_dim": 256, "attn_dim": 128, "dropout": 0.25}, {"train": 2, "heatmaps": 1, "report": 1}),
     ("report.n_bootstrap", 300, {"report": 1}),
     ("splits.folds", 3, {"splits": 1, "train": 3, "heatmaps": 1, "report": 1}),
+    # the splits are drawn over the usable slides of the tile manifest, so they wait for it
     ("tiling.tile_px", 96, {"tile_slide": "N", "tile_manifest": 1, "extract_features": "N", "feature_manifest": 1,
-                            "train": 2, "heatmaps": 1, "report": 1}),
+                            "splits": 1, "train": 2, "heatmaps": 1, "report": 1}),
     (f"features.settings.{EXTRACTOR}.input_px", 96,
      {"extract_features": "N", "feature_manifest": 1, "train": 2, "heatmaps": 1, "report": 1}),
     # random weights are seeded

@@ -38,6 +38,16 @@ class FeatureFileError(ValueError):
     """A feature file cannot be imported; the message names the file."""
 
 
+class CorruptFileError(FeatureFileError):
+    """A tiles or feature file cannot be read as HDF5 (truncated, damaged); ``path`` is that file."""
+
+    def __init__(self, path: str | os.PathLike, what: str, detail: str, removed: bool = False):
+        self.path, self.what, self.detail = str(path), what, detail
+        fix = "removed it: run the workflow again to make it anew" if removed else \
+            "delete it and run the workflow again to make it anew"
+        super().__init__(f"{path}: {what} damaged or truncated ({detail}); {fix}")
+
+
 class CheckpointError(ValueError):
     """A checkpoint cannot rebuild its model; the message names the file."""
 

@@ -1,4 +1,5 @@
 # Config and sample-sheet validation, wildcard constraints, and every input/params helper.
+import os
 import re
 import sys
 
@@ -100,6 +101,11 @@ def features_h5(extractor, slide):
 
 def feature_manifest(extractor):
     return f"{RESULTS}/features/{extractor}/manifest.csv"
+
+
+def usable_manifest():
+    """The manifest that says which slides are usable: the tile manifest, or the precomputed features' one."""
+    return feature_manifest(PRECOMPUTED) if PRECOMPUTED else TILE_MANIFEST
 
 
 def extractor_slide_features(wildcards):
@@ -315,6 +321,20 @@ def report_heatmap_settings():
     return {**{k: config["report"][k] for k in HEATMAP_SETTINGS}, "seed": config["seed"]}
 
 
+def report_run_settings():
+    """The settings the results are made with (no compute resources): the report records them and their digest."""
+    settings = {"seed": config["seed"], "splits": config["splits"], "mil": config["mil"], "report": config["report"]}
+    features = {k: v for k, v in config["features"].items() if k != "settings"}
+    settings["features"] = {**features, "settings": {e: config["features"]["settings"].get(e) for e in EXTRACTORS}}
+    if not PRECOMPUTED:
+        settings["tiling"] = TILING_PARAMS
+    if USES_SIMCLR or (TILE_MODEL in MODELS and tile_model_init(None)):
+        settings["simclr"] = config["simclr"]
+    if DEMO:
+        settings["demo"] = config["demo"]
+    return settings
+
+
 def report_first_checkpoint(wildcards):
     """The heatmaps are drawn with the model of the first fold."""
     return f"{train_dir(wildcards.extractor, wildcards.model, FOLDS[0])}/model.pt"
@@ -330,3 +350,22 @@ def report_outputs():
     pngs = [f"{REPORT}/roc_{e}_{m}.png" for e, m in report_pairs()]
     tables = [f"{REPORT}/{name}" for name in ("summary.csv", "summary.md", "per_fold.csv", "excluded.csv")]
     return tables + pngs + report_page_outputs()
+
+
+def missing_intermediate_outputs():
+    """The files the report is built from, down to the per-slide ones, that are missing: targets of rule all.
+
+    Snakemake does not rebuild a missing intermediate file while the files made from it exist: a training job
+    that failed (its outputs deleted) or a deleted feature file would leave the old report standing, and the
+    next run would have "Nothing to be done". As targets they are made again, and all that follows. Only the
+    missing ones are listed (a stat each, ~20 ms at 1,000 slides; listing all ~4,000 cost 0.5 s of DAG time).
+    """
+    if not os.path.isdir(RESULTS):
+        return []  # a first run: every job runs anyway
+    files = [] if PRECOMPUTED else [TILE_MANIFEST] + [tiles_h5(s) for s in SLIDES] + [tiles_qc(s) for s in SLIDES]
+    for e in EXTRACTORS:
+        files += [feature_manifest(e)] + [features_h5(e, s) for s in SLIDES] + _simclr_backbones(e)
+    files += tile_model_init(None) if TILE_MODEL in MODELS else []
+    files.append(f"{RESULTS}/splits/splits.csv")
+    files += [f"{train_dir(e, m, f)}/{name}" for e, m, f in train_runs() for name in TRAIN_FILES]
+    return [f for f in files + report_heatmaps(None) if not os.path.exists(f)]

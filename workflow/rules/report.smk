@@ -79,6 +79,8 @@ rule report:
     params:
         report=report_settings(),
         seed=config["seed"],
+        # recorded in report.json and on the page with their digest, so a report says what made it
+        run_settings=report_run_settings(),
         # Same order as the inputs: one entry per trained (extractor, model, fold).
         runs=[{"extractor": e, "model": m, "fold": f} for e, m, f in train_runs()],
     script:

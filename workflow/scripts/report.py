@@ -20,4 +20,5 @@ run(
     features={Path(m).parent.name: m for m in inp.features},
     tiles=inp.tiles[0] if inp.tiles else None,
     heatmaps=list(inp.heatmaps),
+    run_settings=snakemake.params.run_settings,
 )

@@ -7,6 +7,7 @@ run(
     write_splits,
     snakemake.input.sheet,
     snakemake.output[0],
+    manifest=snakemake.input.usable,
     folds=s["folds"],
     test_fraction=s["test_fraction"],
     seed=snakemake.params.seed,

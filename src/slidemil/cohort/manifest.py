@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from slidemil.errors import FeatureFileError
+from slidemil.errors import CorruptFileError, FeatureFileError
 from slidemil.cohort.facts import _text, exclusion_reason, feature_file_attrs
 from slidemil.files import write_csv
 from slidemil.files.tiles import read_tiles_attrs
 
 FEATURE_COLUMNS = ["slide_id", "path", "n_tiles", "excluded", "extractor", "weights_digest"]
-TILE_COLUMNS = ["slide_id", "path", "qc", "n_tiles", "n_candidates", "warning"]
+TILE_COLUMNS = ["slide_id", "path", "qc", "n_tiles", "n_candidates", "excluded", "warning"]
 
 
 def _slide_ids(paths: list[str]) -> list[str]:
@@ -37,11 +37,24 @@ def _slide_ids(paths: list[str]) -> list[str]:
     return ids
 
 
+def _read_or_remove(read, path):
+    """``read(path)``; a damaged file (truncated, not HDF5) is deleted so that the next run makes it again.
+
+    The manifests list files this workflow made, so removing one loses nothing: the rule that makes it
+    runs again on the next run (rule all asks for every per-slide file).
+    """
+    try:
+        return read(path)
+    except CorruptFileError as err:
+        Path(path).unlink(missing_ok=True)
+        raise CorruptFileError(path, err.what, err.detail, removed=True) from None
+
+
 def feature_manifest(paths: list[str], out_csv: str | os.PathLike) -> pd.DataFrame:
     """List per-slide feature files ({slide_id}.h5); refuse a set mixing extractors or weights."""
     rows = []
     for slide, path in zip(_slide_ids(paths), paths):
-        n, attrs = feature_file_attrs(path)
+        n, attrs = _read_or_remove(feature_file_attrs, path)
         reason = exclusion_reason(n, attrs)
         extractor, digest = _text(attrs.get("extractor", "")), _text(attrs.get("weights_digest", ""))
         # Imported features (slidemil.features.byof) carry a digest of each source file, not of the weights.
@@ -68,10 +81,12 @@ def tile_manifest(paths: list[str], qc: list[str], out_csv: str | os.PathLike) -
         raise ValueError(f"{out_csv}: {len(paths)} tiles files but {len(qc)} QC pictures")
     rows = []
     for k, (slide, path) in enumerate(zip(_slide_ids(paths), paths)):
-        n, attrs = read_tiles_attrs(path)
+        n, attrs = _read_or_remove(read_tiles_attrs, path)
         candidates = attrs.get("n_candidates")
         rows.append({"slide_id": slide, "path": str(path), "qc": str(qc[k]) if qc else "",
                      "n_tiles": n, "n_candidates": float(candidates) if candidates is not None else np.nan,
+                     # the splits leave these slides out of every fold
+                     "excluded": exclusion_reason(n, attrs),
                      "warning": _text(attrs.get("warning", "")).strip()})
     table = pd.DataFrame(rows, columns=TILE_COLUMNS)
     write_csv(out_csv, table)

@@ -11,19 +11,29 @@ benchmark): the column holds each patient's test fold 0..K-1 and split k tests
 on fold k. Its validation set is a label-stratified draw from the other K-1
 folds' patients, the size of one fold (1/(K-1) of them) but at most a quarter,
 seeded by (seed, k); the rest is its training set.
+
+Unusable slides (``excluded``: slide_id -> reason, from the tile manifest, or the
+feature manifest of precomputed features) never take a place in a fold: they
+are ``excluded`` in every fold column and their reason is in the ``excluded``
+column. Patients are drawn and stratified over those with a usable slide, so
+an unusable slide cannot empty a test set.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
+from slidemil.files.tiles import read_tiles_attrs
 from slidemil.files.splits import PARTITIONS, fold_column_name, fold_columns, write_splits_csv
 from slidemil.logs import setup_logging
+from slidemil.cohort.facts import NO_TILES, exclusion_reason
+from slidemil.cohort.manifest import read_manifest_table
 from slidemil.cohort.sheet import read_table
 from slidemil.errors import SplitError
 
@@ -89,6 +99,38 @@ def _binarize(values: pd.Series, reference: pd.Series, how: str) -> pd.Series:
     raise SplitError(f"unknown binarize {how!r}; use median or tertiles")
 
 
+def _usable_sheet(sheet: pd.DataFrame, excluded: dict[str, str] | None) -> pd.DataFrame:
+    """The sheet's rows of usable slides; SplitError when none is left."""
+    if not excluded:
+        return sheet
+    usable = sheet[~sheet["slide_id"].astype(str).isin(excluded)]
+    if usable.empty:
+        reasons = "; ".join(f"{s}: {r}" for s, r in list(excluded.items())[:3])
+        raise SplitError(f"no usable slide: all {len(sheet)} slides of the sheet are excluded ({reasons}"
+                         f"{' ...' if len(excluded) > 3 else ''}); see the tile manifest and QC pictures")
+    return usable
+
+
+def _with_excluded(splits: pd.DataFrame, sheet: pd.DataFrame, excluded: dict[str, str] | None) -> pd.DataFrame:
+    """Add the unusable slides: ``excluded`` in every fold, their reason in the ``excluded`` column."""
+    excluded = excluded or {}
+    reasons = {str(s): excluded[str(s)] for s in sheet["slide_id"] if str(s) in excluded}
+    rows = sheet.loc[sheet["slide_id"].astype(str).isin(reasons), ["slide_id", "patient_id"]]
+    patients = splits.drop_duplicates("patient_id").set_index("patient_id")
+    extra = rows.join(patients[["label"]], on="patient_id")
+    # A patient without a usable slide keeps the sheet's label value (a list: ints must not become floats).
+    values, sheet_values = patients["label_value"].to_dict(), dict(zip(sheet["slide_id"], sheet["label"]))
+    extra["label_value"] = [values.get(p, sheet_values[s]) for s, p in zip(rows["slide_id"], rows["patient_id"])]
+    for column in fold_columns(splits):
+        extra[column] = "excluded"
+    out = pd.concat([splits.assign(excluded=""), extra.assign(excluded=[reasons[str(s)] for s in extra["slide_id"]])])
+    # The sheet's order, so splits.csv reads like the sheet.
+    order = {str(s): i for i, s in enumerate(sheet["slide_id"])}
+    out = out.sort_values("slide_id", key=lambda c: c.astype(str).map(order), kind="stable")
+    out["label"] = out["label"].astype("Int64")
+    return out.reset_index(drop=True)
+
+
 def make_splits(
     sheet: pd.DataFrame,
     folds: int = 5,
@@ -98,8 +140,53 @@ def make_splits(
     binarize: str | None = None,
     positive_class=None,
     fold_column: str | None = None,
+    excluded: dict[str, str] | None = None,
 ) -> pd.DataFrame:
-    """Splits table: slide_id, patient_id, label (0/1), label_value, fold_0..fold_{k-1}."""
+    """Splits table: slide_id, patient_id, label (0/1), label_value, fold_0..fold_{k-1}, excluded (reason or "").
+
+    ``excluded``: unusable slides (slide_id -> reason); patients are drawn over the usable slides only.
+    """
+    usable = _usable_sheet(sheet, excluded)
+    if fold_column and excluded and fold_column in sheet.columns:
+        _check_predefined_folds_usable(sheet, usable, fold_column)
+    splits = _draw_splits(usable, folds, test_fraction, seed, test_column, binarize, positive_class, fold_column)
+    splits = _with_excluded(splits, sheet, excluded)
+    check_splits(splits)
+    _check_folds_usable(splits, excluded or {}, bool(test_column or fold_column or test_fraction > 0))
+    return splits
+
+
+def _check_predefined_folds_usable(sheet: pd.DataFrame, usable: pd.DataFrame, column: str) -> None:
+    """One line when every slide of a predefined fold is unusable (its split would have no test set)."""
+    folds = pd.to_numeric(sheet[column], errors="coerce")
+    empty = sorted(set(folds.dropna()) - set(pd.to_numeric(usable[column], errors="coerce").dropna()))
+    if empty:
+        n = int((folds == empty[0]).sum())
+        raise SplitError(f"no usable slide in the test set of fold {int(empty[0])}: its {n} slide(s) in {column!r} "
+                         "are all excluded as unusable; add usable slides to that fold")
+
+
+def _check_folds_usable(splits: pd.DataFrame, excluded: dict[str, str], test_expected: bool) -> None:
+    """One line when a fold has no usable slide in a partition that training or testing needs."""
+    for column in fold_columns(splits):
+        for part in ("train", "val", "test") if test_expected else ("train", "val"):
+            if not (splits[column] == part).any():
+                why = f"{len(excluded)} slide(s) are excluded as unusable" if excluded else "too few patients"
+                raise SplitError(f"no usable slide in the {part} set of fold {column.split('_')[1]}: {why}; "
+                                 "add usable slides or ask for fewer folds")
+
+
+def _draw_splits(
+    sheet: pd.DataFrame,
+    folds: int = 5,
+    test_fraction: float = 0.25,
+    seed: int = 0,
+    test_column: str | None = None,
+    binarize: str | None = None,
+    positive_class=None,
+    fold_column: str | None = None,
+) -> pd.DataFrame:
+    """Splits of the usable slides: slide_id, patient_id, label (0/1), label_value, fold_0..fold_{k-1}."""
     if fold_column:
         return _predefined_splits(sheet, fold_column, seed, test_column, binarize, positive_class)
     if folds < 2:
@@ -150,7 +237,6 @@ def make_splits(
     out = sheet[["slide_id", "patient_id"]].merge(
         patients[["label", "label_value"]].join(table), left_on="patient_id", right_index=True, how="left")
     out["label"] = out["label"].astype("Int64")
-    check_splits(out)
     return out.reset_index(drop=True)
 
 
@@ -206,7 +292,6 @@ def _predefined_splits(sheet, column, seed, test_column, binarize, positive_clas
     out = sheet[["slide_id", "patient_id"]].merge(
         patients[["label", "label_value"]].join(table), left_on="patient_id", right_index=True, how="left")
     out["label"] = out["label"].astype("Int64")
-    check_splits(out)
     for k in range(n_folds):
         counts = out.drop_duplicates("patient_id")[fold_column_name(k)].value_counts().to_dict()
         logger.info("predefined fold %d: %s", k, counts)
@@ -219,7 +304,9 @@ def check_splits(splits: pd.DataFrame) -> None:
         bad = set(splits[col]) - set(PARTITIONS)
         if bad:
             raise SplitError(f"{col}: unknown partition value(s) {sorted(bad)}")
-        per_patient = splits.groupby("patient_id")[col].nunique()
+        # An unusable slide is excluded while its patient's other slides train or test.
+        used = splits[splits[col] != "excluded"]
+        per_patient = used.groupby("patient_id")[col].nunique()
         leaked = per_patient.index[per_patient > 1].tolist()
         if leaked:
             raise SplitError(f"{col}: patients in two partitions: {leaked[:10]}")
@@ -236,9 +323,32 @@ def summarize(splits: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def write_splits(sheet_path: str, out_csv: str, **kwargs) -> pd.DataFrame:
+def unusable_slides(manifest_csv: str | os.PathLike | None) -> dict[str, str]:
+    """slide_id -> why it cannot be used, from a tile or feature manifest (none listed: n_tiles 0)."""
+    if not manifest_csv:
+        return {}
+    table = read_manifest_table(manifest_csv)
+    if "excluded" in table.columns:
+        return {s: r for s, r in zip(table["slide_id"], table["excluded"]) if r}
+    # A tile manifest from before it had the column: the reason is in the files of the slides without tiles.
+    empty = table[table["n_tiles"].fillna(0) == 0]
+    return {s: _tiles_reason(p) for s, p in zip(empty["slide_id"], empty["path"])}
+
+
+def _tiles_reason(path: str) -> str:
+    if not os.path.isfile(path):
+        return NO_TILES
+    n, attrs = read_tiles_attrs(path)
+    return exclusion_reason(n, attrs)
+
+
+def write_splits(sheet_path: str, out_csv: str, manifest: str | None = None, **kwargs) -> pd.DataFrame:
+    """Splits of the sheet's patients over the slides ``manifest`` (a tile or feature manifest) says are usable."""
     sheet = read_table(sheet_path)
-    splits = make_splits(sheet, **kwargs)
+    excluded = unusable_slides(manifest)
+    if excluded:
+        logger.info("%d slide(s) excluded from the splits as unusable (%s)", len(excluded), manifest)
+    splits = make_splits(sheet, excluded=excluded, **kwargs)
     write_splits_csv(out_csv, splits)
     logger.info("splits written to %s\n%s", out_csv, summarize(splits).to_string(index=False))
     return splits
@@ -256,12 +366,13 @@ def main(argv=None, prog: str = "python -m slidemil.cohort.splits") -> None:
     ap.add_argument("--binarize", choices=["median", "tertiles"])
     ap.add_argument("--positive-class")
     ap.add_argument("--fold-column", help="sheet column of predefined test folds 0..K-1 (replaces --folds/--test-*)")
+    ap.add_argument("--manifest", help="tile (or feature) manifest: its unusable slides take no place in any fold")
     args = ap.parse_args(argv)
     setup_logging()
     try:
         write_splits(args.sheet, args.out, folds=args.folds, test_fraction=args.test_fraction, seed=args.seed,
                      test_column=args.test_column, binarize=args.binarize, positive_class=args.positive_class,
-                     fold_column=args.fold_column)
+                     fold_column=args.fold_column, manifest=args.manifest)
     except SplitError as err:
         raise SystemExit(f"error: {err}")
 

@@ -20,6 +20,8 @@ import h5py
 import numpy as np
 import pandas as pd
 
+from slidemil.errors import CorruptFileError
+
 
 def _current_umask() -> int:
     mask = os.umask(0)
@@ -78,9 +80,27 @@ def write_h5(path: str | os.PathLike, datasets: Mapping[str, np.ndarray], attrs:
                 file_attrs[key] = _attr_value(value)
 
 
-def read_h5(path: str | os.PathLike, names: tuple[str, ...] | None = None) -> tuple[dict, dict]:
+@contextlib.contextmanager
+def open_h5(path: str | os.PathLike, what: str = "HDF5 file") -> Iterator[h5py.File]:
+    """``h5py.File(path, "r")``; a missing file or one HDF5 cannot read is one line that names it.
+
+    h5py's own messages ("truncated file: eof = ...") name no file, and a job reading 1,000 files
+    must say which one to delete.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: {what} not found; run the workflow again to make it")
+    try:
+        with h5py.File(path, "r") as f:
+            yield f
+    except OSError as err:
+        if isinstance(err, FileNotFoundError):
+            raise
+        raise CorruptFileError(path, what, str(err)) from None
+
+
+def read_h5(path: str | os.PathLike, names: tuple[str, ...] | None = None, what: str = "HDF5 file") -> tuple[dict, dict]:
     """Read datasets (all, or ``names``) and attributes from an HDF5 file."""
-    with h5py.File(path, "r") as f:
+    with open_h5(path, what) as f:
         keys = names if names is not None else tuple(f.keys())
         data = {k: f[k][()] for k in keys}
         attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}

@@ -11,10 +11,9 @@ from __future__ import annotations
 import os
 from typing import Mapping
 
-import h5py
 import numpy as np
 
-from slidemil.files import FORMAT_VERSION, check_format, map_planned, map_plan, read_h5, write_h5
+from slidemil.files import FORMAT_VERSION, check_format, map_planned, map_plan, open_h5, read_h5, write_h5
 
 VERSION = 1
 WHAT = "feature file"
@@ -26,7 +25,7 @@ def write_features(path: str | os.PathLike, features: np.ndarray, coords: np.nda
 
 def read_features(path: str | os.PathLike, names: tuple[str, ...] = ("features", "coords")) -> tuple[dict, dict]:
     """(datasets ``names``, attributes) of a feature file."""
-    data, attrs = read_h5(path, names)
+    data, attrs = read_h5(path, names, WHAT)
     check_format(attrs.get(FORMAT_VERSION), VERSION, path, WHAT)
     return data, attrs
 
@@ -36,7 +35,7 @@ def map_features(path: str | os.PathLike) -> np.ndarray:
 
     The file is opened once: this runs for every slide of every training job.
     """
-    with h5py.File(path, "r") as f:
+    with open_h5(path, WHAT) as f:
         check_format(f.attrs.get(FORMAT_VERSION), VERSION, path, WHAT)
         where = map_plan(f["features"])
         if where is None:
@@ -46,7 +45,7 @@ def map_features(path: str | os.PathLike) -> np.ndarray:
 
 def read_features_attrs(path: str | os.PathLike) -> tuple[int, dict]:
     """(number of rows, attributes) of a feature file without reading the features."""
-    with h5py.File(path, "r") as f:
+    with open_h5(path, WHAT) as f:
         if "features" not in f:
             raise ValueError(f"{path}: no 'features' dataset; not a slidemil feature file")
         n = int(f["features"].shape[0])

@@ -15,9 +15,10 @@ from typing import Mapping
 import numpy as np
 
 from slidemil.errors import SlideError
-from slidemil.files import FORMAT_VERSION, check_format, read_h5, write_h5
+from slidemil.files import FORMAT_VERSION, check_format, open_h5, read_h5, write_h5
 
 VERSION = 1
+WHAT = "tiles file"
 
 
 def write_tiles(path: str | os.PathLike, coords: np.ndarray, attrs: Mapping) -> None:
@@ -26,19 +27,17 @@ def write_tiles(path: str | os.PathLike, coords: np.ndarray, attrs: Mapping) -> 
 
 def read_tiles(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
     """(coords [N, 2], attributes) of a tiles file."""
-    data, attrs = read_h5(path, ("coords",))
-    check_format(attrs.get(FORMAT_VERSION), VERSION, path, "tiles file")
+    data, attrs = read_h5(path, ("coords",), WHAT)
+    check_format(attrs.get(FORMAT_VERSION), VERSION, path, WHAT)
     return data["coords"], attrs
 
 
 def read_tiles_attrs(path: str | os.PathLike) -> tuple[int, dict]:
     """(number of tiles, attributes) without reading the coordinates."""
-    import h5py
-
-    with h5py.File(path, "r") as f:
+    with open_h5(path, WHAT) as f:
         n = int(f["coords"].shape[0]) if "coords" in f else 0
         attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
-    check_format(attrs.get(FORMAT_VERSION), VERSION, path, "tiles file")
+    check_format(attrs.get(FORMAT_VERSION), VERSION, path, WHAT)
     return n, attrs
 
 

@@ -146,6 +146,43 @@ def _heatmaps(indexes: list, tests: dict, extractors: set[str], out: Path) -> tu
     return items, notes
 
 
+def provenance(run_settings: dict | None) -> dict:
+    """What made a report: the slidemil version, ``git describe`` of its source (when a git checkout) and the
+    digest of the run's settings, so an old report cannot pass for the current one."""
+    import hashlib
+    import subprocess
+
+    import slidemil
+
+    git = ""
+    try:
+        proc = subprocess.run(["git", "describe", "--always", "--dirty", "--tags"], capture_output=True, text=True,
+                              cwd=Path(slidemil.__file__).parent, timeout=10)
+        git = proc.stdout.strip() if proc.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        pass  # no git, or not a checkout: the version alone
+    digest = None
+    if run_settings is not None:
+        text = json.dumps(run_settings, sort_keys=True, default=str)
+        digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    return {"slidemil_version": slidemil.__version__, "git_describe": git, "settings_digest": digest,
+            "run_settings": run_settings}
+
+
+def fold_notes(per_fold: pd.DataFrame) -> list[str]:
+    """One plain sentence per fold without a test AUC, saying why."""
+    notes = []
+    for row in per_fold.itertuples(index=False):
+        if math.isfinite(float(row.test_auc)):
+            continue
+        n, positive = int(row.n_test_patients), int(row.n_test_positive)
+        why = ("its test set has no usable patient (every test slide was excluded or none was drawn)" if n == 0 else
+               f"its {n} test patient(s) are all {'positive' if positive else 'negative'}, so no AUC can be computed")
+        notes.append(f"{row.extractor} / {row.model} fold {row.fold}: no test AUC: {why}; the fold is left out "
+                     "of the mean and the CI")
+    return notes
+
+
 def build_report(
     runs: list[dict],
     out_dir: str | os.PathLike,
@@ -156,6 +193,7 @@ def build_report(
     features: dict[str, str | os.PathLike] | None = None,
     tiles: str | os.PathLike | None = None,
     heatmaps: list[str | os.PathLike] | None = None,
+    run_settings: dict | None = None,
 ) -> dict:
     """Write the tables, figures, report.json and report.html into ``out_dir``; return the JSON document.
 
@@ -165,6 +203,7 @@ def build_report(
     manifest; ``tiles``: the tile manifest (none for precomputed features).
     ``heatmaps``: the indexes written by slidemil.report.model_heatmaps. The
     cohort and split sections need ``sheet``, ``splits`` and ``features``.
+    ``run_settings``: the settings the results were made with, recorded with their digest.
     """
     cfg = {**DEFAULTS, **(settings or {})}
     out = Path(out_dir)
@@ -176,6 +215,8 @@ def build_report(
     if excluded is not None:
         write_csv(out / "excluded.csv", excluded)
     doc = _results(runs, summary, per_fold, tests, cfg, seed, out)
+    doc["notes"] += fold_notes(per_fold)
+    doc["provenance"] = provenance(run_settings)
     if sheet is not None and manifests:
         doc.update(_cohort(sheet, splits, next(iter(manifests.values())), tile_table, int(cfg["qc_examples"]), out))
     doc["heatmaps"], doc["heatmap_notes"] = _heatmaps(list(heatmaps or []), tests, set(manifests), out)
