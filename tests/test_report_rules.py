@@ -26,6 +26,8 @@ import yaml  # noqa: E402
 from slidemil.report import page as report_page  # noqa: E402
 from factories import job_counts, snakemake_cli
 
+# The sheet check refuses such slide ids (tests/test_fault_inputs.py); a heatmap index or a page built from
+# other files may still carry one, so the page escapes every id it shows.
 EVIL_SLIDE = "S<script>alert(1)<"
 EVIL_MODEL = "ab<script>mil"
 
@@ -59,7 +61,7 @@ def study(tmp_path):
     rng = np.random.default_rng(0)
     ids, labels = [f"P{i}" for i in range(12)], [i % 2 for i in range(12)]
     runs = [_run(tmp_path, m, f, ids, labels, rng) for m in ("abmil", EVIL_MODEL) for f in (0, 1)]
-    slides = [EVIL_SLIDE] + [f"S{i}" for i in range(1, 12)]
+    slides = [f"S{i}" for i in range(12)]
     pd.DataFrame({"slide_id": slides, "patient_id": ids, "path": [f"{s}.tiff" for s in slides],
                   "label": labels}).to_csv(tmp_path / "samples.csv", index=False)
     pd.DataFrame({"slide_id": slides, "patient_id": ids, "label": labels,
@@ -69,9 +71,9 @@ def study(tmp_path):
     pd.DataFrame({"slide_id": slides, "path": [f"gone/{s}.h5" for s in slides], "n_tiles": [0 if e else 50 for e in excluded],
                   "excluded": excluded, "extractor": "uni", "weights_digest": "abc"}).to_csv(
         tmp_path / "features.csv", index=False)
-    _png(tmp_path / "qc" / f"{EVIL_SLIDE}.png", (200, 100, 150))
+    _png(tmp_path / "qc" / "S0.png", (200, 100, 150))
     pd.DataFrame({"slide_id": slides, "path": [f"gone/{s}.h5" for s in slides],
-                  "qc": [str(tmp_path / "qc" / f"{EVIL_SLIDE}.png")] + [""] * 11,
+                  "qc": [str(tmp_path / "qc" / "S0.png")] + [""] * 11,
                   "n_tiles": [0 if e else 50 for e in excluded], "n_candidates": 60}).to_csv(
         tmp_path / "tiles.csv", index=False)
     heat = tmp_path / "report" / "heatmaps" / "uni"

@@ -115,7 +115,7 @@ def test_one_new_slide_runs_only_that_slide(tiny_sheet_run):
 
 # ---- unusable slides: excluded with one line each, the run finishes ---------------------------
 
-EXCLUDED = {"BAD-NOMPP": "no resolution", "BAD-BLANK": "no tissue tiles", "BAD-UNREADABLE": "reading pixels"}
+EXCLUDED = {"BAD-NOMPP": "no resolution", "BAD-BLANK": "no tissue tiles", "BAD-UNREADABLE": "smaller than one"}
 
 
 def test_unusable_slides_are_excluded_and_reported(tiny_sheet_run):

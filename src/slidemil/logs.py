@@ -16,7 +16,27 @@ def setup_logging(log_path: str | None = None, level: int = logging.INFO) -> Non
         sys.stderr = stream
     logging.basicConfig(
         level=level,
-        stream=sys.stderr,
+        handlers=[_CurrentStderr()],
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         force=True,
     )
+
+
+class _CurrentStderr(logging.StreamHandler):
+    """A handler writing to whatever ``sys.stderr`` is when a record is logged.
+
+    logging.StreamHandler keeps the stream it was made with; once that stream is replaced and closed (a
+    command run in-process, as the tests and notebooks do), every later record would fail with "I/O
+    operation on closed file".
+    """
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
