@@ -36,7 +36,8 @@ def _root_logging_restored():
 
 
 def run_cli(capsys, *argv) -> tuple[int, list[str]]:
-    """``slidemil <argv>``: its exit status and its non-empty stderr lines."""
+    """``slidemil <argv>``: its exit status and its non-empty stderr lines (not what the test wrote before)."""
+    capsys.readouterr()
     status = cli.main([str(a) for a in argv])
     return status, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
 
