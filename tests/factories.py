@@ -401,3 +401,44 @@ def make_odd_files_cohort(folder: Path, dicom: bool = True) -> Path:
     sheet = folder / "samples.csv"
     pd.DataFrame(rows, columns=["slide_id", "patient_id", "path", "label"]).to_csv(sheet, index=False)
     return sheet
+
+
+# ---- deploy (issue 24): trained fold models and a new cohort's bags ----
+
+def train_two_folds(root: Path, model: str = "abmil") -> list[str]:
+    """write_dataset under ``root`` and ``model`` trained on its folds 0 and 1; the two model.pt paths."""
+    from slidemil.mil.train import train_fold
+
+    data = write_dataset(root)
+    paths = []
+    for fold in (0, 1):
+        out = root / "runs" / model / f"fold_{fold}"
+        train_fold(data["features"], data["splits"], fold, model, MODEL_KWARGS, FAST, seed=0, out_dir=str(out),
+                   device="cpu")
+        paths.append(str(out / "model.pt"))
+    return paths
+
+
+def write_deploy_cohort(root: Path, n_patients: int = 12, seed: int = 5, empty: str | None = None) -> dict:
+    """A new labelled cohort of bags (make_bag) under ``root``: feature files, their manifest and a sheet
+    (slide_id, patient_id, path, label); every third patient has two slides. ``empty``: a slide id whose
+    feature file has no tiles (an excluded slide)."""
+    from slidemil.cohort.manifest import feature_manifest
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    rows, paths = [], []
+    for patient in range(n_patients):
+        label = patient % 2
+        for k in range(2 if patient % 3 == 0 else 1):
+            slide = f"N{patient:02d}_{k}"
+            feats = make_bag(rng, label)[:0] if slide == empty else make_bag(rng, label)
+            path = root / f"{slide}.h5"
+            write_h5(path, {"features": feats, "coords": np.zeros((len(feats), 2), dtype=np.int64)},
+                     {"excluded": "no tissue tiles"} if slide == empty else {})
+            rows.append({"slide_id": slide, "patient_id": f"NP{patient:02d}", "path": str(path), "label": label})
+            paths.append(str(path))
+    feature_manifest(paths, root / "manifest.csv")
+    sheet = pd.DataFrame(rows)
+    sheet.to_csv(root / "sheet.csv", index=False)
+    return {"sheet": root / "sheet.csv", "manifest": root / "manifest.csv", "table": sheet}

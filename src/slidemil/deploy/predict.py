@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from slidemil.cohort.facts import exclusion_reason
 from slidemil.cohort.manifest import read_manifest, read_manifest_table
 from slidemil.errors import FeatureFileError
 from slidemil.files import write_csv
@@ -69,9 +70,8 @@ def slide_probabilities(models: list[tuple[str, object, dict]], features: dict[s
     for slide_id, path in features.items():
         data, attrs = read_features(path, ("features",))
         feats = data["features"]
-        row = {"slide_id": slide_id, "n_tiles": len(feats), "excluded": str(attrs.get("excluded") or "")}
+        row = {"slide_id": slide_id, "n_tiles": len(feats), "excluded": exclusion_reason(len(feats), attrs)}
         if len(feats) == 0:
-            row["excluded"] = row["excluded"] or "no tiles"
             rows.append(row)
             continue
         if feats.ndim != 2 or feats.shape[1] != in_dim:
