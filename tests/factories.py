@@ -419,6 +419,22 @@ def train_two_folds(root: Path, model: str = "abmil") -> list[str]:
     return paths
 
 
+def direct_probability(checkpoint, features: np.ndarray) -> float:
+    """P(class 1) of a bag from a model.pt rebuilt by hand (torch.load, create_model, its standardisation)."""
+    import torch
+
+    from slidemil.mil.models import create_model
+
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    model = create_model(ckpt["model"], in_dim=ckpt["in_dim"], n_classes=2, **ckpt["model_kwargs"]).eval()
+    model.load_state_dict(ckpt["state_dict"])
+    x = torch.from_numpy(np.asarray(features, dtype=np.float32))
+    if ckpt.get("feature_mean") is not None:
+        x = (x - ckpt["feature_mean"]) / ckpt["feature_std"]
+    with torch.no_grad():
+        return float(torch.softmax(model(x[None], None)["logits"].float(), dim=1)[0, 1])
+
+
 def write_deploy_cohort(root: Path, n_patients: int = 12, seed: int = 5, empty: str | None = None) -> dict:
     """A new labelled cohort of bags (make_bag) under ``root``: feature files, their manifest and a sheet
     (slide_id, patient_id, path, label); every third patient has two slides. ``empty``: a slide id whose

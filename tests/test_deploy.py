@@ -3,10 +3,9 @@
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from sklearn.metrics import brier_score_loss, roc_auc_score
 
-from factories import train_two_folds, write_deploy_cohort, write_sheet
+from factories import direct_probability, train_two_folds, write_deploy_cohort, write_sheet
 from slidemil.cli import main as cli
 from slidemil.cohort.deploy import leakage_problems, load_deploy_sheet
 from slidemil.cohort.sheet import load_sheet
@@ -15,7 +14,6 @@ from slidemil.deploy.predict import ENSEMBLE, SPREAD, patient_probabilities, pre
 from slidemil.deploy.report import build_deploy_report, extreme_slides
 from slidemil.demo.external import plan_external_cohort, shift_colours
 from slidemil.files.features import read_features
-from slidemil.mil.models import create_model
 from slidemil.report.stats import bootstrap_mean_auc
 
 
@@ -79,16 +77,6 @@ def trained(tmp_path_factory):
     checkpoints = train_two_folds(root / "train")
     cohort = write_deploy_cohort(root / "new", empty="N04_0")
     return {"root": root, "checkpoints": checkpoints, **cohort}
-
-
-def direct_probability(checkpoint: str, features: np.ndarray) -> float:
-    """The model rebuilt by hand from its model.pt: the deploy code must agree with this."""
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    model = create_model(ckpt["model"], in_dim=ckpt["in_dim"], n_classes=2, **ckpt["model_kwargs"]).eval()
-    model.load_state_dict(ckpt["state_dict"])
-    x = (torch.from_numpy(features.astype(np.float32)) - ckpt["feature_mean"]) / ckpt["feature_std"]
-    with torch.no_grad():
-        return float(torch.softmax(model(x[None], None)["logits"], dim=1)[0, 1])
 
 
 def test_predictions_are_the_checkpoints_and_the_ensemble_their_mean(trained, tmp_path):

@@ -73,7 +73,9 @@ def deploy_cohort_qc(wildcards):
 
 
 def deploy_cohort_features(wildcards):
-    return [f"{DEPLOY}/{wildcards.cohort}/features/{wildcards.extractor}/{s}.h5" for s in DEPLOY_PATHS[wildcards.cohort]]
+    return [
+        f"{DEPLOY}/{wildcards.cohort}/features/{wildcards.extractor}/{s}.h5" for s in DEPLOY_PATHS[wildcards.cohort]
+    ]
 
 
 def deploy_sheet(wildcards):
