@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from slidemil.cohort.sheet import check_sheet, read_table, resolve_path
+from slidemil.cohort.sheet import check_sheet, read_sheet_table, resolve_path
 from slidemil.cohort.splits import binary_labels
 from slidemil.errors import SheetError
 
@@ -28,12 +28,7 @@ def load_deploy_sheet(path: str | os.PathLike, check_files: bool = True, positiv
     by its own quantiles (splits.binarize) must come binarised (0/1) here.
     """
     path = Path(path)
-    if not path.is_file():
-        raise SheetError(path, [f"file not found: {path}"])
-    try:
-        sheet = read_table(path)
-    except Exception as err:  # pandas raises many types for unreadable tables
-        raise SheetError(path, [f"cannot be read as a table: {err}"]) from err
+    sheet = read_sheet_table(path)
     labelled = LABEL in sheet.columns and sheet[LABEL].notna().any()
     # The sheet check wants a label column; an unlabelled cohort is checked with a placeholder class.
     checked = sheet if labelled else sheet.assign(**{LABEL: 0})

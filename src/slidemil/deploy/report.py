@@ -52,7 +52,8 @@ def model_metrics(patients: pd.DataFrame, n_bootstrap: int, seed: int, label: st
     for column in fold_columns(patients) + [ENSEMBLE]:
         test = scored(patients, column)
         auc = fold_auc(test, f"{label} {column_name(column)}")
-        low, high, used = bootstrap_mean_auc([test], n_bootstrap, seed) if math.isfinite(auc) else (math.nan,) * 2 + (0,)
+        undefined = (math.nan, math.nan, 0)
+        low, high, used = bootstrap_mean_auc([test], n_bootstrap, seed) if math.isfinite(auc) else undefined
         brier = float(brier_score_loss(test["label"], test["prob"])) if len(test) else math.nan
         rows.append({"fold": column_name(column), "n_patients": len(test), "n_positive": int(test["label"].sum()),
                      "auc": auc, "ci_low": low, "ci_high": high, "n_bootstrap_used": used, "brier": brier})
@@ -184,8 +185,8 @@ def build_deploy_report(cohort: str, runs: list[dict], out_dir: str | os.PathLik
     labelled = "label" in sheet.columns
     first = next(iter(slides.values()))
     excluded = first.loc[first["excluded"] != "", ["slide_id", "excluded"]].to_dict("records")
-    doc = {"cohort": cohort, "labelled": labelled, "n_slides": len(first), "n_patients": int(sheet["patient_id"].nunique()),
-           "n_usable": int(first[ENSEMBLE].notna().sum()), "excluded": excluded, "settings": settings,
+    doc = {"cohort": cohort, "labelled": labelled, "n_slides": len(first),
+           "n_patients": int(sheet["patient_id"].nunique()), "n_usable": int(first[ENSEMBLE].notna().sum()), "excluded": excluded, "settings": settings,
            "models": [{"extractor": r["extractor"], "model": r["model"]} for r in runs]}
     if labelled:
         doc.update(labelled_section(patients, out, settings, seed))
