@@ -64,6 +64,7 @@ def plot_calibration(patients: pd.DataFrame, title: str, png: str | os.PathLike)
     """Reliability curves (equal-count bins) of the ensemble, bold, and of each fold model."""
     import matplotlib.pyplot as plt
     from sklearn.calibration import calibration_curve
+    from sklearn.metrics import brier_score_loss
 
     fig, ax = plt.subplots(figsize=(5.5, 5.5), dpi=100)
     try:
@@ -74,9 +75,11 @@ def plot_calibration(patients: pd.DataFrame, title: str, png: str | os.PathLike)
             bins = max(2, min(MAX_BINS, len(test) // 5))
             observed, predicted = calibration_curve(test["label"], test["prob"], n_bins=bins, strategy="quantile")
             bold = column == ENSEMBLE
+            brier = brier_score_loss(test["label"], test["prob"])
             ax.plot(predicted, observed, marker="o", lw=2.5 if bold else 1, alpha=1 if bold else 0.6,
-                    label=f"{column_name(column)} ({bins} bins)")
+                    label=f"{'' if bold else 'fold '}{column_name(column)}, Brier {brier:.3f}")
         ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfectly calibrated")
+        ax.text(0.98, 0.02, f"equal-count bins of {len(test)} patients", ha="right", fontsize=8, color="grey")
         ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="mean predicted probability", ylabel="fraction positive")
         ax.set_aspect("equal")
         ax.set_title(title, fontsize=10)
@@ -186,7 +189,8 @@ def build_deploy_report(cohort: str, runs: list[dict], out_dir: str | os.PathLik
     first = next(iter(slides.values()))
     excluded = first.loc[first["excluded"] != "", ["slide_id", "excluded"]].to_dict("records")
     doc = {"cohort": cohort, "labelled": labelled, "n_slides": len(first),
-           "n_patients": int(sheet["patient_id"].nunique()), "n_usable": int(first[ENSEMBLE].notna().sum()), "excluded": excluded, "settings": settings,
+           "n_patients": int(sheet["patient_id"].nunique()), "n_usable": int(first[ENSEMBLE].notna().sum()),
+           "excluded": excluded, "settings": settings,
            "models": [{"extractor": r["extractor"], "model": r["model"]} for r in runs]}
     if labelled:
         doc.update(labelled_section(patients, out, settings, seed))
