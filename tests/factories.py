@@ -458,3 +458,17 @@ def write_deploy_cohort(root: Path, n_patients: int = 12, seed: int = 5, empty: 
     sheet = pd.DataFrame(rows)
     sheet.to_csv(root / "sheet.csv", index=False)
     return {"sheet": root / "sheet.csv", "manifest": root / "manifest.csv", "table": sheet}
+
+
+def untrained_checkpoint(path: Path, in_dim: int, model: str = "abmil", seed: int = 0) -> str:
+    """A model.pt of a seeded, untrained ``model`` (no standardisation): what deploying needs, without training."""
+    import torch
+
+    from slidemil.files.checkpoint import write_checkpoint
+    from slidemil.mil.models import create_model
+
+    torch.manual_seed(seed)
+    net = create_model(model, in_dim=in_dim, n_classes=2, **MODEL_KWARGS)
+    write_checkpoint(path, {"state_dict": net.state_dict(), "model": model, "model_kwargs": MODEL_KWARGS,
+                            "in_dim": in_dim, "n_classes": 2, "fold": 0, "feature_mean": None, "feature_std": None})
+    return str(path)

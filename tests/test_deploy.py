@@ -5,7 +5,8 @@ import pandas as pd
 import pytest
 from sklearn.metrics import brier_score_loss, roc_auc_score
 
-from factories import direct_probability, train_two_folds, write_deploy_cohort, write_sheet
+from factories import (direct_probability, tiled_slide, train_two_folds, untrained_checkpoint, write_deploy_cohort,
+                       write_sheet)
 from slidemil.cli import main as cli
 from slidemil.cohort.deploy import leakage_problems, load_deploy_sheet
 from slidemil.cohort.sheet import load_sheet
@@ -13,6 +14,7 @@ from slidemil.config import ConfigError, check_config
 from slidemil.deploy.predict import ENSEMBLE, SPREAD, patient_probabilities, predict_cohort
 from slidemil.deploy.report import build_deploy_report, extreme_slides
 from slidemil.demo.external import plan_external_cohort, shift_colours
+from slidemil.features.extract import extract_features
 from slidemil.files.features import read_features
 from slidemil.report.stats import bootstrap_mean_auc
 
@@ -182,3 +184,22 @@ def test_external_demo_cohort_has_its_own_patients_and_shifted_stains():
     shifted = shift_colours(rgb)
     assert (shifted[0, 0] == 255).all()   # white stays white: background is still background
     assert 3 <= np.abs(shifted[0, 1].astype(int) - rgb[0, 1]).max() <= 20
+
+
+def test_slides_are_tiled_and_extracted_as_the_training_features_were(tmp_path):
+    slide = tiled_slide(tmp_path, "NEW1", slide_px=768)
+    like = tmp_path / "like.h5"
+    extract_features(slide["slide"], slide["tiles"], str(like), extractor="shufflenet_v2", weights="random",
+                     input_px=64, device="cpu", slide_id="NEW1")
+    ckpt = untrained_checkpoint(tmp_path / "model.pt", in_dim=1024)
+    broken = tmp_path / "broken.svs"
+    broken.write_bytes(b"not a slide")
+    out = tmp_path / "from_slides.csv"
+    assert cli(["predict", "--checkpoints", ckpt, "--slides", slide["slide"], str(broken), "--like", str(like),
+                "--out", str(out), "--device", "cpu"]) == 0
+    table = pd.read_csv(out, keep_default_na=False, na_values=[""]).set_index("slide_id")
+    bag = read_features(like, ("features",))[0]["features"]
+    assert table.loc["NEW1", "prob_fold_0"] == pytest.approx(direct_probability(ckpt, bag), abs=1e-5)
+    assert "broken.svs" in table.loc["broken", "excluded"] and np.isnan(table.loc["broken", ENSEMBLE])
+    assert cli(["predict", "--checkpoints", ckpt, "--slides", slide["slide"], "--like", str(like), "--seed", "5",
+                "--out", str(tmp_path / "other_seed.csv"), "--device", "cpu"]) == 1

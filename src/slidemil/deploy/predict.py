@@ -13,6 +13,7 @@ probability columns). Slides without tiles stay in the slide table with their re
 Command line (no Snakemake)::
 
     slidemil predict --checkpoints run/fold_*/model.pt --features feats/ --out predictions.csv [--sheet S.csv]
+    slidemil predict --checkpoints run/fold_*/model.pt --slides a.svs b.svs --like features/E/S1.h5 --out p.csv
 """
 
 from __future__ import annotations
@@ -182,8 +183,15 @@ def _parse_args(argv, prog):
     parser = argparse.ArgumentParser(prog=prog, description="Score slides with trained MIL models (each fold and "
                                      "their ensemble, the mean of the folds' probabilities).")
     parser.add_argument("--checkpoints", nargs="+", required=True, help="model.pt files (e.g. every fold's)")
-    parser.add_argument("--features", nargs="+", required=True,
-                        help="feature files ({slide_id}.h5) or folders of them, made with the training extractor")
+    given = parser.add_mutually_exclusive_group(required=True)
+    given.add_argument("--features", nargs="+",
+                       help="feature files ({slide_id}.h5) or folders of them, made with the training extractor")
+    given.add_argument("--slides", nargs="+", help="slide files: tiled and extracted as --like says")
+    parser.add_argument("--like", default=None, help="with --slides: a feature file of the training cohort, whose "
+                        "recorded extractor, weights, input size, precision, mpp and tile size the slides get")
+    parser.add_argument("--work-dir", default=None, help="with --slides: where their tiles and features go "
+                        "(default: beside --out)")
+    parser.add_argument("--seed", type=int, default=0, help="with --slides and random weights: the training seed")
     parser.add_argument("--out", required=True, help="per-slide predictions CSV")
     parser.add_argument("--sheet", default=None, help="sample sheet (slide_id, patient_id[, label]): adds the "
                         "per-patient table --out-patients")
@@ -191,6 +199,17 @@ def _parse_args(argv, prog):
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--log", default=None, help="log file (default: stderr)")
     return parser.parse_args(argv)
+
+
+def _features(args) -> dict[str, str]:
+    if args.features:
+        return feature_files(args.features)
+    from slidemil.deploy.slides import features_from_slides
+
+    if not args.like:
+        raise FileNotFoundError("--slides needs --like: a feature file of the training cohort (its settings)")
+    work = args.work_dir or str(Path(args.out).with_suffix("")) + "_work"
+    return features_from_slides(args.slides, args.like, work, args.device, args.seed)
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m slidemil.deploy.predict") -> int:
@@ -202,8 +221,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m slidemil.deploy.p
     setup_logging(args.log)
     sheet = read_table(args.sheet) if args.sheet else None
     dev = resolve_device(args.device)
-    slides = attach_sheet(slide_probabilities(load_models(args.checkpoints, dev), feature_files(args.features), dev),
-                          sheet)
+    models = load_models(args.checkpoints, dev)  # a wrong checkpoint fails before any slide is read
+    slides = attach_sheet(slide_probabilities(models, _features(args), dev), sheet)
     write_csv(args.out, slides)
     if args.out_patients:
         write_csv(args.out_patients, patient_probabilities(slides))
