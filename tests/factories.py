@@ -435,10 +435,11 @@ def direct_probability(checkpoint, features: np.ndarray) -> float:
         return float(torch.softmax(model(x[None], None)["logits"].float(), dim=1)[0, 1])
 
 
-def write_deploy_cohort(root: Path, n_patients: int = 12, seed: int = 5, empty: str | None = None) -> dict:
+def write_deploy_cohort(root: Path, n_patients: int = 12, seed: int = 5, empty: str | None = None,
+                        prefix: str = "N") -> dict:
     """A new labelled cohort of bags (make_bag) under ``root``: feature files, their manifest and a sheet
     (slide_id, patient_id, path, label); every third patient has two slides. ``empty``: a slide id whose
-    feature file has no tiles (an excluded slide)."""
+    feature file has no tiles (an excluded slide); ``prefix`` starts every slide and patient id."""
     from slidemil.cohort.manifest import feature_manifest
 
     rng = np.random.default_rng(seed)
@@ -447,12 +448,12 @@ def write_deploy_cohort(root: Path, n_patients: int = 12, seed: int = 5, empty: 
     for patient in range(n_patients):
         label = patient % 2
         for k in range(2 if patient % 3 == 0 else 1):
-            slide = f"N{patient:02d}_{k}"
+            slide = f"{prefix}{patient:02d}_{k}"
             feats = make_bag(rng, label)[:0] if slide == empty else make_bag(rng, label)
             path = root / f"{slide}.h5"
             write_h5(path, {"features": feats, "coords": np.zeros((len(feats), 2), dtype=np.int64)},
                      {"excluded": "no tissue tiles"} if slide == empty else {})
-            rows.append({"slide_id": slide, "patient_id": f"NP{patient:02d}", "path": str(path), "label": label})
+            rows.append({"slide_id": slide, "patient_id": f"{prefix}P{patient:02d}", "path": str(path), "label": label})
             paths.append(str(path))
     feature_manifest(paths, root / "manifest.csv")
     sheet = pd.DataFrame(rows)

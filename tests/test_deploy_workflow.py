@@ -7,7 +7,7 @@ import pytest
 import yaml
 from sklearn.metrics import roc_auc_score
 
-from factories import direct_probability, job_counts, snakemake_cli, TINY
+from factories import direct_probability, job_counts, snakemake_cli, TINY, write_deploy_cohort
 from slidemil.deploy.predict import ENSEMBLE
 from slidemil.files.features import read_features
 from slidemil.report.stats import bootstrap_mean_auc
@@ -130,3 +130,20 @@ def test_adding_and_editing_a_cohort_never_retrains(run, shared_slides, tmp_path
     _, jobs, _ = dry_run(run, {**config, "mil": {**CONFIG["mil"], "training": {"epochs": 9, "patience": 4,
                                                                             "lr": 0.0005}}})
     assert jobs["train"] == 4 and jobs["predict"] == 2 * len(MODELS) and "deploy_extract_features" not in jobs
+
+
+def test_feature_sheets_are_deployed_through_the_import(tmp_path):
+    training = write_deploy_cohort(tmp_path / "train", n_patients=16, prefix="T")
+    new = write_deploy_cohort(tmp_path / "new", n_patients=6, prefix="N")
+    unlabelled = new["table"].drop(columns="label")
+    unlabelled.to_csv(tmp_path / "new" / "unlabelled.csv", index=False)
+    config = {**TINY, "samples": str(training["sheet"]), "features": {"precomputed": "bags"},
+              "mil": {**TINY["mil"], "models": ["abmil"]},
+              "deploy": {"cohorts": {"new": {"samples": str(new["sheet"])},
+                                     "new_unlabelled": {"samples": str(tmp_path / "new" / "unlabelled.csv")}}}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    proc = snakemake_cli(tmp_path, "-n", "--cores", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = job_counts(proc.stdout + proc.stderr)
+    assert jobs["deploy_import_features"] == 2 * len(new["table"]) and jobs["predict"] == 2
+    assert jobs["deploy_report"] == 2 and "deploy_tile_slide" not in jobs and "deploy_extract_features" not in jobs
