@@ -602,7 +602,7 @@ def readme(schema_path: str | Path = SCHEMA) -> str:
              "numbers, true/false and null where the setting takes those.", ""]
     for path, obj in schema_objects(schema):
         cls = SCHEMA_SECTIONS.get(path)
-        title = path.replace("*", "<extractor>") or "top level"
+        title = path.replace("*", "<cohort>" if path.startswith("deploy") else "<extractor>") or "top level"
         lines += [f"## {title}", "", obj.get("description", schema["description"]), ""]
         rows = [f"| `{name}` | {_default_text(cls, name) if cls else ''} | {prop.get('description', '')} |"
                 for name, prop in obj.get("properties", {}).items()
