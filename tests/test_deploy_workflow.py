@@ -90,6 +90,16 @@ def test_a_cohort_sharing_slides_or_patients_with_training_is_refused(run, tmp_p
     assert "Traceback" not in text
 
 
+def test_a_deleted_prediction_file_is_made_again(run):
+    path = run / "results" / "deploy" / EXTERNAL / "predictions" / EXTRACTOR / "abmil" / "predictions_slides.csv"
+    aside = path.with_name("aside.csv")
+    path.rename(aside)
+    try:
+        assert dry_run(run, CONFIG)[1] == {"predict": 1, "deploy_report": 1}
+    finally:
+        aside.rename(path)
+
+
 def real_slides_sheet(shared_slides, folder):
     files = sorted(p for p in shared_slides.rglob("*") if p.suffix in (".svs", ".tiff"))
     ids = [f"{p.parent.name}-{p.stem}" if p.parent != shared_slides else p.stem for p in files]

@@ -125,3 +125,17 @@ DEPLOY_REPORT_FILES = ("report.html", "report.json", "predictions_slides.csv", "
 
 def deploy_outputs():
     return [f"{DEPLOY_REPORT}/{c}/{name}" for c in COHORTS for name in DEPLOY_REPORT_FILES]
+
+
+def deploy_missing_intermediates():
+    """The deploy cohorts' files that are missing (as missing_intermediate_outputs): made again with what follows."""
+    if not COHORTS or not os.path.isdir(RESULTS):
+        return []
+    files = []
+    for c in COHORTS:
+        if not PRECOMPUTED:
+            files += [deploy_tile_manifest(c)] + [f(c, s) for s in DEPLOY_PATHS[c] for f in (deploy_tiles, deploy_qc)]
+        for e in EXTRACTORS:
+            files += [deploy_feature_manifest(c, e)] + [f"{DEPLOY}/{c}/features/{e}/{s}.h5" for s in DEPLOY_PATHS[c]]
+        files += [deploy_predictions(c, e, m, level) for e, m in deploy_pairs() for level in ("slides", "patients")]
+    return [f for f in files if not os.path.exists(f)]
