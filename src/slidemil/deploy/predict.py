@@ -164,7 +164,7 @@ def attach_sheet(slides: pd.DataFrame, sheet: pd.DataFrame | None) -> pd.DataFra
 
 
 def feature_files(paths: list[str]) -> dict[str, str]:
-    """slide_id -> feature file, from files and folders of ``{slide_id}.h5`` (a folder's manifest.csv if any)."""
+    """slide_id -> feature file, from files and folders of ``{slide_id}.h5``."""
     files: dict[str, str] = {}
     for given in map(Path, paths):
         if given.is_dir():
