@@ -24,7 +24,8 @@ EXTERNAL = "demo_external"
 def run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("deploy_run")
     (workdir / "config.yaml").write_text(yaml.safe_dump(CONFIG))
-    proc = snakemake_cli(workdir, "--cores", "2")
+    # 76 jobs: about 12 min on 2 busy cores, so more than the runner's default 15 min limit on a slower day.
+    proc = snakemake_cli(workdir, "--cores", "2", timeout=2400)
     assert proc.returncode == 0, proc.stderr[-5000:]
     return workdir
 
@@ -117,7 +118,7 @@ def test_adding_and_editing_a_cohort_never_retrains(run, shared_slides, tmp_path
     assert rc == 0, text[-3000:]
     assert jobs == {"deploy_tile_slide": n, "deploy_tile_manifest": 1, "deploy_extract_features": n,
                     "deploy_feature_manifest": 1, "predict": len(MODELS), "deploy_report": 1}
-    proc = snakemake_cli(run, "--cores", "2", configfile="edited.yaml")
+    proc = snakemake_cli(run, "--cores", "2", configfile="edited.yaml", timeout=1800)
     assert proc.returncode == 0, proc.stderr[-5000:]
     # An unlabelled cohort of the real slides: a prediction per usable slide, the broken ones excluded with why.
     slides = predictions(run, "real", "abmil").set_index("slide_id")
