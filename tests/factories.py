@@ -401,3 +401,75 @@ def make_odd_files_cohort(folder: Path, dicom: bool = True) -> Path:
     sheet = folder / "samples.csv"
     pd.DataFrame(rows, columns=["slide_id", "patient_id", "path", "label"]).to_csv(sheet, index=False)
     return sheet
+
+
+# ---- deploy (issue 24): trained fold models and a new cohort's bags ----
+
+def train_two_folds(root: Path, model: str = "abmil") -> list[str]:
+    """write_dataset under ``root`` and ``model`` trained on its folds 0 and 1; the two model.pt paths."""
+    from slidemil.mil.train import train_fold
+
+    data = write_dataset(root)
+    paths = []
+    for fold in (0, 1):
+        out = root / "runs" / model / f"fold_{fold}"
+        train_fold(data["features"], data["splits"], fold, model, MODEL_KWARGS, FAST, seed=0, out_dir=str(out),
+                   device="cpu")
+        paths.append(str(out / "model.pt"))
+    return paths
+
+
+def direct_probability(checkpoint, features: np.ndarray) -> float:
+    """P(class 1) of a bag from a model.pt rebuilt by hand (torch.load, create_model, its standardisation)."""
+    import torch
+
+    from slidemil.mil.models import create_model
+
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    model = create_model(ckpt["model"], in_dim=ckpt["in_dim"], n_classes=2, **ckpt["model_kwargs"]).eval()
+    model.load_state_dict(ckpt["state_dict"])
+    x = torch.from_numpy(np.asarray(features, dtype=np.float32))
+    if ckpt.get("feature_mean") is not None:
+        x = (x - ckpt["feature_mean"]) / ckpt["feature_std"]
+    with torch.no_grad():
+        return float(torch.softmax(model(x[None], None)["logits"].float(), dim=1)[0, 1])
+
+
+def write_deploy_cohort(root: Path, n_patients: int = 12, seed: int = 5, empty: str | None = None,
+                        prefix: str = "N") -> dict:
+    """A new labelled cohort of bags (make_bag) under ``root``: feature files, their manifest and a sheet
+    (slide_id, patient_id, path, label); every third patient has two slides. ``empty``: a slide id whose
+    feature file has no tiles (an excluded slide); ``prefix`` starts every slide and patient id."""
+    from slidemil.cohort.manifest import feature_manifest
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    rows, paths = [], []
+    for patient in range(n_patients):
+        label = patient % 2
+        for k in range(2 if patient % 3 == 0 else 1):
+            slide = f"{prefix}{patient:02d}_{k}"
+            feats = make_bag(rng, label)[:0] if slide == empty else make_bag(rng, label)
+            path = root / f"{slide}.h5"
+            write_h5(path, {"features": feats, "coords": np.zeros((len(feats), 2), dtype=np.int64)},
+                     {"excluded": "no tissue tiles"} if slide == empty else {})
+            rows.append({"slide_id": slide, "patient_id": f"{prefix}P{patient:02d}", "path": str(path), "label": label})
+            paths.append(str(path))
+    feature_manifest(paths, root / "manifest.csv")
+    sheet = pd.DataFrame(rows)
+    sheet.to_csv(root / "sheet.csv", index=False)
+    return {"sheet": root / "sheet.csv", "manifest": root / "manifest.csv", "table": sheet}
+
+
+def untrained_checkpoint(path: Path, in_dim: int, model: str = "abmil", seed: int = 0) -> str:
+    """A model.pt of a seeded, untrained ``model`` (no standardisation): what deploying needs, without training."""
+    import torch
+
+    from slidemil.files.checkpoint import write_checkpoint
+    from slidemil.mil.models import create_model
+
+    torch.manual_seed(seed)
+    net = create_model(model, in_dim=in_dim, n_classes=2, **MODEL_KWARGS)
+    write_checkpoint(path, {"state_dict": net.state_dict(), "model": model, "model_kwargs": MODEL_KWARGS,
+                            "in_dim": in_dim, "n_classes": 2, "fold": 0, "feature_mean": None, "feature_std": None})
+    return str(path)

@@ -20,6 +20,7 @@ STAGE_USES = {
     "features": {"slides"},
     "pretrain": {"slides", "features", "cohort"},
     "report": {"slides", "cohort", "mil"},
+    "deploy": {"slides", "cohort", "mil", "report", "tiling", "features"},
 }
 
 

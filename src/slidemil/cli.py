@@ -24,6 +24,7 @@ STAGES = {
     "report": ("slidemil.report.stats", "per-fold and summary test AUCs, bootstrap CIs, ROC curves"),
     "report-page": ("slidemil.report.page", "the self-contained HTML report"),
     "heatmap": ("slidemil.report.heatmap", "a trained model's attention drawn over a slide"),
+    "predict": ("slidemil.deploy.predict", "score new slides' features with trained models and their ensemble"),
     "heatmaps": ("slidemil.report.model_heatmaps", "one model's heatmaps of its test slides, indexed for the report"),
 }
 

@@ -28,6 +28,8 @@ from slidemil.names import (ENCODER_CARDS, ENCODER_POOLS, EXTRACTORS, FEATURE_PR
                             TIMM_EXTRACTOR, TIMM_OPTIONS, TRAIN_PRECISIONS)
 
 MODELS = (*MIL_MODELS, TILE_MODEL)
+# The demo's second cohort (deploy.demo_patients), deployed like any cohort of deploy.cohorts.
+DEMO_DEPLOY_COHORT = "demo_external"
 # Builder arguments the workflow sets itself (from the base model's settings), never the config.
 WORKFLOW_MODEL_PARAMS = ("base_kwargs",)
 SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
@@ -226,6 +228,32 @@ class Report:
     qc_examples: int = setting(4, minimum=0)
 
 
+DEPLOY_COHORT_KEYS = ("samples",)
+
+
+def _check_deploy_cohorts(value, key: str) -> dict:
+    out = {}
+    for name, entry in _mapping(value, key, "cohort names").items():
+        if not re.fullmatch(r"[A-Za-z0-9_.+-]+", str(name)) or str(name).startswith("."):
+            raise ConfigError(f"{key}.{name}", "is not a usable cohort name (it names a folder)",
+                              "letters, digits and ._+- not starting with a dot")
+        entry = {"samples": entry} if isinstance(entry, str) else _mapping(entry, f"{key}.{name}", "samples")
+        for k in entry:
+            if k not in DEPLOY_COHORT_KEYS:
+                raise ConfigError(f"{key}.{name}.{k}", "unknown setting", ", ".join(DEPLOY_COHORT_KEYS))
+        if not isinstance(entry.get("samples"), str) or not entry["samples"].strip():
+            raise ConfigError(f"{key}.{name}.samples", "must be a sample sheet path (slide_id, patient_id, path; "
+                              f"label optional), got {entry.get('samples')!r}")
+        out[str(name)] = {"samples": entry["samples"]}
+    return out
+
+
+@dataclass(frozen=True)
+class Deploy:
+    cohorts: dict = setting({}, check=_check_deploy_cohorts)
+    demo_patients: int = setting(0, minimum=0)
+
+
 @dataclass(frozen=True)
 class Simclr:
     epochs: int = setting(3, minimum=1)
@@ -268,6 +296,7 @@ class Config:
     mil: Mil = field(default_factory=Mil)
     report: Report = field(default_factory=Report)
     simclr: Simclr = field(default_factory=Simclr)
+    deploy: Deploy = field(default_factory=Deploy)
     compute: Compute = field(default_factory=Compute)
 
 
@@ -472,10 +501,20 @@ def _check_rules(cfg: dict) -> None:
     if tile_simclr and tile.get("arch", TileSupervised.arch) not in SIMCLR_ARCHITECTURES:
         raise ConfigError(f"mil.settings.{TILE_MODEL}.arch", "has no SimCLR pre-training while init is simclr",
                           ", ".join(SIMCLR_ARCHITECTURES))
+    _check_deploy_rules(cfg)
     uses_simclr = tile_simclr or any(features["settings"][e]["weights"] == SIMCLR_WEIGHTS for e in extractors)
     if cfg["splits"]["fold_column"] and uses_simclr:
         raise ConfigError("splits.fold_column", "makes every slide a test slide in some fold, so SimCLR "
                           "pre-training would see test tiles", "null, or extractor weights made elsewhere")
+
+
+def _check_deploy_rules(cfg: dict) -> None:
+    if cfg["deploy"]["demo_patients"] and cfg["samples"]:
+        raise ConfigError("deploy.demo_patients", "makes a second demo cohort, but samples names your own cohort",
+                          "0 with samples, or no samples (the demo)")
+    if cfg["deploy"]["demo_patients"] and DEMO_DEPLOY_COHORT in cfg["deploy"]["cohorts"]:
+        raise ConfigError(f"deploy.cohorts.{DEMO_DEPLOY_COHORT}", "is the name of the demo's second cohort "
+                          "(deploy.demo_patients)", "another name")
 
 
 def _check_extractor_rules(name: str, settings: dict | None, simclr_px: int) -> None:
@@ -537,7 +576,7 @@ def field_defaults(cls) -> dict:
 SCHEMA_SECTIONS = {"": Config, "demo": Demo, "tiling": Tiling, "features": Features, "features.settings.*":
                    ExtractorSettings, "splits": Splits, "mil": Mil, "mil.training": Training,
                    "mil.settings.tile_supervised": TileSupervised, "report": Report, "simclr": Simclr,
-                   "compute": Compute}
+                   "deploy": Deploy, "compute": Compute}
 
 
 def schema_objects(schema: dict, path: str = ""):
@@ -563,7 +602,7 @@ def readme(schema_path: str | Path = SCHEMA) -> str:
              "numbers, true/false and null where the setting takes those.", ""]
     for path, obj in schema_objects(schema):
         cls = SCHEMA_SECTIONS.get(path)
-        title = path.replace("*", "<extractor>") or "top level"
+        title = path.replace("*", "<cohort>" if path.startswith("deploy") else "<extractor>") or "top level"
         lines += [f"## {title}", "", obj.get("description", schema["description"]), ""]
         rows = [f"| `{name}` | {_default_text(cls, name) if cls else ''} | {prop.get('description', '')} |"
                 for name, prop in obj.get("properties", {}).items()

@@ -46,12 +46,7 @@ def load_sheet(path: str | os.PathLike, check_files: bool = True, binarize: str 
     Returns the sheet with ``path`` made absolute. Raises SheetError listing all problems.
     """
     path = Path(path)
-    if not path.is_file():
-        raise SheetError(path, [f"file not found: {path}"])
-    try:
-        sheet = read_table(path)
-    except Exception as err:  # pandas raises many types for unreadable tables
-        raise SheetError(path, [f"cannot be read as a table: {err}"]) from err
+    sheet = read_sheet_table(path)
     problems = check_sheet(sheet, base_dir=path.parent, check_files=check_files, binarize=binarize,
                            positive_class=positive_class, both_classes=both_classes)
     if problems:
@@ -59,6 +54,16 @@ def load_sheet(path: str | os.PathLike, check_files: bool = True, binarize: str 
     sheet = sheet.copy()
     sheet["path"] = [str(resolve_path(p, path.parent)) for p in sheet["path"]]
     return sheet
+
+
+def read_sheet_table(path: Path) -> pd.DataFrame:
+    """The sheet as read, unchecked; SheetError when it is missing or not a table."""
+    if not path.is_file():
+        raise SheetError(path, [f"file not found: {path}"])
+    try:
+        return read_table(path)
+    except Exception as err:  # pandas raises many types for unreadable tables
+        raise SheetError(path, [f"cannot be read as a table: {err}"]) from err
 
 
 def resolve_path(value: str, base_dir: str | os.PathLike) -> Path:

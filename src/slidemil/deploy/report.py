@@ -1,0 +1,220 @@
+"""A deploy cohort's report: how the trained models hold on it (labelled) or what they say about it (unlabelled).
+
+Labelled cohorts: per (extractor, model), the patient-level AUC of every fold model and of the ensemble with a
+percentile-bootstrap 95 % CI over the cohort's patients (``slidemil.report.stats.bootstrap_mean_auc`` on one
+"fold"), the Brier score, ROC curves, a reliability curve (``sklearn.calibration.calibration_curve``, equal-count
+bins) and the paired comparison with ``report.reference_model`` on the same patients
+(``slidemil.report.stats.compare_models`` over the folds; ``paired_auc_difference`` for the ensembles).
+Unlabelled cohorts: the per-patient ensemble with its spread over folds, and attention heatmaps of the
+highest- and lowest-scored slides (first fold's model). Both: the per-slide and per-patient tables of all models.
+
+Outputs in ``out_dir``: report.html (self-contained), report.json, metrics.csv, comparison.csv,
+predictions_slides.csv, predictions_patients.csv and the figures.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from slidemil.deploy.predict import ENSEMBLE, FOLD_PREFIX, SPREAD, fold_columns
+from slidemil.files import save_png, write_csv, write_json, write_text
+from slidemil.report.stats import bootstrap_mean_auc, compare_models, fold_auc, paired_auc_difference, plot_roc
+
+logger = logging.getLogger(__name__)
+
+METRIC_COLUMNS = ["extractor", "model", "fold", "n_patients", "n_positive", "auc", "ci_low", "ci_high",
+                  "n_bootstrap_used", "brier"]
+ENSEMBLE_NAME = "ensemble"
+MAX_BINS = 10
+
+
+def column_name(column: str) -> str:
+    return ENSEMBLE_NAME if column == ENSEMBLE else column[len(FOLD_PREFIX):]
+
+
+def scored(patients: pd.DataFrame, column: str) -> pd.DataFrame:
+    """patient_id, label, prob of one model column (patients without a probability left out)."""
+    frame = patients[["patient_id", "label", column]].rename(columns={column: "prob"})
+    return frame.dropna(subset=["prob"]).reset_index(drop=True)
+
+
+def model_metrics(patients: pd.DataFrame, n_bootstrap: int, seed: int, label: str = "") -> list[dict]:
+    """AUC with its bootstrap CI and the Brier score of every fold model and the ensemble."""
+    from sklearn.metrics import brier_score_loss
+
+    rows = []
+    for column in fold_columns(patients) + [ENSEMBLE]:
+        test = scored(patients, column)
+        auc = fold_auc(test, f"{label} {column_name(column)}")
+        undefined = (math.nan, math.nan, 0)
+        low, high, used = bootstrap_mean_auc([test], n_bootstrap, seed) if math.isfinite(auc) else undefined
+        brier = float(brier_score_loss(test["label"], test["prob"])) if len(test) else math.nan
+        rows.append({"fold": column_name(column), "n_patients": len(test), "n_positive": int(test["label"].sum()),
+                     "auc": auc, "ci_low": low, "ci_high": high, "n_bootstrap_used": used, "brier": brier})
+    return rows
+
+
+def plot_calibration(patients: pd.DataFrame, title: str, png: str | os.PathLike) -> None:
+    """Reliability curves (equal-count bins) of the ensemble, bold, and of each fold model."""
+    import matplotlib.pyplot as plt
+    from sklearn.calibration import calibration_curve
+    from sklearn.metrics import brier_score_loss
+
+    fig, ax = plt.subplots(figsize=(5.5, 5.5), dpi=100)
+    try:
+        for column in fold_columns(patients) + [ENSEMBLE]:
+            test = scored(patients, column)
+            if test["label"].nunique() < 2:
+                continue
+            bins = max(2, min(MAX_BINS, len(test) // 5))
+            observed, predicted = calibration_curve(test["label"], test["prob"], n_bins=bins, strategy="quantile")
+            bold = column == ENSEMBLE
+            brier = brier_score_loss(test["label"], test["prob"])
+            ax.plot(predicted, observed, marker="o", lw=2.5 if bold else 1, alpha=1 if bold else 0.6,
+                    label=f"{'' if bold else 'fold '}{column_name(column)}, Brier {brier:.3f}")
+        ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfectly calibrated")
+        ax.text(0.98, 0.02, f"equal-count bins of {len(test)} patients", ha="right", fontsize=8, color="grey")
+        ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="mean predicted probability", ylabel="fraction positive")
+        ax.set_aspect("equal")
+        ax.set_title(title, fontsize=10)
+        ax.legend(loc="upper left", fontsize=8)
+        fig.tight_layout()
+        save_png(fig, png)
+    finally:
+        plt.close(fig)
+
+
+def _tests(patients: pd.DataFrame, columns: list[str]) -> list[tuple[str, pd.DataFrame, float]]:
+    return [(column_name(c), t, fold_auc(t)) for c in columns for t in [scored(patients, c)]]
+
+
+def comparison(tables: dict[tuple[str, str], pd.DataFrame], reference: str, n_bootstrap: int,
+               seed: int) -> pd.DataFrame:
+    """Every model against ``reference`` on the cohort's patients: per fold, the fold mean and the ensembles."""
+    folds = {key: _tests(p, fold_columns(p)) for key, p in tables.items()}
+    frame = compare_models(folds, reference, n_bootstrap, seed)
+    rows = []
+    for (extractor, model), patients in sorted(tables.items()):
+        ref = tables.get((extractor, reference))
+        if model == reference or ref is None:
+            continue
+        diff = paired_auc_difference({ENSEMBLE_NAME: scored(patients, ENSEMBLE)},
+                                     {ENSEMBLE_NAME: scored(ref, ENSEMBLE)}, n_bootstrap, seed)
+        rows += [{"extractor": extractor, "model": model, "reference": reference, **diff[0]}] if diff else []
+    return pd.concat([frame, pd.DataFrame(rows, columns=frame.columns)], ignore_index=True)
+
+
+def labelled_section(tables: dict, out: Path, settings: dict, seed: int) -> dict:
+    """metrics.csv, comparison.csv, ROC and calibration figures; the page's numbers."""
+    rows, figures = [], []
+    for (extractor, model), patients in tables.items():
+        metrics = model_metrics(patients, settings["n_bootstrap"], seed, f"{extractor}/{model}")
+        rows += [{"extractor": extractor, "model": model, **m} for m in metrics]
+        title = f"{extractor} / {model}"
+        roc, calibration = f"roc_{extractor}_{model}.png", f"calibration_{extractor}_{model}.png"
+        plot_roc(_tests(patients, fold_columns(patients) + [ENSEMBLE]), title, out / roc)
+        plot_calibration(patients, title, out / calibration)
+        figures.append({"extractor": extractor, "model": model, "roc": roc, "calibration": calibration})
+    metrics = pd.DataFrame(rows, columns=METRIC_COLUMNS)
+    compared = comparison(tables, settings["reference_model"], settings["n_bootstrap"], seed)
+    write_csv(out / "metrics.csv", metrics)
+    write_csv(out / "comparison.csv", compared)
+    return {"metrics": metrics.to_dict("records"), "comparison": compared.to_dict("records"), "figures": figures}
+
+
+def extreme_slides(slides: pd.DataFrame, n: int) -> list[tuple[str, str]]:
+    """(slide_id, "highest"/"lowest") of the ``n`` highest- and ``n`` lowest-scored usable slides (ensemble)."""
+    ranked = slides.dropna(subset=[ENSEMBLE]).sort_values([ENSEMBLE, "slide_id"], ascending=[False, True])
+    top = ranked["slide_id"].head(n).tolist()
+    bottom = [s for s in ranked["slide_id"].tail(n).tolist()[::-1] if s not in top]
+    return [(s, "highest") for s in top] + [(s, "lowest") for s in bottom]
+
+
+def draw_heatmaps(run: dict, slides: pd.DataFrame, paths: dict, out: Path, settings: dict, device: str) -> list:
+    """Heatmaps of the extreme slides with the run's first checkpoint; [] for models without attention."""
+    from slidemil.cohort.manifest import read_manifest
+    from slidemil.report.heatmap import make_heatmap
+
+    features, tiles = read_manifest(run["features"]), read_manifest(run["tiles"])
+    drawn = []
+    for slide_id, which in extreme_slides(slides, settings["heatmaps_per_model"]):
+        png = f"heatmaps/{run['extractor']}_{run['model']}_{slide_id}.png"
+        heat = make_heatmap(paths[slide_id], features[slide_id], run["checkpoint"], out / png, tiles[slide_id],
+                            top_k=settings["heatmap_top_k"], slide_id=slide_id, device=device)
+        if heat.png is None:
+            logger.info("%s: %s", run["model"], heat.note)
+            return []
+        row = slides.set_index("slide_id").loc[slide_id]
+        drawn.append({"slide_id": slide_id, "which": which, "png": png, "prob": float(row[ENSEMBLE]),
+                      "spread": float(row[SPREAD])})
+    return drawn
+
+
+def read_runs(runs: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, dict, dict]:
+    """All runs' slide and patient tables (extractor and model columns first) and the per-run ones."""
+    slides, patients = {}, {}
+    for run in runs:
+        key = (run["extractor"], run["model"])
+        slides[key] = pd.read_csv(run["slides"], dtype={"slide_id": str, "patient_id": str}, keep_default_na=False,
+                                  na_values=[""])
+        patients[key] = pd.read_csv(run["patients"], dtype={"patient_id": str})
+        slides[key]["excluded"] = slides[key]["excluded"].fillna("")
+
+    def stacked(tables):
+        return pd.concat([t.assign(extractor=e, model=m) for (e, m), t in tables.items()], ignore_index=True) \
+            .pipe(lambda f: f[["extractor", "model", *[c for c in f.columns if c not in ("extractor", "model")]]])
+
+    return stacked(slides), stacked(patients), slides, patients
+
+
+def build_deploy_report(cohort: str, runs: list[dict], out_dir: str | os.PathLike, settings: dict, seed: int,
+                        sheet: str | os.PathLike, positive_class=None, device: str = "cpu") -> dict:
+    """The report of one deploy cohort from its predict jobs' tables; ``runs`` has one entry per
+    (extractor, model): extractor, model, slides, patients (the predict tables), checkpoint (first fold's),
+    features and tiles (the cohort's manifests; tiles None for imported features). ``sheet``: the cohort's."""
+    from slidemil.cohort.deploy import load_deploy_sheet
+
+    out = Path(out_dir)
+    sheet = load_deploy_sheet(sheet, check_files=False, positive_class=positive_class)
+    all_slides, all_patients, slides, patients = read_runs(runs)
+    write_csv(out / "predictions_slides.csv", all_slides)
+    write_csv(out / "predictions_patients.csv", all_patients)
+    labelled = "label" in sheet.columns
+    first = next(iter(slides.values()))
+    excluded = first.loc[first["excluded"] != "", ["slide_id", "excluded"]].to_dict("records")
+    doc = {"cohort": cohort, "labelled": labelled, "n_slides": len(first),
+           "n_patients": int(sheet["patient_id"].nunique()), "n_usable": int(first[ENSEMBLE].notna().sum()),
+           "excluded": excluded, "settings": settings,
+           "models": [{"extractor": r["extractor"], "model": r["model"]} for r in runs]}
+    if labelled:
+        doc.update(labelled_section(patients, out, settings, seed))
+    else:
+        doc["patients"] = _patient_rows(all_patients)
+        paths = dict(zip(sheet["slide_id"], sheet["path"]))
+        doc["heatmaps"] = [{"extractor": r["extractor"], "model": r["model"],
+                            "slides": draw_heatmaps(r, slides[(r["extractor"], r["model"])], paths, out, settings,
+                                                    device)}
+                           for r in runs if r.get("tiles") and settings["heatmaps_per_model"] > 0]
+    write_json(out / "report.json", doc)
+    write_text(out / "report.html", render_page(doc, out))
+    return doc
+
+
+def _patient_rows(patients: pd.DataFrame) -> list[dict]:
+    keep = ["extractor", "model", "patient_id", "n_slides", ENSEMBLE, SPREAD]
+    ordered = patients.sort_values(["extractor", "model", ENSEMBLE], ascending=[True, True, False])
+    return ordered[keep].rename(columns={ENSEMBLE: "ensemble", SPREAD: "spread"}).to_dict("records")
+
+
+def render_page(doc: dict, out: Path) -> str:
+    from slidemil.report.page import _environment, _jpeg_uri, _png_uri
+
+    return _environment().get_template("deploy.html.j2").render(
+        doc=doc, s=doc["settings"], png=lambda name: _png_uri(out / name),
+        heat=lambda name: _jpeg_uri(out / name, None), isfinite=lambda v: v is not None and np.isfinite(v))
