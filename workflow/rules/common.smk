@@ -6,7 +6,7 @@ import sys
 from snakemake.utils import validate
 
 # The installed package; rules use only its light modules (no torch, OpenCV or tqdm at DAG build).
-from slidemil.cohort.sheet import SheetError, check_sheet, load_sheet
+from slidemil.cohort.sheet import Endpoint, SheetError, check_sheet, load_sheet
 from slidemil.config import ConfigError, TileSupervised, check_config
 from slidemil.demo.plan import plan_cohort
 from slidemil.names import SIMCLR_EXTRACTORS, SIMCLR_WEIGHTS, TILE_MODEL, TILE_SLOT, base_model
@@ -30,6 +30,13 @@ LABEL_SETTINGS = {
     "binarize": config["splits"]["binarize"],
     "positive_class": config["splits"]["positive_class"],
     "both_classes": True,
+    # The task (config `task`) the outcome columns must fit; each class needs a patient per drawn fold.
+    "endpoint": Endpoint(
+        config["task"],
+        None if config["splits"]["fold_column"] else config["splits"]["folds"],
+        config["splits"]["time_column"],
+        config["splits"]["event_column"],
+    ),
 }
 
 if DEMO:
@@ -140,6 +147,20 @@ def train_runs():
 
 
 # ---- params: exactly the config slice that shapes each output ---------------
+
+
+# The survival columns shape only a survival task's splits, and the task only when it is not binary (a binary run keeps
+# its params, so nothing reruns).
+SURVIVAL_SETTINGS = ("time_column", "event_column")
+
+
+def splits_params():
+    settings = {k: v for k, v in config["splits"].items() if k not in SURVIVAL_SETTINGS}
+    if config["task"] != "binary":
+        settings["task"] = config["task"]
+    if config["task"] == "survival":
+        settings |= {k: config["splits"][k] for k in SURVIVAL_SETTINGS}
+    return settings
 
 
 # on_error only decides what happens to unusable slides: changing it must not retile good ones.

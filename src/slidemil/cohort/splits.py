@@ -40,7 +40,7 @@ from slidemil.logs import setup_logging
 from slidemil.cohort.facts import NO_TILES, exclusion_reason
 from slidemil.cohort.manifest import read_manifest_table
 from slidemil.cohort.sheet import Endpoint, read_table
-from slidemil.names import BINARY
+from slidemil.names import BINARY, TASKS
 from slidemil.tasks import class_order
 from slidemil.errors import SplitError
 
@@ -157,6 +157,8 @@ def make_splits(
     ``excluded``: unusable slides (slide_id -> reason); patients are drawn over the usable slides only.
     ``endpoint``: the task (default binary); see the module's docstring for what other tasks write.
     """
+    if endpoint is not None and endpoint.task == "survival":
+        sheet = sheet.assign(label=sheet[endpoint.event_column])  # a survival patient's label is its event
     usable = _usable_sheet(sheet, excluded)
     if fold_column and excluded and fold_column in sheet.columns:
         _check_predefined_folds_usable(sheet, usable, fold_column)
@@ -267,8 +269,9 @@ def _task_patients(sheet: pd.DataFrame, endpoint: Endpoint, n_folds: int) -> pd.
         patients = pd.DataFrame({"label_value": first[endpoint.event_column]}, index=first.index)
         patients["label"] = pd.to_numeric(first[endpoint.event_column]).astype(float)
         patients["time"] = pd.to_numeric(first[endpoint.time_column]).astype(float)
-        # Event x time half: censored and early events must not pile up in one partition.
-        bins = _quantile_bins(patients["time"], 2, n_folds * 2)
+        # Event x time half (within each event group, when it is big enough): censored patients and early events
+        # must not pile up in one partition.
+        bins = patients.groupby("label")["time"].transform(lambda t: _quantile_bins(t, 2, n_folds * 2))
         patients["strata"] = patients["label"].astype(int) * 10 + bins
         return patients
     patients = sheet.groupby("patient_id", sort=True)["label"].first().to_frame("label_value")
@@ -447,13 +450,18 @@ def _tiles_reason(path: str) -> str:
     return exclusion_reason(n, attrs)
 
 
-def write_splits(sheet_path: str, out_csv: str, manifest: str | None = None, **kwargs) -> pd.DataFrame:
-    """Splits of the sheet's patients over the slides ``manifest`` (a tile or feature manifest) says are usable."""
+def write_splits(sheet_path: str, out_csv: str, manifest: str | None = None, task: str = BINARY,
+                 time_column: str = Endpoint.time_column, event_column: str = Endpoint.event_column,
+                 **kwargs) -> pd.DataFrame:
+    """Splits of the sheet's patients over the slides ``manifest`` (a tile or feature manifest) says are usable.
+
+    ``kwargs``: the other settings of the config's ``splits`` section (``make_splits``'s arguments)."""
     sheet = read_table(sheet_path)
     excluded = unusable_slides(manifest)
     if excluded:
         logger.info("%d slide(s) excluded from the splits as unusable (%s)", len(excluded), manifest)
-    splits = make_splits(sheet, excluded=excluded, **kwargs)
+    endpoint = Endpoint(task, kwargs.get("folds"), time_column, event_column) if task != BINARY else None
+    splits = make_splits(sheet, excluded=excluded, endpoint=endpoint, **kwargs)
     write_splits_csv(out_csv, splits)
     logger.info("splits written to %s\n%s", out_csv, summarize(splits).to_string(index=False))
     return splits
@@ -472,12 +480,16 @@ def main(argv=None, prog: str = "python -m slidemil.cohort.splits") -> None:
     ap.add_argument("--positive-class")
     ap.add_argument("--fold-column", help="sheet column of predefined test folds 0..K-1 (replaces --folds/--test-*)")
     ap.add_argument("--manifest", help="tile (or feature) manifest: its unusable slides take no place in any fold")
+    ap.add_argument("--task", choices=TASKS, default=BINARY, help="the endpoint (default binary)")
+    ap.add_argument("--time-column", default=Endpoint.time_column, help="survival: the sheet's follow-up time")
+    ap.add_argument("--event-column", default=Endpoint.event_column, help="survival: the sheet's event (1/0)")
     args = ap.parse_args(argv)
     setup_logging()
     try:
         write_splits(args.sheet, args.out, folds=args.folds, test_fraction=args.test_fraction, seed=args.seed,
                      test_column=args.test_column, binarize=args.binarize, positive_class=args.positive_class,
-                     fold_column=args.fold_column, manifest=args.manifest)
+                     fold_column=args.fold_column, manifest=args.manifest, task=args.task,
+                     time_column=args.time_column, event_column=args.event_column)
     except SplitError as err:
         raise SystemExit(f"error: {err}")
 
