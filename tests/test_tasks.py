@@ -293,3 +293,52 @@ def test_binarise_and_positive_class_are_refused_for_other_tasks():
     _, sheet = task_cohort("regression", 24)
     with pytest.raises(SplitError, match="task regression takes neither"):
         make_splits(sheet.assign(path="x"), folds=2, binarize="median", endpoint=Endpoint("regression", 2))
+
+
+# ---------------------------------------------------------------- through the DAG
+
+
+@pytest.mark.workflow
+@pytest.mark.parametrize("task_name", ["multiclass", "survival", "regression"])
+def test_workflow_runs_each_task_to_its_report(tmp_path, task_name):
+    """A precomputed-features cohort with a planted signal (factories) through import, splits, abmil and
+    mhim_abmil training and the report; the report's numbers are the prediction files' metrics."""
+    import yaml
+
+    from factories import snakemake_cli, write_task_cohort
+
+    sheet = write_task_cohort(tmp_path / "cohort", task_name, n_patients=18)
+    if task_name == "survival":  # the column names are settings
+        pd.read_csv(sheet).rename(columns={"time": "os_days", "event": "died"}).to_csv(sheet, index=False)
+    config = {
+        "samples": str(sheet), "results": "results", "task": task_name,
+        "features": {"precomputed": "planted"},
+        "splits": {"folds": 2, "test_fraction": 0.3,
+                   **({"time_column": "os_days", "event_column": "died"} if task_name == "survival" else {})},
+        "mil": {"models": ["abmil", "mhim_abmil"], "training": {"epochs": 4, "patience": 4, "lr": 0.001},
+                "settings": {"abmil": {"embed_dim": 32, "attn_dim": 16, "dropout": 0.0}}},
+        "report": {"n_bootstrap": 50},
+        "compute": {"train_threads": 1},
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    proc = snakemake_cli(tmp_path, "--cores", "2")
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    report = tmp_path / "results" / "report"
+    task = make_task(task_name, list(TASK_CLASSES) if task_name == "multiclass" else None)
+    per_fold = pd.read_csv(report / "per_fold.csv")
+    assert sorted(set(per_fold["model"])) == ["abmil", "mhim_abmil"] and len(per_fold) == 4
+    for row in per_fold.itertuples():
+        preds = pd.read_csv(tmp_path / "results" / "train" / "planted" / row.model / f"fold_{row.fold}"
+                            / "predictions_patients.csv", dtype={"patient_id": str})
+        expected = task.metrics(preds[preds["partition"] == "test"])[task.metric]
+        assert getattr(row, task.metric) == pytest.approx(expected)
+    summary = pd.read_csv(report / "summary.csv")
+    assert {f"{task.metric}_mean", f"{task.metric}_ci_low"} <= set(summary.columns)
+    comparison = pd.read_csv(report / "comparison.csv")
+    assert set(comparison["model"]) == {"mhim_abmil"} and "mean" in set(comparison["fold"].astype(str))
+    kind = {"multiclass": "confusion", "survival": "km", "regression": "scatter"}[task_name]
+    assert (report / f"{kind}_planted_abmil.png").stat().st_size > 5000
+    page = (report / "report.html").read_text()
+    assert f"Results: {task_name}" in page and "Comparison with abmil" in page
+    if task_name == "multiclass":
+        assert "fox, other, tiger" in page

@@ -97,6 +97,9 @@ SIMCLR_ARCHITECTURES = tuple(dict.fromkeys(SIMCLR_EXTRACTORS.values()))
 TASKS = ("binary", "multiclass", "survival", "regression")
 BINARY = "binary"
 TILE_MODEL_TASKS = (BINARY,)
+# The report's figure of each (extractor, model), by task: {kind}_{extractor}_{model}.png, and its section title.
+RESULT_FIGURES = {BINARY: ("roc", "ROC curves"), "multiclass": ("confusion", "Confusion matrices and ROC curves"),
+                  "survival": ("km", "Kaplan-Meier curves"), "regression": ("scatter", "Predicted against true")}
 # Default sheet columns of a survival endpoint (splits.time_column, splits.event_column).
 TIME_COLUMN, EVENT_COLUMN = "time", "event"
 # Compute precisions: training (MIL, SimCLR, tile-supervised; fp16 would need loss scaling) and extraction.

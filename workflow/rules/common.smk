@@ -9,7 +9,7 @@ from snakemake.utils import validate
 from slidemil.cohort.sheet import Endpoint, SheetError, check_sheet, load_sheet
 from slidemil.config import ConfigError, TileSupervised, check_config
 from slidemil.demo.plan import plan_cohort
-from slidemil.names import SIMCLR_EXTRACTORS, SIMCLR_WEIGHTS, TILE_MODEL, TILE_SLOT, base_model
+from slidemil.names import RESULT_FIGURES, SIMCLR_EXTRACTORS, SIMCLR_WEIGHTS, TILE_MODEL, TILE_SLOT, base_model
 from slidemil.weights import is_local, missing_weights, weights_files
 
 # The one check of the config, before anything reads it: defaults filled in (a partial --configfile, a
@@ -317,7 +317,8 @@ def report_has_comparison():
 
 
 def report_has_heatmaps():
-    return not PRECOMPUTED and config["report"]["heatmaps_per_model"] > 0
+    # Heatmap pages title a slide with P(positive): binary models only, for now.
+    return not PRECOMPUTED and config["report"]["heatmaps_per_model"] > 0 and config["task"] == "binary"
 
 
 def report_heatmap_pairs():
@@ -367,8 +368,17 @@ def report_page_outputs():
     return files + ([f"{REPORT}/comparison.png"] if report_has_comparison() else [])
 
 
+def report_result_figures():
+    """(extractor, model, png) of each model's results figure: ROC curves, or the task's (slidemil.names)."""
+    kind = RESULT_FIGURES[config["task"]][0]
+    return [(e, m, f"{REPORT}/{kind}_{e}_{m}.png") for e, m in report_pairs()]
+
+
+RESULT_FIGURES_TITLE = RESULT_FIGURES[config["task"]][1]
+
+
 def report_outputs():
-    pngs = [f"{REPORT}/roc_{e}_{m}.png" for e, m in report_pairs()]
+    pngs = [png for _, _, png in report_result_figures()]
     tables = [f"{REPORT}/{name}" for name in ("summary.csv", "summary.md", "per_fold.csv", "excluded.csv")]
     return tables + pngs + report_page_outputs()
 

@@ -28,6 +28,7 @@ import pandas as pd  # noqa: E402
 from sklearn.metrics import confusion_matrix, roc_curve  # noqa: E402
 
 from slidemil.files import save_png, write_csv, write_text  # noqa: E402
+from slidemil.names import RESULT_FIGURES  # noqa: E402
 from slidemil.report.stats import _draws, _fmt, best_val_auc  # noqa: E402
 from slidemil.tasks import Task, make_task  # noqa: E402
 
@@ -295,8 +296,7 @@ def plot_scatter(items: list, title: str, png: str | os.PathLike) -> None:
 
 
 def figure_name(task: Task, extractor: str, model: str) -> str:
-    kind = {"multiclass": "confusion", "survival": "km", "regression": "scatter"}[task.name]
-    return f"{kind}_{extractor}_{model}.png"
+    return f"{RESULT_FIGURES[task.name][0]}_{extractor}_{model}.png"
 
 
 def draw_figure(task: Task, items: list, title: str, png: Path) -> None:
@@ -333,6 +333,11 @@ def write_task_summary(task: Task, runs: list[dict], out_dir: str | os.PathLike,
     return {"per_fold": per_fold, "summary": summary, "comparison": comparison, "figures": figures}
 
 
+def metric_title(name: str) -> str:
+    """A metric as the report names it (per-class AUCs: "<class> AUC")."""
+    return METRIC_NAMES.get(name, name.removeprefix("auc_") + " AUC")
+
+
 def metric_names(task: Task, summary: pd.DataFrame) -> list[str]:
     """The task's metrics in the summary's columns, the primary one first."""
     return [c[: -len("_mean")] for c in summary.columns if c.endswith("_mean")]
@@ -343,7 +348,7 @@ def markdown(task: Task, summary: pd.DataFrame, n_bootstrap: int) -> str:
     lines = [f"# Model comparison ({task.name})", "",
              f"Patient-level test metrics, mean ± sample standard deviation over folds; 95 % CI: percentile "
              f"bootstrap ({n_bootstrap} replicates) of the fold mean, resampling test patients.", "",
-             "| Extractor | Model | Folds | " + " | ".join(METRIC_NAMES.get(n, n) for n in names) + " |",
+             "| Extractor | Model | Folds | " + " | ".join(metric_title(n) for n in names) + " |",
              "|---|---|---|" + "---|" * len(names)]
     for row in summary.to_dict(orient="records"):
         cells = [f"{_fmt(row[f'{n}_mean'])} ± {_fmt(row[f'{n}_std'])} ({_fmt(row[f'{n}_ci_low'])}–"

@@ -112,26 +112,26 @@ def _results(runs: list[dict], summary: pd.DataFrame, per_fold: pd.DataFrame, te
 
 
 def _endpoint(task, run_settings: dict | None):
-    """The sheet's outcome columns for a survival report (the run's splits settings name them)."""
+    """What the sheet's outcome columns hold (a survival report's: the run's splits settings name them)."""
     from slidemil.cohort.sheet import Endpoint
 
-    if task is None or task.name != "survival":
+    if task is None:
         return None
     given = (run_settings or {}).get("splits") or {}
-    return Endpoint("survival", None, given.get("time_column", Endpoint.time_column),
+    return Endpoint(task.name, None, given.get("time_column", Endpoint.time_column),
                     given.get("event_column", Endpoint.event_column))
 
 
 def _task_results(task, runs: list[dict], cfg: dict, seed: int, out: Path) -> dict:
     """report.json's results part for a multiclass, survival or regression task; writes its tables and figures."""
-    from slidemil.report.endpoints import METRIC_NAMES, metric_names, write_task_summary
+    from slidemil.report.endpoints import METRIC_NAMES, metric_names, metric_title, write_task_summary
 
     tables = write_task_summary(task, runs, out, str(cfg["reference_model"]), int(cfg["n_bootstrap"]), seed)
     names = metric_names(task, tables["summary"])
     titled = {**cfg, "metric_title": f"test {METRIC_NAMES[task.metric]}"}
     doc = _results(runs, tables["summary"], tables["per_fold"], {}, titled, seed, out, tables["comparison"])
     doc["settings"] = {**cfg, "seed": seed}
-    titles = {n: METRIC_NAMES.get(n, n.removeprefix("auc_") + " AUC") for n in names}
+    titles = {n: metric_title(n) for n in names}
     doc["task"] = {"name": task.name, "metric": task.metric, "metrics": names, "class_names": task.class_names,
                    "titles": titles, "metric_titles": [titles[n] for n in names]}
     doc["figures"]["task"] = tables["figures"]
@@ -251,6 +251,7 @@ def build_report(
         # Multiclass, survival, regression: their metrics and figures (slidemil.report.endpoints).
         out.mkdir(parents=True, exist_ok=True)
         doc = _task_results(task, runs, cfg, seed, out)
+        tests = {(r["extractor"], r["model"]): None for r in doc["summary"]}
     else:
         per_fold, tests = load_tests(runs)
         summary = write_summary(per_fold, tests, out, int(cfg["n_bootstrap"]), seed, excluded)
