@@ -280,7 +280,8 @@ def _task_patients(sheet: pd.DataFrame, endpoint: Endpoint, n_folds: int) -> pd.
         patients["strata"] = _quantile_bins(patients["label"], 4, n_folds * 2)
         return patients
     index = {name: k for k, name in enumerate(class_order(patients["label_value"]))}
-    patients["label"] = patients["label_value"].astype(str).map(index).astype(float)
+    patients["label_value"] = patients["label_value"].astype(str)  # the class name, as the checkpoint records it
+    patients["label"] = patients["label_value"].map(index).astype(float)
     patients["strata"] = patients["label"]
     return patients
 
