@@ -222,19 +222,9 @@ def _draw_splits(
                              f"{numeric.index[numeric.isna()].tolist()[:10]}")
         patients["label_value"] = numeric
 
-    if test_column:
-        patients["test"] = _test_flags(patients, sheet, test_column)
-    elif test_fraction > 0:
-        strata = _strata(patients["label" if binarize is None else "label_value"], binarize)
-        try:
-            _, test_ids = train_test_split(patients.index.to_numpy(), test_size=test_fraction,
-                                           stratify=strata.to_numpy(), random_state=seed)
-        except ValueError as err:
-            raise SplitError(f"cannot draw a stratified test set of {test_fraction:.0%} of "
-                             f"{len(patients)} patients: {err}") from err
-        patients["test"] = patients.index.isin(test_ids)
-    else:
-        patients["test"] = False
+    drawn = not test_column and test_fraction > 0
+    strata = _strata(patients["label" if binarize is None else "label_value"], binarize) if drawn else None
+    patients["test"] = _test_patients(patients, sheet, test_column, test_fraction, seed, strata)
 
     if binarize is not None:
         reference = patients.loc[~patients["test"], "label_value"]
@@ -303,18 +293,8 @@ def _draw_task_splits(sheet: pd.DataFrame, endpoint: Endpoint, folds: int, test_
     if folds < 2:
         raise SplitError("splits.folds must be at least 2 (each fold needs a validation set)")
     patients = _task_patients(sheet, endpoint, folds)
-    if test_column:
-        patients["test"] = _test_flags(patients, sheet, test_column)
-    elif test_fraction > 0:
-        try:
-            _, test_ids = train_test_split(patients.index.to_numpy(), test_size=test_fraction,
-                                           stratify=patients["strata"].to_numpy(), random_state=seed)
-        except ValueError as err:
-            raise SplitError(f"cannot draw a test set of {test_fraction:.0%} of {len(patients)} patients "
-                             f"stratified by {_strata_words(endpoint)}: {err}") from err
-        patients["test"] = patients.index.isin(test_ids)
-    else:
-        patients["test"] = False
+    patients["test"] = _test_patients(patients, sheet, test_column, test_fraction, seed, patients["strata"],
+                                      f" (by {_strata_words(endpoint)})")
     dev = patients[~patients["test"]]
     if endpoint.task == "multiclass":
         counts = dev["label"].value_counts()
@@ -331,6 +311,22 @@ def _draw_task_splits(sheet: pd.DataFrame, endpoint: Endpoint, folds: int, test_
         col[dev.index[val_idx]] = "val"
         table[fold_column_name(k)] = col
     return _patient_table(sheet, patients, table)
+
+
+def _test_patients(patients: pd.DataFrame, sheet: pd.DataFrame, test_column: str | None, test_fraction: float,
+                   seed: int, strata: pd.Series | None, by: str = "") -> pd.Series | np.ndarray:
+    """Which patients are held out: the sheet's test column, or a draw of ``test_fraction`` balanced on ``strata``."""
+    if test_column:
+        return _test_flags(patients, sheet, test_column)
+    if test_fraction <= 0:
+        return np.zeros(len(patients), dtype=bool)
+    try:
+        _, test_ids = train_test_split(patients.index.to_numpy(), test_size=test_fraction,
+                                       stratify=strata.to_numpy(), random_state=seed)
+    except ValueError as err:
+        raise SplitError(f"cannot draw a stratified test set of {test_fraction:.0%} of "
+                         f"{len(patients)} patients{by}: {err}") from err
+    return patients.index.isin(test_ids)
 
 
 def _strata_words(endpoint: Endpoint) -> str:
