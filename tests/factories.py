@@ -454,3 +454,36 @@ def write_task_cohort(folder: Path, task: str, n_patients: int = 36, seed: int =
     sheet.insert(2, "path", [f"{s}.h5" for s in sheet["slide_id"]])
     sheet.to_csv(folder / "samples.csv", index=False)
     return folder / "samples.csv"
+
+
+def write_task_run(folder: Path, task: str, model: str, fold: int, n_test: int = 30, signal: float = 2.0,
+                   seed: int = 0) -> dict:
+    """predictions_patients.csv and history.csv of one fold of a multiclass, survival or regression run whose
+    outputs follow the truth with ``signal`` (the same test patients for every fold and model); the run dict."""
+    rng = np.random.default_rng(seed)
+    truth = np.random.default_rng(99)  # the patients' truth, shared by every run
+    frame = pd.DataFrame({"patient_id": [f"p{i:03d}" for i in range(n_test)], "partition": "test", "n_slides": 1})
+    if task == "multiclass":
+        frame["label"] = np.arange(n_test) % 3
+        logits = signal * np.eye(3)[frame["label"]] + rng.normal(size=(n_test, 3))
+        probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+        for k in range(3):
+            frame[f"prob_{k}"] = probs[:, k]
+    elif task == "survival":
+        frame["label"] = (truth.uniform(size=n_test) < 0.7).astype(int)
+        frame["time"] = truth.exponential(size=n_test)
+        frame["risk"] = -signal * frame["time"] + rng.normal(size=n_test)
+        train = frame.assign(partition="train", patient_id=[f"t{i:03d}" for i in range(n_test)])
+        frame = pd.concat([frame, train.assign(risk=rng.normal(size=n_test))], ignore_index=True)
+        frame = frame[["patient_id", "label", "time", "partition", "n_slides", "risk"]]
+    else:
+        frame["label"] = truth.normal(size=n_test)
+        frame["pred"] = frame["label"] * signal / 2 + rng.normal(size=n_test)
+    out = folder / model / f"fold_{fold}"
+    out.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(out / "predictions_patients.csv", index=False)
+    metric = {"multiclass": "val_macro_auc", "survival": "val_c_index", "regression": "val_r2"}[task]
+    pd.DataFrame({"epoch": [1, 2], "train_loss": [1.0, 0.8], "val_loss": [1.0, 0.9], metric: [0.5, 0.7],
+                  "lr": 1e-4}).to_csv(out / "history.csv", index=False)
+    return {"extractor": "feats", "model": model, "fold": fold, "predictions": str(out / "predictions_patients.csv"),
+            "history": str(out / "history.csv")}

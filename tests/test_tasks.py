@@ -367,3 +367,39 @@ def test_from_npz_keeps_class_indices_and_targets(tmp_path, labels, task_name):
     name, classes = split_task(splits)
     assert name == task_name and classes == (["0", "1", "2"] if task_name == "multiclass" else None)
     assert (splits.loc[splits["fold_1"] == "test", "slide_id"] == sheet.loc[sheet["fold"] == 1, "slide_id"]).all()
+
+
+# ---------------------------------------------------------------- the report of other tasks
+
+
+@pytest.mark.parametrize("task_name", ["multiclass", "survival", "regression"])
+def test_task_report_metrics_cis_and_paired_comparison(tmp_path, task_name):
+    from factories import write_task_run
+    from slidemil.report.endpoints import detect_task, write_task_summary
+    from slidemil.report.page import build_report
+
+    runs = [write_task_run(tmp_path, task_name, m, f, signal=s, seed=10 * f + k)
+            for k, (m, s) in enumerate([("abmil", 2.0), ("meanpool", 0.5)]) for f in (0, 1)]
+    runs += [dict(r, model="copy") for r in runs if r["model"] == "abmil"]  # the reference's own predictions
+    task = detect_task([runs[0]["predictions"]])
+    assert task.name == task_name
+    tables = write_task_summary(task, runs, tmp_path / "report", "abmil", 100, 0)
+    summary = tables["summary"].set_index("model")
+    metric = task.metric
+    for model in ("abmil", "meanpool"):
+        row = summary.loc[model]
+        assert row[f"{metric}_ci_low"] < row[f"{metric}_mean"] < row[f"{metric}_ci_high"]
+    assert summary.loc["abmil", f"{metric}_mean"] > summary.loc["meanpool", f"{metric}_mean"]  # more signal
+    comparison = tables["comparison"].set_index(["model", "fold"])
+    same = comparison.loc[("copy", "mean")]
+    assert same["difference"] == 0 and same["ci_low"] == 0 and same["ci_high"] == 0  # paired: identical = 0
+    worse = comparison.loc[("meanpool", "mean")]
+    assert worse["difference"] < 0 and worse["ci_low"] < worse["difference"] < worse["ci_high"]
+    per_fold = tables["per_fold"]
+    for run in runs:
+        frame = pd.read_csv(run["predictions"], dtype={"patient_id": str})
+        row = per_fold[(per_fold["model"] == run["model"]) & (per_fold["fold"] == run["fold"])].iloc[0]
+        assert row[metric] == pytest.approx(task.metrics(frame[frame["partition"] == "test"])[metric])
+    doc = build_report(runs, tmp_path / "page", {"n_bootstrap": 50})
+    assert doc["task"]["name"] == task_name and (tmp_path / "page" / doc["figures"]["task"][0]["file"]).is_file()
+    assert f"Results: {task_name}" in (tmp_path / "page" / "report.html").read_text()
