@@ -23,7 +23,7 @@ from slidemil.tasks import c_index, class_order, discrete_time_nll, macro_auc, m
 from factories import DIM, TASK_CLASSES, task_cohort
 
 TASKS = ("binary", "multiclass", "survival", "regression")
-FAST_TASK = {"epochs": 8, "lr": 1e-3, "patience": 8}
+FAST_TASK = {"epochs": 6, "lr": 1e-3, "patience": 6}
 SMALL = {"embed_dim": 64}  # every MIL model takes embed_dim except varmil (None: the input's)
 
 
@@ -118,7 +118,7 @@ def test_every_model_gives_the_tasks_head_whatever_the_padding(model, task_name)
     assert task.outputs(batched).shape == (3, len(task.output_columns))
 
 
-def _split(task_name: str, n_patients: int = 36, seed: int = 0):
+def _split(task_name: str, n_patients: int = 24, seed: int = 0):
     bags, sheet = task_cohort(task_name, n_patients, seed)
     endpoint = Endpoint(task_name, 3)
     splits = make_splits(sheet.assign(path="x"), folds=3, seed=0, test_fraction=0.25,

@@ -345,7 +345,8 @@ def report_heatmap_settings():
 
 def report_run_settings():
     """The settings the results are made with (no compute resources): the report records them and their digest."""
-    settings = {"seed": config["seed"], "splits": config["splits"], "mil": config["mil"], "report": config["report"]}
+    # splits_params(): a binary run records what it did before tasks existed (its digest stays), others their task.
+    settings = {"seed": config["seed"], "splits": splits_params(), "mil": config["mil"], "report": config["report"]}
     features = {k: v for k, v in config["features"].items() if k != "settings"}
     settings["features"] = {**features, "settings": {e: config["features"]["settings"].get(e) for e in EXTRACTORS}}
     if not PRECOMPUTED:
