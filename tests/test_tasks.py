@@ -403,3 +403,10 @@ def test_task_report_metrics_cis_and_paired_comparison(tmp_path, task_name):
     doc = build_report(runs, tmp_path / "page", {"n_bootstrap": 50})
     assert doc["task"]["name"] == task_name and (tmp_path / "page" / doc["figures"]["task"][0]["file"]).is_file()
     assert f"Results: {task_name}" in (tmp_path / "page" / "report.html").read_text()
+
+
+def test_selection_falls_back_to_the_loss_when_the_c_index_is_undefined():
+    task = make_task("survival")
+    no_pair = pd.DataFrame({"patient_id": ["a", "b", "c"], "label": [0, 0, 1], "time": [1.0, 2.0, 3.0]})
+    assert not task.can_select(no_pair)  # the only event comes last: no comparable pair
+    assert task.can_select(no_pair.assign(label=[1, 0, 0]))

@@ -322,8 +322,10 @@ class Survival(Task):
         return (-survival.sum(dim=1, keepdim=True)).cpu().numpy()
 
     def can_select(self, val: pd.DataFrame) -> bool:
+        """Whether the C-index is defined: an event before some other patient's time (a comparable pair)."""
         first = val.groupby("patient_id")[["label", "time"]].first()
-        return bool((first["label"] == 1).any()) and len(first) > 1
+        events = first.loc[first["label"] == 1, "time"]
+        return bool((events < first["time"].max()).any())
 
     def score(self, slides: pd.DataFrame) -> float | None:
         patients = self.patients(slides)
