@@ -236,14 +236,7 @@ def _draw_splits(
     if len(counts) < 2 or counts.min() < folds:
         raise SplitError(f"{folds} stratified folds need at least {folds} training patients of each class; "
                          f"have {counts.to_dict()} outside the test set")
-    kfold = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    table = pd.DataFrame(index=patients.index)
-    for k, (_, val_idx) in enumerate(kfold.split(dev.index, dev["label"])):
-        col = pd.Series("excluded", index=patients.index)
-        col[dev.index] = "train"
-        col[dev.index[val_idx]] = "val"
-        col[patients.index[patients["test"] & patients["label"].notna()]] = "test"
-        table[fold_column_name(k)] = col
+    table = _cv_folds(patients, dev, "label", folds, seed, patients["test"] & patients["label"].notna())
 
     out = sheet[["slide_id", "patient_id"]].merge(
         patients[["label", "label_value"]].join(table), left_on="patient_id", right_index=True, how="left")
@@ -303,14 +296,22 @@ def _draw_task_splits(sheet: pd.DataFrame, endpoint: Endpoint, folds: int, test_
                              f"have {counts.to_dict()} outside the test set")
     elif len(dev) < 2 * folds:
         raise SplitError(f"{folds} folds need at least {2 * folds} patients outside the test set; have {len(dev)}")
+    return _patient_table(sheet, patients, _cv_folds(patients, dev, "strata", folds, seed, patients["test"]))
+
+
+def _cv_folds(patients: pd.DataFrame, dev: pd.DataFrame, by: str, folds: int, seed: int,
+              test: pd.Series) -> pd.DataFrame:
+    """fold_k columns: ``dev`` patients in k stratified (on ``by``) train/val folds, ``test`` ones in every test set,
+    the rest excluded."""
     kfold = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     table = pd.DataFrame(index=patients.index)
-    for k, (_, val_idx) in enumerate(kfold.split(dev.index, dev["strata"])):
-        col = pd.Series("test", index=patients.index)
+    for k, (_, val_idx) in enumerate(kfold.split(dev.index, dev[by])):
+        col = pd.Series("excluded", index=patients.index)
         col[dev.index] = "train"
         col[dev.index[val_idx]] = "val"
+        col[patients.index[test]] = "test"
         table[fold_column_name(k)] = col
-    return _patient_table(sheet, patients, table)
+    return table
 
 
 def _test_patients(patients: pd.DataFrame, sheet: pd.DataFrame, test_column: str | None, test_fraction: float,
