@@ -42,7 +42,7 @@ from slidemil.files.splits import split_task  # noqa: E402
 from slidemil.mil.models import model_kwargs_defaults  # noqa: E402
 from slidemil.mil.train import checkpoint, train_bags  # noqa: E402
 from slidemil.names import base_model  # noqa: E402
-from slidemil.tasks import make_task, pearson_r  # noqa: E402
+from slidemil.tasks import make_task  # noqa: E402
 
 # As bench/mil_benchmarks.py (Ilse et al.'s optimiser; minibatches of 8 padded bags), chosen once, not tuned here.
 TRAINING = {"epochs": 60, "patience": 10, "lr": 5e-4, "weight_decay": 5e-4, "batch_size": 8, "standardize": True}
