@@ -110,7 +110,8 @@ def baseline(task, bags: dict, split: pd.DataFrame) -> dict:
     return task.metrics(test)
 
 
-def run(task_name: str, bags: dict, sheet: pd.DataFrame, models: list[str], repetitions: int, seed: int) -> pd.DataFrame:
+def run(task_name: str, bags: dict, sheet: pd.DataFrame, models: list[str], repetitions: int,
+        seed: int) -> pd.DataFrame:
     strata = (sheet["label"] if task_name == "multiclass" else pd.qcut(sheet["label"], 4, labels=False)).to_numpy()
     rows = []
     for repetition, fold, splits in fold_splits(sheet, task_name, strata, repetitions, seed):

@@ -153,7 +153,8 @@ def test_mhim_trains_on_each_task_from_its_baseline(task_name):
 
 # Survival is left out: on 15 test patients the planted cohort's C-index is too noisy to hold a floor (0.56 seen);
 # its loss falls (above) and the DAG test checks its report.
-@pytest.mark.parametrize("task_name, metric, floor", [("multiclass", "macro_auc", 0.9), ("regression", "pearson_r", 0.7)])
+@pytest.mark.parametrize("task_name, metric, floor",
+                         [("multiclass", "macro_auc", 0.9), ("regression", "pearson_r", 0.7)])
 def test_abmil_finds_the_planted_signal_on_test_patients(task_name, metric, floor):
     bags, split, task = _split(task_name, n_patients=60, seed=4)
     run = train_bags(bags, split, "abmil", SMALL, {"epochs": 20, "lr": 1e-3, "patience": 20}, 0, "cpu", task=task)

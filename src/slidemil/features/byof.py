@@ -255,7 +255,8 @@ def bag_label_values(values: np.ndarray) -> np.ndarray:
     """Bag labels as the sheet's label column takes them: integers (0/1, or class indices 0..K-1 of a
     multiclass task) when every label is whole, else numbers (a regression target)."""
     values = np.asarray(values)
-    whole = np.issubdtype(values.dtype, np.number) and np.all(np.isfinite(values)) and np.all(values == np.round(values))
+    numeric = np.issubdtype(values.dtype, np.number)
+    whole = numeric and np.all(np.isfinite(values)) and np.all(values == np.round(values))
     return values.astype(np.int64) if whole else values.astype(np.float64)
 
 

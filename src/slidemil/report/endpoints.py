@@ -125,7 +125,8 @@ def summary_rows(task: Task, per_fold: pd.DataFrame, tests: dict, n_bootstrap: i
     for (extractor, model), items in tests.items():
         folds = per_fold[(per_fold["extractor"] == extractor) & (per_fold["model"] == model)]
         valid = [t for (fold, t, _) in items if np.isfinite(folds.loc[folds["fold"] == fold, task.metric]).all()]
-        row = {"extractor": extractor, "model": model, "n_folds": len(valid), "n_folds_excluded": len(items) - len(valid)}
+        row = {"extractor": extractor, "model": model, "n_folds": len(valid),
+               "n_folds_excluded": len(items) - len(valid)}
         cis = bootstrap_metrics(task, valid, n_bootstrap, seed)
         for name in task.metrics(items[0][1]):
             values = pd.to_numeric(folds[name], errors="coerce").dropna()
