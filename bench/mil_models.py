@@ -40,12 +40,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from slidemil.runtime import TRAIN_PRECISIONS, resolve_device  # noqa: E402
 from slidemil.mil.models import create_model, list_models  # noqa: E402
 from slidemil.names import base_model  # noqa: E402
-from slidemil.mil.train import Data, class_weights, feature_stats, train_epoch  # noqa: E402
+from slidemil.mil.train import Data, feature_stats, train_epoch  # noqa: E402
+from slidemil.tasks import make_task  # noqa: E402
 from slidemil.training import Stepper  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -179,8 +181,9 @@ def main(argv=None):
     t0 = time.perf_counter()
     bags, labels = make_bags(args.bags, args.tiles, args.dim, getattr(torch, args.dtype), args.seed)
     ids = sorted(bags)
-    weights = class_weights(np.array([labels[s] for s in ids]), True).to(dev)
-    data = Data(bags, labels, weights, dev, feature_stats(bags, ids))
+    task = make_task()
+    task.fit(pd.DataFrame({"slide_id": ids, "label": [labels[s] for s in ids]}))
+    data = Data(bags, labels, task.to(dev), dev, feature_stats(bags, ids))
     gib = sum(b.numel() * b.element_size() for b in bags.values()) / 2**30
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"# {args.bags} bags x {args.tiles} tiles x {args.dim} ({args.dtype}, {gib:.2f} GiB in memory, "

@@ -473,3 +473,88 @@ def untrained_checkpoint(path: Path, in_dim: int, model: str = "abmil", seed: in
     write_checkpoint(path, {"state_dict": net.state_dict(), "model": model, "model_kwargs": MODEL_KWARGS,
                             "in_dim": in_dim, "n_classes": 2, "fold": 0, "feature_mean": None, "feature_std": None})
     return str(path)
+
+
+# ---- endpoints beyond binary (issue 23): bags with a planted signal per task ----
+
+TASK_CLASSES = ("fox", "other", "tiger")  # class names, not numbers: their index order is alphabetical
+
+
+def task_cohort(task: str, n_patients: int = 36, seed: int = 0) -> tuple[dict, pd.DataFrame]:
+    """Bags (slide_id -> N x DIM float32) and a sheet (slide_id, patient_id, and label or time/event) of
+    ``n_patients`` (every fourth has two slides) with a signal a MIL model can learn:
+
+    - multiclass: class k shifts 3-5 instances by 6 sd along axis k (3 classes, equally many patients);
+    - regression: the target y in [0, 4) shifts 4 instances by 2 y sd along axis 0;
+    - survival: risk r in [0, 1) shifts 4 instances by 8 r along axis 0; time = exp(-3 r + 0.3 N(0, 1)),
+      censored (event 0) at a uniform time in [0, 1.5) (about a quarter of the patients);
+    - binary: as make_bag.
+    """
+    rng = np.random.default_rng(seed)
+    bags, rows = {}, []
+    for p in range(n_patients):
+        row = {"patient_id": f"P{p:02d}"}
+        if task == "multiclass":
+            row["label"], shift, axis = TASK_CLASSES[p % 3], 6.0, p % 3
+        elif task == "regression":
+            y = float(rng.uniform(0, 4))
+            row["label"], shift, axis = round(y, 4), 2 * y, 0
+        elif task == "survival":
+            r = float(rng.uniform(0, 1))
+            time, censor = np.exp(-3 * r + 0.3 * rng.normal()), rng.uniform(0, 1.5)
+            row["time"], row["event"] = round(float(min(time, censor)), 5), int(time <= censor)
+            shift, axis = 8 * r, 0
+        else:
+            row["label"], shift, axis = p % 2, 6.0 * (p % 2), 0
+        for k in range(2 if p % 4 == 0 else 1):
+            slide = f"S{p:02d}_{k}"
+            n = int(rng.integers(10, 31))
+            feats = rng.normal(size=(n, DIM)).astype(np.float32)
+            feats[rng.choice(n, size=4, replace=False), axis] += shift
+            bags[slide] = feats
+            rows.append({"slide_id": slide, **row})
+    return bags, pd.DataFrame(rows)
+
+
+def write_task_cohort(folder: Path, task: str, n_patients: int = 36, seed: int = 0) -> Path:
+    """task_cohort as a precomputed-features cohort: one .h5 per slide and samples.csv (path: the .h5)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    bags, sheet = task_cohort(task, n_patients, seed)
+    for slide, feats in bags.items():
+        write_h5(folder / f"{slide}.h5", {"features": feats, "coords": np.zeros((len(feats), 2), dtype=np.int64)}, {})
+    sheet.insert(2, "path", [f"{s}.h5" for s in sheet["slide_id"]])
+    sheet.to_csv(folder / "samples.csv", index=False)
+    return folder / "samples.csv"
+
+
+def write_task_run(folder: Path, task: str, model: str, fold: int, n_test: int = 30, signal: float = 2.0,
+                   seed: int = 0) -> dict:
+    """predictions_patients.csv and history.csv of one fold of a multiclass, survival or regression run whose
+    outputs follow the truth with ``signal`` (the same test patients for every fold and model); the run dict."""
+    rng = np.random.default_rng(seed)
+    truth = np.random.default_rng(99)  # the patients' truth, shared by every run
+    frame = pd.DataFrame({"patient_id": [f"p{i:03d}" for i in range(n_test)], "partition": "test", "n_slides": 1})
+    if task == "multiclass":
+        frame["label"] = np.arange(n_test) % 3
+        logits = signal * np.eye(3)[frame["label"]] + rng.normal(size=(n_test, 3))
+        probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+        for k in range(3):
+            frame[f"prob_{k}"] = probs[:, k]
+    elif task == "survival":
+        frame["label"] = (truth.uniform(size=n_test) < 0.7).astype(int)
+        frame["time"] = truth.exponential(size=n_test)
+        frame["risk"] = -signal * frame["time"] + rng.normal(size=n_test)
+        train = frame.assign(partition="train", patient_id=[f"t{i:03d}" for i in range(n_test)])
+        frame = pd.concat([frame, train.assign(risk=rng.normal(size=n_test))], ignore_index=True)
+        frame = frame[["patient_id", "label", "time", "partition", "n_slides", "risk"]]
+    else:
+        frame["label"] = truth.normal(size=n_test)
+        frame["pred"] = frame["label"] * signal / 2 + rng.normal(size=n_test)
+    out = folder / model / f"fold_{fold}"
+    out.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(out / "predictions_patients.csv", index=False)
+    metric = {"multiclass": "val_macro_auc", "survival": "val_c_index", "regression": "val_r2"}[task]
+    pd.DataFrame({"epoch": [1, 2], "train_loss": [1.0, 0.8], "val_loss": [1.0, 0.9], metric: [0.5, 0.7],
+                  "lr": 1e-4}).to_csv(out / "history.csv", index=False)
+    return {"extractor": "feats", "model": model, "fold": fold, "predictions": str(out / "predictions_patients.csv"),
+            "history": str(out / "history.csv")}

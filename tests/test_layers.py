@@ -6,7 +6,7 @@ from pathlib import Path
 import slidemil
 
 PACKAGE = Path(slidemil.__file__).parent
-CORE = {"config", "errors", "files", "logs", "names", "runtime", "training", "weights", "_moved", "__init__",
+CORE = {"config", "errors", "files", "logs", "names", "runtime", "tasks", "training", "weights", "_moved", "__init__",
         "__main__"}
 # Entry points: the command line and the workflow steps' adapters call into any stage, and nothing imports them.
 ENTRY_POINTS = {"cli", "steps"}

@@ -66,6 +66,8 @@ RERUN_TABLE = [
     # random weights are seeded
     ("seed", 1, {"extract_features": "N", "feature_manifest": 1, "splits": 1, "train": 2, "heatmaps": 1, "report": 1}),
     ("tiling.on_error", "fail", {}),
+    # the survival columns shape only a survival task's splits
+    ("splits.time_column", "os_months", {}),
     ("compute.batch_size", 7, {}),
     ("compute.loader_workers", 2, {}),
     ("compute.device", "cpu", {}),

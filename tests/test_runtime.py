@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from slidemil.runtime import Precision, resolve_precision
+from slidemil.tasks import make_task
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
 
@@ -76,5 +77,5 @@ def test_every_stage_follows_the_policy(monkeypatch):
         assert module.resolve_precision is runtime.resolve_precision, module.__name__
     asked = []
     monkeypatch.setattr(train, "resolve_precision", lambda *a, **k: asked.append(k.get("need")) or Precision("fp32", None))
-    train.Data({}, {}, torch.ones(2), CPU)
+    train.Data({}, {}, make_task(), CPU)
     assert asked == ["training"]

@@ -14,6 +14,7 @@ from slidemil.mil import train
 from slidemil.files import read_h5, write_h5
 from slidemil.mil.models import create_model
 from slidemil.runtime import resolve_precision
+from slidemil.tasks import make_task
 from factories import DIM, FAST, MODEL_KWARGS, write_dataset
 
 
@@ -151,7 +152,7 @@ def test_bags_are_maps_of_the_feature_files_up_to_the_budget(dataset, monkeypatc
 def test_batches_are_standardised_and_padding_stays_zero():
     bags = {"a": torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float16), "b": torch.tensor([[5.0, 6.0]])}
     mean, std = torch.tensor([1.0, 2.0]), torch.tensor([2.0, 4.0])
-    data = train.Data(bags, {"a": 0, "b": 1}, torch.ones(2), torch.device("cpu"), (mean, std))
+    data = train.Data(bags, {"a": 0, "b": 1}, make_task(), torch.device("cpu"), (mean, std))
     x, mask, y = data.batch(["a", "b"])
     torch.testing.assert_close(x, torch.tensor([[[0.0, 0.0], [1.0, 0.5]], [[2.0, 1.0], [0.0, 0.0]]]))
     assert mask.tolist() == [[True, True], [True, False]] and y.tolist() == [0, 1]

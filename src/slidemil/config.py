@@ -24,8 +24,9 @@ from functools import cache
 from pathlib import Path
 
 from slidemil.names import (ENCODER_CARDS, ENCODER_POOLS, EXTRACTORS, FEATURE_PRECISIONS, MIL_MODELS, MODEL_PARAMS,
-                            SIMCLR_ARCHITECTURES, SIMCLR_EXTRACTORS, SIMCLR_WEIGHTS, TILE_ARCHITECTURES, TILE_MODEL,
-                            TIMM_EXTRACTOR, TIMM_OPTIONS, TRAIN_PRECISIONS)
+                            SIMCLR_ARCHITECTURES, SIMCLR_EXTRACTORS, SIMCLR_WEIGHTS, TASKS, TILE_ARCHITECTURES,
+                            TILE_MODEL, TILE_MODEL_TASKS, TIMM_EXTRACTOR, TIMM_OPTIONS, TRAIN_PRECISIONS, BINARY,
+                            EVENT_COLUMN, TIME_COLUMN)
 
 MODELS = (*MIL_MODELS, TILE_MODEL)
 # The demo's second cohort (deploy.demo_patients), deployed like any cohort of deploy.cohorts.
@@ -110,6 +111,9 @@ class Splits:
     binarize: str | None = setting(None, choices=(None, "median", "tertiles"))
     positive_class: str | int | None = setting(None)
     fold_column: str | None = setting(None)
+    # Survival endpoints only (task: survival): the sheet's follow-up time and event (1 = event, 0 = censored).
+    time_column: str = setting(TIME_COLUMN)
+    event_column: str = setting(EVENT_COLUMN)
 
 
 @dataclass(frozen=True)
@@ -289,6 +293,7 @@ class Config:
     samples: str = setting("")
     results: str = setting("results")
     seed: int = setting(0, minimum=0)
+    task: str = setting(BINARY, choices=TASKS)
     demo: Demo = field(default_factory=Demo)
     tiling: Tiling = field(default_factory=Tiling)
     features: Features = field(default_factory=Features)
@@ -494,6 +499,12 @@ def _check_rules(cfg: dict) -> None:
         _check_extractor_rules(name, features["settings"].get(name), cfg["simclr"]["input_px"])
         _check_encoder_rules(name, features["settings"][name], cfg["tiling"])
     tile = cfg["mil"]["settings"].get(TILE_MODEL) or {}
+    if TILE_MODEL in models and cfg["task"] not in TILE_MODEL_TASKS:
+        raise ConfigError("mil.models", f"{TILE_MODEL} scores slides by their fraction of positive tiles: "
+                          f"task {cfg['task']} needs a MIL model", ", ".join(MIL_MODELS))
+    if cfg["task"] != BINARY and (cfg["splits"]["binarize"] or cfg["splits"]["positive_class"] is not None):
+        key = "splits.binarize" if cfg["splits"]["binarize"] else "splits.positive_class"
+        raise ConfigError(key, f"makes two classes, but task is {cfg['task']}", "null, or task: binary")
     if TILE_MODEL in models and features["precomputed"]:
         raise ConfigError("mil.models", f"{TILE_MODEL} trains on tiles, and precomputed features have none",
                           ", ".join(MIL_MODELS))

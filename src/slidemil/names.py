@@ -92,6 +92,16 @@ TILE_SLOT = "tiles"
 # Backbones the tile-supervised baseline and SimCLR pre-training can train.
 TILE_ARCHITECTURES = ("shufflenet_v2", "resnet18")
 SIMCLR_ARCHITECTURES = tuple(dict.fromkeys(SIMCLR_EXTRACTORS.values()))
+# Endpoints (``task:`` in the config; their losses, heads and metrics live in slidemil.tasks). The tile-supervised
+# baseline scores a slide as its fraction of positive tiles: binary only.
+TASKS = ("binary", "multiclass", "survival", "regression")
+BINARY = "binary"
+TILE_MODEL_TASKS = (BINARY,)
+# The report's figure of each (extractor, model), by task: {kind}_{extractor}_{model}.png, and its section title.
+RESULT_FIGURES = {BINARY: ("roc", "ROC curves"), "multiclass": ("confusion", "Confusion matrices and ROC curves"),
+                  "survival": ("km", "Kaplan-Meier curves"), "regression": ("scatter", "Predicted against true")}
+# Default sheet columns of a survival endpoint (splits.time_column, splits.event_column).
+TIME_COLUMN, EVENT_COLUMN = "time", "event"
 # Compute precisions: training (MIL, SimCLR, tile-supervised; fp16 would need loss scaling) and extraction.
 TRAIN_PRECISIONS = ("auto", "fp32", "bf16")
 FEATURE_PRECISIONS = ("auto", "fp32", "fp16", "bf16")

@@ -53,14 +53,15 @@ def subsample_indices(n_tiles: int, max_tiles: int | None, seed: int, slide_id: 
 # --------------------------------------------------------------------------- losses
 
 
-def class_weights(labels: np.ndarray, enabled: bool) -> torch.Tensor:
+def class_weights(labels: np.ndarray, enabled: bool, n_classes: int = N_CLASSES) -> torch.Tensor:
     """Per-class loss weights n / (n_classes * n_c): each class weighs the same in total."""
-    counts = np.bincount(labels, minlength=N_CLASSES)
+    counts = np.bincount(labels, minlength=n_classes)
     if (counts == 0).any():
-        raise ValueError(f"the training slides must contain both classes; class counts: {counts.tolist()}")
+        which = "both classes" if n_classes == 2 else f"all {n_classes} classes"
+        raise ValueError(f"the training slides must contain {which}; class counts: {counts.tolist()}")
     if not enabled:
-        return torch.ones(N_CLASSES)
-    return torch.tensor(len(labels) / (N_CLASSES * counts), dtype=torch.float32)
+        return torch.ones(n_classes)
+    return torch.tensor(len(labels) / (n_classes * counts), dtype=torch.float32)
 
 
 def weighted_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -192,12 +193,14 @@ def fit_epochs(model: torch.nn.Module, loop: Loop, use_auc: bool) -> tuple[Selec
 
 
 def write_outputs(out_dir: str | os.PathLike, ckpt: dict, history: list[dict], slides: pd.DataFrame,
-                  patients: pd.DataFrame) -> None:
+                  patients: pd.DataFrame, metric_column: str = "val_auc") -> None:
     """The four outputs of every trained classifier (MIL models, the tile-supervised baseline): model.pt,
-    history.csv, predictions_slides.csv and predictions_patients.csv."""
+    history.csv, predictions_slides.csv and predictions_patients.csv. ``metric_column``: the history's name of
+    the validation metric (``val_auc``; another task's, slidemil.tasks)."""
     out = Path(out_dir)
     write_checkpoint(out / "model.pt", ckpt)
-    write_csv(out / "history.csv", pd.DataFrame(history, columns=HISTORY_COLUMNS))
+    frame = pd.DataFrame(history, columns=HISTORY_COLUMNS).rename(columns={"val_auc": metric_column})
+    write_csv(out / "history.csv", frame)
     write_csv(out / "predictions_slides.csv", slides)
     write_csv(out / "predictions_patients.csv", patients)
 

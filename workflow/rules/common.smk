@@ -6,10 +6,10 @@ import sys
 from snakemake.utils import validate
 
 # The installed package; rules use only its light modules (no torch, OpenCV or tqdm at DAG build).
-from slidemil.cohort.sheet import SheetError, check_sheet, load_sheet
+from slidemil.cohort.sheet import Endpoint, SheetError, check_sheet, load_sheet
 from slidemil.config import ConfigError, TileSupervised, check_config
 from slidemil.demo.plan import plan_cohort
-from slidemil.names import SIMCLR_EXTRACTORS, SIMCLR_WEIGHTS, TILE_MODEL, TILE_SLOT, base_model
+from slidemil.names import RESULT_FIGURES, SIMCLR_EXTRACTORS, SIMCLR_WEIGHTS, TILE_MODEL, TILE_SLOT, base_model
 from slidemil.weights import is_local, missing_weights, weights_files
 
 # The one check of the config, before anything reads it: defaults filled in (a partial --configfile, a
@@ -30,6 +30,13 @@ LABEL_SETTINGS = {
     "binarize": config["splits"]["binarize"],
     "positive_class": config["splits"]["positive_class"],
     "both_classes": True,
+    # The task (config `task`) the outcome columns must fit; each class needs a patient per drawn fold.
+    "endpoint": Endpoint(
+        config["task"],
+        None if config["splits"]["fold_column"] else config["splits"]["folds"],
+        config["splits"]["time_column"],
+        config["splits"]["event_column"],
+    ),
 }
 
 if DEMO:
@@ -140,6 +147,20 @@ def train_runs():
 
 
 # ---- params: exactly the config slice that shapes each output ---------------
+
+
+# The survival columns shape only a survival task's splits, and the task only when it is not binary (a binary run keeps
+# its params, so nothing reruns).
+SURVIVAL_SETTINGS = ("time_column", "event_column")
+
+
+def splits_params():
+    settings = {k: v for k, v in config["splits"].items() if k not in SURVIVAL_SETTINGS}
+    if config["task"] != "binary":
+        settings["task"] = config["task"]
+    if config["task"] == "survival":
+        settings |= {k: config["splits"][k] for k in SURVIVAL_SETTINGS}
+    return settings
 
 
 # on_error only decides what happens to unusable slides: changing it must not retile good ones.
@@ -296,7 +317,8 @@ def report_has_comparison():
 
 
 def report_has_heatmaps():
-    return not PRECOMPUTED and config["report"]["heatmaps_per_model"] > 0
+    # Heatmap pages title a slide with P(positive): binary models only, for now.
+    return not PRECOMPUTED and config["report"]["heatmaps_per_model"] > 0 and config["task"] == "binary"
 
 
 def report_heatmap_pairs():
@@ -323,7 +345,8 @@ def report_heatmap_settings():
 
 def report_run_settings():
     """The settings the results are made with (no compute resources): the report records them and their digest."""
-    settings = {"seed": config["seed"], "splits": config["splits"], "mil": config["mil"], "report": config["report"]}
+    # splits_params(): a binary run records what it did before tasks existed (its digest stays), others their task.
+    settings = {"seed": config["seed"], "splits": splits_params(), "mil": config["mil"], "report": config["report"]}
     features = {k: v for k, v in config["features"].items() if k != "settings"}
     settings["features"] = {**features, "settings": {e: config["features"]["settings"].get(e) for e in EXTRACTORS}}
     if not PRECOMPUTED:
@@ -346,8 +369,17 @@ def report_page_outputs():
     return files + ([f"{REPORT}/comparison.png"] if report_has_comparison() else [])
 
 
+def report_result_figures():
+    """(extractor, model, png) of each model's results figure: ROC curves, or the task's (slidemil.names)."""
+    kind = RESULT_FIGURES[config["task"]][0]
+    return [(e, m, f"{REPORT}/{kind}_{e}_{m}.png") for e, m in report_pairs()]
+
+
+RESULT_FIGURES_TITLE = RESULT_FIGURES[config["task"]][1]
+
+
 def report_outputs():
-    pngs = [f"{REPORT}/roc_{e}_{m}.png" for e, m in report_pairs()]
+    pngs = [png for _, _, png in report_result_figures()]
     tables = [f"{REPORT}/{name}" for name in ("summary.csv", "summary.md", "per_fold.csv", "excluded.csv")]
     return tables + pngs + report_page_outputs()
 

@@ -43,13 +43,13 @@ rule report:
         page_tables=[f"{REPORT}/{name}" for name in REPORT_TABLES],
         roc=[
             report(
-                f"{REPORT}/roc_{e}_{m}.png",
-                category="2. ROC curves",
+                png,
+                category=f"2. {RESULT_FIGURES_TITLE}",
                 subcategory=e,
                 labels={"extractor": e, "model": m},
                 caption="../report/roc.rst",
             )
-            for e, m in report_pairs()
+            for e, m, png in report_result_figures()
         ],
         history=[
             report(

@@ -11,7 +11,7 @@ rule splits:
     conda:
         "../envs/slidemil.yaml"
     params:
-        splits=config["splits"],
+        splits=splits_params(),
         seed=config["seed"],
     script:
         "../scripts/splits.py"

@@ -1,5 +1,8 @@
 """Sample sheet: one row per slide with slide_id, patient_id, path, label (optional mpp).
 
+The label column's meaning is the task's (``Endpoint``): 0/1 or two classes (binary), class names or numbers
+(multiclass), a number (regression); a survival sheet carries a time and an event column instead.
+
 The sheet is checked as a whole and every problem is reported at once, so a
 user fixes a 1,000-row sheet in one go instead of one error per run.
 """
@@ -8,14 +11,33 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from slidemil.errors import SheetError
-from slidemil.names import SLIDE_ID_CHARS, SLIDE_ID_PATTERN
+from slidemil.names import BINARY, EVENT_COLUMN, SLIDE_ID_CHARS, SLIDE_ID_PATTERN, TIME_COLUMN
 
 REQUIRED_COLUMNS = ("slide_id", "patient_id", "path", "label")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """What the sheet's outcome columns must hold: the config's ``task``, ``splits.folds`` (each class of a
+    multiclass task needs a patient per fold) and the survival columns' names."""
+
+    task: str = BINARY
+    folds: int | None = None
+    time_column: str = TIME_COLUMN
+    event_column: str = EVENT_COLUMN
+
+    @property
+    def required(self) -> tuple[str, ...]:
+        if self.task == "survival":
+            return (*REQUIRED_COLUMNS[:3], self.time_column, self.event_column)
+        return REQUIRED_COLUMNS
 
 
 def read_table(path: str | os.PathLike) -> pd.DataFrame:
@@ -37,7 +59,7 @@ def table_separator(path: str | os.PathLike) -> str:
 
 
 def load_sheet(path: str | os.PathLike, check_files: bool = True, binarize: str | None = None,
-               positive_class=None, both_classes: bool = False) -> pd.DataFrame:
+               positive_class=None, both_classes: bool = False, endpoint: Endpoint | None = None) -> pd.DataFrame:
     """Read and check a sample sheet; relative slide paths resolve against the sheet's folder.
 
     ``binarize`` / ``positive_class`` are the split settings the label column must fit; ``both_classes``: a
@@ -48,10 +70,12 @@ def load_sheet(path: str | os.PathLike, check_files: bool = True, binarize: str 
     path = Path(path)
     sheet = read_sheet_table(path)
     problems = check_sheet(sheet, base_dir=path.parent, check_files=check_files, binarize=binarize,
-                           positive_class=positive_class, both_classes=both_classes)
+                           positive_class=positive_class, both_classes=both_classes, endpoint=endpoint)
     if problems:
         raise SheetError(path, problems)
     sheet = sheet.copy()
+    if endpoint is not None and endpoint.task == "survival" and "label" not in sheet.columns:
+        sheet["label"] = sheet[endpoint.event_column]
     sheet["path"] = [str(resolve_path(p, path.parent)) for p in sheet["path"]]
     return sheet
 
@@ -72,14 +96,17 @@ def resolve_path(value: str, base_dir: str | os.PathLike) -> Path:
 
 
 def check_sheet(sheet: pd.DataFrame, base_dir: str | os.PathLike = ".", check_files: bool = True,
-                binarize: str | None = None, positive_class=None, both_classes: bool = False) -> list[str]:
+                binarize: str | None = None, positive_class=None, both_classes: bool = False,
+                endpoint: Endpoint | None = None) -> list[str]:
     """Every problem of the sheet as a readable line; empty when the sheet is fine.
 
-    The label column must be binary (0/1, true/false, or two classes one of which is
-    ``positive_class``) unless ``binarize`` names how to binarise a numeric label.
+    Binary task (the default): the label column must be binary (0/1, true/false, or two classes one of which
+    is ``positive_class``) unless ``binarize`` names how to binarise a numeric label. Other tasks: see
+    :func:`endpoint_problems`.
     """
+    endpoint = endpoint or Endpoint()
     problems = []
-    missing = [c for c in REQUIRED_COLUMNS if c not in sheet.columns]
+    missing = [c for c in endpoint.required if c not in sheet.columns]
     if missing:
         problems.append(f"missing column(s) {', '.join(missing)} (found: {', '.join(map(str, sheet.columns))})")
         return problems
@@ -96,18 +123,10 @@ def check_sheet(sheet: pd.DataFrame, base_dir: str | os.PathLike = ".", check_fi
     if check_files:
         # Without files on this machine (a planned demo, a report's copy of the sheet) there is nothing to resolve.
         problems += _shared_file_problems(sheet, base_dir)
-    no_label = sheet.index[sheet["label"].isna()]
-    if len(no_label):
-        problems.append(f"missing label in row(s) {_rows(no_label)}")
-    labels = sheet.dropna(subset=["label"]).groupby("patient_id")["label"].nunique()
-    conflicting = labels.index[labels > 1].tolist()
-    if conflicting:
-        problems.append(f"patient(s) with different labels on their slides: {', '.join(map(str, conflicting[:20]))}")
-    label_problem = _label_problem(sheet["label"].dropna(), binarize, positive_class)
-    if label_problem:
-        problems.append(label_problem)
-    elif both_classes:
-        problems += _one_class_problem(sheet["label"].dropna())
+    if endpoint.task != BINARY:
+        problems += endpoint_problems(sheet, endpoint)
+    else:
+        problems += _binary_problems(sheet, binarize, positive_class, both_classes)
     if "mpp" in sheet.columns:
         mpp = pd.to_numeric(sheet["mpp"], errors="coerce")
         bad = sheet.index[sheet["mpp"].notna() & ~(mpp > 0)]
@@ -119,6 +138,76 @@ def check_sheet(sheet: pd.DataFrame, base_dir: str | os.PathLike = ".", check_fi
         if unreadable:
             more = f" and {len(unreadable) - 10} more" if len(unreadable) > 10 else ""
             problems.append(f"slide file(s) missing or unreadable: {', '.join(unreadable[:10])}{more}")
+    return problems
+
+
+def _binary_problems(sheet: pd.DataFrame, binarize: str | None, positive_class, both_classes: bool) -> list[str]:
+    problems = _outcome_column_problems(sheet, "label")
+    label_problem = _label_problem(sheet["label"].dropna(), binarize, positive_class)
+    if label_problem:
+        problems.append(label_problem)
+    elif both_classes:
+        problems += _one_class_problem(sheet["label"].dropna())
+    return problems
+
+
+def _outcome_column_problems(sheet: pd.DataFrame, column: str) -> list[str]:
+    """Empty cells, and patients whose slides disagree, in an outcome column."""
+    problems = []
+    empty = sheet.index[sheet[column].isna()]
+    if len(empty):
+        problems.append(f"missing {column} in row(s) {_rows(empty)}")
+    values = sheet.dropna(subset=[column]).groupby("patient_id")[column].nunique()
+    conflicting = values.index[values > 1].tolist()
+    if conflicting:
+        what = "labels" if column == "label" else f"{column} values"
+        problems.append(f"patient(s) with different {what} on their slides: {', '.join(map(str, conflicting[:20]))}")
+    return problems
+
+
+def endpoint_problems(sheet: pd.DataFrame, endpoint: Endpoint) -> list[str]:
+    """Every way the outcome columns do not fit a multiclass, survival or regression task."""
+    if endpoint.task == "survival":
+        return _survival_problems(sheet, endpoint)
+    problems = _outcome_column_problems(sheet, "label")
+    labels = sheet.dropna(subset=["label"])
+    if endpoint.task == "regression":
+        numeric = pd.to_numeric(labels["label"], errors="coerce")
+        bad = labels.index[numeric.isna() | ~np.isfinite(numeric.fillna(0))]
+        if len(bad):
+            shown = ", ".join(map(str, labels.loc[bad, "label"].astype(str).unique()[:10]))
+            problems.append(f"task regression needs a numeric label; non-numeric value(s) {shown} in row(s) "
+                            f"{_rows(bad)}")
+        elif numeric.nunique() < 2:
+            problems.append("task regression needs at least two distinct label values")
+        return problems
+    patients = labels.groupby("patient_id")["label"].first().astype(str)
+    counts = patients.value_counts()
+    if len(counts) < 2:
+        problems.append(f"task multiclass needs at least two classes; the label column holds {len(counts)}")
+    few = counts[counts < (endpoint.folds or 1)]
+    if len(few):
+        shown = ", ".join(f"{c!r} ({n})" for c, n in few.items())
+        problems.append(f"class(es) with fewer patients than the {endpoint.folds} folds (splits.folds): {shown}; "
+                        "add patients, merge classes or ask for fewer folds")
+    return problems
+
+
+def _survival_problems(sheet: pd.DataFrame, endpoint: Endpoint) -> list[str]:
+    time_col, event_col = endpoint.time_column, endpoint.event_column
+    problems = _outcome_column_problems(sheet, time_col) + _outcome_column_problems(sheet, event_col)
+    times = pd.to_numeric(sheet[time_col], errors="coerce")
+    bad = sheet.index[sheet[time_col].notna() & ~(times >= 0)]
+    if len(bad):
+        problems.append(f"{time_col} must be a number >= 0 (splits.time_column); row(s) {_rows(bad)} hold "
+                        f"{', '.join(map(str, sheet.loc[bad, time_col].astype(str).unique()[:10]))}")
+    events = pd.to_numeric(sheet[event_col], errors="coerce")
+    bad = sheet.index[sheet[event_col].notna() & ~events.isin([0, 1])]
+    if len(bad):
+        problems.append(f"{event_col} must be 1 (event) or 0 (censored) (splits.event_column); row(s) {_rows(bad)} "
+                        f"hold {', '.join(map(str, sheet.loc[bad, event_col].astype(str).unique()[:10]))}")
+    elif events.notna().any() and not (events == 1).any():
+        problems.append(f"no patient has an event ({event_col} = 1): survival needs events to learn from")
     return problems
 
 

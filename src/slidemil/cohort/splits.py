@@ -12,6 +12,11 @@ on fold k. Its validation set is a label-stratified draw from the other K-1
 folds' patients, the size of one fold (1/(K-1) of them) but at most a quarter,
 seeded by (seed, k); the rest is its training set.
 
+Endpoints beyond binary (``endpoint``, the config's ``task``): a multiclass label becomes a class index
+(``label``; the class name stays in ``label_value``), stratified by class; a regression target is the label,
+stratified by its quantile bins; a survival patient's label is its event, stratified by event and time
+quantile, with its follow-up time in a ``time`` column. Such a splits.csv says its task in a ``task`` column.
+
 Unusable slides (``excluded``: slide_id -> reason, from the tile manifest, or the
 feature manifest of precomputed features) never take a place in a fold: they
 are ``excluded`` in every fold column and their reason is in the ``excluded``
@@ -34,7 +39,9 @@ from slidemil.files.splits import PARTITIONS, fold_column_name, fold_columns, wr
 from slidemil.logs import setup_logging
 from slidemil.cohort.facts import NO_TILES, exclusion_reason
 from slidemil.cohort.manifest import read_manifest_table
-from slidemil.cohort.sheet import read_table
+from slidemil.cohort.sheet import Endpoint, read_table
+from slidemil.names import BINARY, TASKS
+from slidemil.tasks import class_order
 from slidemil.errors import SplitError
 
 logger = logging.getLogger(__name__)
@@ -111,13 +118,14 @@ def _usable_sheet(sheet: pd.DataFrame, excluded: dict[str, str] | None) -> pd.Da
     return usable
 
 
-def _with_excluded(splits: pd.DataFrame, sheet: pd.DataFrame, excluded: dict[str, str] | None) -> pd.DataFrame:
+def _with_excluded(splits: pd.DataFrame, sheet: pd.DataFrame, excluded: dict[str, str] | None,
+                   endpoint: Endpoint | None = None) -> pd.DataFrame:
     """Add the unusable slides: ``excluded`` in every fold, their reason in the ``excluded`` column."""
     excluded = excluded or {}
     reasons = {str(s): excluded[str(s)] for s in sheet["slide_id"] if str(s) in excluded}
     rows = sheet.loc[sheet["slide_id"].astype(str).isin(reasons), ["slide_id", "patient_id"]]
     patients = splits.drop_duplicates("patient_id").set_index("patient_id")
-    extra = rows.join(patients[["label"]], on="patient_id")
+    extra = rows.join(patients[[c for c in ("label", "time") if c in patients.columns]], on="patient_id")
     # A patient without a usable slide keeps the sheet's label value (a list: ints must not become floats).
     values, sheet_values = patients["label_value"].to_dict(), dict(zip(sheet["slide_id"], sheet["label"]))
     extra["label_value"] = [values.get(p, sheet_values[s]) for s, p in zip(rows["slide_id"], rows["patient_id"])]
@@ -127,7 +135,8 @@ def _with_excluded(splits: pd.DataFrame, sheet: pd.DataFrame, excluded: dict[str
     # The sheet's order, so splits.csv reads like the sheet.
     order = {str(s): i for i, s in enumerate(sheet["slide_id"])}
     out = out.sort_values("slide_id", key=lambda c: c.astype(str).map(order), kind="stable")
-    out["label"] = out["label"].astype("Int64")
+    # A regression target stays a number; class indices and events are integers.
+    out["label"] = out["label"].astype(float if endpoint is not None and endpoint.task == "regression" else "Int64")
     return out.reset_index(drop=True)
 
 
@@ -141,14 +150,26 @@ def make_splits(
     positive_class=None,
     fold_column: str | None = None,
     excluded: dict[str, str] | None = None,
+    endpoint: Endpoint | None = None,
 ) -> pd.DataFrame:
     """Splits table: slide_id, patient_id, label (0/1), label_value, fold_0..fold_{k-1}, excluded (reason or "").
 
     ``excluded``: unusable slides (slide_id -> reason); patients are drawn over the usable slides only.
+    ``endpoint``: the task (default binary); see the module's docstring for what other tasks write.
     """
+    if endpoint is not None and endpoint.task == "survival":
+        sheet = sheet.assign(label=sheet[endpoint.event_column])  # a survival patient's label is its event
     usable = _usable_sheet(sheet, excluded)
     if fold_column and excluded and fold_column in sheet.columns:
         _check_predefined_folds_usable(sheet, usable, fold_column)
+    if endpoint is not None and endpoint.task != BINARY:
+        if binarize or positive_class is not None:
+            raise SplitError(f"binarize and positive_class make two classes; task {endpoint.task} takes neither")
+        splits = _draw_task_splits(usable, endpoint, folds, test_fraction, seed, test_column, fold_column)
+        splits = _with_excluded(splits, sheet, excluded, endpoint)
+        check_splits(splits)
+        _check_folds_usable(splits, excluded or {}, bool(test_column or fold_column or test_fraction > 0))
+        return splits.assign(task=endpoint.task)
     splits = _draw_splits(usable, folds, test_fraction, seed, test_column, binarize, positive_class, fold_column)
     splits = _with_excluded(splits, sheet, excluded)
     check_splits(splits)
@@ -201,19 +222,9 @@ def _draw_splits(
                              f"{numeric.index[numeric.isna()].tolist()[:10]}")
         patients["label_value"] = numeric
 
-    if test_column:
-        patients["test"] = _test_flags(patients, sheet, test_column)
-    elif test_fraction > 0:
-        strata = _strata(patients["label" if binarize is None else "label_value"], binarize)
-        try:
-            _, test_ids = train_test_split(patients.index.to_numpy(), test_size=test_fraction,
-                                           stratify=strata.to_numpy(), random_state=seed)
-        except ValueError as err:
-            raise SplitError(f"cannot draw a stratified test set of {test_fraction:.0%} of "
-                             f"{len(patients)} patients: {err}") from err
-        patients["test"] = patients.index.isin(test_ids)
-    else:
-        patients["test"] = False
+    drawn = not test_column and test_fraction > 0
+    strata = _strata(patients["label" if binarize is None else "label_value"], binarize) if drawn else None
+    patients["test"] = _test_patients(patients, sheet, test_column, test_fraction, seed, strata)
 
     if binarize is not None:
         reference = patients.loc[~patients["test"], "label_value"]
@@ -225,19 +236,109 @@ def _draw_splits(
     if len(counts) < 2 or counts.min() < folds:
         raise SplitError(f"{folds} stratified folds need at least {folds} training patients of each class; "
                          f"have {counts.to_dict()} outside the test set")
-    kfold = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    table = pd.DataFrame(index=patients.index)
-    for k, (_, val_idx) in enumerate(kfold.split(dev.index, dev["label"])):
-        col = pd.Series("excluded", index=patients.index)
-        col[dev.index] = "train"
-        col[dev.index[val_idx]] = "val"
-        col[patients.index[patients["test"] & patients["label"].notna()]] = "test"
-        table[fold_column_name(k)] = col
+    table = _cv_folds(patients, dev, "label", folds, seed, patients["test"] & patients["label"].notna())
 
     out = sheet[["slide_id", "patient_id"]].merge(
         patients[["label", "label_value"]].join(table), left_on="patient_id", right_index=True, how="left")
     out["label"] = out["label"].astype("Int64")
     return out.reset_index(drop=True)
+
+
+def _task_patients(sheet: pd.DataFrame, endpoint: Endpoint, n_folds: int) -> pd.DataFrame:
+    """One row per patient: label_value (the sheet's), label (the task's), strata (what the draws balance),
+    and time for survival."""
+    if endpoint.task == "survival":
+        first = sheet.groupby("patient_id", sort=True)[[endpoint.time_column, endpoint.event_column]].first()
+        patients = pd.DataFrame({"label_value": first[endpoint.event_column]}, index=first.index)
+        patients["label"] = pd.to_numeric(first[endpoint.event_column]).astype(float)
+        patients["time"] = pd.to_numeric(first[endpoint.time_column]).astype(float)
+        # Event x time half (within each event group, when it is big enough): censored patients and early events
+        # must not pile up in one partition.
+        bins = patients.groupby("label")["time"].transform(lambda t: _quantile_bins(t, 2, n_folds * 2))
+        patients["strata"] = patients["label"].astype(int) * 10 + bins
+        return patients
+    patients = sheet.groupby("patient_id", sort=True)["label"].first().to_frame("label_value")
+    if endpoint.task == "regression":
+        patients["label"] = pd.to_numeric(patients["label_value"]).astype(float)
+        patients["strata"] = _quantile_bins(patients["label"], 4, n_folds * 2)
+        return patients
+    index = {name: k for k, name in enumerate(class_order(patients["label_value"]))}
+    patients["label_value"] = patients["label_value"].astype(str)  # the class name, as the checkpoint records it
+    patients["label"] = patients["label_value"].map(index).astype(float)
+    patients["strata"] = patients["label"]
+    return patients
+
+
+def _quantile_bins(values: pd.Series, n_bins: int, min_size: int) -> pd.Series:
+    """Quantile bin (0..) of each value, with as many bins (at most ``n_bins``) as leave ``min_size`` in each."""
+    for bins in range(n_bins, 1, -1):
+        if len(values) >= bins * min_size:
+            return pd.qcut(values.rank(method="first"), bins, labels=False).astype(int)
+    return pd.Series(0, index=values.index)
+
+
+def _draw_task_splits(sheet: pd.DataFrame, endpoint: Endpoint, folds: int, test_fraction: float, seed: int,
+                      test_column: str | None, fold_column: str | None) -> pd.DataFrame:
+    """``_draw_splits`` for a multiclass, survival or regression task: the same draws, balanced on ``strata``."""
+    if fold_column:
+        patients = _task_patients(sheet, endpoint, int(patient_folds(sheet, fold_column).max()))
+        return _predefined_table(sheet, patients, fold_column, seed)
+    if folds < 2:
+        raise SplitError("splits.folds must be at least 2 (each fold needs a validation set)")
+    patients = _task_patients(sheet, endpoint, folds)
+    patients["test"] = _test_patients(patients, sheet, test_column, test_fraction, seed, patients["strata"],
+                                      f" (by {_strata_words(endpoint)})")
+    dev = patients[~patients["test"]]
+    if endpoint.task == "multiclass":
+        counts = dev["label"].value_counts()
+        if counts.min() < folds or len(counts) < patients["label"].nunique():
+            raise SplitError(f"{folds} stratified folds need at least {folds} training patients of each class; "
+                             f"have {counts.to_dict()} outside the test set")
+    elif len(dev) < 2 * folds:
+        raise SplitError(f"{folds} folds need at least {2 * folds} patients outside the test set; have {len(dev)}")
+    return _patient_table(sheet, patients, _cv_folds(patients, dev, "strata", folds, seed, patients["test"]))
+
+
+def _cv_folds(patients: pd.DataFrame, dev: pd.DataFrame, by: str, folds: int, seed: int,
+              test: pd.Series) -> pd.DataFrame:
+    """fold_k columns: ``dev`` patients in k stratified (on ``by``) train/val folds, ``test`` ones in every test set,
+    the rest excluded."""
+    kfold = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    table = pd.DataFrame(index=patients.index)
+    for k, (_, val_idx) in enumerate(kfold.split(dev.index, dev[by])):
+        col = pd.Series("excluded", index=patients.index)
+        col[dev.index] = "train"
+        col[dev.index[val_idx]] = "val"
+        col[patients.index[test]] = "test"
+        table[fold_column_name(k)] = col
+    return table
+
+
+def _test_patients(patients: pd.DataFrame, sheet: pd.DataFrame, test_column: str | None, test_fraction: float,
+                   seed: int, strata: pd.Series | None, by: str = "") -> pd.Series | np.ndarray:
+    """Which patients are held out: the sheet's test column, or a draw of ``test_fraction`` balanced on ``strata``."""
+    if test_column:
+        return _test_flags(patients, sheet, test_column)
+    if test_fraction <= 0:
+        return np.zeros(len(patients), dtype=bool)
+    try:
+        _, test_ids = train_test_split(patients.index.to_numpy(), test_size=test_fraction,
+                                       stratify=strata.to_numpy(), random_state=seed)
+    except ValueError as err:
+        raise SplitError(f"cannot draw a stratified test set of {test_fraction:.0%} of "
+                         f"{len(patients)} patients{by}: {err}") from err
+    return patients.index.isin(test_ids)
+
+
+def _strata_words(endpoint: Endpoint) -> str:
+    return {"multiclass": "class", "survival": "event and time", "regression": "target quantile"}[endpoint.task]
+
+
+def _patient_table(sheet: pd.DataFrame, patients: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
+    """Each slide with its patient's label columns and partitions."""
+    columns = [c for c in ("label", "label_value", "time") if c in patients.columns]
+    return sheet[["slide_id", "patient_id"]].merge(
+        patients[columns].join(table), left_on="patient_id", right_index=True, how="left").reset_index(drop=True)
 
 
 def validation_fraction(n_folds: int) -> float:
@@ -272,6 +373,13 @@ def _predefined_splits(sheet, column, seed, test_column, binarize, positive_clas
         raise SplitError("splits.fold_column cannot be combined with splits.test_column or splits.binarize")
     patients = sheet.groupby("patient_id", sort=True)["label"].first().to_frame("label_value")
     patients["label"] = binary_labels(patients["label_value"], positive_class).astype(float)
+    out = _predefined_table(sheet, patients.assign(strata=patients["label"]), column, seed)
+    out["label"] = out["label"].astype("Int64")
+    return out
+
+
+def _predefined_table(sheet: pd.DataFrame, patients: pd.DataFrame, column: str, seed: int) -> pd.DataFrame:
+    """Split k tests on fold k and validates on a draw from the other folds, balanced on ``strata``."""
     folds = patient_folds(sheet, column)
     n_folds = int(folds.max()) + 1
     table = pd.DataFrame(index=patients.index)
@@ -281,7 +389,7 @@ def _predefined_splits(sheet, column, seed, test_column, binarize, positive_clas
         rng = np.random.RandomState(np.random.SeedSequence([seed, k]).generate_state(1)[0])
         try:
             _, val_ids = train_test_split(rest.to_numpy(), test_size=validation_fraction(n_folds),
-                                          stratify=patients.loc[rest, "label"].to_numpy(), random_state=rng)
+                                          stratify=patients.loc[rest, "strata"].to_numpy(), random_state=rng)
         except ValueError as err:
             raise SplitError(f"fold {k} of {column!r}: cannot draw a stratified validation set from "
                              f"{len(rest)} patients: {err}") from err
@@ -289,13 +397,11 @@ def _predefined_splits(sheet, column, seed, test_column, binarize, positive_clas
         col[val_ids] = "val"
         col[folds.index[folds == k]] = "test"
         table[fold_column_name(k)] = col
-    out = sheet[["slide_id", "patient_id"]].merge(
-        patients[["label", "label_value"]].join(table), left_on="patient_id", right_index=True, how="left")
-    out["label"] = out["label"].astype("Int64")
+    out = _patient_table(sheet, patients, table)
     for k in range(n_folds):
         counts = out.drop_duplicates("patient_id")[fold_column_name(k)].value_counts().to_dict()
         logger.info("predefined fold %d: %s", k, counts)
-    return out.reset_index(drop=True)
+    return out
 
 
 def check_splits(splits: pd.DataFrame) -> None:
@@ -342,13 +448,18 @@ def _tiles_reason(path: str) -> str:
     return exclusion_reason(n, attrs)
 
 
-def write_splits(sheet_path: str, out_csv: str, manifest: str | None = None, **kwargs) -> pd.DataFrame:
-    """Splits of the sheet's patients over the slides ``manifest`` (a tile or feature manifest) says are usable."""
+def write_splits(sheet_path: str, out_csv: str, manifest: str | None = None, task: str = BINARY,
+                 time_column: str = Endpoint.time_column, event_column: str = Endpoint.event_column,
+                 **kwargs) -> pd.DataFrame:
+    """Splits of the sheet's patients over the slides ``manifest`` (a tile or feature manifest) says are usable.
+
+    ``kwargs``: the other settings of the config's ``splits`` section (``make_splits``'s arguments)."""
     sheet = read_table(sheet_path)
     excluded = unusable_slides(manifest)
     if excluded:
         logger.info("%d slide(s) excluded from the splits as unusable (%s)", len(excluded), manifest)
-    splits = make_splits(sheet, excluded=excluded, **kwargs)
+    endpoint = Endpoint(task, kwargs.get("folds"), time_column, event_column) if task != BINARY else None
+    splits = make_splits(sheet, excluded=excluded, endpoint=endpoint, **kwargs)
     write_splits_csv(out_csv, splits)
     logger.info("splits written to %s\n%s", out_csv, summarize(splits).to_string(index=False))
     return splits
@@ -367,12 +478,16 @@ def main(argv=None, prog: str = "python -m slidemil.cohort.splits") -> None:
     ap.add_argument("--positive-class")
     ap.add_argument("--fold-column", help="sheet column of predefined test folds 0..K-1 (replaces --folds/--test-*)")
     ap.add_argument("--manifest", help="tile (or feature) manifest: its unusable slides take no place in any fold")
+    ap.add_argument("--task", choices=TASKS, default=BINARY, help="the endpoint (default binary)")
+    ap.add_argument("--time-column", default=Endpoint.time_column, help="survival: the sheet's follow-up time")
+    ap.add_argument("--event-column", default=Endpoint.event_column, help="survival: the sheet's event (1/0)")
     args = ap.parse_args(argv)
     setup_logging()
     try:
         write_splits(args.sheet, args.out, folds=args.folds, test_fraction=args.test_fraction, seed=args.seed,
                      test_column=args.test_column, binarize=args.binarize, positive_class=args.positive_class,
-                     fold_column=args.fold_column, manifest=args.manifest)
+                     fold_column=args.fold_column, manifest=args.manifest, task=args.task,
+                     time_column=args.time_column, event_column=args.event_column)
     except SplitError as err:
         raise SystemExit(f"error: {err}")
 

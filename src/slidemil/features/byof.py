@@ -19,7 +19,8 @@ features changed.
 ``npz_to_cohort`` turns a classic MIL benchmark (``.npz`` with features,
 bag_index, bag_labels, cv_train_masks_5x10) into one ``.h5`` per bag and a
 sample sheet whose ``fold`` column is each bag's test fold in one repetition
-of the published cross-validation.
+of the published cross-validation. Labels are written as they are: 0/1 (binary), integer class indices
+0..K-1 (``task: multiclass``) or numbers (``task: regression``).
 
 Command line::
 
@@ -227,7 +228,7 @@ def npz_to_cohort(npz: str | os.PathLike, out_dir: str | os.PathLike, repetition
     """
     npz, out_dir = Path(npz), Path(out_dir)
     arrays = load_mil_npz(npz)
-    feats, index, labels = arrays["features"], arrays["bag_index"], arrays["bag_labels"].astype(int)
+    feats, index, labels = arrays["features"], arrays["bag_index"], bag_label_values(arrays["bag_labels"])
     folds = cv_test_folds(arrays["cv_train_masks_5x10"], repetition, str(npz))
     ids = bag_ids(len(labels))
     digest = file_digest(npz)
@@ -240,12 +241,23 @@ def npz_to_cohort(npz: str | os.PathLike, out_dir: str | os.PathLike, repetition
                        {"extractor": npz.stem, "source": f"{npz.resolve()}#bag={b}", "weights_digest": digest,
                         "excluded": ""})
         rows.append({"slide_id": bag, "patient_id": bag, "path": f"features/{bag}.h5",
-                     "label": int(labels[b]), "fold": int(folds[b])})
+                     "label": labels[b].item(), "fold": int(folds[b])})
     sheet = pd.DataFrame(rows)
     write_csv(out_dir / "samples.csv", sheet)
-    logger.info("%s: %d bags (%d positive), %d instances, %d folds of repetition %d -> %s",
-                npz, len(ids), int(labels.sum()), len(feats), folds.max() + 1, repetition, out_dir)
+    kinds = (f"labels {dict(sorted(pd.Series(labels).value_counts().items()))}" if labels.dtype.kind == "i"
+             else f"numeric labels {labels.min():.4g}..{labels.max():.4g}")
+    logger.info("%s: %d bags (%s), %d instances, %d folds of repetition %d -> %s",
+                npz, len(ids), kinds, len(feats), folds.max() + 1, repetition, out_dir)
     return sheet
+
+
+def bag_label_values(values: np.ndarray) -> np.ndarray:
+    """Bag labels as the sheet's label column takes them: integers (0/1, or class indices 0..K-1 of a
+    multiclass task) when every label is whole, else numbers (a regression target)."""
+    values = np.asarray(values)
+    numeric = np.issubdtype(values.dtype, np.number)
+    whole = numeric and np.all(np.isfinite(values)) and np.all(values == np.round(values))
+    return values.astype(np.int64) if whole else values.astype(np.float64)
 
 
 def main(argv=None, prog: str = "python -m slidemil.features.byof") -> None:

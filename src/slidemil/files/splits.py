@@ -5,6 +5,11 @@ column (the same value on every row) says which format the file follows.
 Written by ``slidemil.cohort.splits``; read by MIL training and the tile-supervised baseline (one fold,
 ``read_fold``), SimCLR (the never-test slides), the cohort facts and the report (``read_splits``).
 A splits file made by hand (predefined splits) needs no ``format_version`` column: it is version 1.
+
+Endpoints beyond binary (slidemil.tasks) add a ``task`` column (the same value on every row): multiclass labels
+are class indices 0..K-1 with the class names in ``label_value``; a regression label is the target; a survival
+label is the event (1) or censoring (0), with the follow-up time in a ``time`` column. Without the column the
+task is binary.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import pandas as pd
 
 from slidemil.errors import SplitError
 from slidemil.files import FORMAT_VERSION, check_format, write_csv
+from slidemil.names import BINARY, TASKS
 
 VERSION = 1
 PARTITIONS = ("train", "val", "test", "excluded")
@@ -61,12 +67,16 @@ def read_fold(path: str | os.PathLike, fold: int) -> pd.DataFrame:
     bad = sorted(set(table[column].dropna()) - set(PARTITIONS))
     if bad or table[column].isna().any():
         raise SplitError(f"{path}: {column} must be one of {', '.join(PARTITIONS)}; found {bad or 'empty cells'}")
-    split = table.loc[table[column] != "excluded", ["slide_id", "patient_id", "label", column]]
+    task, _ = split_task(table, path)
+    extra = ["time"] if task == "survival" else []
+    missing = [c for c in extra if c not in table.columns]
+    if missing:
+        raise SplitError(f"{path}: a survival splits file needs a time column")
+    split = table.loc[table[column] != "excluded", ["slide_id", "patient_id", "label", *extra, column]]
     split = split.rename(columns={column: "partition"}).reset_index(drop=True)
-    labels = pd.to_numeric(split["label"], errors="coerce")
-    if not labels.isin([0, 1]).all():
-        raise SplitError(f"{path}: labels of the slides used in {column} must be 0 or 1")
-    split["label"] = labels.astype(int)
+    split["label"] = _labels(split, task, path, column)
+    if extra:
+        split["time"] = _numbers(split["time"], path, f"times of the slides used in {column}")
     shared = split.groupby("patient_id")["partition"].nunique()
     if (shared > 1).any():
         raise SplitError(f"{path}: patient(s) in two partitions of {column}: {', '.join(shared.index[shared > 1][:20])}")
@@ -74,6 +84,38 @@ def read_fold(path: str | os.PathLike, fold: int) -> pd.DataFrame:
         if not (split["partition"] == part).any():
             raise SplitError(f"{path}: {column} has no {part} slides")
     return split
+
+
+def split_task(table: pd.DataFrame, path: str | os.PathLike = "splits.csv") -> tuple[str, list[str] | None]:
+    """The task a splits table was drawn for and, for multiclass, its class names in index order."""
+    tasks = table["task"].dropna().unique() if "task" in table.columns else [BINARY]
+    if len(tasks) != 1 or tasks[0] not in TASKS:
+        raise SplitError(f"{path}: the task column must hold one of {', '.join(TASKS)} on every row")
+    task = str(tasks[0])
+    if task != "multiclass":
+        return task, None
+    pairs = table.dropna(subset=["label"]).drop_duplicates("label")
+    names = dict(zip(pd.to_numeric(pairs["label"]).astype(int), pairs["label_value"].astype(str)))
+    if sorted(names) != list(range(len(names))):
+        raise SplitError(f"{path}: multiclass labels must number the classes 0..K-1; found {sorted(names)}")
+    return task, [names[k] for k in range(len(names))]
+
+
+def _labels(split: pd.DataFrame, task: str, path, column: str) -> pd.Series:
+    labels = _numbers(split["label"], path, f"labels of the slides used in {column}")
+    if task == "regression":
+        return labels.astype(float)
+    allowed = "0 or 1" if task in (BINARY, "survival") else "class indices 0..K-1"
+    if (labels != labels.round()).any() or (labels < 0).any() or (task != "multiclass" and (labels > 1).any()):
+        raise SplitError(f"{path}: labels of the slides used in {column} must be {allowed}")
+    return labels.astype(int)
+
+
+def _numbers(values: pd.Series, path, what: str) -> pd.Series:
+    numbers = pd.to_numeric(values, errors="coerce")
+    if numbers.isna().any():
+        raise SplitError(f"{path}: {what} must be numbers; found {sorted(map(str, set(values[numbers.isna()])))[:5]}")
+    return numbers
 
 
 def never_test_slides(path: str | os.PathLike) -> list[str]:

@@ -37,11 +37,11 @@ from slidemil.config import Compute, Config, Training, field_defaults, resolve
 from slidemil.runtime import resolve_device, resolve_precision, warn_if_bf16_emulated
 from slidemil.files.checkpoint import read_checkpoint
 from slidemil.files.features import map_features, read_features
-from slidemil.files.splits import read_fold
+from slidemil.files.splits import read_fold, read_splits, split_task
 from slidemil.mil.models import create_model
-from slidemil.training import (N_CLASSES, Loop, Selection, Stepper, auc_or_none, class_weights, fit_epochs, fmt_metric,
-                               patient_auc, patient_predictions, subsample_indices, validation_has_both_classes,
-                               weighted_loss, write_outputs)
+from slidemil.names import BINARY
+from slidemil.tasks import Task, make_task
+from slidemil.training import Loop, Selection, Stepper, fit_epochs, fmt_metric, subsample_indices, write_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -156,11 +156,11 @@ def batch_ids(slide_ids: list[str], batch_size: int, rng: np.random.Generator | 
 
 @dataclass
 class Data:
-    """What the epoch loops need: bags, slide labels, the loss weights and the standardisation."""
+    """What the epoch loops need: bags, slide targets, the task (its loss) and the standardisation."""
 
     bags: dict[str, torch.Tensor]
-    labels: dict[str, int]
-    weights: torch.Tensor
+    targets: dict
+    task: Task
     device: torch.device
     norm: tuple[torch.Tensor, torch.Tensor] | None = None  # (mean, std) per feature dimension
     precision: str = "auto"  # training.precision: the autocast of every forward pass
@@ -172,7 +172,7 @@ class Data:
 
     def batch(self, ids: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x, mask = collate([self.bags[s] for s in ids])
-        y = torch.tensor([self.labels[s] for s in ids], dtype=torch.long)
+        y = self.task.collate([self.targets[s] for s in ids])
         x, mask = x.to(self.device).float(), mask.to(self.device)
         if self.norm is not None:
             # Standardised here, in float32, rather than once into a second copy of every bag: the bags
@@ -194,7 +194,7 @@ def train_epoch(
     models whose own schedules follow training progress (the hooks in ``slidemil.mil.models``).
     """
     model.train()
-    loss_fn = functools.partial(weighted_loss, weights=data.weights)
+    loss_fn = data.task.loss
     training_step = getattr(model, "training_step", None)
     after_step = getattr(model, "after_optimizer_step", None)
     total, n_batches, lr = 0.0, 0, float("nan")
@@ -216,17 +216,18 @@ def train_epoch(
 
 
 @torch.inference_mode()
-def predict(model, data: Data, ids: list[str], batch_size: int) -> tuple[np.ndarray, float]:
-    """Slide probabilities of class 1 and the mean (weighted) loss over ``ids``."""
+def predict(model, data: Data, ids: list[str], batch_size: int) -> tuple[pd.DataFrame, float]:
+    """Slide outputs over ``ids`` (the task's columns: binary ``prob`` of class 1) and the mean (weighted) loss."""
     model.eval()
-    probs, loss_sum = [], 0.0
+    outputs, loss_sum = [], 0.0
     for chunk in batch_ids(ids, batch_size):
         x, mask, y = data.batch(chunk)
         with data.amp.autocast(data.device):
             logits = model(x, mask)["logits"].float()
-        loss_sum += weighted_loss(logits, y, data.weights, reduction="sum").item()
-        probs.append(torch.softmax(logits, dim=1)[:, 1].cpu().numpy())
-    return np.concatenate(probs).astype(np.float64), loss_sum / max(len(ids), 1)
+        loss_sum += data.task.loss(logits, y, reduction="sum").item()
+        outputs.append(data.task.outputs(logits))
+    values = np.concatenate(outputs).astype(np.float64)
+    return pd.DataFrame(values, columns=data.task.output_columns), loss_sum / max(len(ids), 1)
 
 
 def fit(net, data: Data, train_ids: list[str], val: pd.DataFrame, cfg: dict, seed: int, desc: str):
@@ -246,11 +247,15 @@ def fit(net, data: Data, train_ids: list[str], val: pd.DataFrame, cfg: dict, see
                            step=(epoch - 1) * steps_per_epoch, total_steps=steps)
 
     def validate() -> tuple[float | None, float]:
-        probs, loss = predict(net, data, val["slide_id"].tolist(), cfg["batch_size"])
-        return patient_auc(val.assign(prob=probs)), loss
+        outputs, loss = predict(net, data, val["slide_id"].tolist(), cfg["batch_size"])
+        return data.task.score(_with_outputs(val, outputs)), loss
 
     loop = Loop(train, validate, cfg["epochs"], cfg["patience"], desc)
-    return fit_epochs(net, loop, validation_has_both_classes(val))
+    return fit_epochs(net, loop, data.task.can_select(val))
+
+
+def _with_outputs(slides: pd.DataFrame, outputs: pd.DataFrame) -> pd.DataFrame:
+    return slides.assign(**{c: outputs[c].to_numpy() for c in outputs.columns})
 
 
 # --------------------------------------------------------------------------- stage
@@ -263,10 +268,11 @@ class Trained:
     net: torch.nn.Module
     best: Selection
     history: list[dict]
-    slides: pd.DataFrame  # val and test slides: slide_id, patient_id, label, partition, prob
+    slides: pd.DataFrame  # val and test slides: slide_id, patient_id, label, partition, the task's outputs
     norm: tuple[torch.Tensor, torch.Tensor] | None
     in_dim: int
     cfg: dict
+    task: Task
 
 
 def train_bags(
@@ -280,6 +286,7 @@ def train_bags(
     desc: str | None = None,
     init_state: dict | None = None,
     init_source: str | None = None,
+    task: Task | None = None,
 ) -> Trained:
     """Train ``model`` on in-memory bags; the core of ``train_fold``, usable without files.
 
@@ -290,7 +297,8 @@ def train_bags(
     holds) that models built on a baseline (MHIM-MIL) start from; the model
     takes it through its ``init_from_checkpoint`` method, and features are then
     standardised with the checkpoint's statistics, the ones its weights were
-    trained on. ``init_source`` names it in errors.
+    trained on. ``init_source`` names it in errors. ``task``: the endpoint (slidemil.tasks; default binary):
+    its head size, targets, loss and validation metric; survival splits carry a ``time`` column.
     """
     cfg = resolve_training(training)
     model_kwargs = dict(model_kwargs or {})
@@ -309,22 +317,22 @@ def train_bags(
     bags = {s: bags[s] for s in split["slide_id"]}
     in_dim = next(iter(bags.values())).shape[1]
 
+    task = task or make_task(BINARY, class_weighted=cfg["class_weighted"])
     torch.manual_seed(seed)
-    net = create_model(model, in_dim=in_dim, n_classes=N_CLASSES, **model_kwargs)
+    net = create_model(model, in_dim=in_dim, n_classes=task.head_size, **model_kwargs)
     norm = _start_from(net, model, init_state, init_source, in_dim, cfg["standardize"])
     if norm is None and cfg["standardize"] and init_state is None:
         norm = feature_stats(bags, ids["train"])
 
-    labels = dict(zip(split["slide_id"], split["label"].astype(int)))
-    weights = class_weights(np.array([labels[s] for s in ids["train"]]), cfg["class_weighted"])
-    data = Data(bags, labels, weights.to(dev), dev, norm, cfg["precision"])
+    task.fit(split[split["partition"] == "train"])
+    data = Data(bags, task.targets(split), task.to(dev), dev, norm, cfg["precision"])
 
     net = net.to(dev)
     val = split[split["partition"] == "val"]
     best, history = fit(net, data, ids["train"], val, cfg, seed, desc=desc or model)
     net.load_state_dict(best.state)
     slides = _final_predictions(net, data, split, cfg["batch_size"])
-    return Trained(net, best, history, slides, norm, in_dim, cfg)
+    return Trained(net, best, history, slides, norm, in_dim, cfg, task)
 
 
 def train_fold(
@@ -354,6 +362,8 @@ def train_fold(
         torch.set_num_threads(num_threads)
 
     split = read_fold(splits_csv, fold)
+    task_name, class_names = split_task(read_splits(splits_csv), splits_csv)
+    task = make_task(task_name, class_names, cfg["class_weighted"])
     bags, skipped = load_bags(split["slide_id"].tolist(), features, cfg["max_tiles"], seed)
     split = split[split["slide_id"].isin(bags)].reset_index(drop=True)
     ids = {p: split.loc[split["partition"] == p, "slide_id"].tolist() for p in ("train", "val", "test")}
@@ -366,40 +376,44 @@ def train_fold(
         next(iter(bags.values())).shape[1], resolve_device(device),
     )
 
-    init_state = load_init_checkpoint(init_checkpoint, model, fold) if init_checkpoint else None
+    init_state = load_init_checkpoint(init_checkpoint, model, fold, task.name) if init_checkpoint else None
     run = train_bags(bags, split, model, model_kwargs, cfg, seed, device, desc=f"{model} fold {fold}",
-                     init_state=init_state, init_source=init_checkpoint)
+                     init_state=init_state, init_source=init_checkpoint, task=task)
     best, history, slides = run.best, run.history, run.slides
-    patients = patient_predictions(slides)
-    test = patients[patients["partition"] == "test"]
+    patients = task.patients(slides)
+    test = slides[slides["partition"] == "test"]
+    metric = "auc" if task.name == BINARY else task.metric  # binary keeps its summary keys
     summary = {
         "model": model,
         "fold": fold,
         "seed": seed,
         "best_epoch": best.epoch,
         "epochs_run": len(history),
-        "val_auc": best.auc,
+        f"val_{metric}": best.auc,
         "val_loss": best.loss,
-        "test_auc": auc_or_none(test["label"], test["prob"]) if len(test) else None,
+        f"test_{metric}": task.score(test) if len(test) else None,
         "n_slides": {p: len(v) for p, v in ids.items()},
         "skipped_slides": skipped,
         "device": str(resolve_device(device)),
         "seconds": round(time.monotonic() - started, 2),
     }
-    write_outputs(out_dir, checkpoint(run, model, model_kwargs, seed, fold), history, slides, patients)
+    write_outputs(out_dir, checkpoint(run, model, model_kwargs, seed, fold), history, slides, patients,
+                  metric_column=task.history_column)
     logger.info(
-        "fold %d done: best epoch %d, val auc %s, test auc %s",
-        fold, best.epoch, fmt_metric(best.auc), fmt_metric(summary["test_auc"]),
+        "fold %d done: best epoch %d, val %s %s, test %s %s",
+        fold, best.epoch, metric, fmt_metric(best.auc), metric, fmt_metric(summary[f"test_{metric}"]),
     )
     return summary
 
 
-def load_init_checkpoint(path: str, model: str, fold: int) -> dict:
-    """Read the model.pt a model starts from (MHIM-MIL: its baseline on the same fold)."""
+def load_init_checkpoint(path: str, model: str, fold: int, task: str = BINARY) -> dict:
+    """Read the model.pt a model starts from (MHIM-MIL: its baseline on the same fold, for the same task)."""
     try:
         ckpt = read_checkpoint(path, required=("state_dict", "model", "in_dim"))
     except FileNotFoundError:
         raise ValueError(f"{path}: initial checkpoint for {model!r} not found") from None
+    if ckpt.get("task", BINARY) != task:
+        raise ValueError(f"{path}: trained for task {ckpt.get('task', BINARY)}, not {task}")
     if ckpt.get("fold") is not None and ckpt["fold"] != fold:
         raise ValueError(f"{path}: trained on fold {ckpt['fold']}, not fold {fold}; its weights may have been fitted on this fold's validation or test slides")
     return ckpt
@@ -431,9 +445,13 @@ def _start_from(net, model: str, ckpt: dict | None, source: str | None, in_dim: 
 
 
 def _final_predictions(net, data: Data, split: pd.DataFrame, batch_size: int) -> pd.DataFrame:
-    slides = split[split["partition"].isin(["val", "test"])].reset_index(drop=True)
-    probs, _ = predict(net, data, slides["slide_id"].tolist(), batch_size)
-    return slides.assign(prob=probs)[["slide_id", "patient_id", "label", "partition", "prob"]]
+    task = data.task
+    # Survival: the training slides' risks too, whose median splits the test patients' Kaplan-Meier curves.
+    parts = ["train", "val", "test"] if task.name == "survival" else ["val", "test"]
+    slides = split[split["partition"].isin(parts)].reset_index(drop=True)
+    outputs, _ = predict(net, data, slides["slide_id"].tolist(), batch_size)
+    columns = ["slide_id", "patient_id", "label", *task.extra_columns, "partition", *task.output_columns]
+    return _with_outputs(slides, outputs)[columns]
 
 
 def checkpoint(run: Trained, model: str, model_kwargs: dict, seed: int, fold: int) -> dict:
@@ -443,7 +461,8 @@ def checkpoint(run: Trained, model: str, model_kwargs: dict, seed: int, fold: in
         "model": model,
         "model_kwargs": model_kwargs,
         "in_dim": run.in_dim,
-        "n_classes": N_CLASSES,
+        "n_classes": run.task.head_size,
+        **run.task.state(),
         "epoch": run.best.epoch,
         "val_auc": run.best.auc,
         "training": run.cfg,

@@ -41,6 +41,8 @@ from slidemil.cohort.manifest import read_manifest_table
 from slidemil.config import Report, field_defaults
 from slidemil.files import write_csv, write_json, write_text
 from slidemil.names import base_model
+from slidemil.files.splits import read_splits, split_task
+from slidemil.report.endpoints import detect_task
 from slidemil.report.stats import compare_models, load_tests, plot_comparison, plot_history, write_summary
 
 logger = logging.getLogger(__name__)
@@ -72,22 +74,27 @@ def _fold_key(fold) -> tuple:
 
 
 def _results(runs: list[dict], summary: pd.DataFrame, per_fold: pd.DataFrame, tests: dict, cfg: dict, seed: int,
-             out: Path) -> dict:
-    """The report.json document's results part; writes comparison.csv and the comparison and training figures."""
+             out: Path, comparison: pd.DataFrame | None = None) -> dict:
+    """The report.json document's results part; writes comparison.csv and the comparison and training figures.
+    ``comparison``: another task's (slidemil.report.endpoints), already written; then ``tests`` is empty."""
     n_bootstrap, reference = int(cfg["n_bootstrap"]), str(cfg["reference_model"])
     notes: list[str] = []
-    comparison = compare_models(tests, reference, n_bootstrap, seed)
-    write_csv(out / "comparison.csv", comparison)
+    pairs = sorted(tests) if comparison is None else sorted(zip(summary["extractor"], summary["model"]))
+    if comparison is None:
+        comparison = compare_models(tests, reference, n_bootstrap, seed)
+        write_csv(out / "comparison.csv", comparison)
     comparison_png = None
     if len(comparison):
-        plot_comparison(comparison, out / "comparison.png")
+        other = "difference" in comparison.columns  # another task's comparison: its primary metric
+        plot_comparison(comparison, out / "comparison.png", *(("difference", cfg.get("metric_title")) if other else ()))
         comparison_png = "comparison.png"
-    elif len(tests) > 1:
+    elif len(pairs) > 1:
         notes.append(f"no comparison: the reference model {reference!r} is not among the trained models")
 
     figures = {"roc": [], "history": []}
-    for extractor, model in sorted(tests):
-        figures["roc"].append({"extractor": extractor, "model": model, "file": f"roc_{extractor}_{model}.png"})
+    for extractor, model in pairs:
+        if tests:  # other tasks draw their own figures instead of ROC curves
+            figures["roc"].append({"extractor": extractor, "model": model, "file": f"roc_{extractor}_{model}.png"})
         history = [(r["fold"], r["history"]) for r in runs
                    if (str(r["extractor"]), str(r["model"])) == (extractor, model) and r.get("history")]
         if history:
@@ -104,11 +111,39 @@ def _results(runs: list[dict], summary: pd.DataFrame, per_fold: pd.DataFrame, te
     }
 
 
-def _cohort(sheet, splits, features: pd.DataFrame, tiles: pd.DataFrame | None, qc_examples: int, out: Path) -> dict:
+def _endpoint(task, run_settings: dict | None):
+    """What the sheet's outcome columns hold (a survival report's: the run's splits settings name them)."""
+    from slidemil.cohort.sheet import Endpoint
+
+    if task is None:
+        return None
+    given = (run_settings or {}).get("splits") or {}
+    return Endpoint(task.name, None, given.get("time_column", Endpoint.time_column),
+                    given.get("event_column", Endpoint.event_column))
+
+
+def _task_results(task, runs: list[dict], cfg: dict, seed: int, out: Path) -> dict:
+    """report.json's results part for a multiclass, survival or regression task; writes its tables and figures."""
+    from slidemil.report.endpoints import METRIC_NAMES, metric_names, metric_title, write_task_summary
+
+    tables = write_task_summary(task, runs, out, str(cfg["reference_model"]), int(cfg["n_bootstrap"]), seed)
+    names = metric_names(task, tables["summary"])
+    titled = {**cfg, "metric_title": f"test {METRIC_NAMES[task.metric]}"}
+    doc = _results(runs, tables["summary"], tables["per_fold"], {}, titled, seed, out, tables["comparison"])
+    doc["settings"] = {**cfg, "seed": seed}
+    titles = {n: metric_title(n) for n in names}
+    doc["task"] = {"name": task.name, "metric": task.metric, "metrics": names, "class_names": task.class_names,
+                   "titles": titles, "metric_titles": [titles[n] for n in names]}
+    doc["figures"]["task"] = tables["figures"]
+    return doc
+
+
+def _cohort(sheet, splits, features: pd.DataFrame, tiles: pd.DataFrame | None, qc_examples: int, out: Path,
+            endpoint=None) -> dict:
     """The cohort, splits and QC parts of report.json, from the sheet, splits.csv and the manifests."""
     from slidemil.cohort.sheet import load_sheet
 
-    sheet_df = load_sheet(sheet, check_files=False)
+    sheet_df = load_sheet(sheet, check_files=False, endpoint=endpoint)
     table = cohort_mod.cohort_table(sheet_df, features, tiles)
     write_csv(out / "cohort.csv", table)
     usable = set(table.loc[table["excluded"] == "", "slide_id"])
@@ -207,18 +242,28 @@ def build_report(
     """
     cfg = {**DEFAULTS, **(settings or {})}
     out = Path(out_dir)
-    per_fold, tests = load_tests(runs)
+    class_names = split_task(read_splits(splits), splits)[1] if splits is not None else None
+    task = detect_task([r["predictions"] for r in runs], class_names)
     manifests = {str(e): read_manifest_table(m) for e, m in (features or {}).items()}
     tile_table = read_manifest_table(tiles) if tiles is not None else None
     excluded = cohort_mod.excluded_from_manifests(list(manifests.values())) if manifests else None
-    summary = write_summary(per_fold, tests, out, int(cfg["n_bootstrap"]), seed, excluded)
+    if task is not None:
+        # Multiclass, survival, regression: their metrics and figures (slidemil.report.endpoints).
+        out.mkdir(parents=True, exist_ok=True)
+        doc = _task_results(task, runs, cfg, seed, out)
+        tests = {(r["extractor"], r["model"]): None for r in doc["summary"]}
+    else:
+        per_fold, tests = load_tests(runs)
+        summary = write_summary(per_fold, tests, out, int(cfg["n_bootstrap"]), seed, excluded)
+        doc = _results(runs, summary, per_fold, tests, cfg, seed, out)
+        doc["notes"] += fold_notes(per_fold)
     if excluded is not None:
         write_csv(out / "excluded.csv", excluded)
-    doc = _results(runs, summary, per_fold, tests, cfg, seed, out)
-    doc["notes"] += fold_notes(per_fold)
     doc["provenance"] = provenance(run_settings)
     if sheet is not None and manifests:
-        doc.update(_cohort(sheet, splits, next(iter(manifests.values())), tile_table, int(cfg["qc_examples"]), out))
+        endpoint = _endpoint(task, run_settings)
+        doc.update(_cohort(sheet, splits, next(iter(manifests.values())), tile_table, int(cfg["qc_examples"]), out,
+                           endpoint))
     doc["heatmaps"], doc["heatmap_notes"] = _heatmaps(list(heatmaps or []), tests, set(manifests), out)
     if manifests and tile_table is None:
         doc["heatmap_notes"].append("no heatmaps: the features were precomputed, so there are no slides "

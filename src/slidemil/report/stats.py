@@ -104,15 +104,15 @@ def read_test_predictions(path: str | os.PathLike) -> pd.DataFrame:
     return test[["patient_id", "label", "prob"]].reset_index(drop=True)
 
 
-def best_val_auc(path: str | os.PathLike | None) -> float:
-    """Highest validation AUC over the epochs of a history.csv (NaN if none recorded)."""
+def best_val_auc(path: str | os.PathLike | None, column: str = "val_auc") -> float:
+    """Highest validation AUC (``column``: another task's metric) over the epochs of a history.csv (NaN if none)."""
     if path is None:
         return math.nan
     history = pd.read_csv(path)
-    if "val_auc" not in history.columns:
-        raise ValueError(f"{path}: missing column val_auc")
+    if column not in history.columns:
+        raise ValueError(f"{path}: missing column {column}")
     # Epochs where the validation AUC was undefined are stored as NaN; skip them.
-    value = pd.to_numeric(history["val_auc"], errors="coerce").max()
+    value = pd.to_numeric(history[column], errors="coerce").max()
     return float(value) if pd.notna(value) else math.nan
 
 
@@ -349,14 +349,17 @@ def plot_history(folds: list[tuple[object, str | os.PathLike]], title: str, png:
     try:
         for k, (fold, path) in enumerate(folds):
             history = pd.read_csv(path)
+            # val_auc, or another task's validation metric (slidemil.tasks): the history's one val_ column but loss.
+            metric = next(c for c in history.columns if c.startswith("val_") and c != "val_loss")
             color = f"C{k % 10}"
-            ax_auc.plot(history["epoch"], pd.to_numeric(history["val_auc"], errors="coerce"),
+            ax_auc.plot(history["epoch"], pd.to_numeric(history[metric], errors="coerce"),
                         marker="o", ms=3, color=color, label=f"fold {fold}")
             ax_loss.plot(history["epoch"], history["train_loss"], color=color, label=f"fold {fold} train")
             ax_loss.plot(history["epoch"], history["val_loss"], color=color, ls="--", label=f"fold {fold} val")
-        ax_auc.set_ylim(0, 1.02)
+        if metric == "val_auc":
+            ax_auc.set_ylim(0, 1.02)
         ax_auc.set_xlabel("epoch")
-        ax_auc.set_ylabel("validation AUC (patient level)")
+        ax_auc.set_ylabel(f"validation {'AUC' if metric == 'val_auc' else metric[4:]} (patient level)")
         ax_loss.set_xlabel("epoch")
         ax_loss.set_ylabel("loss (train solid, val dashed)")
         ax_auc.legend(fontsize=7, loc="lower right")
@@ -367,8 +370,10 @@ def plot_history(folds: list[tuple[object, str | os.PathLike]], title: str, png:
         plt.close(fig)
 
 
-def plot_comparison(comparison: pd.DataFrame, png: str | os.PathLike) -> None:
-    """Forest plot: each model's AUC difference to the reference, mean over folds (with CI) and per fold."""
+def plot_comparison(comparison: pd.DataFrame, png: str | os.PathLike, column: str = "auc_diff",
+                    metric: str = "test AUC") -> None:
+    """Forest plot: each model's AUC (``metric``) difference to the reference, mean over folds (with CI) and per
+    fold."""
     means = comparison[comparison["fold"] == "mean"].reset_index(drop=True)
     fig, ax = plt.subplots(figsize=(7, 1.3 + 0.4 * max(len(means), 1)), dpi=100)
     try:
@@ -376,18 +381,18 @@ def plot_comparison(comparison: pd.DataFrame, png: str | os.PathLike) -> None:
             y = len(means) - 1 - i
             if np.isfinite(row.ci_low):
                 ax.plot([row.ci_low, row.ci_high], [y, y], color="C0", lw=2)
-            ax.plot([row.auc_diff], [y], "D", color="C0", ms=7,
+            ax.plot([getattr(row, column)], [y], "D", color="C0", ms=7,
                     label="mean over folds, 95 % CI" if i == 0 else None)
             folds = comparison[(comparison["extractor"] == row.extractor) & (comparison["model"] == row.model)
                                & (comparison["fold"] != "mean")]
-            ax.plot(folds["auc_diff"], [y] * len(folds), "o", color="C1", ms=4, alpha=0.8,
+            ax.plot(folds[column], [y] * len(folds), "o", color="C1", ms=4, alpha=0.8,
                     label="single folds" if i == 0 else None)
         ax.axvline(0, color="grey", ls="--", lw=1)
         ax.set_ylim(-0.6, max(len(means), 1) - 0.4)
         ax.set_yticks(range(len(means)))
         ax.set_yticklabels([f"{r.extractor} / {r.model}" for r in means.itertuples()][::-1], fontsize=8)
         ref = ", ".join(sorted(comparison["reference"].unique())) or "reference"
-        ax.set_xlabel(f"test AUC difference to {ref} (paired bootstrap over patients)")
+        ax.set_xlabel(f"{metric} difference to {ref} (paired bootstrap over patients)")
         if len(means):
             # Right of the axes, so it never hides an interval or the axis label.
             ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
