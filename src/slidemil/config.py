@@ -520,6 +520,11 @@ def _check_rules(cfg: dict) -> None:
 
 
 def _check_deploy_rules(cfg: dict) -> None:
+    deploying = bool(cfg["deploy"]["cohorts"] or cfg["deploy"]["demo_patients"])
+    if deploying and cfg["task"] != BINARY:
+        # Deployment scores, reports and calibrates P(class 1); the other tasks' outputs have no such reading yet.
+        raise ConfigError("deploy", f"deploys binary models only, but task is {cfg['task']}",
+                          "no deploy cohorts, or task: binary")
     if cfg["deploy"]["demo_patients"] and cfg["samples"]:
         raise ConfigError("deploy.demo_patients", "makes a second demo cohort, but samples names your own cohort",
                           "0 with samples, or no samples (the demo)")
