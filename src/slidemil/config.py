@@ -24,8 +24,8 @@ from functools import cache
 from pathlib import Path
 
 from slidemil.names import (ENCODER_CARDS, ENCODER_POOLS, EXTRACTORS, FEATURE_PRECISIONS, MIL_MODELS, MODEL_PARAMS,
-                            SIMCLR_ARCHITECTURES, SIMCLR_EXTRACTORS, SIMCLR_WEIGHTS, TILE_ARCHITECTURES, TILE_MODEL,
-                            TIMM_EXTRACTOR, TIMM_OPTIONS, TRAIN_PRECISIONS)
+                            SELECTIONS, SIMCLR_ARCHITECTURES, SIMCLR_EXTRACTORS, SIMCLR_WEIGHTS, TILE_ARCHITECTURES,
+                            TILE_MODEL, TIMM_EXTRACTOR, TIMM_OPTIONS, TRAIN_PRECISIONS)
 
 MODELS = (*MIL_MODELS, TILE_MODEL)
 # Builder arguments the workflow sets itself (from the base model's settings), never the config.
@@ -127,6 +127,7 @@ class Training:
     # elsewhere; bf16 also on CPUs with bf16 units (1.1-1.8x faster
     # epochs there, slightly different numbers); fp32 everywhere, e.g. to compare a GPU run with a CPU run.
     precision: str = setting("auto", choices=TRAIN_PRECISIONS, unset=True)
+    selection: str = setting("val_auc", choices=SELECTIONS)
 
 
 @dataclass(frozen=True)
