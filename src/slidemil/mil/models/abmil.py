@@ -6,12 +6,13 @@
     z   = sum_i a_i h_i                                 bag embedding
     logits = W_c z
 
-This is exactly Ilse et al.'s attention (their eq. 9 and 10): tanh (and, gated, sigmoid) of linear layers
-with biases. Our default projection is the one layer (1024 -> 512, ReLU, dropout 0.25) of MHIM-MIL's AB-MIL
-baseline; that baseline's attention in the official MHIM-MIL code is another variant (see docs/benchmarks.md,
-"AB-MIL variants"), not offered here. ``n_layers``
+This is exactly Ilse et al.'s attention: tanh (and, gated, sigmoid) of linear layers
+with biases. The official MHIM-MIL code's AB-MIL baseline (``DAttention`` in modules/abmil.py, commit fba0f1c)
+is the same: Linear(512, 128) + tanh + Linear(128, 1), biases on (its ``mil_bias`` flag, default true), after
+one projection Linear(1024, 512) + ReLU (``act``; its config/feat_cls.yaml picks GELU) + dropout 0.25, so no
+other attention variant is offered here. Our default projection is that one layer. ``n_layers``
 > 1 stacks projection layers of halving width (embed_dim, embed_dim/2, ...): ``embed_dim: 256, n_layers: 3``
-is Ilse et al.'s MIL-benchmark network (fc-256, fc-128, fc-64, each ReLU + dropout, attention hidden 64).
+is Ilse et al.'s MIL-benchmark network (fc-256, fc-128, fc-64 with ReLU; attention hidden 64), with our dropout.
 
 ``masked_softmax`` and ``AttentionPool`` are shared with the models built on
 this attention (VarMIL).
