@@ -276,7 +276,7 @@ probability at 0.5. Published rows give what their sources report (`bench/mil_re
 
 Folds per row: {folds}.
 
-Accuracy at the threshold chosen on each fold's validation bags (`slidemil.training.validation_threshold`,
+Accuracy at the threshold chosen on each fold's validation bags (`slidemil.report.stats.validation_threshold`,
 as the workflow report uses) and balanced accuracy at 0.5:
 
 {chr(10).join(extra) or "(not recorded in this run)"}
@@ -401,6 +401,9 @@ def main(argv=None) -> None:
     refs = load_references(args.references)
     if args.rewrite_doc:
         folds, meta = pd.read_csv(folds_csv), json.loads(meta_json.read_text())
+        if "training" not in meta:  # a run from before presets: it used the preset given now
+            meta["preset"] = args.preset
+            meta["training"], meta["settings"] = load_preset(args.preset, args.training, args.settings)
         if args.notes and "--notes" not in meta["command"]:
             meta["command"] += f" --notes {args.notes}"
     else:
