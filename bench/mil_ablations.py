@@ -65,13 +65,39 @@ def markdown(effects: dict[str, pd.DataFrame], metrics=("accuracy", "auc")) -> s
     return "\n".join(lines)
 
 
+def before_after(baseline: pd.DataFrame, runs: list[pd.DataFrame], references: str) -> str:
+    """Results tables (bench/mil_benchmarks.py's) of the runs together, and of the baseline on the same folds."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mil_benchmarks", Path(__file__).with_name("mil_benchmarks.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    after = pd.concat(runs, ignore_index=True)
+    before = baseline.merge(after[KEYS], on=KEYS)
+    refs = bench.load_references(references)
+    tables = []
+    for title, folds, metrics in (("After", after, ("accuracy", "auc")),
+                                  ("Before, the same folds", before, ("accuracy", "auc")),
+                                  ("After: accuracy at the validation threshold, balanced accuracy at 0.5", after,
+                                   ("accuracy_val_threshold", "balanced_accuracy"))):
+        rows = bench.results_table(bench.summarize(folds), refs.iloc[:0] if title.startswith("After:") else refs,
+                                   metrics)
+        tables.append(f"{title}:\n\n" + "\n".join(rows))
+    return "\n\n".join(tables)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("variants", nargs="+", help="*_folds.csv of the variants (named by the file: NAME_folds.csv)")
     ap.add_argument("--baseline", required=True, help="*_folds.csv of the baseline")
     ap.add_argument("--models", nargs="+", help="only these models")
+    ap.add_argument("--before-after", metavar="REFERENCES_CSV",
+                    help="instead: the variants' runs as one results table next to the baseline on the same folds")
     args = ap.parse_args(argv)
     baseline = pd.read_csv(args.baseline)
+    if args.before_after:
+        print(before_after(baseline, [pd.read_csv(p) for p in args.variants], args.before_after))
+        return
     effects, thresholds = {}, {}
     for path in args.variants:
         folds = pd.read_csv(path)

@@ -197,3 +197,18 @@ def test_n_layers_too_deep_is_refused():
     with pytest.raises(ValueError, match="n_layers"):
         create_model("abmil", in_dim=4, embed_dim=4, n_layers=4)
     assert math.isfinite(create_model("abmil", in_dim=4, embed_dim=4, n_layers=3)(torch.randn(1, 2, 4))["logits"].sum().item())
+
+
+def test_ablation_effects_are_paired_over_the_common_folds():
+    spec = importlib.util.spec_from_file_location("mil_ablations", ROOT / "bench" / "mil_ablations.py")
+    ablations = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablations)
+    rng = np.random.default_rng(0)
+    keys = pd.DataFrame({"dataset": "d", "model": "m", "repetition": 0, "fold": np.arange(10)})
+    # Folds differ a lot, the variant adds 0.05 to each: paired, the effect is exact.
+    base = keys.assign(accuracy=rng.uniform(0.3, 0.9, 10), auc=rng.uniform(0.3, 0.9, 10))
+    variant = base.iloc[:6].assign(accuracy=lambda f: f["accuracy"] + 0.05, auc=lambda f: f["auc"] - 0.02)
+    effect = ablations.paired_effects(base, variant).iloc[0]
+    assert effect["n"] == 6
+    assert effect["accuracy"] == pytest.approx(0.05) and effect["accuracy_se"] == pytest.approx(0, abs=1e-12)
+    assert effect["auc"] == pytest.approx(-0.02)
