@@ -1,25 +1,24 @@
-"""Classic MIL benchmarks (MUSK1, FOX, TIGER): every registered MIL model, 10-fold CV x 5.
+"""MIL benchmarks (MUSK1, FOX, TIGER, or any .npz in that layout): registered MIL models, 10-fold CV x 5.
 
-The folds are the published ones (``cv_train_masks_5x10`` in each ``.npz``,
-as distributed with MIDatasets.jl). Within each training fold a
-label-stratified validation share (one fold's worth, 1/9 of the training
-bags; ``slidemil.cohort.splits`` with ``fold_column``, exactly as the pipeline does
-for a sheet with predefined folds) is held out for early stopping and
-checkpoint selection; the test fold is never looked at before the final
-prediction. Training runs in-process on in-memory bags through
-``slidemil.mil.train.train_bags``, the same code the pipeline's train stage uses
-(feature standardisation with training statistics included).
+The folds are the file's (``cv_train_masks_5x10``, as distributed with MIDatasets.jl; ``--data`` files
+without them get a label-stratified 10-fold CV x 5 drawn from ``--seed``). Within each training fold a
+label-stratified validation share (one fold's worth, 1/9 of the training bags; ``slidemil.cohort.splits``
+with ``fold_column``, exactly as the pipeline does for a sheet with predefined folds) is held out for model
+selection and the accuracy threshold; the test fold is never looked at before the final prediction.
+Training runs in-process on in-memory bags through ``slidemil.mil.train.train_bags``, the same code the
+pipeline's train stage uses, with the recipe of a workflow config file (``--preset``: ``mil.training`` and
+``mil.settings``; default ``config/mil_benchmarks.yaml``).
 
-Reports accuracy (probability >= 0.5) and AUC per fold, and their mean +-
-standard error (std / sqrt(n)) over the 50 folds, per model and dataset;
-writes ``docs/benchmarks.md``, ``docs/benchmarks.csv`` (summary) and
-``docs/benchmarks_folds.csv`` (every fold).
+Reports per fold accuracy (probability >= 0.5 and at the validation-chosen threshold), balanced accuracy
+and AUC, and their mean +- standard error (std / sqrt(n)) over the folds, per model and dataset, next to
+published numbers (``--references``, default ``bench/mil_references.csv``); writes ``docs/benchmarks.md``,
+``docs/benchmarks.csv`` (summary) and ``docs/benchmarks_folds.csv`` (every fold).
 
-    PYTHONPATH=workflow OMP_NUM_THREADS=1 python bench/mil_benchmarks.py --jobs 2
+    PYTHONPATH=src OMP_NUM_THREADS=1 python bench/mil_benchmarks.py --jobs 2
+    PYTHONPATH=src python bench/mil_benchmarks.py --data my.npz --models abmil meanpool --out /tmp/my.md
 
 ``--repetitions 1 --max-folds 2`` measures a per-fold time to extrapolate from.
-``--precision bf16 --out /tmp/bf16.md`` reruns the same folds under
-``training.precision: bf16`` (compare with an ``fp32`` run the same way).
+``--precision bf16 --out /tmp/bf16.md`` reruns the same folds under ``training.precision: bf16``.
 """
 
 from __future__ import annotations
@@ -355,13 +354,17 @@ def _parse(argv) -> argparse.Namespace:
     return args
 
 
+def _quoted(value) -> str:
+    return "'" + json.dumps(value) + "'"
+
+
 def _command(args) -> str:
+    """The command line that reruns this run (the doc prints it)."""
     data = (f" --data {' '.join(args.data)}" if args.data else f" --datasets {' '.join(args.datasets)}")
-    quoted = lambda v: "'" + json.dumps(v) + "'"  # noqa: E731
     return ("PYTHONPATH=src OMP_NUM_THREADS=1 python bench/mil_benchmarks.py" + data
             + f" --models {' '.join(args.models)} --preset {args.preset}"
-            + (f" --training {quoted(args.training)}" if args.training else "")
-            + (f" --settings {quoted(args.settings)}" if args.settings else "")
+            + (f" --training {_quoted(args.training)}" if args.training else "")
+            + (f" --settings {_quoted(args.settings)}" if args.settings else "")
             + f" --repetitions {args.repetitions} --jobs {args.jobs}"
             + (f" --max-folds {args.max_folds}" if args.max_folds != 10 else "")
             + (f" --seed {args.seed}" if args.seed else "")
