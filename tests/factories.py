@@ -558,3 +558,29 @@ def write_task_run(folder: Path, task: str, model: str, fold: int, n_test: int =
                   "lr": 1e-4}).to_csv(out / "history.csv", index=False)
     return {"extractor": "feats", "model": model, "fold": fold, "predictions": str(out / "predictions_patients.csv"),
             "history": str(out / "history.csv")}
+
+
+# ---- MIL benchmark files (issue 25) ----
+
+def write_mil_npz(path, n_bags: int = 40, dim: int = 6, signal: float = 2.0, folds: tuple[int, int] | None = None,
+                  seed: int = 0) -> Path:
+    """A MIL ``.npz`` in the documented layout (../shared/data/README.md): positive bags hold one or more
+    instances shifted by ``signal`` in the first dimension. ``folds`` (repetitions, k) adds
+    ``cv_train_masks_5x10``; None leaves the folds to be drawn."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n_bags) % 2
+    sizes = rng.integers(2, 7, n_bags)
+    index = np.repeat(np.arange(n_bags), sizes)
+    feats = rng.normal(size=(len(index), dim))
+    for b in np.flatnonzero(labels):
+        members = np.flatnonzero(index == b)
+        feats[members[: rng.integers(1, len(members) + 1)], 0] += signal
+    arrays = {"features": feats, "bag_index": index, "bag_labels": labels}
+    if folds is not None:
+        reps, k = folds
+        masks = np.ones((reps, k, n_bags), bool)
+        for r in range(reps):
+            masks[r, rng.permutation(np.arange(n_bags) % k), np.arange(n_bags)] = False
+        arrays["cv_train_masks_5x10"] = masks
+    np.savez(path, **arrays)
+    return Path(path)

@@ -142,7 +142,7 @@ def test_abmil_all_padding_row_is_safe(name, bags):
 
 def test_abmil_defaults_and_architecture():
     model = create_model("abmil", in_dim=1024)
-    assert models.model_kwargs_defaults("abmil") == {"embed_dim": 512, "attn_dim": 128, "dropout": 0.25}
+    assert models.model_kwargs_defaults("abmil") == {"embed_dim": 512, "attn_dim": 128, "dropout": 0.25, "n_layers": 1}
     assert model.project[0].out_features == 512 and model.project[2].p == 0.25
     assert model.pool.V.out_features == 128 and model.pool.U is None
     assert create_model("abmil_gated", in_dim=1024).pool.U.out_features == 128

@@ -55,6 +55,7 @@ RERUN_TABLE = [
     ("mil.training.epochs", 9, {"train": 2, "heatmaps": 1, "report": 1}),
     # optional, absent from config.yaml: the schema accepts it and it reruns training like any setting
     ("mil.training.precision", "bf16", {"train": 2, "heatmaps": 1, "report": 1}),
+    ("mil.training.selection", "val_loss", {"train": 2, "heatmaps": 1, "report": 1}),
     ("mil.settings.abmil", {"embed_dim": 256, "attn_dim": 128, "dropout": 0.25}, {"train": 2, "heatmaps": 1, "report": 1}),
     ("report.n_bootstrap", 300, {"report": 1}),
     ("splits.folds", 3, {"splits": 1, "train": 3, "heatmaps": 1, "report": 1}),

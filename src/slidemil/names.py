@@ -76,10 +76,10 @@ def base_model(model: str) -> str | None:
 
 # Each registered MIL model's own keyword arguments (its builder's signature without in_dim, n_classes).
 MODEL_PARAMS = {
-    "abmil": ("embed_dim", "attn_dim", "dropout"),
-    "abmil_gated": ("embed_dim", "attn_dim", "dropout"),
-    "meanpool": ("embed_dim", "dropout"),
-    "maxpool": ("embed_dim", "dropout"),
+    "abmil": ("embed_dim", "attn_dim", "dropout", "n_layers"),
+    "abmil_gated": ("embed_dim", "attn_dim", "dropout", "n_layers"),
+    "meanpool": ("embed_dim", "dropout", "n_layers"),
+    "maxpool": ("embed_dim", "dropout", "n_layers"),
     "varmil": ("embed_dim", "attn_dim", "dropout", "gated", "variance_n"),
     "transmil": ("embed_dim", "n_heads", "dropout", "attn_dropout"),
     **{mhim_name(base): _MHIM_PARAMS for base in MHIM_BASES},
@@ -104,6 +104,8 @@ RESULT_FIGURES = {BINARY: ("roc", "ROC curves"), "multiclass": ("confusion", "Co
 TIME_COLUMN, EVENT_COLUMN = "time", "event"
 # Compute precisions: training (MIL, SimCLR, tile-supervised; fp16 would need loss scaling) and extraction.
 TRAIN_PRECISIONS = ("auto", "fp32", "bf16")
+# Which epoch's checkpoint training keeps (mil.training.selection; slidemil.training.Selection applies them).
+SELECTIONS = ("val_auc", "val_loss", "last")
 FEATURE_PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 # Slide ids become file names and Snakemake wildcards (results/tiles/{slide}.h5): letters, digits and ``._+-``,

@@ -130,20 +130,29 @@ class Stepper:
 
 @dataclass
 class Selection:
-    """Best checkpoint so far: highest validation AUC, ties (or no AUC) by lowest loss."""
+    """The checkpoint kept so far, by ``policy`` (one of ``slidemil.names.SELECTIONS``):
+
+    - ``val_auc``: highest validation AUC, ties (or no AUC: one-class validation) by lowest loss;
+    - ``val_loss``: lowest validation loss, ties by highest AUC;
+    - ``last``: the latest epoch (a fixed number of epochs; patience never stops it).
+
+    On validation sets of 10-20 patients the AUC moves in steps of 1/(n_pos n_neg) and often ties or
+    peaks by chance early; the loss is continuous (docs/benchmarks.md, "Model selection").
+    """
 
     use_auc: bool
+    policy: str = "val_auc"
     epoch: int = 0
     auc: float | None = None
     loss: float = math.inf
     state: dict = field(default_factory=dict)
 
     def improves(self, auc: float | None, loss: float) -> bool:
-        if self.epoch == 0:
+        if self.epoch == 0 or self.policy == "last":
             return True
-        if self.use_auc:
-            return auc > self.auc or (auc == self.auc and loss < self.loss)
-        return loss < self.loss
+        if self.policy == "val_loss" or not self.use_auc:
+            return loss < self.loss or (loss == self.loss and self.use_auc and auc > self.auc)
+        return auc > self.auc or (auc == self.auc and loss < self.loss)
 
     def update(self, epoch: int, auc: float | None, loss: float, model: torch.nn.Module) -> None:
         self.epoch, self.auc, self.loss = epoch, auc, loss
@@ -160,17 +169,18 @@ class Loop:
     patience: int
     desc: str
     progress: bool = True  # an epoch progress bar (off where the epoch shows its own, per batch)
+    selection: str = "val_auc"  # Selection.policy
 
 
 def fit_epochs(model: torch.nn.Module, loop: Loop, use_auc: bool) -> tuple[Selection, list[dict]]:
     """Epochs of training and validation with early stopping; returns the best Selection and history rows.
 
-    The model's state at the epoch with the best validation AUC (``use_auc``; ties and otherwise: the lowest
-    validation loss) is kept; training stops once ``patience`` epochs have not improved on it.
+    The model's state at the best epoch by ``loop.selection`` (see ``Selection``; without ``use_auc`` the AUC
+    never decides) is kept; training stops once ``patience`` epochs have not improved on it.
     """
-    if not use_auc:
+    if not use_auc and loop.selection != "last":
         logger.warning("%s: validation patients are all of one class; selecting on validation loss alone", loop.desc)
-    best, history = Selection(use_auc), []
+    best, history = Selection(use_auc, loop.selection), []
     epochs = range(1, loop.epochs + 1)
     progress = tqdm(epochs, desc=loop.desc, unit="epoch", file=sys.stderr) if loop.progress else None
     for epoch in progress if progress is not None else epochs:

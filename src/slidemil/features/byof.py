@@ -51,6 +51,8 @@ FEATURE_NAMES = ("features", "feats", "embeddings")
 COORD_NAMES = ("coords", "coordinates")
 # Attributes other tools use for the model that made the features.
 EXTRACTOR_ATTRS = ("extractor", "encoder", "patch_encoder", "model_name", "name")
+# The published folds of a MIL benchmark file (R repetitions x K folds x bags, True = train), as MIDatasets.jl.
+CV_MASKS = "cv_train_masks_5x10"
 
 
 def file_digest(path: str | os.PathLike) -> str:
@@ -179,27 +181,52 @@ def import_features(src: str | os.PathLike, out_h5: str | os.PathLike, extractor
 # --------------------------------------------------------------------------- MIL benchmarks
 
 
-def load_mil_npz(npz: str | os.PathLike) -> dict[str, np.ndarray]:
-    """The arrays of a MIL benchmark ``.npz``, checked for consistency."""
+def load_mil_npz(npz: str | os.PathLike, seed: int = 0) -> dict[str, np.ndarray]:
+    """The arrays of a MIL benchmark ``.npz``, checked for consistency.
+
+    Without ``cv_train_masks_5x10`` the folds are drawn: a label-stratified 10-fold cross-validation
+    repeated 5 times from ``seed`` (``stratified_cv_masks``), so the file needs only the bags.
+    """
     npz = Path(npz)
     if not npz.is_file():
         raise FileNotFoundError(f"{npz}: MIL benchmark file not found")
     with np.load(npz) as data:
-        missing = [k for k in ("features", "bag_index", "bag_labels", "cv_train_masks_5x10") if k not in data]
+        missing = [k for k in ("features", "bag_index", "bag_labels") if k not in data]
         if missing:
             raise FeatureFileError(f"{npz}: missing array(s) {', '.join(missing)}")
-        arrays = {k: data[k] for k in ("features", "bag_index", "bag_labels", "cv_train_masks_5x10")}
-    feats, index, labels, masks = (arrays[k] for k in ("features", "bag_index", "bag_labels", "cv_train_masks_5x10"))
+        arrays = {k: data[k] for k in ("features", "bag_index", "bag_labels", CV_MASKS) if k in data}
+    feats, index, labels = (arrays[k] for k in ("features", "bag_index", "bag_labels"))
     n_bags = len(labels)
     if feats.ndim != 2 or index.shape != (len(feats),):
         raise FeatureFileError(f"{npz}: features {feats.shape} and bag_index {index.shape} do not match")
     if index.min() < 0 or index.max() >= n_bags or len(np.unique(index)) != n_bags:
         raise FeatureFileError(f"{npz}: bag_index must cover bags 0..{n_bags - 1}, each with an instance")
+    if CV_MASKS not in arrays:
+        arrays[CV_MASKS] = stratified_cv_masks(labels, seed, source=str(npz))
+    masks = arrays[CV_MASKS]
     if masks.ndim != 3 or masks.shape[2] != n_bags:
-        raise FeatureFileError(f"{npz}: cv_train_masks_5x10 has shape {masks.shape}, expected (R, K, {n_bags})")
+        raise FeatureFileError(f"{npz}: {CV_MASKS} has shape {masks.shape}, expected (R, K, {n_bags})")
     if not np.isfinite(feats).all():
         raise FeatureFileError(f"{npz}: features contain NaN or infinite values")
     return arrays
+
+
+def stratified_cv_masks(labels: np.ndarray, seed: int, repetitions: int = 5, folds: int = 10,
+                        source: str = "npz") -> np.ndarray:
+    """Train masks [repetitions, folds, n_bags] (True = train) of a label-stratified k-fold CV per repetition,
+    repetition r shuffled with seed + r."""
+    from sklearn.model_selection import StratifiedKFold
+
+    labels = np.asarray(labels)
+    if np.bincount(labels.astype(int)).min() < folds:
+        raise FeatureFileError(f"{source}: a {folds}-fold stratified CV needs {folds} bags of each label; "
+                               f"add {CV_MASKS} to the file")
+    masks = np.ones((repetitions, folds, len(labels)), dtype=bool)
+    for r in range(repetitions):
+        cv = StratifiedKFold(folds, shuffle=True, random_state=seed + r)
+        for k, (_, test) in enumerate(cv.split(np.zeros(len(labels)), labels)):
+            masks[r, k, test] = False
+    return masks
 
 
 def cv_test_folds(masks: np.ndarray, repetition: int, source: str = "npz") -> np.ndarray:
@@ -229,7 +256,7 @@ def npz_to_cohort(npz: str | os.PathLike, out_dir: str | os.PathLike, repetition
     npz, out_dir = Path(npz), Path(out_dir)
     arrays = load_mil_npz(npz)
     feats, index, labels = arrays["features"], arrays["bag_index"], bag_label_values(arrays["bag_labels"])
-    folds = cv_test_folds(arrays["cv_train_masks_5x10"], repetition, str(npz))
+    folds = cv_test_folds(arrays[CV_MASKS], repetition, str(npz))
     ids = bag_ids(len(labels))
     digest = file_digest(npz)
     rows = []

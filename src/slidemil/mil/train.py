@@ -6,8 +6,8 @@ one node share the page cache instead of each holding a copy. The model is train
 Adam and a per-step cosine schedule on the fold's ``train`` slides, evaluated
 after every epoch on its ``val`` slides at the patient level (mean of a
 patient's slide probabilities), and the checkpoint with the best validation
-patient AUC is kept (ties and single-class validation sets: lowest validation
-loss). Validation and test predictions of that checkpoint are written out.
+patient AUC (``training.selection``: or the lowest validation loss, or the last
+epoch; see ``slidemil.training.Selection``) is kept. Validation and test predictions of that checkpoint are written out.
 
 Models that train differently (MHIM-MIL: teacher, masking, EMA) do so through
 the optional hooks described in ``slidemil.mil.models``; a model that starts from
@@ -250,7 +250,7 @@ def fit(net, data: Data, train_ids: list[str], val: pd.DataFrame, cfg: dict, see
         outputs, loss = predict(net, data, val["slide_id"].tolist(), cfg["batch_size"])
         return data.task.score(_with_outputs(val, outputs)), loss
 
-    loop = Loop(train, validate, cfg["epochs"], cfg["patience"], desc)
+    loop = Loop(train, validate, cfg["epochs"], cfg["patience"], desc, selection=cfg["selection"])
     return fit_epochs(net, loop, data.task.can_select(val))
 
 

@@ -36,10 +36,12 @@ RUN_KEYS = ("extractor", "model", "fold", "predictions", "history")
 PREDICTION_COLUMNS = ("patient_id", "label", "partition", "prob")
 PER_FOLD_COLUMNS = [
     "extractor", "model", "fold", "n_test_patients", "n_test_positive", "test_auc", "best_val_auc",
+    "threshold", "test_accuracy", "test_balanced_accuracy",
 ]
 SUMMARY_COLUMNS = [
     "extractor", "model", "n_folds", "n_folds_excluded", "auc_mean", "auc_std",
     "ci_low", "ci_high", "n_bootstrap_used",
+    "accuracy_mean", "accuracy_std", "balanced_accuracy_mean", "balanced_accuracy_std",
 ]
 COMPARISON_COLUMNS = [
     "extractor", "model", "reference", "fold", "n_test_patients", "auc_model", "auc_reference",
@@ -104,6 +106,18 @@ def read_test_predictions(path: str | os.PathLike) -> pd.DataFrame:
     return test[["patient_id", "label", "prob"]].reset_index(drop=True)
 
 
+def fold_threshold_metrics(path: str | os.PathLike, test: pd.DataFrame) -> dict[str, float]:
+    """The fold's threshold, chosen on its validation patients (the ``val`` rows of the same
+    predictions_patients.csv), and the test patients' accuracy and balanced accuracy at it."""
+    frame = pd.read_csv(path, dtype={"patient_id": str, "partition": str})
+    val = frame.loc[frame["partition"].str.strip().str.lower() == "val"]
+    threshold = validation_threshold(val["label"].astype(int), val["prob"].astype(float))
+    metrics = binary_metrics(test["label"], test["prob"], threshold) if len(test) else \
+        {"accuracy": math.nan, "balanced_accuracy": math.nan}
+    return {"threshold": threshold, "test_accuracy": metrics["accuracy"],
+            "test_balanced_accuracy": metrics["balanced_accuracy"]}
+
+
 def best_val_auc(path: str | os.PathLike | None, column: str = "val_auc") -> float:
     """Highest validation AUC (``column``: another task's metric) over the epochs of a history.csv (NaN if none)."""
     if path is None:
@@ -129,6 +143,32 @@ def fold_auc(test: pd.DataFrame, label: str = "") -> float:
         )
         return math.nan
     return float(roc_auc_score(test["label"], test["prob"]))
+
+
+def validation_threshold(labels, probs) -> float:
+    """The probability threshold (positive: prob >= threshold) chosen on validation patients: the highest
+    balanced accuracy (Youden's J), placed midway between that cut's two neighbouring scores; among equal
+    cuts, the one nearest 0.5. 0.5 when the validation patients are of one class.
+
+    The report (per fold) and bench/mil_benchmarks.py apply it to the test patients, which it never sees.
+    """
+    labels, probs = np.asarray(labels), np.asarray(probs, dtype=float)
+    if len(np.unique(labels)) < 2:
+        return 0.5
+    fpr, tpr, cuts = roc_curve(labels, probs, drop_intermediate=False)
+    # cuts[0] is +inf (nothing positive); a cut's midpoint with the next lower score generalises better.
+    lower = np.append(cuts[1:], cuts[-1] - 1e-6)
+    mids = np.where(np.isfinite(cuts), (cuts + lower) / 2, cuts[1] + 1e-6)
+    j = tpr - fpr
+    best = np.flatnonzero(np.isclose(j, j.max()))
+    return float(min(mids[best], key=lambda t: abs(t - 0.5)))
+
+
+def binary_metrics(labels, probs, threshold: float = 0.5) -> dict[str, float]:
+    """Accuracy and balanced accuracy of ``prob >= threshold`` (balanced: the mean of the two classes' recalls)."""
+    labels, predicted = np.asarray(labels).astype(int), (np.asarray(probs) >= threshold).astype(int)
+    recalls = [float((predicted[labels == c] == c).mean()) for c in (0, 1) if (labels == c).any()]
+    return {"accuracy": float((predicted == labels).mean()), "balanced_accuracy": float(np.mean(recalls))}
 
 
 # ---------------------------------------------------------------------------
@@ -409,10 +449,13 @@ def _markdown(summary: pd.DataFrame, per_fold: pd.DataFrame, n_bootstrap: int,
         "",
         "Test AUCs are patient level on the held-out test set, as mean ± sample standard "
         f"deviation over folds; the 95 % CI is a percentile bootstrap ({n_bootstrap} replicates "
-        "requested) of the fold-mean AUC, resampling test patients.",
+        "requested) of the fold-mean AUC, resampling test patients. Accuracy and balanced accuracy "
+        "(mean ± std over folds) call a test patient positive at the threshold chosen on the fold's "
+        "validation patients (highest balanced accuracy there).",
         "",
-        "| Extractor | Model | Folds | Test AUC (mean ± std) | 95 % CI | Per-fold test AUCs |",
-        "|---|---|---|---|---|---|",
+        "| Extractor | Model | Folds | Test AUC (mean ± std) | 95 % CI | Accuracy | Balanced accuracy "
+        "| Per-fold test AUCs |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in summary.itertuples(index=False):
         folds = per_fold[(per_fold["extractor"] == row.extractor) & (per_fold["model"] == row.model)]
@@ -420,7 +463,9 @@ def _markdown(summary: pd.DataFrame, per_fold: pd.DataFrame, n_bootstrap: int,
         ci = "n/a" if not np.isfinite(row.ci_low) else f"{_fmt(row.ci_low)}–{_fmt(row.ci_high)}"
         lines.append(
             f"| {_md_cell(row.extractor)} | {_md_cell(row.model)} | {row.n_folds} "
-            f"| {_fmt(row.auc_mean)} ± {_fmt(row.auc_std)} | {ci} | {_md_cell(per)} |"
+            f"| {_fmt(row.auc_mean)} ± {_fmt(row.auc_std)} | {ci} | {_fmt(row.accuracy_mean)} ± "
+            f"{_fmt(row.accuracy_std)} | {_fmt(row.balanced_accuracy_mean)} ± {_fmt(row.balanced_accuracy_std)} "
+            f"| {_md_cell(per)} |"
         )
     excluded_folds = per_fold[per_fold["test_auc"].isna()]
     if len(excluded_folds):
@@ -460,6 +505,7 @@ def load_tests(runs: list[dict]) -> tuple[pd.DataFrame, dict[tuple[str, str], li
             "n_test_positive": int(test["label"].sum()),
             "test_auc": auc,
             "best_val_auc": best_val_auc(run.get("history")),
+            **fold_threshold_metrics(run["predictions"], test),
         })
         tests.setdefault((extractor, model), []).append((fold, test, auc))
     per_fold = (
@@ -494,6 +540,13 @@ def _summary_row(extractor: str, model: str, folds: list, n_bootstrap: int, seed
             "auc_mean": mean, "auc_std": std, "ci_low": ci_low, "ci_high": ci_high, "n_bootstrap_used": n_used}
 
 
+def _add_accuracy(summary: pd.DataFrame, per_fold: pd.DataFrame) -> pd.DataFrame:
+    """Mean and std over folds of the test accuracy and balanced accuracy at each fold's validation threshold."""
+    stats = per_fold.groupby(["extractor", "model"])[["test_accuracy", "test_balanced_accuracy"]].agg(["mean", "std"])
+    stats.columns = ["accuracy_mean", "accuracy_std", "balanced_accuracy_mean", "balanced_accuracy_std"]
+    return summary.merge(stats.reset_index(), on=["extractor", "model"], how="left")
+
+
 def write_summary(per_fold: pd.DataFrame, tests: dict, out_dir: str | os.PathLike, n_bootstrap: int = 1000,
                   seed: int = 0, excluded: pd.DataFrame | None = None) -> pd.DataFrame:
     """The one writer of per_fold.csv, summary.csv, summary.md and the ROC figures; returns the summary.
@@ -517,7 +570,7 @@ def write_summary(per_fold: pd.DataFrame, tests: dict, out_dir: str | os.PathLik
                 f"({row['n_folds']} folds)"
         plot_roc(folds, title, out / f"roc_{extractor}_{model}.png")
     summary = (
-        pd.DataFrame(summary_rows, columns=SUMMARY_COLUMNS)
+        _add_accuracy(pd.DataFrame(summary_rows, columns=SUMMARY_COLUMNS[:-4]), per_fold)
         .sort_values(["auc_mean", "extractor", "model"], ascending=[False, True, True],
                      na_position="last", kind="stable")
         .reset_index(drop=True)

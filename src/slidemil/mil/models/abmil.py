@@ -1,10 +1,18 @@
-"""Attention-based MIL (Ilse et al. 2018) as in MHIM-MIL's AB-MIL baseline.
+"""Attention-based MIL (Ilse et al. 2018): their attention, with MHIM-MIL's AB-MIL projection by default.
 
-    h_i = Dropout(ReLU(W_p x_i))                        projection to embed_dim
+    h_i = Dropout(ReLU(W_p x_i))                        projection to embed_dim (n_layers such layers)
     a   = softmax_i(w^T tanh(V h_i))                    (abmil)
     a   = softmax_i(w^T (tanh(V h_i) * sigmoid(U h_i))) (abmil_gated)
     z   = sum_i a_i h_i                                 bag embedding
     logits = W_c z
+
+This is exactly Ilse et al.'s attention: tanh (and, gated, sigmoid) of linear layers
+with biases. The official MHIM-MIL code's AB-MIL baseline (``DAttention`` in modules/abmil.py, commit fba0f1c)
+is the same: Linear(512, 128) + tanh + Linear(128, 1), biases on (its ``mil_bias`` flag, default true), after
+one projection Linear(1024, 512) + ReLU (``act``; its config/feat_cls.yaml picks GELU) + dropout 0.25, so no
+other attention variant is offered here. Our default projection is that one layer. ``n_layers``
+> 1 stacks projection layers of halving width (embed_dim, embed_dim/2, ...): ``embed_dim: 256, n_layers: 3``
+is Ilse et al.'s MIL-benchmark network (fc-256, fc-128, fc-64 with ReLU; attention hidden 64), with our dropout.
 
 ``masked_softmax`` and ``AttentionPool`` are shared with the models built on
 this attention (VarMIL).
@@ -59,9 +67,10 @@ class ABMIL(nn.Module):
         attn_dim: int = 128,
         dropout: float = 0.25,
         gated: bool = False,
+        n_layers: int = 1,
     ):
         super().__init__()
-        self.project = nn.Sequential(nn.Linear(in_dim, embed_dim), nn.ReLU(), nn.Dropout(dropout))
+        self.project, embed_dim = projection(in_dim, embed_dim, dropout, n_layers)
         self.pool = AttentionPool(embed_dim, attn_dim, gated)
         self.classifier = nn.Linear(embed_dim, n_classes)
         self.apply(_init_linear)
@@ -74,6 +83,17 @@ class ABMIL(nn.Module):
         return {"logits": self.classifier(embedding), "attention": attention, "embedding": embedding}
 
 
+def projection(in_dim: int, embed_dim: int, dropout: float, n_layers: int = 1) -> tuple[nn.Sequential, int]:
+    """``n_layers`` x (Linear, ReLU, Dropout) of widths embed_dim, embed_dim/2, ...; returns it and its output width."""
+    if n_layers < 1 or embed_dim >> (n_layers - 1) < 1:
+        raise ValueError(f"n_layers must be 1 or more and leave embed_dim / 2^(n_layers-1) >= 1, got {n_layers}")
+    layers, width = [], in_dim
+    for i in range(n_layers):
+        layers += [nn.Linear(width, embed_dim >> i), nn.ReLU(), nn.Dropout(dropout)]
+        width = embed_dim >> i
+    return nn.Sequential(*layers), width
+
+
 def _init_linear(module: nn.Module) -> None:
     # Xavier-normal weights and zero biases, as in MHIM-MIL's (and CLAM's) baselines.
     if isinstance(module, nn.Linear):
@@ -83,12 +103,16 @@ def _init_linear(module: nn.Module) -> None:
 
 
 @register_model("abmil")
-def abmil(in_dim: int, n_classes: int = 2, embed_dim: int = 512, attn_dim: int = 128, dropout: float = 0.25) -> ABMIL:
-    return ABMIL(in_dim, n_classes, embed_dim=embed_dim, attn_dim=attn_dim, dropout=dropout, gated=False)
+def abmil(
+    in_dim: int, n_classes: int = 2, embed_dim: int = 512, attn_dim: int = 128, dropout: float = 0.25, n_layers: int = 1
+) -> ABMIL:
+    return ABMIL(in_dim, n_classes, embed_dim=embed_dim, attn_dim=attn_dim, dropout=dropout, gated=False,
+                 n_layers=n_layers)
 
 
 @register_model("abmil_gated")
 def abmil_gated(
-    in_dim: int, n_classes: int = 2, embed_dim: int = 512, attn_dim: int = 128, dropout: float = 0.25
+    in_dim: int, n_classes: int = 2, embed_dim: int = 512, attn_dim: int = 128, dropout: float = 0.25, n_layers: int = 1
 ) -> ABMIL:
-    return ABMIL(in_dim, n_classes, embed_dim=embed_dim, attn_dim=attn_dim, dropout=dropout, gated=True)
+    return ABMIL(in_dim, n_classes, embed_dim=embed_dim, attn_dim=attn_dim, dropout=dropout, gated=True,
+                 n_layers=n_layers)

@@ -1,6 +1,6 @@
 """Mean- and max-pooling baselines: the same projection as AB-MIL, no attention.
 
-    h_i = Dropout(ReLU(W_p x_i))
+    h_i = Dropout(ReLU(W_p x_i))      (n_layers such layers, as AB-MIL's projection)
     z   = mean_i h_i   (meanpool)   or   max_i h_i per dimension (maxpool)
     logits = W_c z
 
@@ -14,14 +14,14 @@ import torch
 from torch import nn
 
 from slidemil.mil.models import register_model
-from slidemil.mil.models.abmil import _init_linear
+from slidemil.mil.models.abmil import _init_linear, projection
 
 
 class PoolMIL(nn.Module):
-    def __init__(self, in_dim: int, n_classes: int, embed_dim: int, dropout: float, mode: str):
+    def __init__(self, in_dim: int, n_classes: int, embed_dim: int, dropout: float, mode: str, n_layers: int = 1):
         super().__init__()
         self.mode = mode
-        self.project = nn.Sequential(nn.Linear(in_dim, embed_dim), nn.ReLU(), nn.Dropout(dropout))
+        self.project, embed_dim = projection(in_dim, embed_dim, dropout, n_layers)
         self.classifier = nn.Linear(embed_dim, n_classes)
         self.apply(_init_linear)
 
@@ -43,10 +43,10 @@ class PoolMIL(nn.Module):
 
 
 @register_model("meanpool")
-def meanpool(in_dim: int, n_classes: int = 2, embed_dim: int = 512, dropout: float = 0.25) -> PoolMIL:
-    return PoolMIL(in_dim, n_classes, embed_dim, dropout, mode="mean")
+def meanpool(in_dim: int, n_classes: int = 2, embed_dim: int = 512, dropout: float = 0.25, n_layers: int = 1) -> PoolMIL:
+    return PoolMIL(in_dim, n_classes, embed_dim, dropout, mode="mean", n_layers=n_layers)
 
 
 @register_model("maxpool")
-def maxpool(in_dim: int, n_classes: int = 2, embed_dim: int = 512, dropout: float = 0.25) -> PoolMIL:
-    return PoolMIL(in_dim, n_classes, embed_dim, dropout, mode="max")
+def maxpool(in_dim: int, n_classes: int = 2, embed_dim: int = 512, dropout: float = 0.25, n_layers: int = 1) -> PoolMIL:
+    return PoolMIL(in_dim, n_classes, embed_dim, dropout, mode="max", n_layers=n_layers)
