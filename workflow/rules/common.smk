@@ -259,7 +259,7 @@ def all_tiles(wildcards=None):
 # no torch; its params leave out the heatmap settings, so editing report.n_bootstrap redraws no heatmap.
 
 REPORT = f"{RESULTS}/report"
-REPORT_TABLES = ("comparison.csv", "cohort.csv", "splits_summary.csv", "report.json")
+REPORT_TABLES = ("comparison.csv", "encoder_comparison.csv", "cohort.csv", "splits_summary.csv", "report.json")
 # The report settings that shape only the heatmaps: params of the heatmaps rule, not of the report rule.
 HEATMAP_SETTINGS = ("heatmaps_per_model", "heatmap_top_k")
 
@@ -293,6 +293,11 @@ def report_histories_png():
 def report_has_comparison():
     models = trained_models()
     return config["report"]["reference_model"] in models and len(models) > 1
+
+
+def report_has_encoder_comparison():
+    # Every MIL model trains on every extractor's features: two extractors give each model a comparison.
+    return len(EXTRACTORS) > 1 and bool(trained_models())
 
 
 def report_has_heatmaps():
@@ -343,6 +348,7 @@ def report_first_checkpoint(wildcards):
 def report_page_outputs():
     files = [f"{REPORT}/report.html"] + [f"{REPORT}/{n}" for n in REPORT_TABLES]
     files += [png for _, _, png in report_histories_png()]
+    files += [f"{REPORT}/encoder_comparison.png"] if report_has_encoder_comparison() else []
     return files + ([f"{REPORT}/comparison.png"] if report_has_comparison() else [])
 
 
