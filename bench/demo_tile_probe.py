@@ -34,15 +34,14 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 ROOT = Path(__file__).resolve().parents[1]
-from slidemil.demo.render import TUMOR_TILE_MIN_FRACTION, render_slide  # noqa: E402
+from slidemil.demo.render import TUMOR_TILE_MIN_FRACTION, render_cohort_slide  # noqa: E402
 
 
 def tile_truth(results: Path, demo: dict, slides: pd.DataFrame, features_dir: Path) -> dict[str, np.ndarray]:
     """slide_id -> bool per row of its feature file: is the tile tumour?"""
     truth = {}
     for row in slides.itertuples(index=False):
-        _, masks, _ = render_slide(row.slide_id, int(row.label), demo["seed"], tuple(demo["slide_px"]),
-                                   tuple(demo["tumor_tile_fraction"]))
+        _, masks, _ = render_cohort_slide(demo, row.slide_id)
         lesion = masks["lesion"]
         with h5py.File(features_dir / f"{row.slide_id}.h5", "r") as f:
             coords = f["coords"][()].reshape(-1, 2)

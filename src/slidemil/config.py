@@ -24,8 +24,8 @@ from functools import cache
 from pathlib import Path
 
 from slidemil.names import (ENCODER_CARDS, ENCODER_POOLS, EXTRACTORS, FEATURE_PRECISIONS, MIL_MODELS, MODEL_PARAMS,
-                            SIMCLR_ARCHITECTURES, SIMCLR_EXTRACTORS, SIMCLR_WEIGHTS, TILE_ARCHITECTURES, TILE_MODEL,
-                            TIMM_EXTRACTOR, TIMM_OPTIONS, TRAIN_PRECISIONS)
+                            SIMCLR_ARCHITECTURES, SIMCLR_EXTRACTORS, SIMCLR_WEIGHTS, TASKS, TILE_ARCHITECTURES,
+                            TILE_MODEL, TIMM_EXTRACTOR, TIMM_OPTIONS, TRAIN_PRECISIONS)
 
 MODELS = (*MIL_MODELS, TILE_MODEL)
 # Builder arguments the workflow sets itself (from the base model's settings), never the config.
@@ -69,6 +69,11 @@ class Demo:
     tumor_tile_fraction: list[float] = setting([0.1, 0.3], length=2, minimum=0, maximum=1)
     two_slide_fraction: float = setting(0.3, minimum=0, maximum=1)
     positive_fraction: float = setting(0.5, above=0, below=1)
+    task: str = setting("binary", choices=TASKS)
+    lymphoid_tile_fraction: list[float] = setting([0.0, 0.0], length=2, minimum=0, maximum=1)
+    censored_fraction: float = setting(0.3, minimum=0, below=1)
+    hazard_ratio: float = setting(8.0, above=0)
+    score_noise: float = setting(2.0, minimum=0)
 
 
 @dataclass(frozen=True)
@@ -459,6 +464,10 @@ def _check_rules(cfg: dict) -> None:
     if not cfg["results"].rstrip("/"):
         raise ConfigError("results", f"{cfg['results']!r} would plan every output at the filesystem root",
                           "a folder path other than '' and '/'")
+    for name in ("tumor_tile_fraction", "lymphoid_tile_fraction"):
+        low, high = cfg["demo"][name]
+        if not low <= high < 1:
+            raise ConfigError(f"demo.{name}", f"[{low}, {high}] is not a range", "[low, high] with low <= high < 1")
     features, models = cfg["features"], cfg["mil"]["models"]
     extractors = [] if features["precomputed"] else features["extractors"]
     for name in extractors:

@@ -92,6 +92,9 @@ TILE_SLOT = "tiles"
 # Backbones the tile-supervised baseline and SimCLR pre-training can train.
 TILE_ARCHITECTURES = ("shufflenet_v2", "resnet18")
 SIMCLR_ARCHITECTURES = tuple(dict.fromkeys(SIMCLR_EXTRACTORS.values()))
+# What a cohort's target is: the demo generates a cohort for each (config demo.task); the sheet carries `label`
+# (binary, multiclass, regression) or `time` and `event` (survival).
+TASKS = ("binary", "multiclass", "survival", "regression")
 # Compute precisions: training (MIL, SimCLR, tile-supervised; fp16 would need loss scaling) and extraction.
 TRAIN_PRECISIONS = ("auto", "fp32", "bf16")
 FEATURE_PRECISIONS = ("auto", "fp32", "fp16", "bf16")

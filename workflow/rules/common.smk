@@ -8,7 +8,7 @@ from snakemake.utils import validate
 # The installed package; rules use only its light modules (no torch, OpenCV or tqdm at DAG build).
 from slidemil.cohort.sheet import SheetError, check_sheet, load_sheet
 from slidemil.config import ConfigError, TileSupervised, check_config
-from slidemil.demo.plan import plan_cohort
+from slidemil.demo.plan import SIGNAL_KEYS as DEMO_SIGNAL_KEYS, plan_cohort
 from slidemil.names import SIMCLR_EXTRACTORS, SIMCLR_WEIGHTS, TILE_MODEL, TILE_SLOT, base_model
 from slidemil.weights import is_local, missing_weights, weights_files
 
@@ -40,6 +40,8 @@ if DEMO:
         seed=config["demo"]["seed"],
         two_slide_fraction=config["demo"]["two_slide_fraction"],
         positive_fraction=config["demo"]["positive_fraction"],
+        task=config["demo"]["task"],
+        signal={k: config["demo"][k] for k in DEMO_SIGNAL_KEYS},
     )
     SAMPLES["path"] = [f"{RESULTS}/demo/{p}" for p in SAMPLES["path"]]
     _problems = check_sheet(SAMPLES, check_files=False, **LABEL_SETTINGS)
