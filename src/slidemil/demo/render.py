@@ -376,11 +376,12 @@ def _render(rng: np.random.Generator, layout: _Layout, width: int, height: int) 
     # (cv2.addWeighted(a, x, b, y, z) = x*a + y*b + z in one pass, no temporaries.)
     chromatin = cv2.addWeighted(grain, 0.35 * 1.1 / 255.0, grain, 0.0, 1.1 / 255.0)
     hema = cv2.addWeighted(grain, 0.04, lesion_w, 0.35, 0.08)
-    hema += lymph_w * 0.12
+    # Aggregates get tumour's cytoplasm colour: only nuclear size and crowding tell the two apart.
+    hema += lymph_w * 0.3
     hema += cv2.multiply(nuclei.astype(np.float32), chromatin)
     hema *= amount
     eosin = cv2.addWeighted(fibres, 0.22, grain, 0.12, 0.75)
-    eosin *= cv2.addWeighted(lesion_w, -0.6, lymph_w, -0.5, 1.0)
+    eosin *= cv2.addWeighted(lesion_w, -0.6, lymph_w, -0.6, 1.0)
     eosin *= amount
     np.maximum(hema, 0.0, out=hema)
     np.maximum(eosin, 0.0, out=eosin)
