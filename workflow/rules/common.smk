@@ -46,7 +46,7 @@ if DEMO:
     SAMPLES["path"] = [f"{RESULTS}/demo/{p}" for p in SAMPLES["path"]]
     _problems = check_sheet(SAMPLES, check_files=False, **LABEL_SETTINGS)
     if _problems:
-        raise SheetError("demo cohort", _problems)
+        sys.exit(str(SheetError("demo cohort", _problems)))  # one line per problem, no traceback around them
 else:
     SHEET = config["samples"]
     try:
