@@ -462,7 +462,7 @@ def _facts(rgb: np.ndarray, masks: dict, layout: _Layout) -> dict:
 
 def make_slide(
     path: str | os.PathLike,
-    label: int | str,
+    label: int,
     seed: int,
     slide_px: tuple[int, int] = (3072, 3072),
     mpp: float | None = 0.5,
@@ -470,25 +470,29 @@ def make_slide(
     tumor_tile_fraction: tuple[float, float] = (0.1, 0.3),
     tissue: bool = True,
     slide_id: str | None = None,
-    patterns: dict[str, float] | None = None,
 ) -> dict:
     """Render one slide and write it to ``path`` as a pyramidal TIFF.
 
-    ``slide_id`` (default: the file name without extension) seeds the pixels; ``patterns`` as in
-    :func:`render_slide`. ``mpp=None`` writes no mpp/objective-power metadata at all; ``tissue=False``
+    ``slide_id`` (default: the file name without extension) seeds the pixels.
+    ``mpp=None`` writes no mpp/objective-power metadata at all; ``tissue=False``
     writes an all-background slide (and no tumour, whatever the label).
     Returns facts about the slide, e.g. ``tumor_tile_fraction``: the share of
     tissue tiles (by the background rule) that contain tumour texture.
     """
     t0 = time.perf_counter()
     slide_id = slide_id or Path(path).name.split(".")[0]
-    rgb, _, facts = render_slide(slide_id, label, seed, slide_px, tumor_tile_fraction, tissue, patterns)
+    rendered = render_slide(slide_id, label, seed, slide_px, tumor_tile_fraction, tissue)
+    return _write_slide(path, rendered, mpp, objective_power, t0)
+
+
+def _write_slide(path, rendered: tuple, mpp: float | None, objective_power: float | None, t0: float) -> dict:
+    rgb, _, facts = rendered
     t1 = time.perf_counter()
     # Objective power without a pixel size would be inconsistent metadata.
     write_pyramidal_tiff(path, rgb, mpp, objective_power if mpp is not None else None)
     t2 = time.perf_counter()
     facts.update(path=str(path), render_s=round(t1 - t0, 3), write_s=round(t2 - t1, 3))
-    logger.debug("slide %s: %s", slide_id, facts)
+    logger.debug("slide %s: %s", facts["slide_id"], facts)
     return facts
 
 
@@ -497,8 +501,11 @@ def make_slide(
 # --------------------------------------------------------------------------
 
 
-def _make_slide_job(kwargs: dict) -> dict:
-    return make_slide(**kwargs)
+def _make_slide_job(job: dict) -> dict:
+    """One slide of a planned cohort (:func:`_slide_job` plus path, mpp and objective_power), written."""
+    t0 = time.perf_counter()
+    rendered = render_slide(job["slide_id"], job["label"], job["seed"], job["slide_px"], patterns=job["patterns"])
+    return _write_slide(job["path"], rendered, job["mpp"], job["objective_power"], t0)
 
 
 def _init_worker() -> None:
@@ -560,7 +567,7 @@ def make_cohort(out_dir: str | os.PathLike, workers: int = 1, **demo) -> pd.Data
                 facts.append(result)
     else:
         for job in tqdm(jobs, **progress):
-            facts.append(make_slide(**job))
+            facts.append(_make_slide_job(job))
     sheet = table.drop(columns=PATTERN_COLUMNS)
     write_csv(out_dir / "samples.csv", sheet)
 
