@@ -55,8 +55,9 @@ def test_multiclass_classes_each_have_their_own_pattern():
     assert p["label"].value_counts().to_dict() == {"normal": 30, "tumor": 30, "lymphoid": 30}
     shares = p.groupby("label")[demo_plan.PATTERN_COLUMNS]
     assert (shares.max().loc["normal"] == 0).all()
-    assert shares.min().loc["tumor", "tumor_tile_fraction"] >= 0.05 and shares.max().loc["tumor", "lymphoid_tile_fraction"] == 0
-    assert shares.min().loc["lymphoid", "lymphoid_tile_fraction"] >= 0.05 and shares.max().loc["lymphoid", "tumor_tile_fraction"] == 0
+    low, high = shares.min(), shares.max()
+    assert low.loc["tumor", "tumor_tile_fraction"] >= 0.05 and high.loc["tumor", "lymphoid_tile_fraction"] == 0
+    assert low.loc["lymphoid", "lymphoid_tile_fraction"] >= 0.05 and high.loc["lymphoid", "tumor_tile_fraction"] == 0
     with pytest.raises(ValueError, match="every class"):
         demo_plan.plan_cohort(2, 0, task="multiclass")
 

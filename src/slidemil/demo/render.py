@@ -17,7 +17,8 @@ pixels in Python; nuclei are drawn with ``cv2.ellipse`` in loops of a few
 thousand.
 
 Every random draw of a slide comes from a generator seeded by
-``(seed, slide_id, label)`` (and the planned pattern shares, when given); the rendering parameters act deterministically, so
+``(seed, slide_id, label)`` (and the planned pattern shares, when given); the
+rendering parameters act deterministically, so
 one slide can be regenerated alone and comes out byte-identical.
 """
 

@@ -9,7 +9,8 @@ JavaScript nor any file beside it; it links (relatively) to the CSV tables and
 the tiling QC pictures, which stay where the pipeline wrote them.
 
 Sections: summary of test AUCs; paired comparison of every model with the
-reference model, and of every extractor with the first one under the same model; ROC curves; training curves; attention heatmaps; cohort
+reference model, and of every extractor with the first one under the same model;
+ROC curves; training curves; attention heatmaps; cohort
 (slides, patients, tiles, excluded slides); splits; tiling QC.
 
 The cohort facts come from the manifests (slidemil.cohort.manifest), never
