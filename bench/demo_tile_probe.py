@@ -1,7 +1,8 @@
 """How well each extractor's tile features separate tumour from normal tiles on the demo cohort.
 
-The demo's slide-level task is easy enough that every extractor reaches a test
-AUC of 1.0 with AB-MIL, which cannot tell features apart. The synthetic slides
+The first demo's slide-level task was easy enough that every extractor reached a
+test AUC of 1.0 with AB-MIL, which cannot tell features apart (the harder default
+of docs/performance.md#demo-cohort leaves room). The synthetic slides
 come with ground truth, though: re-rendering a slide from its seed gives the
 lesion mask, so every kept tile gets a tumour/normal label (tumour: at least
 25 % of the tile is lesion, the demo's own definition). A linear probe
