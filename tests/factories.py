@@ -69,8 +69,8 @@ def make_tiny_cohort(folder: Path) -> Path:
 # The demo cohort at its smallest: 16 patients, tiny slides, one fast extractor, abmil and MHIM-MIL on it.
 TINY = {
     "results": "results",
-    # The first demo's easy signal: these runs check the numbers end to end, not the demo's difficulty.
-    "demo": {"n_patients": 16, "slide_px": [1536, 1536], "tumor_tile_fraction": [0.1, 0.3],
+    # A strong signal: these runs check the numbers end to end (4 test patients), not the demo's difficulty.
+    "demo": {"n_patients": 16, "slide_px": [1536, 1536], "tumor_tile_fraction": [0.3, 0.5],
              "lymphoid_tile_fraction": [0.0, 0.0]},
     "tiling": {"mpp": 1.0, "tile_px": 128},
     "features": {"extractors": ["shufflenet_v2"],
