@@ -48,7 +48,9 @@ def snakemake_cli(workdir, *args, configfile="config.yaml", timeout=900, env=Non
 
 def make_tiny_cohort(folder: Path) -> Path:
     """An 8-patient demo cohort plus unusable slides (no mpp, no tissue, unreadable); returns the sheet."""
-    make_cohort(str(folder), n_patients=8, seed=7, slide_px=(1536, 1536))
+    # The easy signal of the first demo: the workflow tests check numbers end to end, not the demo's difficulty.
+    make_cohort(str(folder), n_patients=8, seed=7, slide_px=(1536, 1536), tumor_tile_fraction=[0.1, 0.3],
+                lymphoid_tile_fraction=[0.0, 0.0])
     sheet = pd.read_csv(folder / "samples.csv", dtype=str)
     extra = folder / "extra"
     extra.mkdir()
@@ -67,7 +69,9 @@ def make_tiny_cohort(folder: Path) -> Path:
 # The demo cohort at its smallest: 16 patients, tiny slides, one fast extractor, abmil and MHIM-MIL on it.
 TINY = {
     "results": "results",
-    "demo": {"n_patients": 16, "slide_px": [1536, 1536]},
+    # A strong signal: these runs check the numbers end to end (4 test patients), not the demo's difficulty.
+    "demo": {"n_patients": 16, "slide_px": [1536, 1536], "tumor_tile_fraction": [0.3, 0.5],
+             "lymphoid_tile_fraction": [0.0, 0.0]},
     "tiling": {"mpp": 1.0, "tile_px": 128},
     "features": {"extractors": ["shufflenet_v2"],
                  "settings": {"shufflenet_v2": {"weights": "random", "input_px": 128, "dtype": "float32"}}},

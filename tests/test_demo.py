@@ -107,10 +107,11 @@ def test_slide_pixels_are_reproducible_per_slide(tmp_path):
 
 
 def test_cohort_slide_matches_a_slide_made_alone(tmp_path):
-    plan = demo.make_cohort(tmp_path / "cohort", n_patients=2, seed=2, slide_px=(512, 512), two_slide_fraction=0.0)
+    settings = dict(n_patients=2, seed=2, slide_px=(512, 512), two_slide_fraction=0.0)
+    plan = demo.make_cohort(tmp_path / "cohort", **settings)
     row = plan.iloc[1]
     alone = tmp_path / "alone" / f"{row.slide_id}.tiff"
-    demo.make_slide(alone, label=int(row.label), seed=2, slide_px=(512, 512))
+    demo.write_pyramidal_tiff(alone, demo.render_cohort_slide(settings, row.slide_id)[0], 0.5, 20)
     np.testing.assert_array_equal(read_level0(tmp_path / "cohort" / row.path), read_level0(alone))
 
 

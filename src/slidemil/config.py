@@ -69,9 +69,14 @@ class Demo:
     slide_px: list[int] = setting([2560, 2560], length=2, minimum=512)
     mpp: float = setting(0.5, above=0)
     objective_power: float = setting(20, above=0)
-    tumor_tile_fraction: list[float] = setting([0.1, 0.3], length=2, minimum=0, maximum=1)
+    tumor_tile_fraction: list[float] = setting([0.02, 0.15], length=2, minimum=0, maximum=1)
     two_slide_fraction: float = setting(0.3, minimum=0, maximum=1)
     positive_fraction: float = setting(0.5, above=0, below=1)
+    task: str = setting("binary", choices=TASKS)
+    lymphoid_tile_fraction: list[float] = setting([0.0, 0.12], length=2, minimum=0, maximum=1)
+    censored_fraction: float = setting(0.3, minimum=0, below=1)
+    hazard_ratio: float = setting(8.0, above=0)
+    score_noise: float = setting(2.0, minimum=0)
 
 
 @dataclass(frozen=True)
@@ -497,6 +502,10 @@ def _check_rules(cfg: dict) -> None:
     if not cfg["results"].rstrip("/"):
         raise ConfigError("results", f"{cfg['results']!r} would plan every output at the filesystem root",
                           "a folder path other than '' and '/'")
+    for name in ("tumor_tile_fraction", "lymphoid_tile_fraction"):
+        low, high = cfg["demo"][name]
+        if not low <= high < 1:
+            raise ConfigError(f"demo.{name}", f"[{low}, {high}] is not a range", "[low, high] with low <= high < 1")
     features, models = cfg["features"], cfg["mil"]["models"]
     extractors = [] if features["precomputed"] else features["extractors"]
     for name in extractors:
@@ -509,6 +518,9 @@ def _check_rules(cfg: dict) -> None:
     if cfg["task"] != BINARY and (cfg["splits"]["binarize"] or cfg["splits"]["positive_class"] is not None):
         key = "splits.binarize" if cfg["splits"]["binarize"] else "splits.positive_class"
         raise ConfigError(key, f"makes two classes, but task is {cfg['task']}", "null, or task: binary")
+    if not cfg["samples"] and cfg["demo"]["task"] != cfg["task"]:
+        raise ConfigError("demo.task", f"makes a {cfg['demo']['task']} demo cohort, but task is {cfg['task']}",
+                          f"{cfg['task']}, or task: {cfg['demo']['task']}")
     if TILE_MODEL in models and features["precomputed"]:
         raise ConfigError("mil.models", f"{TILE_MODEL} trains on tiles, and precomputed features have none",
                           ", ".join(MIL_MODELS))

@@ -92,8 +92,9 @@ TILE_SLOT = "tiles"
 # Backbones the tile-supervised baseline and SimCLR pre-training can train.
 TILE_ARCHITECTURES = ("shufflenet_v2", "resnet18")
 SIMCLR_ARCHITECTURES = tuple(dict.fromkeys(SIMCLR_EXTRACTORS.values()))
-# Endpoints (``task:`` in the config; their losses, heads and metrics live in slidemil.tasks). The tile-supervised
-# baseline scores a slide as its fraction of positive tiles: binary only.
+# Endpoints (``task:`` in the config; their losses, heads and metrics live in slidemil.tasks; the demo generates a
+# cohort for each, config demo.task). The sheet carries `label` (binary, multiclass, regression) or `time` and
+# `event` (survival). The tile-supervised baseline scores a slide as its fraction of positive tiles: binary only.
 TASKS = ("binary", "multiclass", "survival", "regression")
 BINARY = "binary"
 TILE_MODEL_TASKS = (BINARY,)

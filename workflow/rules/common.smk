@@ -8,7 +8,7 @@ from snakemake.utils import validate
 # The installed package; rules use only its light modules (no torch, OpenCV or tqdm at DAG build).
 from slidemil.cohort.sheet import Endpoint, SheetError, check_sheet, load_sheet
 from slidemil.config import ConfigError, TileSupervised, check_config
-from slidemil.demo.plan import plan_cohort
+from slidemil.demo.plan import SIGNAL_KEYS as DEMO_SIGNAL_KEYS, plan_cohort
 from slidemil.names import RESULT_FIGURES, SIMCLR_EXTRACTORS, SIMCLR_WEIGHTS, TILE_MODEL, TILE_SLOT, base_model
 from slidemil.weights import is_local, missing_weights, weights_files
 
@@ -47,11 +47,13 @@ if DEMO:
         seed=config["demo"]["seed"],
         two_slide_fraction=config["demo"]["two_slide_fraction"],
         positive_fraction=config["demo"]["positive_fraction"],
+        task=config["demo"]["task"],
+        signal={k: config["demo"][k] for k in DEMO_SIGNAL_KEYS},
     )
     SAMPLES["path"] = [f"{RESULTS}/demo/{p}" for p in SAMPLES["path"]]
     _problems = check_sheet(SAMPLES, check_files=False, **LABEL_SETTINGS)
     if _problems:
-        raise SheetError("demo cohort", _problems)
+        sys.exit(str(SheetError("demo cohort", _problems)))  # one line per problem, no traceback around them
 else:
     SHEET = config["samples"]
     try:
@@ -280,7 +282,7 @@ def all_tiles(wildcards=None):
 # no torch; its params leave out the heatmap settings, so editing report.n_bootstrap redraws no heatmap.
 
 REPORT = f"{RESULTS}/report"
-REPORT_TABLES = ("comparison.csv", "cohort.csv", "splits_summary.csv", "report.json")
+REPORT_TABLES = ("comparison.csv", "encoder_comparison.csv", "cohort.csv", "splits_summary.csv", "report.json")
 # The report settings that shape only the heatmaps: params of the heatmaps rule, not of the report rule.
 HEATMAP_SETTINGS = ("heatmaps_per_model", "heatmap_top_k")
 
@@ -314,6 +316,11 @@ def report_histories_png():
 def report_has_comparison():
     models = trained_models()
     return config["report"]["reference_model"] in models and len(models) > 1
+
+
+def report_has_encoder_comparison():
+    # Every MIL model trains on every extractor's features: two extractors give each model a comparison.
+    return len(EXTRACTORS) > 1 and bool(trained_models())
 
 
 def report_has_heatmaps():
@@ -366,6 +373,7 @@ def report_first_checkpoint(wildcards):
 def report_page_outputs():
     files = [f"{REPORT}/report.html"] + [f"{REPORT}/{n}" for n in REPORT_TABLES]
     files += [png for _, _, png in report_histories_png()]
+    files += [f"{REPORT}/encoder_comparison.png"] if report_has_encoder_comparison() else []
     return files + ([f"{REPORT}/comparison.png"] if report_has_comparison() else [])
 
 

@@ -72,6 +72,17 @@ rule report:
             if report_has_comparison()
             else []
         ),
+        encoder_comparison=(
+            [
+                report(
+                    f"{REPORT}/encoder_comparison.png",
+                    category="3. Model comparison",
+                    caption="../report/encoder_comparison.rst",
+                )
+            ]
+            if report_has_encoder_comparison()
+            else []
+        ),
     log:
         f"{LOGS}/report.log",
     conda:

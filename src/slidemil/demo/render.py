@@ -3,11 +3,12 @@
 The slides are real pyramidal TIFFs in the Aperio SVS layout, so the rest of
 the pipeline reads them through OpenSlide exactly as it would read scanner
 output. Each slide has white background, several tissue regions, some faint
-(washed-out) tissue that a background filter should drop, and -- on positive
-slides only -- one to three compact "tumour" lesions covering a minority of the
-tissue tiles. The tumour texture (crowded, large, dark nuclei on a purple
-ground) shifts colour and texture statistics strongly, so even features from a
-randomly initialised CNN carry the class signal through attention MIL.
+(washed-out) tissue that a background filter should drop, and the patterns that
+carry its target (planned per patient in slidemil.demo.plan): one to three
+compact "tumour" lesions (crowded, large, dark nuclei on a purple ground) and
+lymphoid aggregates (densely packed small, round, dark nuclei), each covering a
+planned share of the tissue tiles. Both shift colour statistics the same way,
+so a model has to tell them apart by texture.
 
 Rendering works in optical-density space: haematoxylin and eosin concentration
 maps are built with vectorised numpy/cv2 and turned into RGB by Beer-Lambert
@@ -16,7 +17,8 @@ pixels in Python; nuclei are drawn with ``cv2.ellipse`` in loops of a few
 thousand.
 
 Every random draw of a slide comes from a generator seeded by
-``(seed, slide_id, label)``; the rendering parameters act deterministically, so
+``(seed, slide_id, label)`` (and the planned pattern shares, when given); the
+rendering parameters act deterministically, so
 one slide can be regenerated alone and comes out byte-identical.
 """
 
@@ -38,8 +40,10 @@ import pandas as pd
 import tifffile
 from tqdm import tqdm
 
-from slidemil.demo.plan import plan_cohort, seed_sequence
+from slidemil.config import Demo, field_defaults
+from slidemil.demo.plan import PATTERN_COLUMNS, SIGNAL_KEYS, plan_cohort, seed_sequence
 from slidemil.files import atomic_output, write_csv
+from slidemil.names import TASKS
 
 logger = logging.getLogger(__name__)
 
@@ -186,7 +190,8 @@ class _Layout:
     tissue_field: np.ndarray  # coarse, >0 inside tissue (soft edge)
     faint_field: np.ndarray  # coarse, >0 inside faint tissue
     lesion_weight: np.ndarray  # coarse, lesion membership in [0, 1] (soft edge)
-    target_tumor_tile_fraction: float
+    lymphoid_weight: np.ndarray  # coarse, lymphoid-aggregate membership in [0, 1] (soft edge)
+    targets: dict  # planned share of tissue tiles per pattern ("tumor", "lymphoid")
 
 
 def _smooth_field(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
@@ -196,16 +201,11 @@ def _smooth_field(rng: np.random.Generator, shape: tuple[int, int], sigma: float
     return (field - field.mean()) / (field.std() + 1e-6)
 
 
-def _plan_layout(
-    rng: np.random.Generator,
-    coarse_shape: tuple[int, int],
-    label: int,
-    tissue: bool,
-    tumor_tile_fraction: tuple[float, float],
-) -> _Layout:
+def _plan_layout(rng: np.random.Generator, coarse_shape: tuple[int, int], targets: dict, tissue: bool,
+                 tumor_tile_fraction: tuple[float, float]) -> _Layout:
     if not tissue:
-        empty = np.full(coarse_shape, -1.0, np.float32)
-        return _Layout(empty, empty, np.zeros(coarse_shape, np.float32), 0.0)
+        empty, none = np.full(coarse_shape, -1.0, np.float32), np.zeros(coarse_shape, np.float32)
+        return _Layout(empty, empty, none, none, {"tumor": 0.0, "lymphoid": 0.0})
 
     # Large blobs with ragged edges: a broad field plus a finer one; the
     # threshold is a quantile so the covered share is controlled exactly.
@@ -221,28 +221,33 @@ def _plan_layout(
     faint_cut = np.quantile(outside, 1.0 - _FAINT_SHARE) if outside.size else np.inf
     faint_field = np.minimum(faint - faint_cut, -0.3 - tissue_field).astype(np.float32)
 
-    if label == 1:
-        target = float(rng.uniform(*tumor_tile_fraction))
-        lesion = _plan_lesions(rng, tissue_field > _TISSUE_CUT, target)
-    else:
-        target = 0.0
-        lesion = np.zeros(coarse_shape, bool)
-    # A slightly blurred lesion map gives soft lesion borders once upsampled.
-    lesion_w = cv2.GaussianBlur(lesion.astype(np.float32), (0, 0), 0.7)
-    return _Layout(tissue_field, faint_field, lesion_w, target)
+    in_tissue = tissue_field > _TISSUE_CUT
+    if targets["tumor"] is None:  # a label-driven positive slide: its share drawn here, as slides always were
+        targets = {**targets, "tumor": float(rng.uniform(*tumor_tile_fraction))}
+    lesion = _plan_lesions(rng, in_tissue, targets["tumor"])
+    # Aggregates keep a coarse pixel away from tumour, so that a tile shows one pattern or the other.
+    free = in_tissue & ~cv2.dilate(lesion.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+    lymphoid = _plan_lesions(rng, in_tissue, targets["lymphoid"], allowed=free)
+    # A slightly blurred map gives soft borders once upsampled.
+    blur = lambda m: cv2.GaussianBlur(m.astype(np.float32), (0, 0), 0.7)  # noqa: E731
+    return _Layout(tissue_field, faint_field, blur(lesion), blur(lymphoid), dict(targets))
 
 
-def _plan_lesions(rng: np.random.Generator, tissue: np.ndarray, target: float) -> np.ndarray:
-    """Coarse mask of one to three compact lesions inside ``tissue``, sized so
-    that about ``target`` of the tissue tiles are tumour tiles."""
-    depth = cv2.distanceTransform(tissue.astype(np.uint8), cv2.DIST_L2, 5).ravel()
+def _plan_lesions(rng: np.random.Generator, tissue: np.ndarray, target: float,
+                  allowed: np.ndarray | None = None) -> np.ndarray:
+    """Coarse mask of one to three compact lesions inside ``allowed`` (default: ``tissue``), sized so
+    that about ``target`` of the tissue tiles are lesion tiles (none for a target of 0)."""
+    allowed = tissue if allowed is None else allowed
+    if target <= 0:
+        return np.zeros(tissue.shape, bool)
+    depth = cv2.distanceTransform(allowed.astype(np.uint8), cv2.DIST_L2, 5).ravel()
     if not depth.any():
         return np.zeros(tissue.shape, bool)
     # Centres deep inside tissue, so lesions look like metastases, not rims.
     k = int(min(rng.integers(1, 4), np.count_nonzero(depth)))
     p = depth**2 / (depth**2).sum()
     idx = rng.choice(depth.size, size=k, replace=False, p=p)
-    cy, cx = np.unravel_index(idx, tissue.shape)
+    cy, cx = np.unravel_index(idx, allowed.shape)
     radii = rng.uniform(0.6, 1.4, size=k)
     yy, xx = np.mgrid[0 : tissue.shape[0], 0 : tissue.shape[1]].astype(np.float32)
     # Distance to the nearest centre in units of its radius, wobbled by a
@@ -254,7 +259,7 @@ def _plan_lesions(rng: np.random.Generator, tissue: np.ndarray, target: float) -
     n_tissue_tiles = max(1, int(tissue_tiles.sum()))
 
     def lesion_at(scale: float) -> np.ndarray:
-        return (dist < scale) & tissue
+        return (dist < scale) & allowed
 
     def fraction(scale: float) -> float:
         tumor = _tile_means(lesion_at(scale), _COARSE) >= TUMOR_TILE_MIN_FRACTION
@@ -332,12 +337,15 @@ def _render(rng: np.random.Generator, layout: _Layout, width: int, height: int) 
     tissue_f = _upsample(layout.tissue_field, width, height)
     faint_f = _upsample(layout.faint_field, width, height)
     lesion_w = _upsample(layout.lesion_weight, width, height)
+    lymph_w = _upsample(layout.lymphoid_weight, width, height)
     # Stain amount: 1 in tissue with a soft edge; faint tissue gets so little
     # that most of it stays brighter than the background threshold.
     tissue_w = np.clip(tissue_f * _EDGE_SHARPNESS, 0.0, 1.0)
     amount = tissue_w + _FAINT_STAIN * np.clip(faint_f * _EDGE_SHARPNESS, 0.0, 1.0)
     lesion = (lesion_w > 0.5) & (tissue_f > _TISSUE_CUT)
+    lymphoid = (lymph_w > 0.5) & (tissue_f > _TISSUE_CUT) & ~lesion
     lesion_w *= tissue_w
+    lymph_w *= tissue_w
 
     grain = _uniform_noise(rng, shape)
     # Collagen fibres: noise smeared along rows or columns, the mix of the two
@@ -351,15 +359,17 @@ def _render(rng: np.random.Generator, layout: _Layout, width: int, height: int) 
     t1 = time.perf_counter()
 
     # Nuclei: scattered small ones in normal and faint tissue, crowded large
-    # dark pleomorphic ones in lesions.
+    # dark pleomorphic ones in lesions, packed small round ones in lymphoid aggregates.
     nuclei = np.zeros(shape, np.uint8)
-    in_stroma = lambda ys, xs: (tissue_f[ys, xs] > _TISSUE_CUT) & ~lesion[ys, xs]
+    in_stroma = lambda ys, xs: (tissue_f[ys, xs] > _TISSUE_CUT) & ~lesion[ys, xs] & ~lymphoid[ys, xs]
     in_faint = lambda ys, xs: faint_f[ys, xs] > 0.0
     in_lesion = lambda ys, xs: lesion[ys, xs]
     _draw_nuclei(nuclei, rng, in_stroma, shape, 1 / 900, (2.5, 4.0), (1.0, 2.8), (110, 190))
     _draw_nuclei(nuclei, rng, in_faint, shape, 1 / 900, (2.5, 4.0), (1.0, 2.8), (110, 190))
     if lesion.any():
         _draw_nuclei(nuclei, rng, in_lesion, shape, 1 / 330, (5.0, 8.0), (1.0, 1.6), (190, 255))
+    if lymphoid.any():
+        _draw_nuclei(nuclei, rng, lambda ys, xs: lymphoid[ys, xs], shape, 1 / 60, (2.2, 3.2), (1.0, 1.25), (200, 255))
     t2 = time.perf_counter()
 
     # Haematoxylin: a little everywhere in tissue, more in tumour cytoplasm,
@@ -367,10 +377,12 @@ def _render(rng: np.random.Generator, layout: _Layout, width: int, height: int) 
     # (cv2.addWeighted(a, x, b, y, z) = x*a + y*b + z in one pass, no temporaries.)
     chromatin = cv2.addWeighted(grain, 0.35 * 1.1 / 255.0, grain, 0.0, 1.1 / 255.0)
     hema = cv2.addWeighted(grain, 0.04, lesion_w, 0.35, 0.08)
+    # Aggregates get tumour's cytoplasm colour: only nuclear size and crowding tell the two apart.
+    hema += lymph_w * 0.3
     hema += cv2.multiply(nuclei.astype(np.float32), chromatin)
     hema *= amount
     eosin = cv2.addWeighted(fibres, 0.22, grain, 0.12, 0.75)
-    eosin *= cv2.addWeighted(lesion_w, -0.6, lesion_w, 0.0, 1.0)
+    eosin *= cv2.addWeighted(lesion_w, -0.6, lymph_w, -0.6, 1.0)
     eosin *= amount
     np.maximum(hema, 0.0, out=hema)
     np.maximum(eosin, 0.0, out=eosin)
@@ -387,38 +399,46 @@ def _render(rng: np.random.Generator, layout: _Layout, width: int, height: int) 
     rgb = cv2.merge(channels)
     t3 = time.perf_counter()
     logger.debug("render: fields %.2fs nuclei %.2fs compose %.2fs", t1 - t0, t2 - t1, t3 - t2)
-    masks = {"tissue": tissue_f > _TISSUE_CUT, "faint": faint_f > 0.0, "lesion": lesion}
+    masks = {"tissue": tissue_f > _TISSUE_CUT, "faint": faint_f > 0.0, "lesion": lesion, "lymphoid": lymphoid}
     return rgb, masks
 
 
 def render_slide(
     slide_id: str,
-    label: int,
+    label: int | str,
     seed: int,
     slide_px: tuple[int, int] = (3072, 3072),
     tumor_tile_fraction: tuple[float, float] = (0.1, 0.3),
     tissue: bool = True,
+    patterns: dict[str, float] | None = None,
 ) -> tuple[np.ndarray, dict, dict]:
     """Pixels of one slide, without writing anything.
 
-    Returns ``(rgb, masks, facts)``: the (H, W, 3) uint8 image; boolean
-    full-resolution masks ``tissue``, ``faint`` and ``lesion`` (the ground
-    truth); and the facts that :func:`make_slide` returns.
+    ``patterns``: the planned share of tissue tiles per pattern (``tumor``, ``lymphoid``), as
+    slidemil.demo.plan draws them; without it a binary ``label`` decides (1: a tumour share drawn from
+    ``tumor_tile_fraction``, 0: none; no lymphoid aggregates). Returns ``(rgb, masks, facts)``: the
+    (H, W, 3) uint8 image; boolean full-resolution masks ``tissue``, ``faint``, ``lesion`` and
+    ``lymphoid`` (the ground truth); and the facts that :func:`make_slide` returns.
     """
     width, height = int(slide_px[0]), int(slide_px[1])
     if width < TILE_PX or height < TILE_PX:
         raise ValueError(f"slide_px must be at least {TILE_PX} px each way, got {slide_px}")
-    if label not in (0, 1):
-        raise ValueError(f"label must be 0 or 1, got {label}")
+    if patterns is None and label not in (0, 1):
+        raise ValueError(f"label must be 0 or 1 without planned patterns, got {label}")
     lo, hi = tumor_tile_fraction
     if not 0.0 < lo <= hi < 1.0:
         raise ValueError(f"tumor_tile_fraction must satisfy 0 < lo <= hi < 1, got {tumor_tile_fraction}")
 
-    rng = np.random.default_rng(seed_sequence(seed, slide_id, label))
+    keys = (label,) if patterns is None else (label, *(f"{patterns.get(k, 0.0):.6f}" for k in ("tumor", "lymphoid")))
+    rng = np.random.default_rng(seed_sequence(seed, slide_id, *keys))
     coarse_shape = (max(1, round(height / _COARSE)), max(1, round(width / _COARSE)))
-    layout = _plan_layout(rng, coarse_shape, label, tissue, tumor_tile_fraction)
+    if patterns is None:
+        targets = {"tumor": None if label == 1 else 0.0, "lymphoid": 0.0}
+    else:
+        targets = {"tumor": float(patterns.get("tumor", 0.0)), "lymphoid": float(patterns.get("lymphoid", 0.0))}
+    layout = _plan_layout(rng, coarse_shape, targets, tissue, (lo, hi))
     rgb, masks = _render(rng, layout, width, height)
-    facts = {"slide_id": slide_id, "label": int(label), "width": width, "height": height}
+    facts = {"slide_id": slide_id, "label": label, "width": width, "height": height}
     facts.update(_facts(rgb, masks, layout))
     return rgb, masks, facts
 
@@ -427,19 +447,18 @@ def _facts(rgb: np.ndarray, masks: dict, layout: _Layout) -> dict:
     # Counted on the rendered pixels with the downstream background rule, so
     # the numbers describe what the tiling stage will actually keep.
     tissue_tiles = tile_tissue_mask(rgb)
-    tumor_tiles = _tile_means(masks["lesion"], TILE_PX) >= TUMOR_TILE_MIN_FRACTION
     n_tissue = int(tissue_tiles.sum())
-    n_tumor = int((tumor_tiles & tissue_tiles).sum())
-    return {
-        "n_tiles": int(tissue_tiles.size),
-        "n_tissue_tiles": n_tissue,
-        "n_tumor_tiles": n_tumor,
-        "tumor_tile_fraction": n_tumor / n_tissue if n_tissue else 0.0,
-        "target_tumor_tile_fraction": layout.target_tumor_tile_fraction,
-        "tissue_pixel_fraction": float(masks["tissue"].mean()),
-        "faint_pixel_fraction": float(masks["faint"].mean()),
-        "lesion_pixel_fraction": float(masks["lesion"].mean()),
-    }
+    facts = {"n_tiles": int(tissue_tiles.size), "n_tissue_tiles": n_tissue}
+    for pattern, mask in (("tumor", "lesion"), ("lymphoid", "lymphoid")):
+        hits = _tile_means(masks[mask], TILE_PX) >= TUMOR_TILE_MIN_FRACTION
+        n_hits = int((hits & tissue_tiles).sum())
+        facts[f"n_{pattern}_tiles"] = n_hits
+        facts[f"{pattern}_tile_fraction"] = n_hits / n_tissue if n_tissue else 0.0
+        facts[f"target_{pattern}_tile_fraction"] = layout.targets[pattern]
+    facts.update(tissue_pixel_fraction=float(masks["tissue"].mean()), faint_pixel_fraction=float(masks["faint"].mean()),
+                 lesion_pixel_fraction=float(masks["lesion"].mean()),
+                 lymphoid_pixel_fraction=float(masks["lymphoid"].mean()))
+    return facts
 
 
 def make_slide(
@@ -463,13 +482,18 @@ def make_slide(
     """
     t0 = time.perf_counter()
     slide_id = slide_id or Path(path).name.split(".")[0]
-    rgb, _, facts = render_slide(slide_id, label, seed, slide_px, tumor_tile_fraction, tissue)
+    rendered = render_slide(slide_id, label, seed, slide_px, tumor_tile_fraction, tissue)
+    return _write_slide(path, rendered, mpp, objective_power, t0)
+
+
+def _write_slide(path, rendered: tuple, mpp: float | None, objective_power: float | None, t0: float) -> dict:
+    rgb, _, facts = rendered
     t1 = time.perf_counter()
     # Objective power without a pixel size would be inconsistent metadata.
     write_pyramidal_tiff(path, rgb, mpp, objective_power if mpp is not None else None)
     t2 = time.perf_counter()
     facts.update(path=str(path), render_s=round(t1 - t0, 3), write_s=round(t2 - t1, 3))
-    logger.debug("slide %s: %s", slide_id, facts)
+    logger.debug("slide %s: %s", facts["slide_id"], facts)
     return facts
 
 
@@ -478,8 +502,11 @@ def make_slide(
 # --------------------------------------------------------------------------
 
 
-def _make_slide_job(kwargs: dict) -> dict:
-    return make_slide(**kwargs)
+def _make_slide_job(job: dict) -> dict:
+    """One slide of a planned cohort (:func:`_slide_job` plus path, mpp and objective_power), written."""
+    t0 = time.perf_counter()
+    rendered = render_slide(job["slide_id"], job["label"], job["seed"], job["slide_px"], patterns=job["patterns"])
+    return _write_slide(job["path"], rendered, job["mpp"], job["objective_power"], t0)
 
 
 def _init_worker() -> None:
@@ -487,38 +514,48 @@ def _init_worker() -> None:
     cv2.setNumThreads(1)
 
 
-def make_cohort(
-    out_dir: str | os.PathLike,
-    n_patients: int,
-    seed: int,
-    slide_px: tuple[int, int] = (3072, 3072),
-    mpp: float | None = 0.5,
-    objective_power: float | None = 20,
-    tumor_tile_fraction: tuple[float, float] = (0.1, 0.3),
-    two_slide_fraction: float = 0.3,
-    positive_fraction: float = 0.5,
-    workers: int = 1,
-) -> pd.DataFrame:
+def _settings(demo: dict) -> dict:
+    unknown = set(demo) - set(field_defaults(Demo))
+    if unknown:
+        raise TypeError(f"unknown demo setting(s) {', '.join(sorted(unknown))}")
+    return {**field_defaults(Demo), **demo}
+
+
+def plan_slides(demo: dict) -> pd.DataFrame:
+    """The cohort's sheet with the planned pattern shares of every slide (the ``demo`` config section's
+    settings; the ones not given take slidemil.config.Demo's defaults)."""
+    d = _settings(demo)
+    return plan_cohort(d["n_patients"], d["seed"], d["two_slide_fraction"], d["positive_fraction"], d["task"],
+                       {k: d[k] for k in SIGNAL_KEYS}, patterns=True)
+
+
+def _slide_job(row: dict, d: dict) -> dict:
+    # Every slide of a patient renders the patient's planned shares, each with its own layout.
+    return dict(label=row.get("label", 0), seed=d["seed"], slide_px=tuple(d["slide_px"]), slide_id=row["slide_id"],
+                patterns={"tumor": row["tumor_tile_fraction"], "lymphoid": row["lymphoid_tile_fraction"]})
+
+
+def render_cohort_slide(demo: dict, slide_id: str) -> tuple[np.ndarray, dict, dict]:
+    """One slide of the cohort ``demo`` describes, as :func:`render_slide` returns it (pixels, ground-truth
+    masks, facts): the same pixels as the cohort's file, without the others."""
+    d = _settings(demo)
+    row = next(r for r in plan_slides(d).to_dict(orient="records") if r["slide_id"] == slide_id)
+    job = _slide_job(row, d)
+    return render_slide(job.pop("slide_id"), **job)
+
+
+def make_cohort(out_dir: str | os.PathLike, workers: int = 1, **demo) -> pd.DataFrame:
     """Write ``out_dir/slides/{slide_id}.tiff`` for every planned slide, then ``out_dir/samples.csv``.
 
-    The sheet is written last so its presence means the cohort is complete.
-    Returns the sheet (identical to :func:`plan_cohort`).
+    ``demo``: settings of the config's ``demo`` section (slidemil.config.Demo; the ones not given take its
+    defaults). The sheet is written last so its presence means the cohort is complete.
+    Returns the sheet (:func:`plan_cohort`'s, without the pattern shares).
     """
+    d = _settings(demo)
     out_dir = Path(out_dir)
-    table = plan_cohort(n_patients, seed, two_slide_fraction, positive_fraction)
-    jobs = [
-        dict(
-            path=out_dir / row.path,
-            label=int(row.label),
-            seed=seed,
-            slide_px=tuple(slide_px),
-            mpp=mpp,
-            objective_power=objective_power,
-            tumor_tile_fraction=tuple(tumor_tile_fraction),
-            slide_id=row.slide_id,
-        )
-        for row in table.itertuples(index=False)
-    ]
+    table = plan_slides(d)
+    jobs = [dict(_slide_job(row, d), path=out_dir / row["path"], mpp=d["mpp"], objective_power=d["objective_power"])
+            for row in table.to_dict(orient="records")]
     (out_dir / "slides").mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     facts = []
@@ -531,20 +568,20 @@ def make_cohort(
                 facts.append(result)
     else:
         for job in tqdm(jobs, **progress):
-            facts.append(make_slide(**job))
-    write_csv(out_dir / "samples.csv", table)
+            facts.append(_make_slide_job(job))
+    sheet = table.drop(columns=PATTERN_COLUMNS)
+    write_csv(out_dir / "samples.csv", sheet)
 
     summary = pd.DataFrame(facts)
-    pos = summary[summary.label == 1]
     logger.info(
-        "wrote %d slides of %d patients (%d positive slides) to %s in %.1fs; "
-        "tissue tiles per slide %.0f (min %d); tumour tile fraction in positives %.2f-%.2f",
-        len(table), n_patients, len(pos), out_dir, time.perf_counter() - t0,
+        "wrote %d %s slides of %d patients to %s in %.1fs; tissue tiles per slide %.0f (min %d); "
+        "tumour tile fraction %.2f-%.2f, lymphoid %.2f-%.2f",
+        len(table), d["task"], d["n_patients"], out_dir, time.perf_counter() - t0,
         summary.n_tissue_tiles.mean(), summary.n_tissue_tiles.min(),
-        pos.tumor_tile_fraction.min() if len(pos) else 0.0,
-        pos.tumor_tile_fraction.max() if len(pos) else 0.0,
+        summary.tumor_tile_fraction.min(), summary.tumor_tile_fraction.max(),
+        summary.lymphoid_tile_fraction.min(), summary.lymphoid_tile_fraction.max(),
     )
-    return table
+    return sheet
 
 
 # --------------------------------------------------------------------------
@@ -553,6 +590,7 @@ def make_cohort(
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m slidemil.demo.render") -> None:
+    defaults = field_defaults(Demo)
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Generate a deterministic synthetic cohort of pyramidal H&E-like TIFF slides.",
@@ -560,31 +598,25 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m slidemil.demo
     parser.add_argument("--out", required=True, help="output directory (gets slides/ and samples.csv)")
     parser.add_argument("--n-patients", type=int, required=True)
     parser.add_argument("--seed", type=int, required=True)
-    parser.add_argument("--slide-px", type=int, nargs=2, default=(3072, 3072), metavar=("W", "H"))
-    parser.add_argument("--mpp", type=float, default=0.5, help="microns per pixel at level 0")
-    parser.add_argument("--objective-power", type=float, default=20)
-    parser.add_argument("--tumor-tile-fraction", type=float, nargs=2, default=(0.1, 0.3), metavar=("LO", "HI"))
-    parser.add_argument("--two-slide-fraction", type=float, default=0.3)
-    parser.add_argument("--positive-fraction", type=float, default=0.5)
+    parser.add_argument("--task", choices=TASKS,
+                        default=defaults["task"], help="what the sheet's target is (default %(default)s)")
+    parser.add_argument("--slide-px", type=int, nargs=2, default=defaults["slide_px"], metavar=("W", "H"))
+    parser.add_argument("--mpp", type=float, default=defaults["mpp"], help="microns per pixel at level 0")
+    parser.add_argument("--objective-power", type=float, default=defaults["objective_power"])
+    for name in ("tumor_tile_fraction", "lymphoid_tile_fraction"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=float, nargs=2, default=defaults[name],
+                            metavar=("LO", "HI"), help="share of tissue tiles (default %(default)s)")
+    for name in ("two_slide_fraction", "positive_fraction", "censored_fraction", "hazard_ratio", "score_noise"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=defaults[name],
+                            help="default %(default)s (see config/README.md, section demo)")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--log", default=None, help="log file (default: stderr)")
-    args = parser.parse_args(argv)
+    args = vars(parser.parse_args(argv))
 
     from slidemil.logs import setup_logging
 
-    setup_logging(args.log)
-    make_cohort(
-        args.out,
-        args.n_patients,
-        args.seed,
-        slide_px=tuple(args.slide_px),
-        mpp=args.mpp,
-        objective_power=args.objective_power,
-        tumor_tile_fraction=tuple(args.tumor_tile_fraction),
-        two_slide_fraction=args.two_slide_fraction,
-        positive_fraction=args.positive_fraction,
-        workers=args.workers,
-    )
+    setup_logging(args.pop("log"))
+    make_cohort(args.pop("out"), workers=args.pop("workers"), **args)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ JavaScript nor any file beside it; it links (relatively) to the CSV tables and
 the tiling QC pictures, which stay where the pipeline wrote them.
 
 Sections: summary of test AUCs; paired comparison of every model with the
-reference model; ROC curves; training curves; attention heatmaps; cohort
+reference model, and of every extractor with the first one under the same model;
+ROC curves; training curves; attention heatmaps; cohort
 (slides, patients, tiles, excluded slides); splits; tiling QC.
 
 The cohort facts come from the manifests (slidemil.cohort.manifest), never
@@ -43,14 +44,16 @@ from slidemil.files import write_csv, write_json, write_text
 from slidemil.names import base_model
 from slidemil.files.splits import read_splits, split_task
 from slidemil.report.endpoints import detect_task
-from slidemil.report.stats import compare_models, load_tests, plot_comparison, plot_history, write_summary
+from slidemil.report.stats import (compare_encoders, compare_models, load_tests, plot_comparison, plot_history,
+                                   write_summary)
 
 logger = logging.getLogger(__name__)
 
 # The page's share of the report section; the defaults are slidemil.config.Report's (one home).
 DEFAULTS = {k: v for k, v in field_defaults(Report).items() if k in ("n_bootstrap", "reference_model", "qc_examples")}
 QC_EMBED_PX = 420
-TABLE_LINKS = ("summary.csv", "per_fold.csv", "comparison.csv", "cohort.csv", "splits_summary.csv", "report.json")
+TABLE_LINKS = ("summary.csv", "per_fold.csv", "comparison.csv", "encoder_comparison.csv", "cohort.csv",
+               "splits_summary.csv", "report.json")
 
 
 # --------------------------------------------------------------------------- collecting
@@ -91,6 +94,7 @@ def _results(runs: list[dict], summary: pd.DataFrame, per_fold: pd.DataFrame, te
     elif len(pairs) > 1:
         notes.append(f"no comparison: the reference model {reference!r} is not among the trained models")
 
+    encoders, encoders_png = _encoder_comparison(tests, n_bootstrap, seed, out)
     figures = {"roc": [], "history": []}
     for extractor, model in pairs:
         if tests:  # other tasks draw their own figures instead of ROC curves
@@ -106,9 +110,22 @@ def _results(runs: list[dict], summary: pd.DataFrame, per_fold: pd.DataFrame, te
         "summary": _records(summary),
         "per_fold": _records(per_fold),
         "comparison": _records(comparison),
-        "figures": {**figures, "comparison": comparison_png},
+        "encoder_comparison": _records(encoders),
+        "figures": {**figures, "comparison": comparison_png, "encoder_comparison": encoders_png},
         "cohort": None, "splits": None, "heatmaps": [], "heatmap_notes": [], "qc": None, "notes": notes,
     }
+
+
+def _encoder_comparison(tests: dict, n_bootstrap: int, seed: int, out: Path) -> tuple[pd.DataFrame, str | None]:
+    """Each model's extractors against the first extractor of the runs (the first of ``features.extractors``), on the
+    same test patients; writes encoder_comparison.csv (empty with one extractor) and its figure."""
+    reference = next(iter(tests))[0] if tests else ""
+    table = compare_encoders(tests, reference, n_bootstrap, seed)
+    write_csv(out / "encoder_comparison.csv", table)
+    if not len(table):
+        return table, None
+    plot_comparison(table, out / "encoder_comparison.png")
+    return table, "encoder_comparison.png"
 
 
 def _endpoint(task, run_settings: dict | None):

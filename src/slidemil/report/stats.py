@@ -43,10 +43,13 @@ SUMMARY_COLUMNS = [
     "ci_low", "ci_high", "n_bootstrap_used",
     "accuracy_mean", "accuracy_std", "balanced_accuracy_mean", "balanced_accuracy_std",
 ]
-COMPARISON_COLUMNS = [
-    "extractor", "model", "reference", "fold", "n_test_patients", "auc_model", "auc_reference",
-    "auc_diff", "ci_low", "ci_high", "n_bootstrap_used",
+# One row of paired_auc_difference; a comparison table puts what it holds fixed, what it varies and the reference
+# (a model, or an extractor) in front.
+PAIRED_COLUMNS = [
+    "fold", "n_test_patients", "auc_model", "auc_reference", "auc_diff", "ci_low", "ci_high", "n_bootstrap_used",
 ]
+COMPARISON_COLUMNS = ["extractor", "model", "reference", *PAIRED_COLUMNS]
+ENCODER_COMPARISON_COLUMNS = ["model", "extractor", "reference", *PAIRED_COLUMNS]
 # Bootstrap AUCs are computed on this many replicates at a time so that the
 # (replicates x patients) rank matrices stay small for large cohorts.
 _BOOTSTRAP_CHUNK = 256
@@ -281,7 +284,7 @@ def paired_auc_difference(
     for fold in folds:
         both = model_folds[fold].merge(reference_folds[fold], on="patient_id", suffixes=("_model", "_ref"))
         if (both["label_model"] != both["label_ref"]).any():
-            raise ValueError(f"fold {fold}: the two models' prediction files give different labels "
+            raise ValueError(f"fold {fold}: the two runs' prediction files give different labels "
                              "for the same patient(s)")
         both = both.sort_values("patient_id").reset_index(drop=True)
         y = both["label_model"].to_numpy(int)
@@ -319,28 +322,50 @@ def paired_auc_difference(
     return rows + [mean_row] if rows else []
 
 
-def compare_models(
+def compare_runs(
     tests: dict[tuple[str, str], list[tuple[object, pd.DataFrame, float]]],
+    vary: str,
     reference: str,
     n_bootstrap: int,
     seed: int,
 ) -> pd.DataFrame:
-    """Every model against ``reference`` trained on the same extractor: :func:`paired_auc_difference` rows.
+    """Every run group against the one that differs from it only in ``vary`` ("model" or "extractor"),
+    where that name is ``reference``: :func:`paired_auc_difference` rows on the same test patients.
 
-    ``tests`` maps (extractor, model) to (fold, test predictions, AUC) items.
-    Each comparison starts its bootstrap from ``seed``, so its CI does not
-    depend on which other models are in the report.
+    ``tests`` maps (extractor, model) to (fold, test predictions, AUC) items. Each comparison starts its
+    bootstrap from ``seed``, so its CI does not depend on which other runs are in the report. Columns:
+    the name held fixed, the name varied, ``reference``, then :data:`PAIRED_COLUMNS`.
     """
+    if vary not in ("model", "extractor"):
+        raise ValueError(f"vary must be 'model' or 'extractor', got {vary!r}")
+    fixed = "extractor" if vary == "model" else "model"
     rows = []
-    for (extractor, model), folds in sorted(tests.items()):
-        ref = tests.get((extractor, reference))
-        if model == reference or ref is None:
+    for (extractor, model), folds in sorted(tests.items(), key=lambda item: _names(item[0], fixed, vary)):
+        names = {"extractor": extractor, "model": model}
+        ref = tests.get(tuple({**names, vary: reference}[k] for k in ("extractor", "model")))
+        if names[vary] == reference or ref is None:
             continue
         diff = paired_auc_difference({f: t for f, t, _ in folds}, {f: t for f, t, _ in ref}, n_bootstrap, seed)
-        rows += [{"extractor": extractor, "model": model, "reference": reference, **row} for row in diff]
-    frame = pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
+        rows += [{fixed: names[fixed], vary: names[vary], "reference": reference, **row} for row in diff]
+    frame = pd.DataFrame(rows, columns=[fixed, vary, "reference", *PAIRED_COLUMNS])
     frame["fold"] = frame["fold"].astype(str)
     return frame
+
+
+def _names(key: tuple[str, str], *order: str) -> tuple[str, ...]:
+    names = dict(zip(("extractor", "model"), key))
+    return tuple(names[k] for k in order)
+
+
+def compare_models(tests: dict, reference: str, n_bootstrap: int, seed: int) -> pd.DataFrame:
+    """Every model against ``reference`` trained on the same extractor (:data:`COMPARISON_COLUMNS`)."""
+    return compare_runs(tests, "model", reference, n_bootstrap, seed)
+
+
+def compare_encoders(tests: dict, reference: str, n_bootstrap: int, seed: int) -> pd.DataFrame:
+    """Every extractor against ``reference`` under the same model, for each model trained on two or more
+    extractors' features (:data:`ENCODER_COMPARISON_COLUMNS`; ``auc_model`` is the compared extractor's)."""
+    return compare_runs(tests, "extractor", reference, n_bootstrap, seed)
 
 
 # ---------------------------------------------------------------------------
@@ -412,8 +437,10 @@ def plot_history(folds: list[tuple[object, str | os.PathLike]], title: str, png:
 
 def plot_comparison(comparison: pd.DataFrame, png: str | os.PathLike, column: str = "auc_diff",
                     metric: str = "test AUC") -> None:
-    """Forest plot: each model's AUC (``metric``) difference to the reference, mean over folds (with CI) and per
-    fold."""
+    """Forest plot of a :func:`compare_runs` table (or another task's comparison): each row group's ``column``
+    (the ``metric`` difference) to its reference, mean over folds (with CI) and per fold; groups are labelled by
+    the table's first two columns (held fixed / varied)."""
+    fixed, varied = comparison.columns[:2]
     means = comparison[comparison["fold"] == "mean"].reset_index(drop=True)
     fig, ax = plt.subplots(figsize=(7, 1.3 + 0.4 * max(len(means), 1)), dpi=100)
     try:
@@ -423,14 +450,14 @@ def plot_comparison(comparison: pd.DataFrame, png: str | os.PathLike, column: st
                 ax.plot([row.ci_low, row.ci_high], [y, y], color="C0", lw=2)
             ax.plot([getattr(row, column)], [y], "D", color="C0", ms=7,
                     label="mean over folds, 95 % CI" if i == 0 else None)
-            folds = comparison[(comparison["extractor"] == row.extractor) & (comparison["model"] == row.model)
+            folds = comparison[(comparison[fixed] == row[fixed]) & (comparison[varied] == row[varied])
                                & (comparison["fold"] != "mean")]
             ax.plot(folds[column], [y] * len(folds), "o", color="C1", ms=4, alpha=0.8,
                     label="single folds" if i == 0 else None)
         ax.axvline(0, color="grey", ls="--", lw=1)
         ax.set_ylim(-0.6, max(len(means), 1) - 0.4)
         ax.set_yticks(range(len(means)))
-        ax.set_yticklabels([f"{r.extractor} / {r.model}" for r in means.itertuples()][::-1], fontsize=8)
+        ax.set_yticklabels([f"{a} / {b}" for a, b in zip(means[fixed], means[varied])][::-1], fontsize=8)
         ref = ", ".join(sorted(comparison["reference"].unique())) or "reference"
         ax.set_xlabel(f"{metric} difference to {ref} (paired bootstrap over patients)")
         if len(means):

@@ -1,0 +1,139 @@
+"""The report's encoder comparison (issue 22): each model's extractors against the first, checked against a
+direct paired bootstrap written here as a plain loop over replicates with sklearn's AUC."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from factories import shared_runs, test_rows
+from slidemil.report import page as report_page
+from slidemil.report import stats as report
+
+N_TEST, N_FOLDS, N_BOOT, SEED = 30, 2, 300, 4
+
+
+def direct_paired_bootstrap(candidate: list[pd.DataFrame], reference: list[pd.DataFrame], n_bootstrap: int,
+                            seed: int) -> dict:
+    """Per fold and mean: AUC difference and percentile CI, every replicate one draw of the shared (sorted)
+    test patients on which both are scored; replicates with one class skipped."""
+    cand = [c.set_index("patient_id").sort_index() for c in candidate]
+    ref = [r.set_index("patient_id").loc[c.index] for r, c in zip(reference, cand)]
+    y = cand[0]["label"].to_numpy()
+    rng = np.random.default_rng(seed)
+    replicates = []
+    for _ in range(n_bootstrap):
+        idx = rng.integers(0, len(y), size=len(y))
+        if y[idx].min() == y[idx].max():
+            continue
+        replicates.append([roc_auc_score(y[idx], c["prob"].to_numpy()[idx])
+                           - roc_auc_score(y[idx], r["prob"].to_numpy()[idx]) for c, r in zip(cand, ref)])
+    replicates = np.array(replicates)
+    out = {}
+    for k, (c, r) in enumerate(zip(cand, ref)):
+        diff = roc_auc_score(y, c["prob"]) - roc_auc_score(y, r["prob"])
+        out[str(k)] = (diff, *np.percentile(replicates[:, k], [2.5, 97.5]), len(replicates))
+    diffs = [out[str(k)][0] for k in range(len(cand))]
+    out["mean"] = (np.mean(diffs), *np.percentile(replicates.mean(axis=1), [2.5, 97.5]), len(replicates))
+    return out
+
+
+def _study(tmp_path, extractors: dict[str, float], models=("abmil", "abmil_gated")) -> list[dict]:
+    """Runs of every model on every extractor (signal per extractor), all folds on the same test patients."""
+    runs = []
+    for e, (extractor, signal) in enumerate(extractors.items()):
+        for m, model in enumerate(models):
+            # One seed for the patients and labels of all runs; the probabilities differ with the signal.
+            runs += shared_runs(tmp_path / f"{e}{m}", extractor, model, N_FOLDS, N_TEST, signal * (1 + 0.5 * m),
+                                seed=SEED)
+    return runs
+
+
+def _tests_of(runs, extractor, model) -> list[pd.DataFrame]:
+    return [test_rows(r)[["patient_id", "label", "prob"]] for r in runs
+            if (r["extractor"], r["model"]) == (extractor, model)]
+
+
+def test_encoder_comparison_equals_a_direct_paired_bootstrap(tmp_path):
+    runs = _study(tmp_path, {"resnet50_trunc": 0.6, "uni2_h": 2.5, "virchow2": 1.0})
+    runs += shared_runs(tmp_path / "x", "uni2_h", "transmil", N_FOLDS, N_TEST, 1.0, seed=SEED)
+    _, tests = report.load_tests(runs)
+    table = report.compare_encoders(tests, "resnet50_trunc", N_BOOT, SEED)
+
+    assert list(table.columns) == report.ENCODER_COMPARISON_COLUMNS
+    # transmil has one extractor only: nothing to compare; every other pair of model and extractor is there.
+    pairs = sorted(set(zip(table["model"], table["extractor"])))
+    assert pairs == [(m, e) for m in ("abmil", "abmil_gated") for e in ("uni2_h", "virchow2")]
+    assert set(table["reference"]) == {"resnet50_trunc"}
+    for (model, extractor), rows in table.groupby(["model", "extractor"]):
+        expected = direct_paired_bootstrap(_tests_of(runs, extractor, model), _tests_of(runs, "resnet50_trunc", model),
+                                           N_BOOT, SEED)
+        assert list(rows["fold"]) == ["0", "1", "mean"]
+        for row in rows.itertuples():
+            diff, low, high, used = expected[row.fold]
+            assert row.n_test_patients == N_TEST and row.n_bootstrap_used == used
+            assert (row.auc_diff, row.ci_low, row.ci_high) == pytest.approx((diff, low, high), abs=1e-12)
+    # The strong encoder is clearly better than the weak reference under both models.
+    means = table[(table["fold"] == "mean") & (table["extractor"] == "uni2_h")]
+    assert (means["ci_low"] > 0).all()
+
+
+def test_model_comparison_is_the_same_paired_bootstrap_with_roles_swapped(tmp_path):
+    """One implementation: comparing models on an extractor and encoders under a model give the same numbers
+    for the same pair of prediction sets."""
+    runs = _study(tmp_path, {"resnet50_trunc": 0.6, "uni2_h": 2.5})
+    _, tests = report.load_tests(runs)
+    # Rename so that uni2_h/abmil becomes a "model" of resnet50_trunc: the same two prediction sets.
+    as_models = {("resnet50_trunc", "abmil"): tests[("resnet50_trunc", "abmil")],
+                 ("resnet50_trunc", "uni"): tests[("uni2_h", "abmil")]}
+    by_model = report.compare_models(as_models, "abmil", N_BOOT, SEED)
+    by_encoder = report.compare_encoders(tests, "resnet50_trunc", N_BOOT, SEED)
+    by_encoder = by_encoder[by_encoder["model"] == "abmil"]
+    pd.testing.assert_frame_equal(by_model[report.PAIRED_COLUMNS].reset_index(drop=True),
+                                  by_encoder[report.PAIRED_COLUMNS].reset_index(drop=True))
+    with pytest.raises(ValueError, match="vary"):
+        report.compare_runs(tests, "fold", "0", N_BOOT, SEED)
+
+
+def _row(page: str, row_id: str) -> list[str]:
+    match = re.search(rf'<tr id="{re.escape(row_id)}"[^>]*>(.*?)</tr>', page)
+    assert match, f"no table row {row_id}"
+    return [re.sub("<[^>]+>", "", c) for c in re.findall(r"<td[^>]*>(.*?)</td>", match.group(1))]
+
+
+def test_report_page_shows_the_encoder_comparison(tmp_path):
+    # The first extractor of the runs (the workflow's order: features.extractors) is the reference.
+    runs = _study(tmp_path, {"uni2_h": 0.5, "resnet50_trunc": 2.0})
+    out = tmp_path / "report"
+    doc = report_page.build_report(runs, out, {"n_bootstrap": N_BOOT}, seed=SEED)
+
+    on_disk = json.loads((out / "report.json").read_text())["encoder_comparison"]
+    assert on_disk == doc["encoder_comparison"] and len(on_disk) == 2 * (N_FOLDS + 1)
+    csv = pd.read_csv(out / "encoder_comparison.csv", dtype={"fold": str})
+    assert list(csv.columns) == report.ENCODER_COMPARISON_COLUMNS and len(csv) == len(on_disk)
+    page = (out / "report.html").read_text()
+    assert "<a href='#encoders'>" in page and doc["figures"]["encoder_comparison"] == "encoder_comparison.png"
+    for model in ("abmil", "abmil_gated"):
+        expected = direct_paired_bootstrap(_tests_of(runs, "resnet50_trunc", model), _tests_of(runs, "uni2_h", model),
+                                           N_BOOT, SEED)
+        for row in (r for r in on_disk if r["model"] == model):
+            diff, low, high, _ = expected[row["fold"]]
+            assert row["reference"] == "uni2_h" and row["extractor"] == "resnet50_trunc"
+            assert (row["auc_diff"], row["ci_low"], row["ci_high"]) == pytest.approx((diff, low, high), abs=1e-12)
+            cells = _row(page, f"encoders-{model}-resnet50_trunc-{row['fold']}")
+            assert cells[6] == f"{diff:+.3f}" and cells[7] == f"{low:+.3f} – {high:+.3f}"
+
+
+def test_one_extractor_says_there_is_nothing_to_compare(tmp_path):
+    runs = _study(tmp_path, {"resnet50_trunc": 1.0})
+    out = tmp_path / "report"
+    doc = report_page.build_report(runs, out, {"n_bootstrap": 50}, seed=0)
+    assert doc["encoder_comparison"] == [] and doc["figures"]["encoder_comparison"] is None
+    assert list(pd.read_csv(out / "encoder_comparison.csv").columns) == report.ENCODER_COMPARISON_COLUMNS
+    assert not (out / "encoder_comparison.png").exists()
+    assert "One extractor: nothing to compare" in (out / "report.html").read_text()
