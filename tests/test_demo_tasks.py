@@ -157,3 +157,11 @@ def test_config_checks_the_demo_task_and_ranges():
         check_config({"demo": {"task": "survial"}})
     with pytest.raises(ConfigError, match="demo.lymphoid_tile_fraction"):
         check_config({"demo": {"lymphoid_tile_fraction": [0.2, 0.1]}})
+
+
+def test_the_demo_cohort_task_must_be_the_run_task():
+    with pytest.raises(ConfigError, match=r"^config: demo.task: makes a survival demo cohort, but task is binary;"):
+        check_config({"demo": {"task": "survival"}})
+    assert check_config({"task": "regression", "demo": {"task": "regression"}})["task"] == "regression"
+    # Your own sheet: the demo settings do not apply.
+    assert check_config({"task": "survival", "samples": "sheet.csv"})["demo"]["task"] == "binary"
