@@ -41,9 +41,10 @@ from slidemil.cohort import facts as cohort_mod
 from slidemil.cohort.manifest import read_manifest_table
 from slidemil.config import Report, field_defaults
 from slidemil.files import write_csv, write_json, write_text
-from slidemil.names import base_model
+from slidemil.names import BINARY, base_model
 from slidemil.files.splits import read_splits, split_task
 from slidemil.report.endpoints import detect_task
+from slidemil.tasks import make_task
 from slidemil.report.stats import (compare_encoders, compare_models, load_tests, plot_comparison, plot_history,
                                    write_summary)
 
@@ -126,6 +127,14 @@ def _encoder_comparison(tests: dict, n_bootstrap: int, seed: int, out: Path) -> 
         return table, None
     plot_comparison(table, out / "encoder_comparison.png")
     return table, "encoder_comparison.png"
+
+
+def _report_task(runs: list[dict], splits):
+    """The runs' task (None: binary), from splits.csv where the report has it, else from the predictions' columns."""
+    if splits is None:
+        return detect_task([r["predictions"] for r in runs])
+    name, class_names = split_task(read_splits(splits), splits)
+    return None if name == BINARY else make_task(name, class_names)
 
 
 def _endpoint(task, run_settings: dict | None):
@@ -259,8 +268,7 @@ def build_report(
     """
     cfg = {**DEFAULTS, **(settings or {})}
     out = Path(out_dir)
-    class_names = split_task(read_splits(splits), splits)[1] if splits is not None else None
-    task = detect_task([r["predictions"] for r in runs], class_names)
+    task = _report_task(runs, splits)
     manifests = {str(e): read_manifest_table(m) for e, m in (features or {}).items()}
     tile_table = read_manifest_table(tiles) if tiles is not None else None
     excluded = cohort_mod.excluded_from_manifests(list(manifests.values())) if manifests else None

@@ -83,17 +83,23 @@ def _check_runs(runs: list[dict]) -> None:
 
 
 def read_test_predictions(path: str | os.PathLike) -> pd.DataFrame:
-    """The test-partition rows of a predictions_patients.csv, one row per patient.
+    """The test-partition rows of a predictions_patients.csv, one row per patient (see read_fold_predictions)."""
+    return read_fold_predictions(path)[0]
+
+
+def read_fold_predictions(path: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(test, validation) rows of a predictions_patients.csv, one row per patient, the file read once.
 
     Raises ValueError when the file cannot yield a well-defined patient-level
     AUC (missing columns, repeated patients, non-binary labels, missing probs):
     a silently wrong AUC in a model comparison is worse than a failed report.
     """
     frame = pd.read_csv(path, dtype={"patient_id": str, "partition": str})
+    partition = frame["partition"].str.strip().str.lower() if "partition" in frame.columns else None
     missing = [c for c in PREDICTION_COLUMNS if c not in frame.columns]
     if missing:
         raise ValueError(f"{path}: missing column(s) {', '.join(missing)}")
-    test = frame.loc[frame["partition"].str.strip().str.lower() == "test"].copy()
+    test = frame.loc[partition == "test"].copy()
     problems = []
     duplicated = test["patient_id"][test["patient_id"].duplicated()].unique()
     if len(duplicated):
@@ -106,14 +112,12 @@ def read_test_predictions(path: str | os.PathLike) -> pd.DataFrame:
         raise ValueError(f"{path}: " + "; ".join(problems))
     test["label"] = test["label"].astype(int)
     test["prob"] = test["prob"].astype(float)
-    return test[["patient_id", "label", "prob"]].reset_index(drop=True)
+    return test[["patient_id", "label", "prob"]].reset_index(drop=True), frame.loc[partition == "val"]
 
 
-def fold_threshold_metrics(path: str | os.PathLike, test: pd.DataFrame) -> dict[str, float]:
-    """The fold's threshold, chosen on its validation patients (the ``val`` rows of the same
+def fold_threshold_metrics(val: pd.DataFrame, test: pd.DataFrame) -> dict[str, float]:
+    """The fold's threshold, chosen on its validation patients (the ``val`` rows of the fold's
     predictions_patients.csv), and the test patients' accuracy and balanced accuracy at it."""
-    frame = pd.read_csv(path, dtype={"patient_id": str, "partition": str})
-    val = frame.loc[frame["partition"].str.strip().str.lower() == "val"]
     threshold = validation_threshold(val["label"].astype(int), val["prob"].astype(float))
     metrics = binary_metrics(test["label"], test["prob"], threshold) if len(test) else \
         {"accuracy": math.nan, "balanced_accuracy": math.nan}
@@ -522,7 +526,7 @@ def load_tests(runs: list[dict]) -> tuple[pd.DataFrame, dict[tuple[str, str], li
     tests: dict[tuple[str, str], list[tuple[object, pd.DataFrame, float]]] = {}
     for run in runs:
         extractor, model, fold = str(run["extractor"]), str(run["model"]), run["fold"]
-        test = read_test_predictions(run["predictions"])
+        test, val = read_fold_predictions(run["predictions"])
         auc = fold_auc(test, label=f"{extractor}/{model} fold {fold}")
         per_fold_rows.append({
             "extractor": extractor,
@@ -532,7 +536,7 @@ def load_tests(runs: list[dict]) -> tuple[pd.DataFrame, dict[tuple[str, str], li
             "n_test_positive": int(test["label"].sum()),
             "test_auc": auc,
             "best_val_auc": best_val_auc(run.get("history")),
-            **fold_threshold_metrics(run["predictions"], test),
+            **fold_threshold_metrics(val, test),
         })
         tests.setdefault((extractor, model), []).append((fold, test, auc))
     per_fold = (
