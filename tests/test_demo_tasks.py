@@ -152,7 +152,7 @@ def test_survival_cohort_files_match_the_plan_and_a_slide_rendered_alone(tmp_pat
 
 def test_config_checks_the_demo_task_and_ranges():
     assert check_config({})["demo"]["task"] == "binary"
-    assert check_config({"demo": {"task": "survival"}})["demo"]["censored_fraction"] == 0.3
+    assert check_config({"task": "survival", "demo": {"task": "survival"}})["demo"]["censored_fraction"] == 0.3
     with pytest.raises(ConfigError, match="demo.task must be one of binary, multiclass, survival, regression, got .survial."):
         check_config({"demo": {"task": "survial"}})
     with pytest.raises(ConfigError, match="demo.lymphoid_tile_fraction"):

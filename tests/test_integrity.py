@@ -192,8 +192,8 @@ def _config(workdir, **edits) -> str:
     return "edited.yaml"
 
 
-def _dry_run(workdir, configfile="config.yaml") -> dict:
-    proc = snakemake_cli(workdir, "-n", "--cores", "2", configfile=configfile)
+def _dry_run(workdir, configfile="config.yaml", *args) -> dict:
+    proc = snakemake_cli(workdir, "-n", "--cores", "2", *args, configfile=configfile)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return job_counts(proc.stdout + proc.stderr)
 
@@ -254,9 +254,10 @@ def test_deleted_and_truncated_files_are_named_and_made_again(tiny_run):
     errors = [line for line in log.splitlines() if " ERROR " in line]
     assert len(errors) == 1 and f"{tiles.relative_to(tiny_run)}: tiles file damaged or truncated" in errors[0], log
     assert "removed it" in errors[0] and "Traceback" not in log and not tiles.exists()
-    counts = _dry_run(tiny_run, config)
+    # As the shipped profiles do (rerun-incomplete: true): a job cut short by the failure is redone.
+    counts = _dry_run(tiny_run, config, "--rerun-incomplete")
     assert counts["tile_slide"] == 1 and counts["report"] == 1 and counts["splits"] == 1
-    proc = snakemake_cli(tiny_run, "--cores", "2", configfile=config)
+    proc = snakemake_cli(tiny_run, "--cores", "2", "--rerun-incomplete", configfile=config)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with h5py.File(tiles) as f:
         assert len(f["coords"]) > 0
