@@ -162,19 +162,19 @@ def make_splits(
     usable = _usable_sheet(sheet, excluded)
     if fold_column and excluded and fold_column in sheet.columns:
         _check_predefined_folds_usable(sheet, usable, fold_column)
-    if endpoint is not None and endpoint.task != BINARY:
+    other_task = endpoint is not None and endpoint.task != BINARY
+    if other_task:
         if binarize or positive_class is not None:
             raise SplitError(f"binarize and positive_class make two classes; task {endpoint.task} takes neither")
         splits = _draw_task_splits(usable, endpoint, folds, test_fraction, seed, test_column, fold_column)
         splits = _with_excluded(splits, sheet, excluded, endpoint)
-        check_splits(splits)
-        _check_folds_usable(splits, excluded or {}, bool(test_column or fold_column or test_fraction > 0))
-        return splits.assign(task=endpoint.task)
-    splits = _draw_splits(usable, folds, test_fraction, seed, test_column, binarize, positive_class, fold_column)
-    splits = _with_excluded(splits, sheet, excluded)
+    else:
+        splits = _draw_splits(usable, folds, test_fraction, seed, test_column, binarize, positive_class, fold_column)
+        splits = _with_excluded(splits, sheet, excluded)
     check_splits(splits)
     _check_folds_usable(splits, excluded or {}, bool(test_column or fold_column or test_fraction > 0))
-    return splits
+    # Binary splits.csv stays as it was (no task column): files of earlier runs read the same.
+    return splits.assign(task=endpoint.task) if other_task else splits
 
 
 def _check_predefined_folds_usable(sheet: pd.DataFrame, usable: pd.DataFrame, column: str) -> None:
