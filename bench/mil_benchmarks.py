@@ -335,6 +335,8 @@ def _parse(argv) -> argparse.Namespace:
     ap.add_argument("--references", default=str(REFERENCES.relative_to(ROOT)),
                     help="CSV of published numbers (name, metric, dataset, mean, se, model)")
     ap.add_argument("--repetitions", type=int, default=5)
+    ap.add_argument("--first-repetition", type=int, default=0,
+                    help="start at this repetition (the rest of a run whose first ones are done)")
     ap.add_argument("--max-folds", type=int, default=10, help="folds per repetition (fewer: a timing run)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--precision", choices=TRAIN_PRECISIONS, default=None, help="overrides training.precision")
@@ -366,6 +368,7 @@ def _command(args) -> str:
             + (f" --training {_quoted(args.training)}" if args.training else "")
             + (f" --settings {_quoted(args.settings)}" if args.settings else "")
             + f" --repetitions {args.repetitions} --jobs {args.jobs}"
+            + (f" --first-repetition {args.first_repetition}" if args.first_repetition else "")
             + (f" --max-folds {args.max_folds}" if args.max_folds != 10 else "")
             + (f" --seed {args.seed}" if args.seed else "")
             + (f" --precision {args.precision}" if args.precision else "")
@@ -376,7 +379,8 @@ def _command(args) -> str:
 def run_all(args, training: dict, settings: dict, folds_csv: Path, meta_json: Path) -> tuple[pd.DataFrame, dict]:
     # Repetition by repetition over all datasets, so an interrupted run still covers every dataset.
     tasks = [(p, tuple(args.models), r, k, args.seed, training, settings)
-             for r in range(args.repetitions) for p in args.paths for k in range(args.max_folds)]
+             for r in range(args.first_repetition, args.repetitions)
+             for p in args.paths for k in range(args.max_folds)]
     started = time.monotonic()
     base_meta = {"jobs": args.jobs, "command": _command(args), "preset": args.preset, "seed": args.seed,
                  "overrides": {k: v for k, v in (("training", args.training), ("settings", args.settings)) if v},

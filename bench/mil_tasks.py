@@ -111,10 +111,12 @@ def baseline(task, bags: dict, split: pd.DataFrame) -> dict:
 
 
 def run(task_name: str, bags: dict, sheet: pd.DataFrame, models: list[str], repetitions: int,
-        seed: int) -> pd.DataFrame:
+        seed: int, first_repetition: int = 0) -> pd.DataFrame:
     strata = (sheet["label"] if task_name == "multiclass" else pd.qcut(sheet["label"], 4, labels=False)).to_numpy()
     rows = []
     for repetition, fold, splits in fold_splits(sheet, task_name, strata, repetitions, seed):
+        if repetition < first_repetition:  # drawn all the same, so later repetitions get their own folds
+            continue
         name, classes = split_task(splits)
         split = splits.rename(columns={f"fold_{fold}": "partition"})[["slide_id", "patient_id", "label", "partition"]]
         rows.append({"model": BASELINE, "repetition": repetition, "fold": fold, "seconds": 0.0,
@@ -154,6 +156,8 @@ def main(argv=None) -> None:
     ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "mil"))
     ap.add_argument("--models", nargs="+", default=["abmil", "meanpool", "mhim_abmil"])
     ap.add_argument("--repetitions", type=int, default=2)
+    ap.add_argument("--first-repetition", type=int, default=0,
+                    help="start at this repetition (the rest of a run whose first ones are done)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="write the Markdown table here too")
     ap.add_argument("--folds-csv", help="write every fold's metrics here")
@@ -166,7 +170,7 @@ def main(argv=None) -> None:
     else:
         bags, sheet = planted_regression(seed=args.seed)
         metrics = ["pearson_r", "r2", "mae"]
-    folds = run(args.task, bags, sheet, args.models, args.repetitions, args.seed)
+    folds = run(args.task, bags, sheet, args.models, args.repetitions, args.seed, args.first_repetition)
     text = (f"{args.task}: {len(sheet)} bags, {args.repetitions} x 5-fold stratified CV, mean ± s.e. over folds, "
             f"{time.monotonic() - started:.0f} s\n\n" + table(folds, metrics))
     print(text)

@@ -40,11 +40,11 @@ ENCODER_CARDS = {
                             "CC-BY-NC-ND-4.0"),
     "h_optimus_0": EncoderCard(224, 0.5, 1536, _HF + "bioptimus/H-optimus-0", "pytorch_model.bin", "Apache-2.0"),
     "h_optimus_1": EncoderCard(224, 0.5, 1536, _HF + "bioptimus/H-optimus-1", "pytorch_model.bin",
-                               "Bioptimus, academic research only"),
+                               "gated; Bioptimus terms on the card"),
     "gigapath": EncoderCard(224, 0.5, 1536, _HF + "prov-gigapath/prov-gigapath", "pytorch_model.bin",
                             "Apache-2.0 (gated, research use)"),
     "phikon_v2": EncoderCard(224, 0.5, 1024, _HF + "owkin/phikon-v2", "model.safetensors",
-                             "Owkin non-commercial"),
+                             "Owkin non-commercial licence (LICENSE.pdf on the card)"),
     # Natural-image DINOv2 (LVD-142M), small enough for CPUs: a baseline, and the encoder tests run for real.
     "dinov2_vits14": EncoderCard(224, 0.5, 384, _HF + "timm/vit_small_patch14_dinov2.lvd142m", "model.safetensors",
                                  "Apache-2.0"),
