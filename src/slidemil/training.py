@@ -1,4 +1,4 @@
-"""What every stage that trains a classifier shares: tile subsets, class weights, the weighted loss,
+"""What every stage that trains a network shares: tile subsets, class weights, the weighted loss,
 patient-level metrics, the optimiser step and the epoch loop with early stopping.
 
 MIL training (``slidemil.mil.train``), the tile-supervised baseline (``slidemil.pretrain.tile_supervised``),

@@ -238,6 +238,7 @@ def main(argv=None, prog: str = "python -m slidemil.features.extract") -> None:
                            precision=settings["precision"], threads=args.threads, torch_compile=args.compile,
                            scaled_decode=settings["scaled_decode"], options=args.timm))
 
+
 if __name__ == "__main__":
     from slidemil.errors import USER_ERRORS, command_line_message
 
