@@ -12,6 +12,7 @@ import torch
 
 from slidemil.features.byof import FeatureFileError, import_features, load_mil_npz, npz_to_cohort
 from slidemil.cohort.splits import SplitError, fold_columns, make_splits, validation_fraction
+from slidemil.config import Splits
 from slidemil.files.splits import read_fold
 from slidemil.mil.train import load_bags
 from factories import SHARED_DATA, snakemake_cli
@@ -231,7 +232,7 @@ def _fold_sheet(n_patients=40, n_folds=5, seed=0):
 @pytest.mark.parametrize("n_folds", [3, 10])
 def test_fold_column_test_is_the_predefined_fold(n_folds):
     sheet = _fold_sheet(60, n_folds)
-    splits = make_splits(sheet, fold_column="fold", seed=4, test_fraction=0.25)
+    splits = make_splits(sheet, Splits(fold_column="fold", test_fraction=0.25), seed=4)
     assert fold_columns(splits) == [f"fold_{k}" for k in range(n_folds)]
     patients = splits.drop_duplicates("patient_id").merge(sheet.drop_duplicates("patient_id")[["patient_id", "fold"]])
     for k, col in enumerate(fold_columns(splits)):
@@ -242,15 +243,15 @@ def test_fold_column_test_is_the_predefined_fold(n_folds):
         assert set(rest[col]) == {"train", "val"}
         assert len(val) == int(np.ceil(validation_fraction(n_folds) * len(rest)))
         assert abs(val["label"].mean() - rest["label"].mean()) < 0.15                   # stratified
-    again = make_splits(sheet, fold_column="fold", seed=4)
-    other = make_splits(sheet, fold_column="fold", seed=5)
+    again = make_splits(sheet, Splits(fold_column="fold"), seed=4)
+    other = make_splits(sheet, Splits(fold_column="fold"), seed=5)
     pd.testing.assert_frame_equal(splits, again)
     assert not splits.equals(other)
 
 
 def test_fold_column_feeds_training_split(tmp_path):
     sheet = _fold_sheet(30, 3)
-    make_splits(sheet, fold_column="fold").to_csv(tmp_path / "splits.csv", index=False)
+    make_splits(sheet, Splits(fold_column="fold")).to_csv(tmp_path / "splits.csv", index=False)
     for k in range(3):
         split = read_fold(tmp_path / "splits.csv", k)
         test = set(split.loc[split["partition"] == "test", "slide_id"])
@@ -266,9 +267,9 @@ def test_fold_column_feeds_training_split(tmp_path):
 def test_fold_column_errors(change, message):
     sheet = _fold_sheet(30, 3)
     with pytest.raises(SplitError, match=message):
-        make_splits(change(sheet), fold_column="fold")
+        make_splits(change(sheet), Splits(fold_column="fold"))
     with pytest.raises(SplitError, match="cannot be combined"):
-        make_splits(sheet, fold_column="fold", binarize="median")
+        make_splits(sheet, Splits(fold_column="fold", binarize="median"))
 
 
 # --------------------------------------------------------------------------- end to end

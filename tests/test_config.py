@@ -178,6 +178,44 @@ def test_stage_defaults_are_the_configs():
     assert train.resolve_training({"weight_decay": 0})["weight_decay"] == 0.0
 
 
+def features_cli_call(monkeypatch, argv: list[str]) -> dict:
+    """What `slidemil features ARGV` hands extract_features, by name."""
+    from slidemil.features import extract
+
+    calls = []
+    monkeypatch.setattr(extract, "extract_features", lambda slide, tiles, out, **kw: calls.append(kw))
+    monkeypatch.setattr(extract, "setup_logging", lambda: None)
+    extract.main(["slide.svs", "--tiles", "t.h5", "--out", "f.h5", *argv])
+    return calls[0]
+
+
+def test_features_cli_defaults_are_the_configs(monkeypatch, capsys):
+    default = cfg.defaults()
+    extractor = default["features"]["extractors"][0]
+    call = features_cli_call(monkeypatch, [])
+    assert call["extractor"] == extractor
+    settings = {**cfg.field_defaults(cfg.ExtractorSettings), **default["features"]["settings"][extractor]}
+    for name in ("weights", "input_px", "dtype", "precision", "scaled_decode"):
+        assert call[name] == settings[name], name
+    assert call["seed"] == default["seed"]
+    compute = default["compute"]
+    assert (call["device"], call["batch_size"], call["workers"], call["torch_compile"]) == (
+        compute["device"], compute["batch_size"], compute["loader_workers"], compute["torch_compile"])
+
+    # Another extractor gets its own settings from the config; the command line overrides any of them.
+    call = features_cli_call(monkeypatch, ["--extractor", "shufflenet_simclr", "--no-scaled-decode", "--dtype",
+                                           "float16", "--workers", "0"])
+    simclr = default["features"]["settings"]["shufflenet_simclr"]
+    assert (call["weights"], call["input_px"]) == (simclr["weights"], simclr["input_px"])
+    assert (call["scaled_decode"], call["dtype"], call["workers"]) == (False, "float16", 0)
+
+    # An extractor config/config.yaml does not list has no settings to default to: one usage line.
+    with pytest.raises(SystemExit) as exit_:
+        features_cli_call(monkeypatch, ["--extractor", "uni", "--input-px", "224", "--dtype", "float32"])
+    assert exit_.value.code == 2
+    assert "--weights is required for --extractor uni" in capsys.readouterr().err
+
+
 def test_the_dag_imports_neither_torch_nor_opencv():
     code = "import sys, slidemil.config, slidemil.names; print(any(m in sys.modules for m in ('torch', 'cv2')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

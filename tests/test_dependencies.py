@@ -4,13 +4,17 @@ Imports are read with `ast` (the .smk files line by line); each top-level third-
 the distribution that provides it, through the installed distributions' metadata where it is installed and
 the table below where it is not, and must be in pyproject.toml's dependencies (the tests: or its dev
 extra). workflow/envs/slidemil.yaml, the environment the jobs run in under `--software-deployment-method
-conda`, lists the same requirements as pyproject.toml except Snakemake itself, which runs outside it.
+conda`, lists the same requirements as pyproject.toml except Snakemake itself, which runs outside it, and
+installs the slidemil package from the checkout.
 """
 
 import ast
 import functools
 import importlib.metadata
+import json
+import os
 import re
+import subprocess
 import sys
 
 import pytest
@@ -145,12 +149,44 @@ def test_an_undeclared_import_is_found(tmp_path):
     assert undeclared({"cv2": {"stage.py"}}, {"opencv-python-headless"}) == []
 
 
-def test_job_environment_lists_the_same_requirements():
+PACKAGE_LINE = "-e ${SLIDEMIL_SOURCE}"  # workflow/Snakefile sets SLIDEMIL_SOURCE to the checkout
+
+
+def job_environment_pip() -> list[str]:
     env = yaml.safe_load((ROOT / "workflow" / "envs" / "slidemil.yaml").read_text())
-    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
+    return next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
+
+
+def test_job_environment_lists_the_same_requirements():
+    pip = [r for r in job_environment_pip() if r != PACKAGE_LINE]
     in_env = {requirement_name(r): re.sub(r"\s+", "", r) for r in pip}
     in_project = {requirement_name(r): re.sub(r"\s+", "", r) for r in pyproject()["project"]["dependencies"]}
     for name in NOT_IN_JOB_ENV:
         in_project.pop(name)
     # Same names and the same version bounds.
     assert in_env == in_project
+
+
+def test_job_environment_installs_the_package_from_the_checkout(tmp_path):
+    """The env's one package line, resolved as conda resolves it: Snakemake hands conda a copy of the env file in
+    .snakemake/conda/, conda writes the pip lines to a requirements file there and runs pip in that folder. So
+    a relative path would name the working directory, not the checkout; ${SLIDEMIL_SOURCE} names the checkout."""
+    pip = job_environment_pip()
+    assert [r for r in pip if "slidemil" in r.lower()] == [PACKAGE_LINE]
+    assert "SLIDEMIL_SOURCE" in (ROOT / "workflow" / "Snakefile").read_text()
+    conda_dir = tmp_path / "work" / ".snakemake" / "conda"
+    conda_dir.mkdir(parents=True)
+    (conda_dir / "condaenv.abc.requirements.txt").write_text(PACKAGE_LINE + "\n")
+    report = tmp_path / "report.json"
+    # A dry run resolves and builds the metadata only; nothing is installed, nothing is fetched.
+    cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "--no-index", "--no-build-isolation",
+           "--quiet", "--report", str(report), "-r", "condaenv.abc.requirements.txt"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    proc = subprocess.run(cmd, cwd=conda_dir, env=dict(env, SLIDEMIL_SOURCE=str(ROOT)), capture_output=True,
+                          text=True, timeout=300)
+    if proc.returncode and "No module named pip" in proc.stderr:
+        pytest.skip("pip is not installed in this interpreter")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (installed,) = json.loads(report.read_text())["install"]
+    assert installed["metadata"]["name"] == "slidemil"
+    assert installed["download_info"] == {"url": ROOT.as_uri(), "dir_info": {"editable": True}}

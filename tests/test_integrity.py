@@ -18,6 +18,7 @@ from factories import job_counts, make_tiny_cohort, snakemake_cli, TINY_SHEET_CO
 
 from slidemil.cohort.manifest import feature_manifest, tile_manifest
 from slidemil.cohort.splits import make_splits, unusable_slides
+from slidemil.config import Splits
 from slidemil.errors import CorruptFileError, FeatureFileError, SplitError
 from slidemil.files.features import map_features, read_features, read_features_attrs, write_features
 from slidemil.files.splits import fold_columns, read_fold
@@ -41,7 +42,7 @@ def _cohort_of_ten():
 @pytest.mark.parametrize("seed", range(6))
 def test_unusable_slides_take_no_place_in_any_fold(seed):
     sheet, excluded = _cohort_of_ten()
-    splits = make_splits(sheet, folds=2, test_fraction=0.25, seed=seed, excluded=excluded)
+    splits = make_splits(sheet, Splits(folds=2, test_fraction=0.25), seed=seed, excluded=excluded)
     rows = splits.set_index("slide_id")
     for column in fold_columns(splits):
         assert (rows.loc[list(excluded), column] == "excluded").all()
@@ -56,7 +57,7 @@ def test_unusable_slides_take_no_place_in_any_fold(seed):
 def test_a_patients_unusable_slide_is_excluded_while_its_other_slide_is_used():
     sheet, _ = _cohort_of_ten()
     extra = pd.DataFrame([{"slide_id": "S1-b", "patient_id": "P1", "path": "x", "label": 1}])
-    splits = make_splits(pd.concat([sheet, extra]), folds=2, test_fraction=0.25, seed=0,
+    splits = make_splits(pd.concat([sheet, extra]), Splits(folds=2, test_fraction=0.25), seed=0,
                          excluded={"S1-b": "no tissue tiles"})
     rows = splits.set_index("slide_id")
     assert (rows.loc["S1-b", fold_columns(splits)] == "excluded").all()
@@ -67,7 +68,7 @@ def test_a_patients_unusable_slide_is_excluded_while_its_other_slide_is_used():
 def test_no_usable_slide_is_one_line():
     sheet, _ = _cohort_of_ten()
     with pytest.raises(SplitError) as err:
-        make_splits(sheet, folds=2, excluded={s: "no tissue tiles" for s in sheet["slide_id"]})
+        make_splits(sheet, Splits(folds=2), excluded={s: "no tissue tiles" for s in sheet["slide_id"]})
     assert str(err.value).startswith("no usable slide: all 10 slides") and "\n" not in str(err.value)
 
 
@@ -75,7 +76,7 @@ def test_an_empty_test_set_after_exclusion_is_one_line():
     sheet, excluded = _cohort_of_ten()
     sheet["is_test"] = sheet["slide_id"].isin(["S0", "S3"])
     with pytest.raises(SplitError, match=r"^no usable slide in the test set of fold 0: 3 slide\(s\) are excluded"):
-        make_splits(sheet, folds=2, test_column="is_test", excluded=excluded)
+        make_splits(sheet, Splits(folds=2, test_column="is_test"), excluded=excluded)
 
 
 def test_predefined_folds_leave_unusable_slides_out():
@@ -83,13 +84,13 @@ def test_predefined_folds_leave_unusable_slides_out():
     sheet = pd.DataFrame({"slide_id": [f"S{i}" for i in range(24)], "patient_id": [f"P{i}" for i in range(24)],
                           "path": "x", "label": labels, "fold": [i % 3 for i in range(24)]})
     excluded = {"S0": "no tissue tiles", "S4": "unreadable"}
-    splits = make_splits(sheet, fold_column="fold", excluded=excluded)
+    splits = make_splits(sheet, Splits(fold_column="fold"), excluded=excluded)
     rows = splits.set_index("slide_id")
     assert (rows.loc[list(excluded), fold_columns(splits)] == "excluded").all().all()
     assert (rows.loc["S3", "fold_0"], rows.loc["S1", "fold_1"]) == ("test", "test")
     every_fold_2 = {f"S{i}": "no mpp" for i in range(2, 24, 3)}
     with pytest.raises(SplitError, match=r"^no usable slide in the test set of fold 2: its 8 slide\(s\) in 'fold'"):
-        make_splits(sheet, fold_column="fold", excluded=every_fold_2)
+        make_splits(sheet, Splits(fold_column="fold"), excluded=every_fold_2)
 
 
 def test_unusable_slides_read_from_a_tile_manifest(tmp_path):

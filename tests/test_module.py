@@ -12,6 +12,7 @@ wrapper's config is complete: config/config.yaml with the tiny settings on top.
 """
 
 import copy
+import os
 import subprocess
 import sys
 
@@ -58,10 +59,10 @@ def deep_update(base: dict, extra: dict) -> dict:
     return out
 
 
-def snakemake(workdir, *args, timeout=900):
+def snakemake(workdir, *args, timeout=900, env=None):
     # No -s: Snakemake finds the wrapper's workflow/Snakefile, as it would for a user.
     cmd = [sys.executable, "-m", "snakemake", *args]
-    return subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def test_workflow_runs_as_a_module_of_another_workflow(tmp_path):
@@ -97,3 +98,39 @@ def test_workflow_runs_as_a_module_of_another_workflow(tmp_path):
     assert (wrapper / "collected.txt").read_text().strip() == "slidemil_out/report/report.html"
     proc = snakemake(wrapper, "-n", "--cores", "1")
     assert proc.returncode == 0 and "Nothing to be done" in proc.stdout + proc.stderr, proc.stderr[-3000:]
+
+
+# A `run:` rule runs inside the Snakemake process, so it sees the environment conda would be created with.
+SOURCE_RULE = """
+import os
+
+
+rule source:
+    output:
+        "source.txt",
+    run:
+        with open(output[0], "w") as out:
+            out.write(os.environ.get("SLIDEMIL_SOURCE", "unset"))
+"""
+
+
+def test_the_jobs_conda_environment_installs_the_module_checkout(tmp_path):
+    """envs/slidemil.yaml installs `-e ${SLIDEMIL_SOURCE}`; loaded as a module, the workflow sets it to its own
+    checkout (not the wrapper's folder, where Snakemake runs conda), and a value the user set is kept."""
+    wrapper = tmp_path / "analysis"
+    (wrapper / "workflow").mkdir(parents=True)
+    (wrapper / "workflow" / "Snakefile").write_text(
+        WRAPPER.format(snakefile=ROOT / "workflow" / "Snakefile") + SOURCE_RULE)
+    (wrapper / "config").mkdir()
+    (wrapper / "config" / "config.yaml").write_text("results: slidemil_out\n")  # the rest from the defaults
+    env = {k: v for k, v in os.environ.items() if k != "SLIDEMIL_SOURCE"}
+
+    proc = snakemake(wrapper, "--cores", "1", "source", env=env)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    source = (wrapper / "source.txt").read_text()
+    assert source == str(ROOT) and (ROOT / "pyproject.toml").is_file()
+
+    (wrapper / "source.txt").unlink()
+    proc = snakemake(wrapper, "--cores", "1", "source", env=dict(env, SLIDEMIL_SOURCE="/opt/slidemil"))
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert (wrapper / "source.txt").read_text() == "/opt/slidemil"

@@ -79,3 +79,48 @@ def test_every_stage_follows_the_policy(monkeypatch):
     monkeypatch.setattr(train, "resolve_precision", lambda *a, **k: asked.append(k.get("need")) or Precision("fp32", None))
     train.Data({}, {}, make_task(), CPU)
     assert asked == ["training"]
+
+
+def fake_gpu(monkeypatch, capability, hip=None, supported=None):
+    """A GPU as PyTorch's capability queries would describe it (no GPU needed). ``supported``: what
+    torch.cuda.is_bf16_supported answers; by default torch's own rule (native from 8.0, else emulated)."""
+    from slidemil import runtime
+
+    def is_bf16_supported(including_emulation=True):
+        if supported is not None:
+            return supported
+        return capability[0] >= 8 or including_emulation
+
+    monkeypatch.setattr(runtime.torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(runtime.torch.cuda, "is_bf16_supported", is_bf16_supported)
+    monkeypatch.setattr(runtime.torch.version, "hip", hip)
+    return is_bf16_supported
+
+
+@pytest.mark.parametrize("capability", [(6, 0), (6, 1), (7, 0), (7, 5)])  # P100, GTX 10xx, V100, T4
+def test_auto_training_on_pre_ampere_gpus_is_fp16_with_a_scaler(monkeypatch, capability):
+    is_bf16_supported = fake_gpu(monkeypatch, capability)
+    assert is_bf16_supported()  # PyTorch's default answer counts emulated bf16 ...
+    assert not is_bf16_supported(including_emulation=False)  # ... which these GPUs only have
+    assert resolve_precision(CUDA, "auto", "training") == Precision("fp16", torch.float16, scaler=True)
+    assert resolve_precision(CUDA, "auto", "inference") == Precision("fp16", torch.float16, scaler=False)
+
+
+@pytest.mark.parametrize("capability", [(8, 0), (8, 6), (8, 9), (9, 0)])  # A100, RTX 30xx, L4, H100
+def test_auto_training_on_ampere_and_later_is_bf16(monkeypatch, capability):
+    fake_gpu(monkeypatch, capability)
+    assert resolve_precision(CUDA, "auto", "training") == Precision("bf16", torch.bfloat16, scaler=False)
+
+
+@pytest.mark.parametrize("capability, hip, supported", [
+    ((8, 0), None, False),   # PyTorch says no bf16 whatever the capability: auto believes it
+    ((9, 0), "6.0", False),  # ROCm: PyTorch's answer decides (capabilities are not CUDA's)
+])
+def test_auto_never_picks_bf16_where_pytorch_says_unsupported(monkeypatch, capability, hip, supported):
+    fake_gpu(monkeypatch, capability, hip, supported)
+    assert resolve_precision(CUDA, "auto", "training") == Precision("fp16", torch.float16, scaler=True)
+
+
+def test_rocm_with_bf16_trains_in_bf16(monkeypatch):
+    fake_gpu(monkeypatch, (9, 0), hip="6.0", supported=True)
+    assert resolve_precision(CUDA, "auto", "training").name == "bf16"

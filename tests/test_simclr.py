@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
+from slidemil import training
 from slidemil.pretrain import simclr, tilepool
 from slidemil.demo.render import make_slide
 from slidemil.features.extractors import create_extractor
@@ -127,6 +128,23 @@ def test_resume_equals_uninterrupted_run(cohort, tmp_path):
                                   pd.read_csv(tmp_path / "straight" / "loss.csv"))
     # Other settings: the checkpoint is not continued.
     assert run(cohort, tmp_path / "resumed", epochs=2, temperature=0.2)["first_epoch"] == 1
+
+
+def test_simclr_trains_through_the_shared_loop(cohort, tmp_path, monkeypatch):
+    """MIL, tile-supervised and SimCLR share slidemil.training.fit_epochs: SimCLR's without validation, resumed
+    after its checkpoint, checkpointing after each epoch."""
+    loops = []
+
+    def recording(model, loop, use_auc):
+        loops.append(loop)
+        return training.fit_epochs(model, loop, use_auc)
+
+    monkeypatch.setattr(simclr, "fit_epochs", recording)
+    run(cohort, tmp_path / "out", epochs=1)
+    summary = run(cohort, tmp_path / "out", epochs=2)
+    assert [(loop.validate, loop.first_epoch, loop.epochs) for loop in loops] == [(None, 1, 1), (None, 2, 2)]
+    assert summary["first_epoch"] == 2
+    assert torch.load(tmp_path / "out" / simclr.CHECKPOINT, weights_only=True)["epoch"] == 2
 
 
 def test_a_few_epochs_lower_the_loss_with_weak_views(cohort, tmp_path):

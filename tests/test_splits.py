@@ -3,6 +3,7 @@ import pandas as pd
 import pytest
 
 from slidemil.cohort.splits import SplitError, binary_labels, check_splits, fold_columns, make_splits
+from slidemil.config import Splits
 
 
 def _sheet(n_patients=40, seed=0, continuous=False):
@@ -16,7 +17,7 @@ def _sheet(n_patients=40, seed=0, continuous=False):
 
 
 def test_no_patient_in_two_partitions_and_test_set_fixed():
-    splits = make_splits(_sheet(), folds=5, test_fraction=0.25, seed=3)
+    splits = make_splits(_sheet(), Splits(folds=5, test_fraction=0.25), seed=3)
     cols = fold_columns(splits)
     assert cols == [f"fold_{k}" for k in range(5)]
     for col in cols:
@@ -31,7 +32,7 @@ def test_no_patient_in_two_partitions_and_test_set_fixed():
 
 
 def test_stratified_by_label():
-    splits = make_splits(_sheet(60), folds=3, seed=0)
+    splits = make_splits(_sheet(60), Splits(folds=3), seed=0)
     patients = splits.drop_duplicates("patient_id")
     overall = patients["label"].mean()
     for col in fold_columns(splits):
@@ -61,18 +62,18 @@ def test_test_column():
     sheet = _sheet()
     test_patients = sheet["patient_id"].unique()[:6]
     sheet["is_test"] = sheet["patient_id"].isin(test_patients).map({True: "yes", False: "no"})
-    splits = make_splits(sheet, test_column="is_test", folds=3)
+    splits = make_splits(sheet, Splits(test_column="is_test", folds=3))
     assert set(splits.loc[splits["fold_0"] == "test", "patient_id"]) == set(test_patients)
     sheet.loc[sheet.index[sheet["patient_id"] == test_patients[0]][:1], "is_test"] = "no"
     if (sheet["patient_id"] == test_patients[0]).sum() > 1:
         with pytest.raises(SplitError, match="both in and out"):
-            make_splits(sheet, test_column="is_test", folds=3)
+            make_splits(sheet, Splits(test_column="is_test", folds=3))
 
 
 @pytest.mark.parametrize("how", ["median", "tertiles"])
 def test_binarize_uses_non_test_quantiles(how):
     sheet = _sheet(60, continuous=True)
-    splits = make_splits(sheet, binarize=how, folds=3, seed=0)
+    splits = make_splits(sheet, Splits(binarize=how, folds=3), seed=0)
     patients = splits.drop_duplicates("patient_id")
     dev = patients[patients["fold_0"].isin(["train", "val"]) | (patients["fold_0"] == "excluded")]
     ref = dev["label_value"]
@@ -98,4 +99,4 @@ def test_labels():
 
 def test_too_few_patients():
     with pytest.raises(SplitError, match="at least 5"):
-        make_splits(_sheet(8), folds=5)
+        make_splits(_sheet(8), Splits(folds=5))

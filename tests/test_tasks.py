@@ -12,7 +12,7 @@ from sklearn.metrics import r2_score, roc_auc_score
 
 from slidemil.cohort.sheet import Endpoint, check_sheet
 from slidemil.cohort.splits import make_splits
-from slidemil.config import ConfigError, check_config
+from slidemil.config import ConfigError, Splits, check_config
 from slidemil.errors import SplitError
 from slidemil.files.checkpoint import read_checkpoint
 from slidemil.files.splits import read_fold, split_task
@@ -121,7 +121,7 @@ def test_every_model_gives_the_tasks_head_whatever_the_padding(model, task_name)
 def _split(task_name: str, n_patients: int = 24, seed: int = 0):
     bags, sheet = task_cohort(task_name, n_patients, seed)
     endpoint = Endpoint(task_name, 3)
-    splits = make_splits(sheet.assign(path="x"), folds=3, seed=0, test_fraction=0.25,
+    splits = make_splits(sheet.assign(path="x"), Splits(folds=3, test_fraction=0.25), seed=0,
                          endpoint=endpoint if task_name != "binary" else None)
     split = splits.rename(columns={"fold_0": "partition"})
     columns = ["slide_id", "patient_id", "label", "partition"] + (["time"] if task_name == "survival" else [])
@@ -174,7 +174,7 @@ def test_train_fold_records_the_task_in_checkpoint_history_and_predictions(tmp_p
     for slide, feats in bags.items():
         features[slide] = str(tmp_path / f"{slide}.h5")
         write_h5(features[slide], {"features": feats, "coords": np.zeros((len(feats), 2), np.int64)}, {})
-    splits = make_splits(sheet.assign(path="x"), folds=2, seed=0, endpoint=Endpoint(task_name, 2))
+    splits = make_splits(sheet.assign(path="x"), Splits(folds=2), seed=0, endpoint=Endpoint(task_name, 2))
     splits.to_csv(tmp_path / "splits.csv", index=False)
     summary = train_fold(features, str(tmp_path / "splits.csv"), 1, "meanpool", SMALL, {"epochs": 2}, 0,
                          str(tmp_path / "run"), device="cpu")
@@ -259,7 +259,7 @@ def _patients(splits, column="fold_0"):
 
 def test_multiclass_splits_stratify_by_class_and_name_the_classes():
     _, sheet = task_cohort("multiclass", 45)
-    splits = make_splits(sheet.assign(path="x"), folds=3, seed=1, endpoint=Endpoint("multiclass", 3))
+    splits = make_splits(sheet.assign(path="x"), Splits(folds=3), seed=1, endpoint=Endpoint("multiclass", 3))
     assert split_task(splits) == ("multiclass", list(TASK_CLASSES))
     patients = _patients(splits)
     for column in ("fold_0", "fold_1", "fold_2"):
@@ -271,7 +271,7 @@ def test_multiclass_splits_stratify_by_class_and_name_the_classes():
 
 def test_survival_splits_balance_events_and_keep_times():
     _, sheet = task_cohort("survival", 48, seed=2)
-    splits = make_splits(sheet.assign(path="x"), folds=3, seed=0, endpoint=Endpoint("survival", 3))
+    splits = make_splits(sheet.assign(path="x"), Splits(folds=3), seed=0, endpoint=Endpoint("survival", 3))
     patients = _patients(splits)
     event_rate = patients["label"].mean()
     for column in ("fold_0", "fold_1", "fold_2"):
@@ -283,7 +283,7 @@ def test_survival_splits_balance_events_and_keep_times():
 
 def test_regression_splits_spread_the_target_over_partitions():
     _, sheet = task_cohort("regression", 48, seed=3)
-    splits = make_splits(sheet.assign(path="x"), folds=3, seed=0, endpoint=Endpoint("regression", 3))
+    splits = make_splits(sheet.assign(path="x"), Splits(folds=3), seed=0, endpoint=Endpoint("regression", 3))
     patients = _patients(splits)
     assert splits["label"].dtype == float
     quartile = pd.qcut(patients["label"], 4, labels=False)
@@ -294,7 +294,7 @@ def test_regression_splits_spread_the_target_over_partitions():
 def test_binarise_and_positive_class_are_refused_for_other_tasks():
     _, sheet = task_cohort("regression", 24)
     with pytest.raises(SplitError, match="task regression takes neither"):
-        make_splits(sheet.assign(path="x"), folds=2, binarize="median", endpoint=Endpoint("regression", 2))
+        make_splits(sheet.assign(path="x"), Splits(folds=2, binarize="median"), endpoint=Endpoint("regression", 2))
 
 
 # ---------------------------------------------------------------- through the DAG
@@ -364,7 +364,7 @@ def test_from_npz_keeps_class_indices_and_targets(tmp_path, labels, task_name):
     on_disk = pd.read_csv(tmp_path / "out" / "samples.csv")
     assert on_disk["label"].tolist() == pytest.approx(labels.tolist())
     assert (on_disk["label"].dtype.kind == "i") == (task_name == "multiclass")
-    splits = make_splits(sheet, fold_column="fold", endpoint=Endpoint(task_name))
+    splits = make_splits(sheet, Splits(fold_column="fold"), endpoint=Endpoint(task_name))
     name, classes = split_task(splits)
     assert name == task_name and classes == (["0", "1", "2"] if task_name == "multiclass" else None)
     assert (splits.loc[splits["fold_1"] == "test", "slide_id"] == sheet.loc[sheet["fold"] == 1, "slide_id"]).all()

@@ -39,6 +39,20 @@ def test_best_epoch_is_kept_and_patience_stops():
     assert history[0] == {"epoch": 1, "train_loss": 1.0, "val_loss": 1.0, "val_auc": 0.6, "lr": 0.1}
 
 
+def test_without_validation_every_epoch_runs_from_the_first_epoch_and_ends_with_the_hook():
+    """SimCLR's use: no validation, a resumed start, a checkpoint after each epoch; patience never stops it."""
+    model, train, _ = scripted([], [])
+    after = []
+    loop = Loop(train, None, epochs=5, patience=1, desc="t", progress=False, first_epoch=3,
+                after_epoch=lambda epoch: after.append((epoch, model.weight.item())))
+    best, history = fit_epochs(model, loop, use_auc=False)
+    assert [h["epoch"] for h in history] == [3, 4, 5]
+    assert after == [(3, 3.0), (4, 4.0), (5, 5.0)]  # after each epoch's training, in order
+    assert best.epoch == 5 and best.state["weight"].item() == 5.0
+    assert history[0]["val_auc"] is None and math.isnan(history[0]["val_loss"])
+    assert history[0]["train_loss"] == 1.0 / 3
+
+
 def test_ties_and_single_class_validation_select_on_loss(caplog):
     model, train, validate = scripted([None, None, None], [0.5, 0.4, 0.6])
     best, history = fit_epochs(model, Loop(train, validate, epochs=3, patience=5, desc="one-class"), False)

@@ -602,6 +602,15 @@ def field_defaults(cls) -> dict:
     return {f.name: _default(f) for f in fields(cls)}
 
 
+def extractor_defaults(name: str) -> dict:
+    """The settings an extractor gets when config/config.yaml lists it without any: its entry of
+    ``DEFAULT_EXTRACTOR_SETTINGS`` over the defaults of ``ExtractorSettings``. weights, input_px and dtype
+    have no default for an extractor config.yaml does not list (the config refuses it without settings)."""
+    given = {f.name: _default(f) for f in fields(ExtractorSettings)
+             if f.default is not dataclasses.MISSING and not f.metadata.get("unset")}
+    return {**given, **DEFAULT_EXTRACTOR_SETTINGS.get(name, {})}
+
+
 # ---- config/README.md from the schema's descriptions -------------------------------------------------
 
 # Where each dataclass sits in the schema ("*": each entry of a mapping).

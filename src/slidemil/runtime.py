@@ -8,7 +8,9 @@ The policy (``resolve_precision``), for ``auto``:
   mantissa bits than bf16, and it is what feature files extracted on CUDA have always held, so a cohort
   resumed with a newer slidemil does not mix fp16 and bf16 features.
 - CUDA, training (MIL, tile-supervised, SimCLR): bf16 where the GPU computes it natively (Ampere and later);
-  else fp16 with a GradScaler, since fp16 gradients underflow without loss scaling.
+  else (Pascal, Volta, Turing) fp16 with a GradScaler, since fp16 gradients underflow without loss scaling.
+  Not fp32: fp16 runs on those GPUs' tensor cores (Volta, Turing) and halves activation memory, and the
+  scaler makes it as safe to train in; not bf16, which they only emulate (``cuda_has_bf16``).
 
 An explicit ``fp32``, ``bf16`` or ``fp16`` is taken as given; ``fp16`` in training comes with a scaler.
 """
@@ -54,8 +56,17 @@ class Precision:
 
 
 def cuda_has_bf16(device: torch.device) -> bool:
-    """Whether the GPU computes bf16 natively (compute capability 8.0, Ampere, and later)."""
-    return torch.cuda.get_device_capability(device)[0] >= 8
+    """Whether the GPU computes bf16 natively (compute capability 8.0, Ampere, and later).
+
+    Not ``torch.cuda.is_bf16_supported()`` alone: by default it also answers True where bf16 is only emulated
+    (Volta, Turing: no bf16 tensor cores), where fp16 with a GradScaler is several times faster. Both must agree,
+    so auto never picks bf16 where PyTorch says bf16 is unsupported. ROCm reports no CUDA capability; PyTorch
+    says which AMD GPUs have bf16.
+    """
+    if torch.version.hip:
+        return torch.cuda.is_bf16_supported()
+    native = torch.cuda.get_device_capability(device)[0] >= 8
+    return native and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def resolve_precision(device: torch.device, setting: str = "auto", need: str = "training",

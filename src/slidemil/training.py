@@ -1,10 +1,10 @@
-"""What every stage that trains a classifier shares: tile subsets, class weights, the weighted loss,
+"""What every stage that trains a network shares: tile subsets, class weights, the weighted loss,
 patient-level metrics, the optimiser step and the epoch loop with early stopping.
 
-MIL training (``slidemil.mil.train``), the tile-supervised baseline (``slidemil.pretrain.tile_supervised``)
-and the tile pool of the pixel stages use these, so that none of them imports another stage. SimCLR shares
-the optimiser step (``Stepper``) only; its loop has no validation and resumes from a checkpoint after any
-epoch (see ``slidemil.pretrain.simclr``).
+MIL training (``slidemil.mil.train``), the tile-supervised baseline (``slidemil.pretrain.tile_supervised``),
+SimCLR (``slidemil.pretrain.simclr``) and the tile pool of the pixel stages use these, so that none of them
+imports another stage. All three train through ``Stepper`` and ``fit_epochs``; SimCLR runs it without
+validation (nothing to select or stop on), from the epoch after its checkpoint, with a checkpoint after each.
 """
 
 from __future__ import annotations
@@ -161,37 +161,48 @@ class Selection:
 
 @dataclass
 class Loop:
-    """How ``fit_epochs`` runs: ``train(epoch)`` -> (train loss, lr), ``validate()`` -> (AUC or None, loss)."""
+    """How ``fit_epochs`` runs: ``train(epoch)`` -> (train loss, lr), ``validate()`` -> (AUC or None, loss).
+
+    ``validate`` None: no validation set (SimCLR), so every epoch runs and the last one is kept.
+    ``first_epoch``: where a resumed run continues; ``after_epoch(epoch)``: e.g. a resumable checkpoint.
+    """
 
     train: Callable[[int], tuple[float, float]]
-    validate: Callable[[], tuple[float | None, float]]
+    validate: Callable[[], tuple[float | None, float]] | None
     epochs: int
     patience: int
     desc: str
     progress: bool = True  # an epoch progress bar (off where the epoch shows its own, per batch)
     selection: str = "val_auc"  # Selection.policy
+    first_epoch: int = 1
+    after_epoch: Callable[[int], None] | None = None
 
 
 def fit_epochs(model: torch.nn.Module, loop: Loop, use_auc: bool) -> tuple[Selection, list[dict]]:
     """Epochs of training and validation with early stopping; returns the best Selection and history rows.
 
     The model's state at the best epoch by ``loop.selection`` (see ``Selection``; without ``use_auc`` the AUC
-    never decides) is kept; training stops once ``patience`` epochs have not improved on it.
+    never decides) is kept; training stops once ``patience`` epochs have not improved on it. Without
+    ``loop.validate`` every epoch runs and the last one is the Selection.
     """
-    if not use_auc and loop.selection != "last":
+    validated = loop.validate is not None
+    if validated and not use_auc and loop.selection != "last":
         logger.warning("%s: validation patients are all of one class; selecting on validation loss alone", loop.desc)
-    best, history = Selection(use_auc, loop.selection), []
-    epochs = range(1, loop.epochs + 1)
+    best, history = Selection(use_auc, loop.selection if validated else "last"), []
+    epochs = range(loop.first_epoch, loop.epochs + 1)
     progress = tqdm(epochs, desc=loop.desc, unit="epoch", file=sys.stderr) if loop.progress else None
     for epoch in progress if progress is not None else epochs:
         train_loss, lr = loop.train(epoch)
-        val_auc, val_loss = loop.validate()
+        val_auc, val_loss = loop.validate() if validated else (None, math.nan)
         history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_auc": val_auc, "lr": lr})
         improved = best.improves(val_auc, val_loss)
         if improved:
             best.update(epoch, val_auc, val_loss, model)
-        logger.info("%s epoch %d/%d train_loss %.4f val_loss %.4f val_auc %s lr %.3g%s", loop.desc, epoch,
-                    loop.epochs, train_loss, val_loss, fmt_metric(val_auc), lr, " (best)" if improved else "")
+        validation = f" val_loss {val_loss:.4f} val_auc {fmt_metric(val_auc)}" if validated else ""
+        logger.info("%s epoch %d/%d train_loss %.4f%s lr %.3g%s", loop.desc, epoch, loop.epochs, train_loss,
+                    validation, lr, " (best)" if improved and validated else "")
+        if loop.after_epoch is not None:
+            loop.after_epoch(epoch)
         if progress is not None:
             progress.set_postfix(val_auc=fmt_metric(val_auc), best_epoch=best.epoch)
         if epoch - best.epoch >= loop.patience:

@@ -40,6 +40,7 @@ from slidemil.logs import setup_logging
 from slidemil.cohort.facts import NO_TILES, exclusion_reason
 from slidemil.cohort.manifest import read_manifest_table
 from slidemil.cohort.sheet import Endpoint, read_table
+from slidemil.config import Config, Splits
 from slidemil.names import BINARY, TASKS
 from slidemil.tasks import class_order
 from slidemil.errors import SplitError
@@ -142,37 +143,34 @@ def _with_excluded(splits: pd.DataFrame, sheet: pd.DataFrame, excluded: dict[str
 
 def make_splits(
     sheet: pd.DataFrame,
-    folds: int = 5,
-    test_fraction: float = 0.25,
-    seed: int = 0,
-    test_column: str | None = None,
-    binarize: str | None = None,
-    positive_class=None,
-    fold_column: str | None = None,
+    settings: Splits = Splits(),
+    seed: int = Config.seed,
     excluded: dict[str, str] | None = None,
     endpoint: Endpoint | None = None,
 ) -> pd.DataFrame:
     """Splits table: slide_id, patient_id, label (0/1), label_value, fold_0..fold_{k-1}, excluded (reason or "").
 
+    ``settings``: the config's ``splits`` section; ``seed``: the config's seed, which draws every split.
     ``excluded``: unusable slides (slide_id -> reason); patients are drawn over the usable slides only.
     ``endpoint``: the task (default binary); see the module's docstring for what other tasks write.
     """
     if endpoint is not None and endpoint.task == "survival":
         sheet = sheet.assign(label=sheet[endpoint.event_column])  # a survival patient's label is its event
     usable = _usable_sheet(sheet, excluded)
-    if fold_column and excluded and fold_column in sheet.columns:
-        _check_predefined_folds_usable(sheet, usable, fold_column)
+    if settings.fold_column and excluded and settings.fold_column in sheet.columns:
+        _check_predefined_folds_usable(sheet, usable, settings.fold_column)
     other_task = endpoint is not None and endpoint.task != BINARY
     if other_task:
-        if binarize or positive_class is not None:
+        if settings.binarize or settings.positive_class is not None:
             raise SplitError(f"binarize and positive_class make two classes; task {endpoint.task} takes neither")
-        splits = _draw_task_splits(usable, endpoint, folds, test_fraction, seed, test_column, fold_column)
+        splits = _draw_task_splits(usable, endpoint, settings, seed)
         splits = _with_excluded(splits, sheet, excluded, endpoint)
     else:
-        splits = _draw_splits(usable, folds, test_fraction, seed, test_column, binarize, positive_class, fold_column)
+        splits = _draw_splits(usable, settings, seed)
         splits = _with_excluded(splits, sheet, excluded)
     check_splits(splits)
-    _check_folds_usable(splits, excluded or {}, bool(test_column or fold_column or test_fraction > 0))
+    test_expected = bool(settings.test_column or settings.fold_column or settings.test_fraction > 0)
+    _check_folds_usable(splits, excluded or {}, test_expected)
     # Binary splits.csv stays as it was (no task column): files of earlier runs read the same.
     return splits.assign(task=endpoint.task) if other_task else splits
 
@@ -197,24 +195,16 @@ def _check_folds_usable(splits: pd.DataFrame, excluded: dict[str, str], test_exp
                                  "add usable slides or ask for fewer folds")
 
 
-def _draw_splits(
-    sheet: pd.DataFrame,
-    folds: int = 5,
-    test_fraction: float = 0.25,
-    seed: int = 0,
-    test_column: str | None = None,
-    binarize: str | None = None,
-    positive_class=None,
-    fold_column: str | None = None,
-) -> pd.DataFrame:
+def _draw_splits(sheet: pd.DataFrame, settings: Splits, seed: int) -> pd.DataFrame:
     """Splits of the usable slides: slide_id, patient_id, label (0/1), label_value, fold_0..fold_{k-1}."""
-    if fold_column:
-        return _predefined_splits(sheet, fold_column, seed, test_column, binarize, positive_class)
+    if settings.fold_column:
+        return _predefined_splits(sheet, settings, seed)
+    folds, binarize, test_column = settings.folds, settings.binarize, settings.test_column
     if folds < 2:
         raise SplitError("splits.folds must be at least 2 (each fold needs a validation set)")
     patients = sheet.groupby("patient_id", sort=True)["label"].first().to_frame("label_value")
     if binarize is None:
-        patients["label"] = binary_labels(patients["label_value"], positive_class).astype(float)
+        patients["label"] = binary_labels(patients["label_value"], settings.positive_class).astype(float)
     else:
         numeric = pd.to_numeric(patients["label_value"], errors="coerce")
         if numeric.isna().any():
@@ -222,9 +212,9 @@ def _draw_splits(
                              f"{numeric.index[numeric.isna()].tolist()[:10]}")
         patients["label_value"] = numeric
 
-    drawn = not test_column and test_fraction > 0
+    drawn = not test_column and settings.test_fraction > 0
     strata = _strata(patients["label" if binarize is None else "label_value"], binarize) if drawn else None
-    patients["test"] = _test_patients(patients, sheet, test_column, test_fraction, seed, strata)
+    patients["test"] = _test_patients(patients, sheet, test_column, settings.test_fraction, seed, strata)
 
     if binarize is not None:
         reference = patients.loc[~patients["test"], "label_value"]
@@ -277,17 +267,17 @@ def _quantile_bins(values: pd.Series, n_bins: int, min_size: int) -> pd.Series:
     return pd.Series(0, index=values.index)
 
 
-def _draw_task_splits(sheet: pd.DataFrame, endpoint: Endpoint, folds: int, test_fraction: float, seed: int,
-                      test_column: str | None, fold_column: str | None) -> pd.DataFrame:
+def _draw_task_splits(sheet: pd.DataFrame, endpoint: Endpoint, settings: Splits, seed: int) -> pd.DataFrame:
     """``_draw_splits`` for a multiclass, survival or regression task: the same draws, balanced on ``strata``."""
-    if fold_column:
-        patients = _task_patients(sheet, endpoint, int(patient_folds(sheet, fold_column).max()))
-        return _predefined_table(sheet, patients, fold_column, seed)
+    if settings.fold_column:
+        patients = _task_patients(sheet, endpoint, int(patient_folds(sheet, settings.fold_column).max()))
+        return _predefined_table(sheet, patients, settings.fold_column, seed)
+    folds = settings.folds
     if folds < 2:
         raise SplitError("splits.folds must be at least 2 (each fold needs a validation set)")
     patients = _task_patients(sheet, endpoint, folds)
-    patients["test"] = _test_patients(patients, sheet, test_column, test_fraction, seed, patients["strata"],
-                                      f" (by {_strata_words(endpoint)})")
+    patients["test"] = _test_patients(patients, sheet, settings.test_column, settings.test_fraction, seed,
+                                      patients["strata"], f" (by {_strata_words(endpoint)})")
     dev = patients[~patients["test"]]
     if endpoint.task == "multiclass":
         counts = dev["label"].value_counts()
@@ -366,14 +356,14 @@ def patient_folds(sheet: pd.DataFrame, column: str) -> pd.Series:
     return folds
 
 
-def _predefined_splits(sheet, column, seed, test_column, binarize, positive_class) -> pd.DataFrame:
-    if test_column or binarize:
+def _predefined_splits(sheet: pd.DataFrame, settings: Splits, seed: int) -> pd.DataFrame:
+    if settings.test_column or settings.binarize:
         # A predefined fold is the test set; a drawn/flagged test set or labels binarised with
         # quantiles of all patients (which include each split's test patients) would contradict it.
         raise SplitError("splits.fold_column cannot be combined with splits.test_column or splits.binarize")
     patients = sheet.groupby("patient_id", sort=True)["label"].first().to_frame("label_value")
-    patients["label"] = binary_labels(patients["label_value"], positive_class).astype(float)
-    out = _predefined_table(sheet, patients.assign(strata=patients["label"]), column, seed)
+    patients["label"] = binary_labels(patients["label_value"], settings.positive_class).astype(float)
+    out = _predefined_table(sheet, patients.assign(strata=patients["label"]), settings.fold_column, seed)
     out["label"] = out["label"].astype("Int64")
     return out
 
@@ -449,17 +439,19 @@ def _tiles_reason(path: str) -> str:
 
 
 def write_splits(sheet_path: str, out_csv: str, manifest: str | None = None, task: str = BINARY,
-                 time_column: str = Endpoint.time_column, event_column: str = Endpoint.event_column,
-                 **kwargs) -> pd.DataFrame:
+                 seed: int = Config.seed, **splits) -> pd.DataFrame:
     """Splits of the sheet's patients over the slides ``manifest`` (a tile or feature manifest) says are usable.
 
-    ``kwargs``: the other settings of the config's ``splits`` section (``make_splits``'s arguments)."""
+    ``splits``: settings of the config's ``splits`` section (the rule's params), the rest their defaults."""
+    settings = Splits(**splits)
     sheet = read_table(sheet_path)
     excluded = unusable_slides(manifest)
     if excluded:
         logger.info("%d slide(s) excluded from the splits as unusable (%s)", len(excluded), manifest)
-    endpoint = Endpoint(task, kwargs.get("folds"), time_column, event_column) if task != BINARY else None
-    splits = make_splits(sheet, excluded=excluded, endpoint=endpoint, **kwargs)
+    endpoint = None
+    if task != BINARY:
+        endpoint = Endpoint(task, settings.folds, settings.time_column, settings.event_column)
+    splits = make_splits(sheet, settings, seed, excluded=excluded, endpoint=endpoint)
     write_splits_csv(out_csv, splits)
     logger.info("splits written to %s\n%s", out_csv, summarize(splits).to_string(index=False))
     return splits
@@ -470,17 +462,17 @@ def main(argv=None, prog: str = "python -m slidemil.cohort.splits") -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("sheet", help="sample sheet (CSV/TSV) with slide_id, patient_id, label")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--folds", type=int, default=5)
-    ap.add_argument("--test-fraction", type=float, default=0.25)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--folds", type=int, default=Splits.folds)
+    ap.add_argument("--test-fraction", type=float, default=Splits.test_fraction)
+    ap.add_argument("--seed", type=int, default=Config.seed)
     ap.add_argument("--test-column")
-    ap.add_argument("--binarize", choices=["median", "tertiles"])
+    ap.add_argument("--binarize", choices=[c for c in Splits.__dataclass_fields__["binarize"].metadata["choices"] if c])
     ap.add_argument("--positive-class")
     ap.add_argument("--fold-column", help="sheet column of predefined test folds 0..K-1 (replaces --folds/--test-*)")
     ap.add_argument("--manifest", help="tile (or feature) manifest: its unusable slides take no place in any fold")
     ap.add_argument("--task", choices=TASKS, default=BINARY, help="the endpoint (default binary)")
-    ap.add_argument("--time-column", default=Endpoint.time_column, help="survival: the sheet's follow-up time")
-    ap.add_argument("--event-column", default=Endpoint.event_column, help="survival: the sheet's event (1/0)")
+    ap.add_argument("--time-column", default=Splits.time_column, help="survival: the sheet's follow-up time")
+    ap.add_argument("--event-column", default=Splits.event_column, help="survival: the sheet's event (1/0)")
     args = ap.parse_args(argv)
     setup_logging()
     try:

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from slidemil.config import Compute, Config, ExtractorSettings, Features, extractor_defaults, field_defaults
 from slidemil.names import FEATURE_PRECISIONS as PRECISIONS
 from slidemil.runtime import resolve_device, resolve_precision, warn_if_bf16_emulated
 from slidemil.features.extractors import create_extractor, get_spec
@@ -180,38 +181,62 @@ def compile_model(model: torch.nn.Module, example: torch.Tensor) -> torch.nn.Mod
         return model
 
 
-def main(argv=None, prog: str = "python -m slidemil.features.extract") -> None:
+def build_parser(prog: str = "python -m slidemil.features.extract") -> argparse.ArgumentParser:
+    """The command line. Its defaults are the workflow's (slidemil.config): the default extractor, its
+    settings as config/config.yaml gives them, the compute section's device, batch size, workers and compile."""
     ap = argparse.ArgumentParser(prog=prog, description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("slide")
     ap.add_argument("--tiles", required=True, help="HDF5 from the tiling stage")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--extractor", default="resnet50_trunc")
-    ap.add_argument("--weights", default="imagenet",
-                    help="imagenet, random, or a local weights file / Hugging Face snapshot folder (never downloaded)")
+    ap.add_argument("--extractor", default=field_defaults(Features)["extractors"][0])
+    per_extractor = "default: the extractor's features.settings in config/config.yaml"
+    ap.add_argument("--weights", help="imagenet, random, or a local weights file / Hugging Face snapshot folder "
+                    f"(never downloaded); {per_extractor}")
     ap.add_argument("--timm", type=json.loads, metavar="JSON",
                     help='the timm extractor\'s settings, e.g. \'{"arch": "vit_small_patch14_dinov2", '
                          '"timm_kwargs": {"img_size": 224}, "pool": "cls"}\' (also mean, std)')
-    ap.add_argument("--input-px", type=int, default=224)
-    ap.add_argument("--seed", type=int, default=0, help="seeds random weights")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "float16"])
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--workers", type=int, default=0)
-    ap.add_argument("--precision", default="auto", choices=PRECISIONS,
-                    help="auto: fp16 on CUDA, fp32 on CPU; bf16 helps on CPUs with bf16 units")
-    ap.add_argument("--threads", type=int)
-    ap.add_argument("--compile", action="store_true", help="torch.compile the extractor")
-    ap.add_argument("--no-scaled-decode", dest="scaled_decode", action="store_false",
-                    help="decode every tile at full resolution before resizing (slower at 40x; features differ "
-                         "slightly)")
+    ap.add_argument("--input-px", type=int, help=per_extractor)
+    ap.add_argument("--dtype", choices=ExtractorSettings.__dataclass_fields__["dtype"].metadata["choices"],
+                    help=per_extractor)
+    ap.add_argument("--seed", type=int, default=Config.seed, help="seeds random weights")
+    ap.add_argument("--device", default=Compute.device)
+    ap.add_argument("--batch-size", type=int, default=Compute.batch_size)
+    ap.add_argument("--workers", type=int, default=Compute.loader_workers)
+    ap.add_argument("--precision", choices=PRECISIONS, help="auto: fp16 on CUDA, fp32 on CPU; bf16 helps on CPUs "
+                    f"with bf16 units; {per_extractor}")
+    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=Compute.torch_compile,
+                    help="torch.compile the extractor")
+    ap.add_argument("--scaled-decode", action=argparse.BooleanOptionalAction,
+                    help="--no-scaled-decode decodes every tile at full resolution before resizing (slower at 40x; "
+                         f"features differ slightly); {per_extractor}")
+    return ap
+
+
+def cli_settings(ap: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
+    """The extractor's settings: those given on the command line over the config's for that extractor."""
+    settings = extractor_defaults(args.extractor)
+    for name in ("weights", "input_px", "dtype", "precision", "scaled_decode"):
+        if getattr(args, name) is not None:
+            settings[name] = getattr(args, name)
+        elif name not in settings:  # an extractor config/config.yaml does not list: no default to take
+            ap.error(f"--{name.replace('_', '-')} is required for --extractor {args.extractor} "
+                     "(config/config.yaml has no settings for it)")
+    return settings
+
+
+def main(argv=None, prog: str = "python -m slidemil.features.extract") -> None:
+    ap = build_parser(prog)
     args = ap.parse_args(argv)
+    settings = cli_settings(ap, args)
     setup_logging()
     # A user error (missing slide, wrong weights, no GPU): slidemil.cli prints its one line and exits 1.
-    print(extract_features(args.slide, args.tiles, args.out, args.extractor, args.weights, args.input_px,
-                           args.seed, args.dtype, args.device, args.batch_size, args.workers,
-                           args.precision, args.threads, torch_compile=args.compile,
-                           scaled_decode=args.scaled_decode, options=args.timm))
+    print(extract_features(args.slide, args.tiles, args.out, extractor=args.extractor, weights=settings["weights"],
+                           input_px=settings["input_px"], seed=args.seed, dtype=settings["dtype"],
+                           device=args.device, batch_size=args.batch_size, workers=args.workers,
+                           precision=settings["precision"], threads=args.threads, torch_compile=args.compile,
+                           scaled_decode=settings["scaled_decode"], options=args.timm))
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ from slidemil.errors import SplitError
 from slidemil.files.splits import never_test_slides
 from slidemil.pretrain.tilepool import (TilePool, add_cli_arguments, cli_cohort, epoch_generator, normalizer,
                        sample_slide_tiles)
-from slidemil.training import Stepper
+from slidemil.training import Loop, Stepper, fit_epochs
 
 logger = logging.getLogger(__name__)
 
@@ -173,34 +173,31 @@ def pretrain_simclr(
                  **{k: v for k, v in cfg.items() if k != "epochs" and (k, v) != ("precision", "auto")}}
     first_epoch, history = _resume(out / CHECKPOINT, signature, cfg["epochs"], model, optimizer, stepper.scaler)
 
-    # Not slidemil.training.fit_epochs: SimCLR has no validation to select or stop on, records the loss per
-    # step, and checkpoints after every epoch so that a longer run continues this one. It shares the
-    # optimiser step (Stepper, with the loss scaling of the runtime precision policy).
-    for epoch in range(first_epoch, cfg["epochs"] + 1):
+    def train_epoch(epoch: int) -> tuple[float, float]:
         pool.epoch = epoch
         loader = DataLoader(pool, batch_size=batch_size, shuffle=True, generator=epoch_generator(seed, epoch),
                             drop_last=True, num_workers=workers, pin_memory=dev.type == "cuda",
                             prefetch_factor=4 if workers else None)
         model.train()
-        for step, (views, _) in enumerate(tqdm(loader, desc=f"simclr epoch {epoch}", mininterval=2, file=sys.stderr), 1):
+        batches = tqdm(loader, desc=f"simclr epoch {epoch}", mininterval=2, file=sys.stderr)
+        for step, (views, _) in enumerate(batches, 1):
             x = normalize(views.flatten(0, 1))  # [2B, 3, px, px]: tile k's views at 2k and 2k+1
             with amp.autocast(dev):
                 z = model(x).view(-1, 2, cfg["proj_dim"])
             loss = nt_xent(z[:, 0], z[:, 1], cfg["temperature"])
             stepper.step(loss)
-            history.append({"epoch": epoch, "step": step, "loss": loss.item()})
-        epoch_loss = np.mean([h["loss"] for h in history if h["epoch"] == epoch])
-        logger.info("SimCLR epoch %d/%d: mean loss %.4f", epoch, cfg["epochs"], epoch_loss)
+            history.append({"epoch": epoch, "step": step, "loss": loss.item()})  # loss.csv keeps every step
+        return float(np.mean([h["loss"] for h in history if h["epoch"] == epoch])), stepper.lr
+
+    def save_checkpoint(epoch: int) -> None:
         _save_checkpoint(out / CHECKPOINT, epoch, signature, model, optimizer, stepper.scaler, history)
 
-    backbone = {k: v.detach().cpu().clone() for k, v in model.backbone.state_dict().items()}
-    digest = weights_digest(model.backbone)
-    with atomic_output(out / "backbone.pt") as tmp:
-        torch.save({"state_dict": backbone, "arch": arch, "epochs": cfg["epochs"], "seed": seed,
-                    "settings": cfg, "slides": pool.slide_ids, "weights_digest": digest}, tmp)
+    # The shared loop without validation: SimCLR has no labels to select or stop on, so every epoch runs (patience
+    # never stops it), from the one after the checkpoint, and each epoch ends with a checkpoint to continue from.
+    fit_epochs(model, Loop(train_epoch, None, cfg["epochs"], cfg["epochs"], f"SimCLR {arch}", progress=False,
+                           first_epoch=first_epoch, after_epoch=save_checkpoint), use_auc=False)
     curve = pd.DataFrame(history, columns=["epoch", "step", "loss"])
-    write_csv(out / "loss.csv", curve)
-    plot_loss(curve, out / "loss.png", f"SimCLR {arch}", chance=float(np.log(2 * batch_size - 1)))
+    digest = _write_outputs(out, model, arch, cfg, seed, pool.slide_ids, curve, batch_size)
     summary = {
         "arch": arch, "first_epoch": first_epoch, "epochs": cfg["epochs"], "n_tiles": len(pool),
         "slides": pool.slide_ids, "weights_digest": digest, "device": str(dev),
@@ -209,6 +206,19 @@ def pretrain_simclr(
     }
     logger.info("SimCLR done: %s, digest %s, %.1f s", out / "backbone.pt", digest, summary["seconds"])
     return summary
+
+
+def _write_outputs(out: Path, model: SimCLRModel, arch: str, cfg: dict, seed: int, slide_ids: list[str],
+                   curve: pd.DataFrame, batch_size: int) -> str:
+    """backbone.pt (the encoder the extractors load), loss.csv and loss.png; returns the weights digest."""
+    backbone = {k: v.detach().cpu().clone() for k, v in model.backbone.state_dict().items()}
+    digest = weights_digest(model.backbone)
+    with atomic_output(out / "backbone.pt") as tmp:
+        torch.save({"state_dict": backbone, "arch": arch, "epochs": cfg["epochs"], "seed": seed,
+                    "settings": cfg, "slides": slide_ids, "weights_digest": digest}, tmp)
+    write_csv(out / "loss.csv", curve)
+    plot_loss(curve, out / "loss.png", f"SimCLR {arch}", chance=float(np.log(2 * batch_size - 1)))
+    return digest
 
 
 def _resume(path: Path, signature: dict, epochs: int, model, optimizer, scaler) -> tuple[int, list[dict]]:
