@@ -46,6 +46,7 @@ from sklearn.metrics import roc_auc_score  # noqa: E402
 from slidemil.features.byof import CV_MASKS, bag_ids, cv_test_folds, load_mil_npz  # noqa: E402
 from slidemil.mil.models import list_models, model_kwargs_defaults  # noqa: E402
 from slidemil.cohort.splits import make_splits, validation_fraction  # noqa: E402
+from slidemil.config import Splits  # noqa: E402
 from slidemil.names import base_model  # noqa: E402
 from slidemil.runtime import TRAIN_PRECISIONS  # noqa: E402
 from slidemil.mil.train import checkpoint, resolve_training, train_bags  # noqa: E402
@@ -118,7 +119,7 @@ def load_dataset(path: str, seed: int = 0) -> tuple[dict[str, torch.Tensor], pd.
 
 def fold_split(sheet: pd.DataFrame, masks: np.ndarray, repetition: int, fold: int, seed: int, source: str) -> pd.DataFrame:
     sheet = sheet.assign(fold=cv_test_folds(masks, repetition, source))
-    splits = make_splits(sheet, fold_column="fold", seed=seed + 1000 * repetition)
+    splits = make_splits(sheet, Splits(fold_column="fold"), seed=seed + 1000 * repetition)
     split = splits[["slide_id", "patient_id", "label", f"fold_{fold}"]].rename(columns={f"fold_{fold}": "partition"})
     split["label"] = split["label"].astype(int)
     return split
@@ -292,7 +293,7 @@ as the workflow report uses) and balanced accuracy at 0.5:
   one whose train mask leaves it out.
 - Validation: inside each training fold, a label-stratified draw of {validation_fraction(10):.3f} of
   the training bags (the size of one fold), seeded, held out for model selection (`training.selection`)
-  and the accuracy threshold. This is `slidemil.cohort.splits.make_splits(..., fold_column="fold")`, the same
+  and the accuracy threshold. This is `slidemil.cohort.splits.make_splits(..., Splits(fold_column="fold"))`, the same
   rule the pipeline applies to a sample sheet with `splits.fold_column`. The test fold is used only for the
   final numbers.
 - Recipe: `{meta["preset"]}`{" with overrides " + json.dumps(meta["overrides"]) if meta.get("overrides") else ""}.

@@ -37,6 +37,7 @@ from sklearn.preprocessing import StandardScaler  # noqa: E402
 
 from slidemil.cohort.sheet import Endpoint  # noqa: E402
 from slidemil.cohort.splits import make_splits  # noqa: E402
+from slidemil.config import Splits  # noqa: E402
 from slidemil.features.byof import bag_ids, load_mil_npz  # noqa: E402
 from slidemil.files.splits import split_task  # noqa: E402
 from slidemil.mil.models import model_kwargs_defaults  # noqa: E402
@@ -89,7 +90,7 @@ def fold_splits(sheet: pd.DataFrame, task: str, strata: np.ndarray, repetitions:
     for k, (_, test) in enumerate(cv.split(sheet, strata)):
         folds[test] = k % 5
         if k % 5 == 4:
-            splits = make_splits(sheet.assign(fold=folds), fold_column="fold", seed=seed + k,
+            splits = make_splits(sheet.assign(fold=folds), Splits(fold_column="fold"), seed=seed + k,
                                  endpoint=Endpoint(task))
             for f in range(5):
                 yield k // 5, f, splits
