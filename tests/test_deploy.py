@@ -43,12 +43,6 @@ def test_the_demo_cohort_is_for_the_demo_only():
         check_config({"samples": "mine.csv", "deploy": {"demo_patients": 4}})
 
 
-def test_deployment_is_refused_for_tasks_other_than_binary():
-    for task in ("multiclass", "survival", "regression"):
-        with pytest.raises(ConfigError, match=f"^config: deploy: deploys binary models only, but task is {task};"):
-            check_config({"task": task, "samples": "train.csv", "deploy": {"cohorts": {"ext": "s.csv"}}})
-
-
 def test_an_unlabelled_sheet_loads_and_a_partly_labelled_one_is_refused(tmp_path):
     rows = [("A1", "PA", "a.svs", 1), ("B1", "PB", "b.svs", None)]
     sheet = write_sheet(tmp_path, rows)

@@ -536,11 +536,10 @@ def _check_rules(cfg: dict) -> None:
 
 
 def _check_deploy_rules(cfg: dict) -> None:
-    deploying = bool(cfg["deploy"]["cohorts"] or cfg["deploy"]["demo_patients"])
-    if deploying and cfg["task"] != BINARY:
-        # Deployment scores, reports and calibrates P(class 1); the other tasks' outputs have no such reading yet.
-        raise ConfigError("deploy", f"deploys binary models only, but task is {cfg['task']}",
-                          "no deploy cohorts, or task: binary")
+    if cfg["deploy"]["demo_patients"] and cfg["task"] != BINARY:
+        # The second demo cohort is drawn with binary labels only; any task deploys on cohorts of deploy.cohorts.
+        raise ConfigError("deploy.demo_patients", f"makes a binary demo cohort, but task is {cfg['task']}",
+                          "0, and a cohort of your own in deploy.cohorts")
     if cfg["deploy"]["demo_patients"] and cfg["samples"]:
         raise ConfigError("deploy.demo_patients", "makes a second demo cohort, but samples names your own cohort",
                           "0 with samples, or no samples (the demo)")

@@ -126,6 +126,7 @@ rule predict:
         device=config["compute"]["device"],
     params:
         positive_class=POSITIVE_CLASS,
+        endpoint=DEPLOY_ENDPOINT,
     script:
         "../scripts/predict.py"
 
@@ -137,6 +138,7 @@ rule deploy_report:
         checkpoints=deploy_report_checkpoints,
         features=deploy_report_features,
         tiles=deploy_report_tiles,
+        training=deploy_report_training,
         sheet=deploy_sheet,
     output:
         html=f"{DEPLOY_REPORT}/{{cohort}}/report.html",
@@ -151,6 +153,7 @@ rule deploy_report:
         settings=deploy_report_settings(),
         seed=config["seed"],
         positive_class=POSITIVE_CLASS,
+        endpoint=DEPLOY_ENDPOINT,
         runs=[{"extractor": e, "model": m} for e, m in deploy_pairs()],
     script:
         "../scripts/deploy_report.py"

@@ -11,6 +11,7 @@ run(
     snakemake.output.patients,
     training_manifest=snakemake.input.training,
     positive_class=snakemake.params.positive_class,
+    endpoint=snakemake.params.endpoint,
     device=snakemake.resources.device,
     threads=snakemake.threads,
 )
