@@ -203,3 +203,20 @@ def test_slides_are_tiled_and_extracted_as_the_training_features_were(tmp_path):
     assert "broken.svs" in table.loc["broken", "excluded"] and np.isnan(table.loc["broken", ENSEMBLE])
     assert cli(["predict", "--checkpoints", ckpt, "--slides", slide["slide"], "--like", str(like), "--seed", "5",
                 "--out", str(tmp_path / "other_seed.csv"), "--device", "cpu"]) == 1
+
+
+# ---- the main report's links ----
+
+def test_main_report_links_each_deploy_cohort_page(tmp_path):
+    import re
+
+    from factories import shared_runs
+    from slidemil.report.page import build_report
+
+    runs = shared_runs(tmp_path, "e", "abmil", 2, 12, 2.0, 0)
+    doc = build_report(runs, tmp_path / "report", {"n_bootstrap": 20}, deploy_cohorts=["ext", "real"])
+    html = (tmp_path / "report" / "report.html").read_text()
+    assert re.findall(r'href="(deploy/[^"]+)"', html) == ["deploy/ext/report.html", "deploy/real/report.html"]
+    assert "<a href='#deploy'>Deploy cohorts</a>" in html and [d["cohort"] for d in doc["deploy"]] == ["ext", "real"]
+    plain = build_report(runs, tmp_path / "plain", {"n_bootstrap": 20})
+    assert "deploy" not in plain and "Deploy cohorts" not in (tmp_path / "plain" / "report.html").read_text()

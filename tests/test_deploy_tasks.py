@@ -189,3 +189,56 @@ def test_every_task_deploys_and_the_demo_cohort_stays_binary():
     with pytest.raises(ConfigError, match=r"^config: deploy.demo_patients: makes a binary demo cohort, but task is "
                                           r"regression;"):
         check_config({"task": "regression", "demo": {"task": "regression"}, "deploy": {"demo_patients": 4}})
+
+
+# ---- through the DAG ----
+
+@pytest.mark.workflow
+def test_a_survival_cohort_is_deployed_through_the_workflow(tmp_path):
+    """A precomputed-features survival cohort (its own column names) trained as test_tasks trains it, and a
+    labelled new cohort deployed beside it: predictions are the checkpoints, the C-index lifelines', the
+    Kaplan-Meier split the training cohort's; adding the cohort after training retrains nothing."""
+    import yaml
+
+    from factories import job_counts, snakemake_cli, write_task_cohort
+
+    names = {"time": "os_days", "event": "died"}
+    sheet = write_task_cohort(tmp_path / "cohort", "survival", n_patients=18)
+    pd.read_csv(sheet).rename(columns=names).to_csv(sheet, index=False)
+    new = write_task_deploy_cohort(tmp_path / "new", "survival", n_patients=10)
+    new["table"].rename(columns=names).to_csv(new["sheet"], index=False)
+    config = {"samples": str(sheet), "results": "results", "task": "survival", "seed": 0,
+              "features": {"precomputed": "planted"},
+              "splits": {"folds": 2, "test_fraction": 0.3, "time_column": "os_days", "event_column": "died"},
+              "mil": {"models": ["abmil"], "training": {"epochs": 4, "patience": 4, "lr": 0.001},
+                      "settings": {"abmil": {"embed_dim": 32, "attn_dim": 16, "dropout": 0.0}}},
+              "report": {"n_bootstrap": 50}, "compute": {"train_threads": 1}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    proc = snakemake_cli(tmp_path, "--cores", "2")
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    config["deploy"] = {"cohorts": {"ext": {"samples": str(new["sheet"])}}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    dry = snakemake_cli(tmp_path, "-n", "--cores", "2")
+    assert job_counts(dry.stdout + dry.stderr) == {"deploy_import_features": len(new["table"]),
+                                                   "deploy_feature_manifest": 1, "predict": 1, "deploy_report": 1,
+                                                   "report": 1}
+    proc = snakemake_cli(tmp_path, "--cores", "2")
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    res = tmp_path / "results"
+    patients = pd.read_csv(res / "deploy" / "ext" / "predictions" / "planted" / "abmil" / "predictions_patients.csv",
+                           dtype={"patient_id": str})
+    slides = pd.read_csv(res / "deploy" / "ext" / "predictions" / "planted" / "abmil" / "predictions_slides.csv")
+    for row in slides.head(3).to_dict("records"):
+        for fold in (0, 1):
+            ckpt = res / "train" / "planted" / "abmil" / f"fold_{fold}" / "model.pt"
+            assert row[fold_column("risk", fold)] == pytest.approx(
+                direct_outputs(ckpt, new["bags"][row["slide_id"]])[0], rel=1e-4, abs=1e-5)
+    metrics = pd.read_csv(res / "report" / "deploy" / "ext" / "metrics.csv", dtype={"fold": str})
+    ensemble = metrics[metrics["fold"] == "ensemble"].iloc[0]
+    assert ensemble["c_index"] == pytest.approx(concordance_index(patients["time"], -patients["risk_ensemble"],
+                                                                  patients["label"]))
+    doc = pd.read_json(res / "report" / "deploy" / "ext" / "report.json", typ="series")
+    assert doc["task"] == "survival" and doc["km_split"] == "training cohort"
+    # The main report links to the cohort's page, relative to its own folder.
+    main = (res / "report" / "report.html").read_text()
+    assert 'href="deploy/ext/report.html"' in main and (res / "report" / "deploy" / "ext" / "report.html").is_file()

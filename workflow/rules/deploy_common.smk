@@ -2,10 +2,11 @@
 from slidemil.cohort.deploy import check_no_leakage, load_deploy_sheet
 from slidemil.config import DEMO_DEPLOY_COHORT
 from slidemil.demo.external import plan_external_cohort
+from slidemil.files.deploy import REPORT_DIR as DEPLOY_REPORT_DIR
 from slidemil.tasks import class_order
 
 DEPLOY = f"{RESULTS}/deploy"
-DEPLOY_REPORT = f"{REPORT}/deploy"
+DEPLOY_REPORT = f"{REPORT}/{DEPLOY_REPORT_DIR}"
 DEMO_EXTERNAL = f"{RESULTS}/demo_external"
 POSITIVE_CLASS = config["splits"]["positive_class"]
 # The task the deployed models were trained for and, for survival, the sheets' time and event columns.

@@ -23,6 +23,8 @@ ENSEMBLE_SUFFIX = "_ensemble"
 SPREAD_SUFFIX = "_fold_std"
 PREDICTED_CLASS = "predicted_class"
 OUTCOME_COLUMNS = ("label", "time")
+# A deploy cohort's report folder, relative to the main report's (results/report/deploy/<cohort>/).
+REPORT_DIR = "deploy"
 # What the deploy report's tables (metrics.csv, comparison.csv) call the ensemble among the fold models.
 ENSEMBLE_NAME = "ensemble"
 
@@ -60,3 +62,8 @@ def outcome_columns(table: pd.DataFrame, task: str = "survival") -> list[str]:
     """The outcome columns of ``table`` that a predictions file of ``task`` carries (only survival has time)."""
     wanted = OUTCOME_COLUMNS if task == "survival" else OUTCOME_COLUMNS[:1]
     return [c for c in wanted if c in table.columns]
+
+
+def report_page(cohort: str) -> str:
+    """A deploy cohort's report page relative to the main report's folder (the main page links it)."""
+    return f"{REPORT_DIR}/{cohort}/report.html"
