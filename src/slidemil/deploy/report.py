@@ -23,10 +23,11 @@ import numpy as np
 import pandas as pd
 
 from slidemil.deploy.predict import ENSEMBLE, FOLD_PREFIX, SPREAD
-from slidemil.files import save_png, write_csv, write_json, write_text
+from slidemil.files import write_csv, write_json, write_text
 from slidemil.files.deploy import ENSEMBLE_NAME, PREDICTED_CLASS, ensemble_column, output_names, spread_column
 from slidemil.files.deploy import fold_columns as output_fold_columns
-from slidemil.report.stats import bootstrap_mean_auc, compare_models, fold_auc, paired_auc_difference, plot_roc
+from slidemil.report.stats import (bootstrap_mean_auc, compare_models, fold_auc, paired_auc_difference, plot_roc,
+                                    square_axes)
 
 logger = logging.getLogger(__name__)
 
@@ -68,12 +69,11 @@ def model_metrics(patients: pd.DataFrame, n_bootstrap: int, seed: int, label: st
 
 def plot_calibration(patients: pd.DataFrame, title: str, png: str | os.PathLike) -> None:
     """Reliability curves (equal-count bins) of the ensemble, bold, and of each fold model."""
-    import matplotlib.pyplot as plt
     from sklearn.calibration import calibration_curve
     from sklearn.metrics import brier_score_loss
 
-    fig, ax = plt.subplots(figsize=(5.5, 5.5), dpi=100)
-    try:
+    with square_axes(png, title, "mean predicted probability", "fraction positive", diagonal="perfectly calibrated",
+                     legend_loc="upper left") as ax:
         for column in fold_columns(patients) + [ENSEMBLE]:
             test = scored(patients, column)
             if test["label"].nunique() < 2:
@@ -84,16 +84,7 @@ def plot_calibration(patients: pd.DataFrame, title: str, png: str | os.PathLike)
             brier = brier_score_loss(test["label"], test["prob"])
             ax.plot(predicted, observed, marker="o", lw=2.5 if bold else 1, alpha=1 if bold else 0.6,
                     label=f"{'' if bold else 'fold '}{column_name(column)}, Brier {brier:.3f}")
-        ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfectly calibrated")
         ax.text(0.98, 0.02, f"equal-count bins of {len(test)} patients", ha="right", fontsize=8, color="grey")
-        ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="mean predicted probability", ylabel="fraction positive")
-        ax.set_aspect("equal")
-        ax.set_title(title, fontsize=10)
-        ax.legend(loc="upper left", fontsize=8)
-        fig.tight_layout()
-        save_png(fig, png)
-    finally:
-        plt.close(fig)
 
 
 def _tests(patients: pd.DataFrame, columns: list[str]) -> list[tuple[str, pd.DataFrame, float]]:

@@ -29,7 +29,7 @@ from sklearn.metrics import confusion_matrix, roc_curve  # noqa: E402
 
 from slidemil.files import save_png, write_csv, write_text  # noqa: E402
 from slidemil.names import RESULT_FIGURES  # noqa: E402
-from slidemil.report.stats import _draws, _fmt, best_val_auc  # noqa: E402
+from slidemil.report.stats import _draws, _fmt, best_val_auc, square_axes  # noqa: E402
 from slidemil.tasks import Task, make_task  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -277,23 +277,9 @@ def plot_confusion(task: Task, items: list, title: str, png: str | os.PathLike) 
 
 def plot_scatter(items: list, title: str, png: str | os.PathLike) -> None:
     """Predicted against true target of the test patients, one colour per fold, with the identity line."""
-    fig, ax = plt.subplots(figsize=(4.8, 4.6), dpi=100)
-    try:
-        values = []
+    with square_axes(png, title, "true value", "predicted value", legend_loc="best", limits=None) as ax:
         for k, (fold, test, _) in enumerate(items):
             ax.scatter(test["label"], test["pred"], s=14, alpha=0.7, color=f"C{k % 10}", label=f"fold {fold}")
-            values += [*test["label"], *test["pred"]]
-        if values:
-            low, high = min(values), max(values)
-            ax.plot([low, high], [low, high], ls="--", color="grey", lw=1)
-        ax.set_xlabel("true value")
-        ax.set_ylabel("predicted value")
-        ax.legend(fontsize=7)
-        ax.set_title(title, fontsize=10)
-        fig.tight_layout()
-        save_png(fig, png)
-    finally:
-        plt.close(fig)
 
 
 def figure_name(task: Task, extractor: str, model: str) -> str:
