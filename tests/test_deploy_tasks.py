@@ -242,3 +242,21 @@ def test_a_survival_cohort_is_deployed_through_the_workflow(tmp_path):
     # The main report links to the cohort's page, relative to its own folder.
     main = (res / "report" / "report.html").read_text()
     assert 'href="deploy/ext/report.html"' in main and (res / "report" / "deploy" / "ext" / "report.html").is_file()
+    # deploy.refit added afterwards: one refit job per model, the deploy predictions and report; no fold retrains.
+    config["deploy"]["refit"] = True
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    dry = snakemake_cli(tmp_path, "-n", "--cores", "2")
+    assert job_counts(dry.stdout + dry.stderr) == {"refit": 1, "predict": 1, "deploy_report": 1}
+    proc = snakemake_cli(tmp_path, "--cores", "2")
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    folds = [torch_epoch(res / "train" / "planted" / "abmil" / f"fold_{k}" / "model.pt") for k in (0, 1)]
+    history = pd.read_csv(res / "train" / "planted" / "abmil" / "refit" / "history.csv")
+    assert len(history) == int(np.floor(np.median(folds) + 0.5))
+    metrics = pd.read_csv(res / "report" / "deploy" / "ext" / "metrics.csv", dtype={"fold": str})
+    assert metrics["fold"].tolist() == ["0", "1", "refit", "ensemble"]
+
+
+def torch_epoch(checkpoint) -> int:
+    from slidemil.files.checkpoint import read_checkpoint
+
+    return int(read_checkpoint(checkpoint)["epoch"])

@@ -265,6 +265,9 @@ def _check_deploy_cohorts(value, key: str) -> dict:
 class Deploy:
     cohorts: dict = setting({}, check=_check_deploy_cohorts)
     demo_patients: int = setting(0, minimum=0)
+    # One model per (extractor, model) retrained on all non-test patients for the median of its folds' selected
+    # epochs (slidemil.mil.refit), deployed beside the folds and their ensemble; off: nothing more is trained.
+    refit: bool = setting(False)
 
 
 @dataclass(frozen=True)
@@ -540,6 +543,9 @@ def _check_deploy_rules(cfg: dict) -> None:
         # The second demo cohort is drawn with binary labels only; any task deploys on cohorts of deploy.cohorts.
         raise ConfigError("deploy.demo_patients", f"makes a binary demo cohort, but task is {cfg['task']}",
                           "0, and a cohort of your own in deploy.cohorts")
+    if cfg["deploy"]["refit"] and cfg["splits"]["fold_column"]:
+        raise ConfigError("deploy.refit", "retrains on the non-test patients, but splits.fold_column makes every "
+                          "patient a test patient in some fold", "false with splits.fold_column")
     if cfg["deploy"]["demo_patients"] and cfg["samples"]:
         raise ConfigError("deploy.demo_patients", "makes a second demo cohort, but samples names your own cohort",
                           "0 with samples, or no samples (the demo)")

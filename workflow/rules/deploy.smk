@@ -106,10 +106,38 @@ rule deploy_feature_manifest:
         "../scripts/manifest.py"
 
 
-# One job per cohort x extractor x model: every fold's model and their ensemble.
+# deploy.refit: one model per extractor x model on all non-test patients, for the median of its folds' selected
+# epochs (slidemil.mil.refit). It reads the fold models and never changes them: adding it retrains no fold.
+rule refit:
+    input:
+        features=extractor_features,
+        splits=f"{RESULTS}/splits/splits.csv",
+        folds=refit_fold_checkpoints,
+        init=refit_init_checkpoint,
+    output:
+        [f"{RESULTS}/train/{{extractor}}/{{model}}/refit/{name}" for name in TRAIN_FILES],
+    log:
+        f"{LOGS}/train/{{extractor}}/{{model}}/refit.log",
+    benchmark:
+        f"{LOGS}/train/{{extractor}}/{{model}}/refit.benchmark.tsv"
+    conda:
+        "../envs/slidemil.yaml"
+    threads: config["compute"]["train_threads"]
+    resources:
+        device=config["compute"]["device"],
+    params:
+        model=model_params,
+        training=config["mil"]["training"],
+        seed=config["seed"],
+    script:
+        "../scripts/refit.py"
+
+
+# One job per cohort x extractor x model: every fold's model and their ensemble (and the refit model).
 rule predict:
     input:
         checkpoints=deploy_checkpoints,
+        refit=deploy_refit_checkpoint,
         features=f"{DEPLOY}/{{cohort}}/features/{{extractor}}/manifest.csv",
         # the training features' extractor and weights digest, which the cohort's must match
         training=extractor_features,

@@ -105,6 +105,26 @@ def deploy_checkpoints(wildcards):
     return [f"{train_dir(wildcards.extractor, wildcards.model, f)}/model.pt" for f in FOLDS]
 
 
+def refit_dir(extractor, model):
+    return f"{RESULTS}/train/{extractor}/{model}/refit"
+
+
+def refit_fold_checkpoints(wildcards):
+    """The refit trains for the median of these checkpoints' selected epochs."""
+    return deploy_checkpoints(wildcards)
+
+
+def refit_init_checkpoint(wildcards):
+    """MHIM-MIL's refit starts from its baseline's refit, as its folds from their baselines'."""
+    base = base_model(wildcards.model)
+    return [f"{refit_dir(wildcards.extractor, base)}/model.pt"] if base else []
+
+
+def deploy_refit_checkpoint(wildcards):
+    """With deploy.refit, the model retrained on all non-test patients, scored beside the folds."""
+    return [f"{refit_dir(wildcards.extractor, wildcards.model)}/model.pt"] if config["deploy"]["refit"] else []
+
+
 def deploy_predictions(cohort, extractor, model, level):
     return f"{DEPLOY}/{cohort}/predictions/{extractor}/{model}/predictions_{level}.csv"
 

@@ -23,8 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 from slidemil.files import write_csv
-from slidemil.files.deploy import ENSEMBLE_NAME
-from slidemil.files.deploy import ensemble_column, fold_column, fold_names
+from slidemil.files.deploy import ENSEMBLE_NAME, REFIT, fold_names, has_refit, member_column
 from slidemil.report.endpoints import (bootstrap_metrics, draw_figure, figure_name, fold_metrics, logrank_p,
                                        paired_difference)
 from slidemil.tasks import Task
@@ -34,15 +33,14 @@ KM_TRAINING, KM_COHORT = "training cohort", "this cohort"
 
 
 def members(patients: pd.DataFrame) -> list[str]:
-    """The fold models' names and the ensemble's, in the order the tables list them."""
-    return [*fold_names(patients), ENSEMBLE_NAME]
+    """The fold models' names, the refit model's (deploy.refit) and the ensemble's, as the tables list them."""
+    return [*fold_names(patients), *([REFIT] if has_refit(patients) else []), ENSEMBLE_NAME]
 
 
 def member_table(patients: pd.DataFrame, task: Task, member: str) -> pd.DataFrame:
     """One fold model's (or the ensemble's) patients with the task's columns (``label`` a class index for
     multiclass, ``time``, the outputs), as slidemil.tasks' metrics read them."""
-    columns = {(ensemble_column(o) if member == ENSEMBLE_NAME else fold_column(o, member)): o
-               for o in task.output_columns}
+    columns = {member_column(o, member): o for o in task.output_columns}
     frame = patients[["patient_id", "label", *task.extra_columns, *columns]].rename(columns=columns)
     frame = frame.dropna(subset=task.output_columns).reset_index(drop=True)
     if task.name == "multiclass":

@@ -32,8 +32,8 @@ from slidemil.cohort.facts import exclusion_reason
 from slidemil.cohort.manifest import read_manifest, read_manifest_table
 from slidemil.errors import CheckpointError, FeatureFileError
 from slidemil.files import write_csv
-from slidemil.files.deploy import (PREDICTED_CLASS, ensemble_column, fold_column, fold_columns, outcome_columns,
-                                   output_names, spread_column)
+from slidemil.files.deploy import (PREDICTED_CLASS, REFIT, ensemble_column, fold_column, fold_columns, member_column,
+                                   outcome_columns, output_names, spread_column)
 from slidemil.files.features import read_features
 from slidemil.names import BINARY, EVENT_COLUMN, TIME_COLUMN
 from slidemil.tasks import Task, task_from_state
@@ -86,6 +86,15 @@ def load_models(checkpoints: list[str], device) -> list[FoldModel]:
     return [FoldModel(n, m, c, t) for n, (m, c), t in zip(names, loaded, tasks)]
 
 
+def load_refit(checkpoint: str, fold: FoldModel, device) -> FoldModel:
+    """The refit model (slidemil.mil.refit), named ``refit``; it must fit the folds' features and task."""
+    refit = load_models([checkpoint], device)[0]
+    if int(refit.ckpt["in_dim"]) != int(fold.ckpt["in_dim"]) or refit.task.name != fold.task.name:
+        raise CheckpointError(f"{checkpoint}: the refit model takes other features or another task than its folds")
+    refit.name = REFIT
+    return refit
+
+
 def bag_outputs(fold: FoldModel, features: np.ndarray, device) -> np.ndarray:
     """The task's outputs of one bag (``Task.output_columns``), with the checkpoint's standardisation."""
     import torch
@@ -101,7 +110,7 @@ def slide_probabilities(models: list[FoldModel], features: dict[str, str], devic
     """One row per slide: slide_id, n_tiles, excluded and each model's outputs, their ensemble and spread."""
     in_dim = int(models[0].ckpt["in_dim"])
     outputs = models[0].task.output_columns
-    columns = [fold_column(o, m.name) for o in outputs for m in models]
+    columns = [member_column(o, m.name) for o in outputs for m in models]
     rows = []
     for slide_id, path in features.items():
         data, attrs = read_features(path, ("features",))
@@ -114,7 +123,7 @@ def slide_probabilities(models: list[FoldModel], features: dict[str, str], devic
             raise FeatureFileError(f"{path}: features of shape {feats.shape}, but the models were trained on "
                                    f"{in_dim}-d features; extract this cohort with the training cohort's extractor")
         for m in models:
-            row |= {fold_column(o, m.name): float(v) for o, v in zip(outputs, bag_outputs(m, feats, device))}
+            row |= {member_column(o, m.name): float(v) for o, v in zip(outputs, bag_outputs(m, feats, device))}
         rows.append(row)
     table = pd.DataFrame(rows, columns=["slide_id", "n_tiles", "excluded", *columns])
     return with_ensemble(table, outputs, models[0].task.class_names)
@@ -141,7 +150,8 @@ def with_ensemble(table: pd.DataFrame, outputs: list[str], class_names: list | N
 def patient_probabilities(slides: pd.DataFrame, class_names: list | None = None) -> pd.DataFrame:
     """Per patient: the mean of its usable slides' outputs per model, then ensemble and spread over models."""
     outputs = output_names(slides)
-    folds = [c for o in outputs for c in fold_columns(slides, o)]
+    folds = [c for o in outputs for c in fold_columns(slides, o) + ([member_column(o, REFIT)] if
+                                                                    member_column(o, REFIT) in slides else [])]
     usable = slides[slides[ensemble_column(outputs[0])].notna()]
     keys = ["patient_id", *outcome_columns(slides)]
     patients = usable.groupby(keys, sort=True)[folds].mean().reset_index()
@@ -164,13 +174,15 @@ def check_same_features(training_manifest: str | os.PathLike, deploy_manifest: s
 
 def predict_cohort(checkpoints: list[str], features_manifest: str, sheet_csv: str, out_slides: str,
                    out_patients: str, training_manifest: str | None = None, positive_class=None,
-                   device: str = "auto", threads: int | None = None, endpoint: dict | None = None) -> pd.DataFrame:
+                   device: str = "auto", threads: int | None = None, endpoint: dict | None = None,
+                   refit_checkpoint: str | None = None) -> pd.DataFrame:
     """The workflow's predict job: one model's folds on one cohort's feature manifest; writes both tables.
 
     ``sheet_csv`` is the cohort's sheet (binary labels follow the training cohort's ``positive_class``);
     ``endpoint`` the config's task and survival column names (``slidemil.cohort.sheet.Endpoint``'s fields; the
     checkpoints must be trained for that task); ``training_manifest`` the training cohort's feature manifest,
-    whose extractor and weights the cohort's features must share."""
+    whose extractor and weights the cohort's features must share; ``refit_checkpoint`` the model retrained on
+    all non-test patients (deploy.refit), scored beside the folds and left out of their ensemble."""
     import torch
 
     from slidemil.cohort.deploy import load_deploy_sheet
@@ -183,6 +195,8 @@ def predict_cohort(checkpoints: list[str], features_manifest: str, sheet_csv: st
         check_same_features(training_manifest, features_manifest)
     dev = resolve_device(device)
     models = load_models(checkpoints, dev)
+    if refit_checkpoint:
+        models.append(load_refit(refit_checkpoint, models[0], dev))
     task, endpoint = models[0].task, Endpoint(**(endpoint or {}))
     if task.name != endpoint.task:
         raise CheckpointError(f"{checkpoints[0]}: trained for task {task.name}, but task is {endpoint.task}; "

@@ -24,7 +24,8 @@ import pandas as pd
 
 from slidemil.deploy.predict import ENSEMBLE, FOLD_PREFIX, SPREAD
 from slidemil.files import write_csv, write_json, write_text
-from slidemil.files.deploy import ENSEMBLE_NAME, PREDICTED_CLASS, ensemble_column, output_names, spread_column
+from slidemil.files.deploy import (ENSEMBLE_NAME, PREDICTED_CLASS, REFIT, ensemble_column, member_column,
+                                   output_names, spread_column)
 from slidemil.files.deploy import fold_columns as output_fold_columns
 from slidemil.report.stats import (bootstrap_mean_auc, compare_models, fold_auc, paired_auc_difference, plot_roc,
                                     square_axes)
@@ -34,6 +35,7 @@ logger = logging.getLogger(__name__)
 METRIC_COLUMNS = ["extractor", "model", "fold", "n_patients", "n_positive", "auc", "ci_low", "ci_high",
                   "n_bootstrap_used", "brier"]
 MAX_BINS = 10
+REFIT_COLUMN = member_column("prob", REFIT)
 
 
 def fold_columns(patients: pd.DataFrame) -> list[str]:
@@ -42,7 +44,14 @@ def fold_columns(patients: pd.DataFrame) -> list[str]:
 
 
 def column_name(column: str) -> str:
+    if column == REFIT_COLUMN:
+        return REFIT
     return ENSEMBLE_NAME if column == ENSEMBLE else column[len(FOLD_PREFIX):]
+
+
+def scored_columns(patients: pd.DataFrame) -> list[str]:
+    """The fold models', the refit model's (deploy.refit) and the ensemble's probability columns."""
+    return fold_columns(patients) + ([REFIT_COLUMN] if REFIT_COLUMN in patients.columns else []) + [ENSEMBLE]
 
 
 def scored(patients: pd.DataFrame, column: str) -> pd.DataFrame:
@@ -56,7 +65,7 @@ def model_metrics(patients: pd.DataFrame, n_bootstrap: int, seed: int, label: st
     from sklearn.metrics import brier_score_loss
 
     rows = []
-    for column in fold_columns(patients) + [ENSEMBLE]:
+    for column in scored_columns(patients):
         test = scored(patients, column)
         auc = fold_auc(test, f"{label} {column_name(column)}")
         undefined = (math.nan, math.nan, 0)
@@ -74,7 +83,7 @@ def plot_calibration(patients: pd.DataFrame, title: str, png: str | os.PathLike)
 
     with square_axes(png, title, "mean predicted probability", "fraction positive", diagonal="perfectly calibrated",
                      legend_loc="upper left") as ax:
-        for column in fold_columns(patients) + [ENSEMBLE]:
+        for column in scored_columns(patients):
             test = scored(patients, column)
             if test["label"].nunique() < 2:
                 continue
@@ -115,7 +124,7 @@ def labelled_section(tables: dict, out: Path, settings: dict, seed: int) -> dict
         rows += [{"extractor": extractor, "model": model, **m} for m in metrics]
         title = f"{extractor} / {model}"
         roc, calibration = f"roc_{extractor}_{model}.png", f"calibration_{extractor}_{model}.png"
-        plot_roc(_tests(patients, fold_columns(patients) + [ENSEMBLE]), title, out / roc)
+        plot_roc(_tests(patients, scored_columns(patients)), title, out / roc)
         plot_calibration(patients, title, out / calibration)
         figures.append({"extractor": extractor, "model": model, "roc": roc, "calibration": calibration})
     metrics = pd.DataFrame(rows, columns=METRIC_COLUMNS)

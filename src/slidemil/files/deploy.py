@@ -7,6 +7,8 @@ Each model output of the task (``slidemil.tasks``: binary ``prob``, P(class 1); 
 the target's units) gets one column per fold model, ``<output>_fold_<k>``, then the ensemble, the mean over
 folds, ``<output>_ensemble`` and its spread, the standard deviation over folds (ddof 0),
 ``<output>_fold_std``. A binary file therefore has ``prob_fold_<k>``, ``prob_ensemble``, ``prob_fold_std``.
+With ``deploy.refit`` the model retrained on all non-test patients (``slidemil.mil.refit``) adds
+``<output>_refit`` after the fold columns; it is not part of the ensemble.
 Multiclass adds ``predicted_class``, the class name of the ensemble's highest probability.
 
 Before them: slide_id, patient_id, the outcome columns when the cohort is labelled (``label``: 0/1, a class
@@ -22,6 +24,7 @@ FOLD = "_fold_"
 ENSEMBLE_SUFFIX = "_ensemble"
 SPREAD_SUFFIX = "_fold_std"
 PREDICTED_CLASS = "predicted_class"
+REFIT = "refit"
 OUTCOME_COLUMNS = ("label", "time")
 # A deploy cohort's report folder, relative to the main report's (results/report/deploy/<cohort>/).
 REPORT_DIR = "deploy"
@@ -31,6 +34,17 @@ ENSEMBLE_NAME = "ensemble"
 
 def fold_column(output: str, fold) -> str:
     return f"{output}{FOLD}{fold}"
+
+
+def member_column(output: str, member: str) -> str:
+    """A fold model's column (``member`` its fold), the refit model's (``refit``) or the ensemble's."""
+    if member == REFIT:
+        return f"{output}_{REFIT}"
+    return ensemble_column(output) if member == ENSEMBLE_NAME else fold_column(output, member)
+
+
+def has_refit(table: pd.DataFrame) -> bool:
+    return any(c.endswith(f"_{REFIT}") for c in table.columns)
 
 
 def ensemble_column(output: str) -> str:
