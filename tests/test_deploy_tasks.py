@@ -117,9 +117,8 @@ def test_report_metrics_match_sklearn_scipy_and_lifelines(deployed, tmp_path):
     assert f"{metrics.loc[metrics['fold'] == 'ensemble', doc['metric_names'][0]].iloc[0]:.3f}" in html
 
 
+@pytest.mark.parametrize("deployed", ["survival"], indirect=True)
 def test_survival_groups_split_at_the_training_cohorts_median_risk(deployed, tmp_path):
-    if deployed["task"] != "survival":
-        pytest.skip("the Kaplan-Meier split is survival's")
     doc = _report(deployed, tmp_path / "with")
     assert doc["km_split"] == "training cohort" and "training cohort" in (tmp_path / "with" / "report.html").read_text()
     patients = deployed["patients"]
