@@ -25,7 +25,7 @@ import pandas as pd
 from slidemil.files import write_csv
 from slidemil.files.deploy import ENSEMBLE_NAME, REFIT, fold_names, has_refit, member_column
 from slidemil.report.endpoints import (bootstrap_metrics, draw_figure, figure_name, fold_metrics, logrank_p,
-                                       paired_difference)
+                                       metric_title, paired_difference)
 from slidemil.tasks import Task
 
 # Which median splits the Kaplan-Meier groups (doc["km_split"]).
@@ -136,7 +136,8 @@ def task_section(task: Task, tables: dict, training: dict, out: Path, settings: 
     write_csv(out / "metrics.csv", metrics)
     write_csv(out / "comparison.csv", compared)
     names = list(task.metrics(member_table(next(iter(tables.values())), task, ENSEMBLE_NAME)))
-    doc = {"task": task.name, "metric_names": names, "metrics": _records(metrics),
+    doc = {"task": task.name, "metric_names": names, "metric_titles": [metric_title(n) for n in names],
+           "metrics": _records(metrics),
            "comparison": _records(compared), "figures": figures, "class_names": task.class_names}
     if task.name == "survival":
         doc["km_split"] = KM_TRAINING if all(training.get(k) for k in tables) else KM_COHORT
