@@ -7,7 +7,9 @@
 - MIL bags: write_dataset (feature files + splits.csv with two folds), FAST, MODEL_KWARGS;
 - tiled slides: make_tiled_cohort, tiled_slide (one slide and its tiles);
 - sample sheets: write_sheet (rows plus placeholder slide files);
-- report inputs: write_run / shared_runs (prediction and history files), test_rows.
+- report inputs: write_run / shared_runs (prediction and history files), test_rows;
+- deploy: train_two_folds, write_deploy_cohort (binary); train_task_folds, write_task_deploy_cohort, direct_outputs
+  (every task).
 """
 
 from __future__ import annotations
@@ -563,6 +565,78 @@ def write_task_run(folder: Path, task: str, model: str, fold: int, n_test: int =
     return {"extractor": "feats", "model": model, "fold": fold, "predictions": str(out / "predictions_patients.csv"),
             "history": str(out / "history.csv")}
 
+
+
+# ---- deploy for every task (issue 24 on issue 23's endpoints) ----
+
+def train_task_folds(root: Path, task: str, model: str = "abmil", n_patients: int = 24) -> dict:
+    """task_cohort's bags under ``root``, splits with two folds and ``model`` trained on both: the model.pt
+    paths and the training runs' predictions_patients.csv."""
+    from slidemil.cohort.sheet import Endpoint
+    from slidemil.cohort.splits import make_splits
+    from slidemil.mil.train import train_fold
+
+    root.mkdir(parents=True, exist_ok=True)
+    bags, sheet = task_cohort(task, n_patients)
+    features = {}
+    for slide, feats in bags.items():
+        features[slide] = str(root / f"{slide}.h5")
+        write_h5(features[slide], {"features": feats, "coords": np.zeros((len(feats), 2), np.int64)}, {})
+    make_splits(sheet.assign(path="x"), folds=2, seed=0, endpoint=Endpoint(task, 2)).to_csv(root / "splits.csv",
+                                                                                            index=False)
+    checkpoints, predictions = [], []
+    for fold in (0, 1):
+        out = root / "runs" / model / f"fold_{fold}"
+        train_fold(features, str(root / "splits.csv"), fold, model, MODEL_KWARGS, FAST, seed=0, out_dir=str(out),
+                   device="cpu")
+        checkpoints.append(str(out / "model.pt"))
+        predictions.append(str(out / "predictions_patients.csv"))
+    return {"checkpoints": checkpoints, "predictions": predictions}
+
+
+def write_task_deploy_cohort(root: Path, task: str, n_patients: int = 15, seed: int = 7,
+                             labelled: bool = True) -> dict:
+    """A new cohort of task_cohort bags (ids prefixed N) under ``root``: feature files, their manifest and a
+    sheet (slide_id, patient_id, path and, when ``labelled``, the task's outcome columns)."""
+    from slidemil.cohort.manifest import feature_manifest
+
+    root.mkdir(parents=True, exist_ok=True)
+    bags, sheet = task_cohort(task, n_patients, seed)
+    sheet["slide_id"], sheet["patient_id"] = "N" + sheet["slide_id"], "N" + sheet["patient_id"]
+    paths = []
+    for slide, feats in zip(sheet["slide_id"], bags.values()):
+        paths.append(str(root / f"{slide}.h5"))
+        write_h5(paths[-1], {"features": feats, "coords": np.zeros((len(feats), 2), np.int64)}, {})
+    sheet.insert(2, "path", paths)
+    if not labelled:
+        sheet = sheet[["slide_id", "patient_id", "path"]]
+    feature_manifest(paths, root / "manifest.csv")
+    sheet.to_csv(root / "sheet.csv", index=False)
+    return {"sheet": root / "sheet.csv", "manifest": root / "manifest.csv", "table": sheet,
+            "bags": dict(zip(sheet["slide_id"], bags.values()))}
+
+
+def direct_outputs(checkpoint, features: np.ndarray) -> np.ndarray:
+    """A bag's outputs from a model.pt rebuilt by hand, written out per task: class probabilities (softmax),
+    risk (minus the sum of the discrete survival function) or the prediction in the target's units."""
+    import torch
+
+    from slidemil.mil.models import create_model
+
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    model = create_model(ckpt["model"], in_dim=ckpt["in_dim"], n_classes=ckpt["n_classes"],
+                         **ckpt["model_kwargs"]).eval()
+    model.load_state_dict(ckpt["state_dict"])
+    x = torch.from_numpy(np.asarray(features, dtype=np.float32))
+    if ckpt.get("feature_mean") is not None:
+        x = (x - ckpt["feature_mean"]) / ckpt["feature_std"]
+    with torch.no_grad():
+        logits = model(x[None], None)["logits"].float()[0].numpy().astype(np.float64)
+    if ckpt["task"] == "survival":
+        return np.array([-np.cumprod(1 - 1 / (1 + np.exp(-logits))).sum()])
+    if ckpt["task"] == "regression":
+        return logits[:1] * ckpt["target_std"] + ckpt["target_mean"]
+    return np.exp(logits) / np.exp(logits).sum()
 
 # ---- MIL benchmark files (issue 25) ----
 

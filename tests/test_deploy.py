@@ -43,12 +43,6 @@ def test_the_demo_cohort_is_for_the_demo_only():
         check_config({"samples": "mine.csv", "deploy": {"demo_patients": 4}})
 
 
-def test_deployment_is_refused_for_tasks_other_than_binary():
-    for task in ("multiclass", "survival", "regression"):
-        with pytest.raises(ConfigError, match=f"^config: deploy: deploys binary models only, but task is {task};"):
-            check_config({"task": task, "samples": "train.csv", "deploy": {"cohorts": {"ext": "s.csv"}}})
-
-
 def test_an_unlabelled_sheet_loads_and_a_partly_labelled_one_is_refused(tmp_path):
     rows = [("A1", "PA", "a.svs", 1), ("B1", "PB", "b.svs", None)]
     sheet = write_sheet(tmp_path, rows)
@@ -209,3 +203,69 @@ def test_slides_are_tiled_and_extracted_as_the_training_features_were(tmp_path):
     assert "broken.svs" in table.loc["broken", "excluded"] and np.isnan(table.loc["broken", ENSEMBLE])
     assert cli(["predict", "--checkpoints", ckpt, "--slides", slide["slide"], "--like", str(like), "--seed", "5",
                 "--out", str(tmp_path / "other_seed.csv"), "--device", "cpu"]) == 1
+
+
+# ---- the main report's links ----
+
+def test_main_report_links_each_deploy_cohort_page(tmp_path):
+    import re
+
+    from factories import shared_runs
+    from slidemil.report.page import build_report
+
+    runs = shared_runs(tmp_path, "e", "abmil", 2, 12, 2.0, 0)
+    doc = build_report(runs, tmp_path / "report", {"n_bootstrap": 20}, deploy_cohorts=["ext", "real"])
+    html = (tmp_path / "report" / "report.html").read_text()
+    assert re.findall(r'href="(deploy/[^"]+)"', html) == ["deploy/ext/report.html", "deploy/real/report.html"]
+    assert "<a href='#deploy'>Deploy cohorts</a>" in html and [d["cohort"] for d in doc["deploy"]] == ["ext", "real"]
+    plain = build_report(runs, tmp_path / "plain", {"n_bootstrap": 20})
+    assert "deploy" not in plain and "Deploy cohorts" not in (tmp_path / "plain" / "report.html").read_text()
+
+
+# ---- deploy.refit ----
+
+def test_refit_trains_the_median_fold_epoch_count_on_all_non_test_patients(trained, tmp_path):
+    from factories import MODEL_KWARGS, FAST
+    from slidemil.files.checkpoint import read_checkpoint, write_checkpoint
+    from slidemil.files.splits import read_splits
+    from slidemil.mil.refit import SPLITS_NAME, refit_epochs, refit_model
+
+    epochs = [read_checkpoint(p)["epoch"] for p in trained["checkpoints"]]
+    odd = []
+    for k, epoch in enumerate((2, 3, 7)):
+        odd.append(tmp_path / f"e{k}.pt")
+        write_checkpoint(odd[-1], {**read_checkpoint(trained["checkpoints"][0]), "epoch": epoch})
+    assert refit_epochs(odd) == 3 and refit_epochs(odd[:2]) == 3  # the median; 2.5 rounds up
+    root = trained["root"] / "train"
+    features = {p.stem: str(p) for p in root.glob("S*.h5")}
+    summary = refit_model(features, str(root / "splits.csv"), trained["checkpoints"], "abmil", MODEL_KWARGS,
+                          {**FAST, "patience": 1}, 0, str(tmp_path / "refit"), device="cpu")
+    expected = int(np.floor(np.median(epochs) + 0.5))
+    assert summary["refit_epochs"] == expected
+    assert len(pd.read_csv(tmp_path / "refit" / "history.csv")) == expected  # no early stopping (patience 1)
+    assert read_checkpoint(tmp_path / "refit" / "model.pt")["epoch"] == expected
+    splits, refit = read_splits(root / "splits.csv"), read_splits(tmp_path / "refit" / SPLITS_NAME)
+    test = (splits[["fold_0", "fold_1"]] == "test").any(axis=1)
+    assert (refit.loc[test, "fold_0"] == "val").all() and (refit.loc[~test, "fold_0"] == "train").all()
+
+
+def test_refit_is_scored_beside_the_folds_and_left_out_of_the_ensemble(trained, tmp_path):
+    from factories import untrained_checkpoint
+
+    refit = untrained_checkpoint(tmp_path / "refit.pt", in_dim=16, seed=4)
+    files = tmp_path / "s.csv", tmp_path / "p.csv"
+    slides = predict_cohort(trained["checkpoints"], trained["manifest"], trained["sheet"], *files, device="cpu",
+                            refit_checkpoint=refit)
+    usable = slides[slides["excluded"] == ""]
+    row = usable.iloc[0]
+    feats = read_features(trained["root"] / "new" / f"{row.slide_id}.h5", ("features",))[0]["features"]
+    assert row["prob_refit"] == pytest.approx(direct_probability(refit, feats), abs=1e-5)
+    assert np.allclose(usable[ENSEMBLE], usable[["prob_fold_0", "prob_fold_1"]].mean(axis=1))
+    runs = [{"extractor": "e", "model": "abmil", "slides": str(files[0]), "patients": str(files[1]),
+             "checkpoint": trained["checkpoints"][0], "features": str(trained["manifest"]), "tiles": None}]
+    build_deploy_report("ext", runs, tmp_path / "report", {"n_bootstrap": 50, "reference_model": "abmil",
+                        "heatmaps_per_model": 0, "heatmap_top_k": 2}, seed=0, sheet=trained["sheet"])
+    metrics = pd.read_csv(tmp_path / "report" / "metrics.csv", dtype={"fold": str}).set_index("fold")
+    patients = pd.read_csv(files[1], dtype={"patient_id": str})
+    assert list(metrics.index) == ["0", "1", "refit", "ensemble"]
+    assert metrics.loc["refit", "auc"] == pytest.approx(roc_auc_score(patients["label"], patients["prob_refit"]))

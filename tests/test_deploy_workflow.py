@@ -116,8 +116,9 @@ def test_adding_and_editing_a_cohort_never_retrains(run, shared_slides, tmp_path
     n = len(sheet)
     rc, jobs, text = dry_run(run, config)
     assert rc == 0, text[-3000:]
+    # The main report too: it links to every cohort's page.
     assert jobs == {"deploy_tile_slide": n, "deploy_tile_manifest": 1, "deploy_extract_features": n,
-                    "deploy_feature_manifest": 1, "predict": len(MODELS), "deploy_report": 1}
+                    "deploy_feature_manifest": 1, "predict": len(MODELS), "deploy_report": 1, "report": 1}
     proc = snakemake_cli(run, "--cores", "2", configfile="edited.yaml", timeout=1800)
     assert proc.returncode == 0, proc.stderr[-5000:]
     # An unlabelled cohort of the real slides: a prediction per usable slide, the broken ones excluded with why.

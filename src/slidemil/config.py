@@ -265,6 +265,9 @@ def _check_deploy_cohorts(value, key: str) -> dict:
 class Deploy:
     cohorts: dict = setting({}, check=_check_deploy_cohorts)
     demo_patients: int = setting(0, minimum=0)
+    # One model per (extractor, model) retrained on all non-test patients for the median of its folds' selected
+    # epochs (slidemil.mil.refit), deployed beside the folds and their ensemble; off: nothing more is trained.
+    refit: bool = setting(False)
 
 
 @dataclass(frozen=True)
@@ -536,11 +539,13 @@ def _check_rules(cfg: dict) -> None:
 
 
 def _check_deploy_rules(cfg: dict) -> None:
-    deploying = bool(cfg["deploy"]["cohorts"] or cfg["deploy"]["demo_patients"])
-    if deploying and cfg["task"] != BINARY:
-        # Deployment scores, reports and calibrates P(class 1); the other tasks' outputs have no such reading yet.
-        raise ConfigError("deploy", f"deploys binary models only, but task is {cfg['task']}",
-                          "no deploy cohorts, or task: binary")
+    if cfg["deploy"]["demo_patients"] and cfg["task"] != BINARY:
+        # The second demo cohort is drawn with binary labels only; any task deploys on cohorts of deploy.cohorts.
+        raise ConfigError("deploy.demo_patients", f"makes a binary demo cohort, but task is {cfg['task']}",
+                          "0, and a cohort of your own in deploy.cohorts")
+    if cfg["deploy"]["refit"] and cfg["splits"]["fold_column"]:
+        raise ConfigError("deploy.refit", "retrains on the non-test patients, but splits.fold_column makes every "
+                          "patient a test patient in some fold", "false with splits.fold_column")
     if cfg["deploy"]["demo_patients"] and cfg["samples"]:
         raise ConfigError("deploy.demo_patients", "makes a second demo cohort, but samples names your own cohort",
                           "0 with samples, or no samples (the demo)")

@@ -16,3 +16,11 @@ def train_from_manifest(features_manifest: str | os.PathLike, **kwargs) -> dict:
     from slidemil.mil.train import train_fold
 
     return train_fold(features=read_manifest(features_manifest), **kwargs)
+
+
+def refit_from_manifest(features_manifest: str | os.PathLike, **kwargs) -> dict:
+    """:func:`slidemil.mil.refit.refit_model` on the feature files a feature manifest lists."""
+    from slidemil.cohort.manifest import read_manifest
+    from slidemil.mil.refit import refit_model
+
+    return refit_model(features=read_manifest(features_manifest), **kwargs)

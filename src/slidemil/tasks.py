@@ -378,3 +378,14 @@ def make_task(name: str = BINARY, class_names: list | None = None, class_weighte
     if name == "multiclass" and not class_names:
         raise ValueError("task multiclass needs its class names")
     return _TASKS[name](class_names, class_weighted)
+
+
+def task_from_state(state: dict) -> Task:
+    """The task a checkpoint was trained for (``Task.state``; checkpoints from before tasks are binary), with
+    what its outputs need: a regression checkpoint's target mean and std, a survival one's time cuts."""
+    task = make_task(state.get("task") or BINARY, state.get("class_names"))
+    if isinstance(task, Regression):
+        task.mean, task.std = float(state["target_mean"]), float(state["target_std"])
+    elif isinstance(task, Survival):
+        task.cuts = list(state.get("time_cuts") or [])
+    return task

@@ -365,6 +365,11 @@ def report_run_settings():
     return settings
 
 
+def report_deploy_cohorts(wildcards):
+    """The deploy cohorts whose pages the main report links to (COHORTS: deploy_common.smk, parsed later)."""
+    return COHORTS
+
+
 def report_first_checkpoint(wildcards):
     """The heatmaps are drawn with the model of the first fold."""
     return f"{train_dir(wildcards.extractor, wildcards.model, FOLDS[0])}/model.pt"

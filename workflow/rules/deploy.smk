@@ -106,10 +106,38 @@ rule deploy_feature_manifest:
         "../scripts/manifest.py"
 
 
-# One job per cohort x extractor x model: every fold's model and their ensemble.
+# deploy.refit: one model per extractor x model on all non-test patients, for the median of its folds' selected
+# epochs (slidemil.mil.refit). It reads the fold models and never changes them: adding it retrains no fold.
+rule refit:
+    input:
+        features=extractor_features,
+        splits=f"{RESULTS}/splits/splits.csv",
+        folds=refit_fold_checkpoints,
+        init=refit_init_checkpoint,
+    output:
+        [f"{RESULTS}/train/{{extractor}}/{{model}}/refit/{name}" for name in TRAIN_FILES],
+    log:
+        f"{LOGS}/train/{{extractor}}/{{model}}/refit.log",
+    benchmark:
+        f"{LOGS}/train/{{extractor}}/{{model}}/refit.benchmark.tsv"
+    conda:
+        "../envs/slidemil.yaml"
+    threads: config["compute"]["train_threads"]
+    resources:
+        device=config["compute"]["device"],
+    params:
+        model=model_params,
+        training=config["mil"]["training"],
+        seed=config["seed"],
+    script:
+        "../scripts/refit.py"
+
+
+# One job per cohort x extractor x model: every fold's model and their ensemble (and the refit model).
 rule predict:
     input:
         checkpoints=deploy_checkpoints,
+        refit=deploy_refit_checkpoint,
         features=f"{DEPLOY}/{{cohort}}/features/{{extractor}}/manifest.csv",
         # the training features' extractor and weights digest, which the cohort's must match
         training=extractor_features,
@@ -126,6 +154,7 @@ rule predict:
         device=config["compute"]["device"],
     params:
         positive_class=POSITIVE_CLASS,
+        endpoint=DEPLOY_ENDPOINT,
     script:
         "../scripts/predict.py"
 
@@ -137,6 +166,7 @@ rule deploy_report:
         checkpoints=deploy_report_checkpoints,
         features=deploy_report_features,
         tiles=deploy_report_tiles,
+        training=deploy_report_training,
         sheet=deploy_sheet,
     output:
         html=f"{DEPLOY_REPORT}/{{cohort}}/report.html",
@@ -151,6 +181,7 @@ rule deploy_report:
         settings=deploy_report_settings(),
         seed=config["seed"],
         positive_class=POSITIVE_CLASS,
+        endpoint=DEPLOY_ENDPOINT,
         runs=[{"extractor": e, "model": m} for e, m in deploy_pairs()],
     script:
         "../scripts/deploy_report.py"

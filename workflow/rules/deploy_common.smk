@@ -2,11 +2,19 @@
 from slidemil.cohort.deploy import check_no_leakage, load_deploy_sheet
 from slidemil.config import DEMO_DEPLOY_COHORT
 from slidemil.demo.external import plan_external_cohort
+from slidemil.files.deploy import REPORT_DIR as DEPLOY_REPORT_DIR
+from slidemil.tasks import class_order
 
 DEPLOY = f"{RESULTS}/deploy"
-DEPLOY_REPORT = f"{REPORT}/deploy"
+DEPLOY_REPORT = f"{REPORT}/{DEPLOY_REPORT_DIR}"
 DEMO_EXTERNAL = f"{RESULTS}/demo_external"
 POSITIVE_CLASS = config["splits"]["positive_class"]
+# The task the deployed models were trained for and, for survival, the sheets' time and event columns.
+DEPLOY_ENDPOINT = {"task": config["task"]}
+if config["task"] == "survival":
+    DEPLOY_ENDPOINT.update({f"{k}_column": config["splits"][f"{k}_column"] for k in ("time", "event")})
+# A labelled multiclass cohort's classes must be among the training sheet's.
+TRAINING_CLASSES = class_order(SAMPLES["label"]) if config["task"] == "multiclass" else None
 # cohort -> its sheet's path, and -> {slide_id: slide file} / {slide_id: mpp override}
 DEPLOY_SHEETS, DEPLOY_PATHS, DEPLOY_MPPS = {}, {}, {}
 
@@ -28,7 +36,12 @@ if DEMO and config["deploy"]["demo_patients"]:
     _add_deploy_cohort(DEMO_DEPLOY_COHORT, f"{DEMO_EXTERNAL}/samples.csv", _external)
 for _name, _entry in config["deploy"]["cohorts"].items():
     try:
-        _sheet = load_deploy_sheet(_entry["samples"], positive_class=POSITIVE_CLASS)
+        _sheet = load_deploy_sheet(
+            _entry["samples"],
+            positive_class=POSITIVE_CLASS,
+            endpoint=Endpoint(**DEPLOY_ENDPOINT),
+            class_names=TRAINING_CLASSES,
+        )
         check_no_leakage(SAMPLES, _sheet, _entry["samples"])
     except SheetError as _error:
         sys.exit(f"deploy.cohorts.{_name}: {_error}")
@@ -92,6 +105,26 @@ def deploy_checkpoints(wildcards):
     return [f"{train_dir(wildcards.extractor, wildcards.model, f)}/model.pt" for f in FOLDS]
 
 
+def refit_dir(extractor, model):
+    return f"{RESULTS}/train/{extractor}/{model}/refit"
+
+
+def refit_fold_checkpoints(wildcards):
+    """The refit trains for the median of these checkpoints' selected epochs."""
+    return deploy_checkpoints(wildcards)
+
+
+def refit_init_checkpoint(wildcards):
+    """MHIM-MIL's refit starts from its baseline's refit, as its folds from their baselines'."""
+    base = base_model(wildcards.model)
+    return [f"{refit_dir(wildcards.extractor, base)}/model.pt"] if base else []
+
+
+def deploy_refit_checkpoint(wildcards):
+    """With deploy.refit, the model retrained on all non-test patients, scored beside the folds."""
+    return [f"{refit_dir(wildcards.extractor, wildcards.model)}/model.pt"] if config["deploy"]["refit"] else []
+
+
 def deploy_predictions(cohort, extractor, model, level):
     return f"{DEPLOY}/{cohort}/predictions/{extractor}/{model}/predictions_{level}.csv"
 
@@ -110,6 +143,13 @@ def deploy_report_checkpoints(wildcards):
 
 def deploy_report_features(wildcards):
     return [deploy_feature_manifest(wildcards.cohort, e) for e, _ in deploy_pairs()]
+
+
+def deploy_report_training(wildcards):
+    """Survival: every fold's training predictions of each model (the Kaplan-Meier split at the training median)."""
+    if config["task"] != "survival":
+        return []
+    return [f"{train_dir(e, m, f)}/predictions_patients.csv" for e, m in deploy_pairs() for f in FOLDS]
 
 
 def deploy_report_tiles(wildcards):

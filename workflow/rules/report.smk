@@ -94,5 +94,7 @@ rule report:
         run_settings=report_run_settings(),
         # Same order as the inputs: one entry per trained (extractor, model, fold).
         runs=[{"extractor": e, "model": m, "fold": f} for e, m, f in train_runs()],
+        # the deploy cohorts whose pages the report links to (deploy_common.smk)
+        deploy_cohorts=report_deploy_cohorts,
     script:
         "../scripts/report.py"

@@ -17,5 +17,7 @@ run(
     seed=snakemake.params.seed,
     sheet=inp.sheet,
     positive_class=snakemake.params.positive_class,
+    endpoint=snakemake.params.endpoint,
+    training_predictions=list(inp.training),
     device=snakemake.resources.device,
 )

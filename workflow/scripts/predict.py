@@ -11,6 +11,8 @@ run(
     snakemake.output.patients,
     training_manifest=snakemake.input.training,
     positive_class=snakemake.params.positive_class,
+    endpoint=snakemake.params.endpoint,
+    refit_checkpoint=snakemake.input.refit[0] if snakemake.input.refit else None,
     device=snakemake.resources.device,
     threads=snakemake.threads,
 )

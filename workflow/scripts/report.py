@@ -21,4 +21,5 @@ run(
     tiles=inp.tiles[0] if inp.tiles else None,
     heatmaps=list(inp.heatmaps),
     run_settings=snakemake.params.run_settings,
+    deploy_cohorts=snakemake.params.deploy_cohorts,
 )

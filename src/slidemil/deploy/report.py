@@ -22,20 +22,36 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from slidemil.deploy.predict import ENSEMBLE, FOLD_PREFIX, SPREAD, fold_columns
-from slidemil.files import save_png, write_csv, write_json, write_text
-from slidemil.report.stats import bootstrap_mean_auc, compare_models, fold_auc, paired_auc_difference, plot_roc
+from slidemil.deploy.predict import ENSEMBLE, FOLD_PREFIX, SPREAD
+from slidemil.files import write_csv, write_json, write_text
+from slidemil.files.deploy import (ENSEMBLE_NAME, PREDICTED_CLASS, REFIT, ensemble_column, member_column,
+                                   output_names, spread_column)
+from slidemil.files.deploy import fold_columns as output_fold_columns
+from slidemil.report.stats import (bootstrap_mean_auc, compare_models, fold_auc, paired_auc_difference, plot_roc,
+                                    square_axes)
 
 logger = logging.getLogger(__name__)
 
 METRIC_COLUMNS = ["extractor", "model", "fold", "n_patients", "n_positive", "auc", "ci_low", "ci_high",
                   "n_bootstrap_used", "brier"]
-ENSEMBLE_NAME = "ensemble"
 MAX_BINS = 10
+REFIT_COLUMN = member_column("prob", REFIT)
+
+
+def fold_columns(patients: pd.DataFrame) -> list[str]:
+    """The fold models' probability columns of a binary table."""
+    return output_fold_columns(patients, "prob")
 
 
 def column_name(column: str) -> str:
+    if column == REFIT_COLUMN:
+        return REFIT
     return ENSEMBLE_NAME if column == ENSEMBLE else column[len(FOLD_PREFIX):]
+
+
+def scored_columns(patients: pd.DataFrame) -> list[str]:
+    """The fold models', the refit model's (deploy.refit) and the ensemble's probability columns."""
+    return fold_columns(patients) + ([REFIT_COLUMN] if REFIT_COLUMN in patients.columns else []) + [ENSEMBLE]
 
 
 def scored(patients: pd.DataFrame, column: str) -> pd.DataFrame:
@@ -49,7 +65,7 @@ def model_metrics(patients: pd.DataFrame, n_bootstrap: int, seed: int, label: st
     from sklearn.metrics import brier_score_loss
 
     rows = []
-    for column in fold_columns(patients) + [ENSEMBLE]:
+    for column in scored_columns(patients):
         test = scored(patients, column)
         auc = fold_auc(test, f"{label} {column_name(column)}")
         undefined = (math.nan, math.nan, 0)
@@ -62,13 +78,12 @@ def model_metrics(patients: pd.DataFrame, n_bootstrap: int, seed: int, label: st
 
 def plot_calibration(patients: pd.DataFrame, title: str, png: str | os.PathLike) -> None:
     """Reliability curves (equal-count bins) of the ensemble, bold, and of each fold model."""
-    import matplotlib.pyplot as plt
     from sklearn.calibration import calibration_curve
     from sklearn.metrics import brier_score_loss
 
-    fig, ax = plt.subplots(figsize=(5.5, 5.5), dpi=100)
-    try:
-        for column in fold_columns(patients) + [ENSEMBLE]:
+    with square_axes(png, title, "mean predicted probability", "fraction positive", diagonal="perfectly calibrated",
+                     legend_loc="upper left") as ax:
+        for column in scored_columns(patients):
             test = scored(patients, column)
             if test["label"].nunique() < 2:
                 continue
@@ -78,16 +93,7 @@ def plot_calibration(patients: pd.DataFrame, title: str, png: str | os.PathLike)
             brier = brier_score_loss(test["label"], test["prob"])
             ax.plot(predicted, observed, marker="o", lw=2.5 if bold else 1, alpha=1 if bold else 0.6,
                     label=f"{'' if bold else 'fold '}{column_name(column)}, Brier {brier:.3f}")
-        ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfectly calibrated")
         ax.text(0.98, 0.02, f"equal-count bins of {len(test)} patients", ha="right", fontsize=8, color="grey")
-        ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="mean predicted probability", ylabel="fraction positive")
-        ax.set_aspect("equal")
-        ax.set_title(title, fontsize=10)
-        ax.legend(loc="upper left", fontsize=8)
-        fig.tight_layout()
-        save_png(fig, png)
-    finally:
-        plt.close(fig)
 
 
 def _tests(patients: pd.DataFrame, columns: list[str]) -> list[tuple[str, pd.DataFrame, float]]:
@@ -118,7 +124,7 @@ def labelled_section(tables: dict, out: Path, settings: dict, seed: int) -> dict
         rows += [{"extractor": extractor, "model": model, **m} for m in metrics]
         title = f"{extractor} / {model}"
         roc, calibration = f"roc_{extractor}_{model}.png", f"calibration_{extractor}_{model}.png"
-        plot_roc(_tests(patients, fold_columns(patients) + [ENSEMBLE]), title, out / roc)
+        plot_roc(_tests(patients, scored_columns(patients)), title, out / roc)
         plot_calibration(patients, title, out / calibration)
         figures.append({"extractor": extractor, "model": model, "roc": roc, "calibration": calibration})
     metrics = pd.DataFrame(rows, columns=METRIC_COLUMNS)
@@ -174,14 +180,21 @@ def read_runs(runs: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, dict, dict]
 
 
 def build_deploy_report(cohort: str, runs: list[dict], out_dir: str | os.PathLike, settings: dict, seed: int,
-                        sheet: str | os.PathLike, positive_class=None, device: str = "cpu") -> dict:
+                        sheet: str | os.PathLike, positive_class=None, device: str = "cpu",
+                        endpoint: dict | None = None, training_predictions: list | None = None) -> dict:
     """The report of one deploy cohort from its predict jobs' tables; ``runs`` has one entry per
     (extractor, model): extractor, model, slides, patients (the predict tables), checkpoint (first fold's),
-    features and tiles (the cohort's manifests; tiles None for imported features). ``sheet``: the cohort's."""
+    features and tiles (the cohort's manifests; tiles None for imported features). ``sheet``: the cohort's;
+    ``endpoint``: the config's task and survival columns (``slidemil.cohort.sheet.Endpoint``);
+    ``training_predictions``: survival, optional, the training runs' predictions_patients.csv, each run's folds
+    in turn in the runs' order (the Kaplan-Meier split at the training cohort's median risk)."""
     from slidemil.cohort.deploy import load_deploy_sheet
+    from slidemil.cohort.sheet import Endpoint
 
     out = Path(out_dir)
-    sheet = load_deploy_sheet(sheet, check_files=False, positive_class=positive_class)
+    task = deploy_task(runs)
+    sheet = load_deploy_sheet(sheet, check_files=False, positive_class=positive_class,
+                              endpoint=Endpoint(**(endpoint or {})), class_names=task.class_names)
     all_slides, all_patients, slides, patients = read_runs(runs)
     write_csv(out / "predictions_slides.csv", all_slides)
     write_csv(out / "predictions_patients.csv", all_patients)
@@ -189,21 +202,61 @@ def build_deploy_report(cohort: str, runs: list[dict], out_dir: str | os.PathLik
     first = next(iter(slides.values()))
     excluded = first.loc[first["excluded"] != "", ["slide_id", "excluded"]].to_dict("records")
     doc = {"cohort": cohort, "labelled": labelled, "n_slides": len(first),
-           "n_patients": int(sheet["patient_id"].nunique()), "n_usable": int(first[ENSEMBLE].notna().sum()),
+           "n_patients": int(sheet["patient_id"].nunique()),
+           "n_usable": int(first[ensemble_column(task.output_columns[0])].notna().sum()),
            "excluded": excluded, "settings": settings,
            "models": [{"extractor": r["extractor"], "model": r["model"]} for r in runs]}
-    if labelled:
+    if labelled and task.name == "binary":
         doc.update(labelled_section(patients, out, settings, seed))
-    else:
+    elif labelled:
+        from slidemil.deploy.endpoints import task_section
+
+        per_run = len(training_predictions or []) // len(runs)
+        training = {(r["extractor"], r["model"]): training_predictions[k * per_run:(k + 1) * per_run]
+                    for k, r in enumerate(runs)} if per_run else {}
+        doc.update(task_section(task, patients, training, out, settings, seed))
+    elif task.name == "binary":
         doc["patients"] = _patient_rows(all_patients)
         paths = dict(zip(sheet["slide_id"], sheet["path"]))
         doc["heatmaps"] = [{"extractor": r["extractor"], "model": r["model"],
                             "slides": draw_heatmaps(r, slides[(r["extractor"], r["model"])], paths, out, settings,
                                                     device)}
                            for r in runs if r.get("tiles") and settings["heatmaps_per_model"] > 0]
+    else:
+        doc |= {"task": task.name, "patients": task_patient_rows(all_patients, task), "heatmaps": []}
     write_json(out / "report.json", doc)
     write_text(out / "report.html", render_page(doc, out))
     return doc
+
+
+def deploy_task(runs: list[dict]):
+    """The task the deployed models were trained for, from the first run's checkpoint (its class names too)."""
+    from slidemil.files.checkpoint import read_checkpoint
+    from slidemil.tasks import task_from_state
+
+    return task_from_state(read_checkpoint(runs[0]["checkpoint"]))
+
+
+def task_patient_rows(patients: pd.DataFrame, task) -> list[dict]:
+    """An unlabelled cohort's patients, each with its ensemble outputs and their spread over folds (and, for
+    multiclass, the predicted class), ordered by the first output's ensemble, highest first."""
+    outputs = output_names(patients)
+    ordered = patients.sort_values(["extractor", "model", ensemble_column(outputs[0])], ascending=[True, True, False])
+    rows = []
+    for record in ordered.to_dict("records"):
+        row = {k: record[k] for k in ("extractor", "model", "patient_id", "n_slides")}
+        row["outputs"] = [{"name": output_title(o, task), "ensemble": record[ensemble_column(o)],
+                           "spread": record[spread_column(o)]} for o in outputs]
+        row["predicted_class"] = record.get(PREDICTED_CLASS)
+        rows.append(row)
+    return rows
+
+
+def output_title(output: str, task) -> str:
+    """What the page calls an output: P(<class>), risk, predicted value."""
+    if task.name == "multiclass":
+        return f"P({task.class_names[int(output.removeprefix('prob_'))]})"
+    return {"risk": "risk", "pred": "predicted value"}.get(output, output)
 
 
 def _patient_rows(patients: pd.DataFrame) -> list[dict]:

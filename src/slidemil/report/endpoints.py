@@ -29,7 +29,7 @@ from sklearn.metrics import confusion_matrix, roc_curve  # noqa: E402
 
 from slidemil.files import save_png, write_csv, write_text  # noqa: E402
 from slidemil.names import RESULT_FIGURES  # noqa: E402
-from slidemil.report.stats import _draws, _fmt, best_val_auc  # noqa: E402
+from slidemil.report.stats import _draws, _fmt, best_val_auc, square_axes  # noqa: E402
 from slidemil.tasks import Task, make_task  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -224,7 +224,7 @@ def plot_kaplan_meier(items: list, title: str, png: str | os.PathLike) -> None:
                     km = KaplanMeierFitter().fit(group["time"], group["label"], label=f"{name} (n={len(group)})")
                     km.plot_survival_function(ax=ax, ci_show=False, color=colour)
             p = logrank_p(test, train)
-            ax.set_title(f"fold {fold}: log-rank p {_fmt(p)}", fontsize=9)
+            ax.set_title(f"{member_title(fold)}: log-rank p {_fmt(p)}", fontsize=9)
             ax.set_xlabel("time")
             ax.set_ylim(0, 1.02)
             ax.legend(fontsize=7)
@@ -277,23 +277,14 @@ def plot_confusion(task: Task, items: list, title: str, png: str | os.PathLike) 
 
 def plot_scatter(items: list, title: str, png: str | os.PathLike) -> None:
     """Predicted against true target of the test patients, one colour per fold, with the identity line."""
-    fig, ax = plt.subplots(figsize=(4.8, 4.6), dpi=100)
-    try:
-        values = []
+    with square_axes(png, title, "true value", "predicted value", legend_loc="best", limits=None) as ax:
         for k, (fold, test, _) in enumerate(items):
-            ax.scatter(test["label"], test["pred"], s=14, alpha=0.7, color=f"C{k % 10}", label=f"fold {fold}")
-            values += [*test["label"], *test["pred"]]
-        if values:
-            low, high = min(values), max(values)
-            ax.plot([low, high], [low, high], ls="--", color="grey", lw=1)
-        ax.set_xlabel("true value")
-        ax.set_ylabel("predicted value")
-        ax.legend(fontsize=7)
-        ax.set_title(title, fontsize=10)
-        fig.tight_layout()
-        save_png(fig, png)
-    finally:
-        plt.close(fig)
+            ax.scatter(test["label"], test["pred"], s=14, alpha=0.7, color=f"C{k % 10}", label=member_title(fold))
+
+
+def member_title(fold) -> str:
+    """A figure's name for a fold model ("fold 0"), or for a deploy cohort's "ensemble" and "refit" models."""
+    return f"fold {fold}" if str(fold).isdigit() else str(fold)
 
 
 def figure_name(task: Task, extractor: str, model: str) -> str:
@@ -301,7 +292,8 @@ def figure_name(task: Task, extractor: str, model: str) -> str:
 
 
 def draw_figure(task: Task, items: list, title: str, png: Path) -> None:
-    items = sorted(items, key=lambda item: str(item[0]))
+    # Fold models in fold order, then any named model (a deploy cohort's refit and ensemble) as given.
+    items = sorted(items, key=lambda item: (not str(item[0]).isdigit(), str(item[0]) if str(item[0]).isdigit() else ""))
     if task.name == "multiclass":
         plot_confusion(task, items, title, png)
     elif task.name == "survival":

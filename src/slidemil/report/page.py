@@ -42,6 +42,7 @@ from slidemil.cohort.manifest import read_manifest_table
 from slidemil.config import Report, field_defaults
 from slidemil.files import write_csv, write_json, write_text
 from slidemil.names import BINARY, base_model
+from slidemil.files import deploy as deploy_files
 from slidemil.files.splits import read_splits, split_task
 from slidemil.report.endpoints import detect_task
 from slidemil.tasks import make_task
@@ -255,6 +256,7 @@ def build_report(
     tiles: str | os.PathLike | None = None,
     heatmaps: list[str | os.PathLike] | None = None,
     run_settings: dict | None = None,
+    deploy_cohorts: list[str] | None = None,
 ) -> dict:
     """Write the tables, figures, report.json and report.html into ``out_dir``; return the JSON document.
 
@@ -265,6 +267,7 @@ def build_report(
     ``heatmaps``: the indexes written by slidemil.report.model_heatmaps. The
     cohort and split sections need ``sheet``, ``splits`` and ``features``.
     ``run_settings``: the settings the results were made with, recorded with their digest.
+    ``deploy_cohorts``: the deploy cohorts (slidemil.deploy) whose pages the report links to.
     """
     cfg = {**DEFAULTS, **(settings or {})}
     out = Path(out_dir)
@@ -293,6 +296,8 @@ def build_report(
     if manifests and tile_table is None:
         doc["heatmap_notes"].append("no heatmaps: the features were precomputed, so there are no slides "
                                     "and tile coordinates to draw on")
+    if deploy_cohorts:
+        doc["deploy"] = [{"cohort": c, "href": deploy_files.report_page(c)} for c in deploy_cohorts]
     write_json(out / "report.json", doc)
     write_text(out / "report.html", render_html(doc, out))
     logger.info("report: %s", out / "report.html")

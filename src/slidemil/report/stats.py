@@ -13,6 +13,7 @@ Command line::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -385,12 +386,40 @@ def _md_cell(text) -> str:
     return str(text).replace("|", "\\|")
 
 
+@contextlib.contextmanager
+def square_axes(png: str | os.PathLike, title: str, xlabel: str, ylabel: str, diagonal: str | None = None,
+                legend_loc: str = "lower right", limits: tuple[float, float] | None = (0, 1)):
+    """A square figure's axes for curves against the identity line (ROC, reliability, predicted against true):
+    the caller draws on the yielded axes; then the dashed grey diagonal (labelled ``diagonal`` in the legend),
+    equal scales over ``limits`` (the y axis 1 % higher, so a curve along the top stays visible; None: the
+    drawn data's range), labels, title and legend, saved to ``png``."""
+    fig, ax = plt.subplots(figsize=(5.5, 5.5), dpi=100)
+    try:
+        yield ax
+        if limits is None:
+            ax.autoscale_view()
+            low, high = min(ax.get_xlim()[0], ax.get_ylim()[0]), max(ax.get_xlim()[1], ax.get_ylim()[1])
+        else:
+            low, high = limits
+        ax.plot([low, high], [low, high], ls="--", color="grey", lw=1, label=diagonal)
+        ax.set_xlim(low, high)
+        ax.set_ylim(low, high + (0.01 * (high - low) if limits is not None else 0))
+        ax.set_aspect("equal")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10)
+        ax.legend(loc=legend_loc, fontsize=8)
+        fig.tight_layout()
+        save_png(fig, png)
+    finally:
+        plt.close(fig)
+
+
 def plot_roc(
     folds: list[tuple[object, pd.DataFrame, float]], title: str, png: str | os.PathLike
 ) -> None:
     """One figure with the ROC curve of every fold; single-class folds are listed but not drawn."""
-    fig, ax = plt.subplots(figsize=(5.5, 5.5), dpi=100)
-    try:
+    with square_axes(png, title, "False positive rate", "True positive rate", diagonal="chance") as ax:
         for fold, test, auc in folds:
             if np.isfinite(auc):
                 fpr, tpr, _ = roc_curve(test["label"], test["prob"])
@@ -398,18 +427,6 @@ def plot_roc(
             else:
                 # Invisible handle so the legend still shows the fold was excluded.
                 ax.plot([], [], " ", label=f"fold {fold} (single class, no ROC)")
-        ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="chance")
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1.01)
-        ax.set_aspect("equal")
-        ax.set_xlabel("False positive rate")
-        ax.set_ylabel("True positive rate")
-        ax.set_title(title, fontsize=10)
-        ax.legend(loc="lower right", fontsize=8)
-        fig.tight_layout()
-        save_png(fig, png)
-    finally:
-        plt.close(fig)
 
 
 def plot_history(folds: list[tuple[object, str | os.PathLike]], title: str, png: str | os.PathLike) -> None:
