@@ -574,6 +574,7 @@ def train_task_folds(root: Path, task: str, model: str = "abmil", n_patients: in
     paths and the training runs' predictions_patients.csv."""
     from slidemil.cohort.sheet import Endpoint
     from slidemil.cohort.splits import make_splits
+    from slidemil.config import Splits
     from slidemil.mil.train import train_fold
 
     root.mkdir(parents=True, exist_ok=True)
@@ -582,8 +583,8 @@ def train_task_folds(root: Path, task: str, model: str = "abmil", n_patients: in
     for slide, feats in bags.items():
         features[slide] = str(root / f"{slide}.h5")
         write_h5(features[slide], {"features": feats, "coords": np.zeros((len(feats), 2), np.int64)}, {})
-    make_splits(sheet.assign(path="x"), folds=2, seed=0, endpoint=Endpoint(task, 2)).to_csv(root / "splits.csv",
-                                                                                            index=False)
+    splits = make_splits(sheet.assign(path="x"), Splits(folds=2), seed=0, endpoint=Endpoint(task, 2))
+    splits.to_csv(root / "splits.csv", index=False)
     checkpoints, predictions = [], []
     for fold in (0, 1):
         out = root / "runs" / model / f"fold_{fold}"
