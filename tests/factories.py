@@ -531,6 +531,27 @@ def write_task_cohort(folder: Path, task: str, n_patients: int = 36, seed: int =
     return folder / "samples.csv"
 
 
+def task_splits(task: str, n_test: int = 12, seed: int = 0) -> pd.DataFrame:
+    """A splits.csv table of ``task`` (splits.csv's columns for it) with ``n_test`` test slides S00.. in fold 0 and
+    two training slides; labels as the task writes them (multiclass: indices of TASK_CLASSES, names in
+    label_value; survival: the event, with a time)."""
+    rng = np.random.default_rng(seed)
+    n = n_test + 2
+    frame = pd.DataFrame({"slide_id": [f"S{i:02d}" for i in range(n)], "patient_id": [f"P{i:02d}" for i in range(n)],
+                          "fold_0": ["test"] * n_test + ["train", "val"]})
+    if task == "multiclass":
+        frame["label"] = np.arange(n) % 3
+        frame["label_value"] = [TASK_CLASSES[k] for k in frame["label"]]
+    elif task == "survival":
+        frame["label"] = np.arange(n) % 2
+        frame["time"] = np.round(rng.uniform(1, 50, n), 1)
+    elif task == "regression":
+        frame["label"] = np.round(rng.normal(50, 20, n), 2)
+    else:
+        frame["label"] = np.arange(n) % 2
+    return frame.assign(label_value=frame.get("label_value", frame["label"]), task=task)
+
+
 def write_task_run(folder: Path, task: str, model: str, fold: int, n_test: int = 30, signal: float = 2.0,
                    seed: int = 0) -> dict:
     """predictions_patients.csv and history.csv of one fold of a multiclass, survival or regression run whose

@@ -324,8 +324,7 @@ def report_has_encoder_comparison():
 
 
 def report_has_heatmaps():
-    # Heatmap pages title a slide with P(positive): binary models only, for now.
-    return not PRECOMPUTED and config["report"]["heatmaps_per_model"] > 0 and config["task"] == "binary"
+    return not PRECOMPUTED and config["report"]["heatmaps_per_model"] > 0
 
 
 def report_heatmap_pairs():
