@@ -115,6 +115,18 @@ def tiled_slide(folder: Path, name: str, slide_px: int = 1024, **slide) -> dict:
 
 # ---- dry runs ----
 
+def snakemake_report_text(report_zip: Path) -> str:
+    """The text of a `snakemake --report` zip's page (not the result files it holds), as a reader sees its
+    captions: the JSON line breaks, HTML tags and escapes undone, white space folded."""
+    import html
+    import zipfile
+
+    with zipfile.ZipFile(report_zip) as z:
+        page = next(n for n in z.namelist() if n.endswith("report.html") and "/data/" not in n)
+        text = z.read(page).decode("utf-8").replace("\\n", " ")
+    return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", text)))
+
+
 def job_counts(output: str) -> dict:
     """Rule -> number of jobs from a dry run's job table ({} when nothing would run)."""
     if "Nothing to be done" in output:

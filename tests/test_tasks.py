@@ -307,7 +307,7 @@ def test_workflow_runs_each_task_to_its_report(tmp_path, task_name):
     mhim_abmil training and the report; the report's numbers are the prediction files' metrics."""
     import yaml
 
-    from factories import snakemake_cli, write_task_cohort
+    from factories import snakemake_cli, snakemake_report_text, write_task_cohort
 
     sheet = write_task_cohort(tmp_path / "cohort", task_name, n_patients=18)
     if task_name == "survival":  # the column names are settings
@@ -344,6 +344,16 @@ def test_workflow_runs_each_task_to_its_report(tmp_path, task_name):
     assert f"Results: {task_name}" in page and "Comparison with abmil" in page
     if task_name == "multiclass":
         assert "fox, other, tiger" in page
+    # `snakemake --report`: each figure's caption is its task's (workflow/report/*.rst).
+    proc = snakemake_cli(tmp_path, "--cores", "1", "--report", str(tmp_path / "report.zip"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    captions = snakemake_report_text(tmp_path / "report.zip")
+    words = {"multiclass": ["one-vs-rest ROC curve of each class", "validation macro AUC (one-vs-rest)"],
+             "survival": ["Kaplan-Meier curves of the held-out test patients", "test C-index (Harrell) between"],
+             "regression": ["Predicted against true target", "validation R"]}[task_name]
+    for phrase in words + [f"(task: {task_name})"]:
+        assert phrase in captions, phrase
+    assert "ROC curves on the held-out" not in captions and "validation AUC" not in captions
 
 
 @pytest.mark.workflow
