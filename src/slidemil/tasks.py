@@ -1,7 +1,8 @@
 """Endpoints: what each ``task`` means for training and evaluation, in one place.
 
 A task owns the output head's size, the targets and loss, how a slide's outputs are written and averaged into a
-patient's, the validation metric that selects the checkpoint, and the metrics the report shows:
+patient's, the validation metric that selects the checkpoint, the metrics the report shows, and how an attention
+heatmap draws and titles its test slides (``heatmap_groups``, ``heatmap_label``, ``bag_summary``):
 
 ============  ===========  ==================================  ===============  ==============================
 task          head         loss                                slide output     metrics (patient level)
