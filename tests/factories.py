@@ -117,6 +117,18 @@ def tiled_slide(folder: Path, name: str, slide_px: int = 1024, **slide) -> dict:
 
 # ---- dry runs ----
 
+def snakemake_report_text(report_zip: Path) -> str:
+    """The text of a `snakemake --report` zip's page (not the result files it holds), as a reader sees its
+    captions: the JSON line breaks, HTML tags and escapes undone, white space folded."""
+    import html
+    import zipfile
+
+    with zipfile.ZipFile(report_zip) as z:
+        page = next(n for n in z.namelist() if n.endswith("report.html") and "/data/" not in n)
+        text = z.read(page).decode("utf-8").replace("\\n", " ")
+    return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", text)))
+
+
 def job_counts(output: str) -> dict:
     """Rule -> number of jobs from a dry run's job table ({} when nothing would run)."""
     if "Nothing to be done" in output:
@@ -531,6 +543,27 @@ def write_task_cohort(folder: Path, task: str, n_patients: int = 36, seed: int =
     sheet.insert(2, "path", [f"{s}.h5" for s in sheet["slide_id"]])
     sheet.to_csv(folder / "samples.csv", index=False)
     return folder / "samples.csv"
+
+
+def task_splits(task: str, n_test: int = 12, seed: int = 0) -> pd.DataFrame:
+    """A splits.csv table of ``task`` (splits.csv's columns for it) with ``n_test`` test slides S00.. in fold 0 and
+    two training slides; labels as the task writes them (multiclass: indices of TASK_CLASSES, names in
+    label_value; survival: the event, with a time)."""
+    rng = np.random.default_rng(seed)
+    n = n_test + 2
+    frame = pd.DataFrame({"slide_id": [f"S{i:02d}" for i in range(n)], "patient_id": [f"P{i:02d}" for i in range(n)],
+                          "fold_0": ["test"] * n_test + ["train", "val"]})
+    if task == "multiclass":
+        frame["label"] = np.arange(n) % 3
+        frame["label_value"] = [TASK_CLASSES[k] for k in frame["label"]]
+    elif task == "survival":
+        frame["label"] = np.arange(n) % 2
+        frame["time"] = np.round(rng.uniform(1, 50, n), 1)
+    elif task == "regression":
+        frame["label"] = np.round(rng.normal(50, 20, n), 2)
+    else:
+        frame["label"] = np.arange(n) % 2
+    return frame.assign(label_value=frame.get("label_value", frame["label"]), task=task)
 
 
 def write_task_run(folder: Path, task: str, model: str, fold: int, n_test: int = 30, signal: float = 2.0,

@@ -18,6 +18,7 @@ from slidemil.demo.render import write_pyramidal_tiff  # noqa: E402
 from slidemil.files import write_h5  # noqa: E402
 from slidemil.mil.models import create_model  # noqa: E402
 from slidemil.slides.reader import open_slide  # noqa: E402
+from factories import TASK_CLASSES, task_splits  # noqa: E402
 
 W, H, SIZE0, IN_DIM = 2048, 1536, 256, 6
 
@@ -43,14 +44,26 @@ def cohort(tmp_path_factory):
             "tiles": root / "S1_tiles.h5", "feats": root / "S1_feats.h5"}
 
 
-def save_checkpoint(path, model_name="abmil", kwargs=None, standardize=True, seed=0):
+# What a checkpoint of each task records beyond its weights (slidemil.tasks' state()).
+TASK_STATES = {
+    "binary": {"task": "binary", "class_names": None},
+    "multiclass": {"task": "multiclass", "class_names": ["fox", "other", "tiger"]},
+    "survival": {"task": "survival", "class_names": None, "time_cuts": [3.0, 8.0, 20.0]},
+    "regression": {"task": "regression", "class_names": None, "target_mean": 40.0, "target_std": 12.5},
+}
+HEADS = {"binary": 2, "multiclass": 3, "survival": 4, "regression": 1}
+
+
+def save_checkpoint(path, model_name="abmil", kwargs=None, standardize=True, seed=0, task=None):
     torch.manual_seed(seed)
     kwargs = kwargs if kwargs is not None else {"embed_dim": 16, "attn_dim": 8, "dropout": 0.0}
-    net = create_model(model_name, in_dim=IN_DIM, n_classes=2, **kwargs)
+    n_classes = HEADS[task or "binary"]
+    net = create_model(model_name, in_dim=IN_DIM, n_classes=n_classes, **kwargs)
     mean = torch.full((IN_DIM,), 5.0) if standardize else None
     std = torch.full((IN_DIM,), 3.0) if standardize else None
     torch.save({"state_dict": net.state_dict(), "model": model_name, "model_kwargs": kwargs, "in_dim": IN_DIM,
-                "n_classes": 2, "fold": 0, "feature_mean": mean, "feature_std": std}, path)
+                "n_classes": n_classes, "fold": 0, "feature_mean": mean, "feature_std": std,
+                **(TASK_STATES[task] if task else {})}, path)
     return net.eval()
 
 
@@ -129,11 +142,70 @@ def test_cli_writes_heatmap_and_lists_top_tiles(cohort, tmp_path, capsys):
     assert [(t["x"], t["y"]) for t in result["top"]] == [tuple(cohort["coords"][i]) for i in order]
     assert [t["rank"] for t in result["top"]] == [1, 2, 3, 4, 5]
     assert result["top"][0]["percentile"] == pytest.approx(1.0)
-    assert result["prob"] == pytest.approx(prob, abs=1e-6) and result["n_tiles"] == len(cohort["coords"])
+    assert result["score"] == pytest.approx(prob, abs=1e-6) and result["n_tiles"] == len(cohort["coords"])
+    assert result["prediction"] == f"P(positive) {result['score']:.3f}"
     image = mpimg.imread(out)
     assert image.shape[1] == 1260 and image.shape[0] > 700
     assert image[..., :3].std() > 0.05
     assert sorted(p.name for p in tmp_path.iterdir()) == ["heat.png", "model.pt"]  # atomic write, no leftovers
+
+
+def direct_score(task, logits: torch.Tensor) -> tuple[float, str]:
+    """A bag's score written out per task, and a part of the words its title must hold."""
+    logits = logits[0].double()
+    if task == "multiclass":
+        probs = torch.softmax(logits, 0)
+        k = int(probs.argmax())
+        return float(probs[k]), f"predicted {TASK_STATES[task]['class_names'][k]} (P "
+    if task == "survival":  # -sum_k S_k, S_k = prod_{j<=k} (1 - sigmoid(logit_j))
+        return -float(torch.cumprod(1 - torch.sigmoid(logits), 0).sum()), "risk "
+    if task == "regression":  # back in the target's units
+        return float(logits[0]) * 12.5 + 40.0, "predicted "
+    return float(torch.softmax(logits, 0)[1]), "P(positive) "
+
+
+@pytest.mark.parametrize("task", ["binary", "multiclass", "survival", "regression"])
+def test_each_tasks_heatmap_draws_the_same_attention_and_titles_its_score(cohort, tmp_path, task):
+    net = save_checkpoint(tmp_path / "model.pt", task=task)
+    result = heatmap.make_heatmap(cohort["slide"], cohort["feats"], tmp_path / "model.pt", tmp_path / "h.png",
+                                  top_k=3)
+    x = (torch.from_numpy(cohort["features"]) - 5.0) / 3.0
+    with torch.no_grad():
+        out = net(x[None], None)
+    score, words = direct_score(task, out["logits"])
+    assert result.score == pytest.approx(score, rel=1e-5, abs=1e-6)
+    assert result.prediction.startswith(words) and f"{score:.3f}"[:4] in result.prediction
+    # The map is the model's attention whatever the task: the same tiles on top as its forward pass ranks them.
+    order = np.argsort(-out["attention"][0].numpy())[:3]
+    assert [(t["x"], t["y"]) for t in result.top] == [tuple(cohort["coords"][i]) for i in order]
+    assert mpimg.imread(tmp_path / "h.png")[..., :3].std() > 0.05
+
+
+@pytest.mark.parametrize("task", ["binary", "multiclass", "survival", "regression"])
+def test_heatmap_slides_cycle_through_each_tasks_groups(task):
+    from slidemil.report.model_heatmaps import pick_heatmap_slides
+    from slidemil.tasks import make_task
+
+    splits = task_splits(task, n_test=12)
+    names = list(TASK_CLASSES) if task == "multiclass" else None
+    usable = set(splits["slide_id"]) - {"S00"}
+    picked = pick_heatmap_slides(splits, 0, usable, 4, seed=3, task=make_task(task, names))
+    rows = splits.set_index("slide_id").loc[[s for s, _ in picked]]
+    assert len(picked) == 4 and len(set(rows.index)) == 4 and set(rows["fold_0"]) == {"test"}
+    assert "S00" not in rows.index
+    labels = [label for _, label in picked]
+    if task == "multiclass":  # one of each class in index order, then the first again
+        assert labels == ["fox", "other", "tiger", "fox"] and list(rows["label_value"]) == labels
+    elif task == "regression":  # above, below, above, below the test slides' median
+        median = splits.loc[splits["slide_id"].isin(usable) & (splits["fold_0"] == "test"), "label"].median()
+        assert [y > median for y in labels] == [True, False, True, False] and labels == list(rows["label"])
+    elif task == "survival":  # event, censored, ..., each with its time
+        assert labels == [f"{w} at {t:g}" for w, t in zip(["event", "censored"] * 2, rows["time"])]
+    else:
+        assert labels == [1, 0, 1, 0] and labels == list(rows["label"])
+    # Another seed draws other slides of the same groups.
+    again = pick_heatmap_slides(splits, 0, usable, 4, seed=4, task=make_task(task, names))
+    assert [s for s, _ in again] != [s for s, _ in picked]
 
 
 def test_model_without_attention_is_skipped_with_note(cohort, tmp_path):

@@ -307,7 +307,7 @@ def test_workflow_runs_each_task_to_its_report(tmp_path, task_name):
     mhim_abmil training and the report; the report's numbers are the prediction files' metrics."""
     import yaml
 
-    from factories import snakemake_cli, write_task_cohort
+    from factories import snakemake_cli, snakemake_report_text, write_task_cohort
 
     sheet = write_task_cohort(tmp_path / "cohort", task_name, n_patients=18)
     if task_name == "survival":  # the column names are settings
@@ -344,6 +344,46 @@ def test_workflow_runs_each_task_to_its_report(tmp_path, task_name):
     assert f"Results: {task_name}" in page and "Comparison with abmil" in page
     if task_name == "multiclass":
         assert "fox, other, tiger" in page
+    # `snakemake --report`: each figure's caption is its task's (workflow/report/*.rst).
+    proc = snakemake_cli(tmp_path, "--cores", "1", "--report", str(tmp_path / "report.zip"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    captions = snakemake_report_text(tmp_path / "report.zip")
+    words = {"multiclass": ["one-vs-rest ROC curve of each class", "validation macro AUC (one-vs-rest)"],
+             "survival": ["Kaplan-Meier curves of the held-out test patients", "test C-index (Harrell) between"],
+             "regression": ["Predicted against true target", "validation R"]}[task_name]
+    for phrase in words + [f"(task: {task_name})"]:
+        assert phrase in captions, phrase
+    assert "ROC curves on the held-out" not in captions and "validation AUC" not in captions
+
+
+@pytest.mark.workflow
+def test_survival_demo_draws_heatmaps_titled_with_the_risk(tmp_path):
+    """The tiny demo as a survival cohort through tiling, features, abmil and the report: the heatmap job runs
+    for a task other than binary, and each heatmap's risk is the one the fold's predictions hold for its slide."""
+    import json
+
+    import yaml
+
+    from factories import TINY, snakemake_cli
+
+    config = {**TINY, "task": "survival", "demo": {**TINY["demo"], "task": "survival"},
+              "mil": {**TINY["mil"], "models": ["abmil"]}, "report": {**TINY["report"], "heatmaps_per_model": 2}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    proc = snakemake_cli(tmp_path, "--cores", "2")
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    report = tmp_path / "results" / "report"
+    index = json.loads((report / "heatmaps" / "shufflenet_v2" / "abmil.json").read_text())
+    preds = pd.read_csv(tmp_path / "results" / "train" / "shufflenet_v2" / "abmil" / "fold_0"
+                        / "predictions_slides.csv").set_index("slide_id")
+    assert len(index["items"]) == 2 and "prob" not in index["items"][0]
+    page = (report / "report.html").read_text()
+    assert "alternating patients with an event and censored ones" in page
+    for item, kind in zip(index["items"], ("event", "censored")):
+        row = preds.loc[item["slide_id"]]
+        assert item["label"] == f"{kind} at {row['time']:g}" and row["partition"] == "test"
+        assert item["score"] == pytest.approx(row["risk"], abs=1e-4)
+        assert item["prediction"].startswith(f"risk {item['score']:.3f}") and item["prediction"] in page
+        assert (report / "heatmaps" / "shufflenet_v2" / item["file"]).stat().st_size > 20000
 
 
 # ---------------------------------------------------------------- bring your own features

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import yaml
 from sklearn.metrics import roc_auc_score
-from factories import snakemake_cli, TINY
+from factories import snakemake_cli, snakemake_report_text, TINY
 
 
 pytestmark = pytest.mark.workflow
@@ -115,6 +115,10 @@ def test_report_page_and_snakemake_report(run, tmp_path):
     proc = snakemake_cli(run, "--cores", "2", "--report", str(tmp_path / "report.zip"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     names = [Path(n).name for n in zipfile.ZipFile(tmp_path / "report.zip").namelist()]
+    captions = snakemake_report_text(tmp_path / "report.zip")  # the binary captions of workflow/report/*.rst
+    for phrase in ("Patient-level ROC curves on the held-out", "validation AUC at the patient level",
+                   "predicted probability of the positive class", "(task: binary)"):
+        assert phrase in captions, phrase
     for figure in ["report.html", "roc_shufflenet_v2_abmil.png", "history_shufflenet_v2_abmil.png"] + [
             Path(h["file"]).name for h in doc["heatmaps"]]:
         assert figure in names, figure

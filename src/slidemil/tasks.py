@@ -1,7 +1,8 @@
 """Endpoints: what each ``task`` means for training and evaluation, in one place.
 
 A task owns the output head's size, the targets and loss, how a slide's outputs are written and averaged into a
-patient's, the validation metric that selects the checkpoint, and the metrics the report shows:
+patient's, the validation metric that selects the checkpoint, the metrics the report shows, and how an attention
+heatmap draws and titles its test slides (``heatmap_groups``, ``heatmap_label``, ``bag_summary``):
 
 ============  ===========  ==================================  ===============  ==============================
 task          head         loss                                slide output     metrics (patient level)
@@ -182,6 +183,25 @@ class Task:
         """What the checkpoint records of the task (plain values: model.pt loads with weights_only)."""
         return {"task": self.name, "class_names": self.class_names}
 
+    def load_state(self, ckpt: dict) -> None:
+        """Take back what :meth:`state` recorded beyond the name and classes (what outputs need)."""
+
+    # ---- heatmaps (slidemil.report.model_heatmaps, slidemil.report.heatmap): which test slides, how titled
+    heatmap_pick = "alternating positive and negative"
+
+    def heatmap_groups(self, rows: pd.DataFrame) -> tuple[pd.Series, tuple]:
+        """Each slide's group (``rows``: splits rows) and the groups' order; heatmap picks cycle through them."""
+        return pd.to_numeric(rows["label"], errors="coerce"), (1, 0)
+
+    def heatmap_label(self, row: pd.Series):
+        """The true label as a heatmap's title and index give it."""
+        return int(row["label"])
+
+    def bag_summary(self, outputs: np.ndarray) -> tuple[float, str]:
+        """A bag's score (from its row of :meth:`outputs`) and the words a heatmap title says it in."""
+        prob = float(outputs[0])
+        return prob, f"P(positive) {prob:.3f}"
+
 
 class Multiclass(Task):
     name = "multiclass"
@@ -220,6 +240,19 @@ class Multiclass(Task):
         for name, auc in zip(self.class_names, per_class_auc(labels, probs)):
             out[f"auc_{name}"] = auc
         return out
+
+    heatmap_pick = "cycling through the true classes"
+
+    def heatmap_groups(self, rows: pd.DataFrame) -> tuple[pd.Series, tuple]:
+        return pd.to_numeric(rows["label"], errors="coerce"), tuple(range(self.head_size))
+
+    def heatmap_label(self, row: pd.Series):
+        return self.class_names[int(row["label"])]
+
+    def bag_summary(self, outputs: np.ndarray) -> tuple[float, str]:
+        """The predicted class's probability; the words name the class."""
+        k = int(np.argmax(outputs))
+        return float(outputs[k]), f"predicted {self.class_names[k]} (P {float(outputs[k]):.3f})"
 
 
 class Regression(Task):
@@ -277,6 +310,23 @@ class Regression(Task):
 
     def state(self) -> dict:
         return {**super().state(), "target_mean": self.mean, "target_std": self.std}
+
+    def load_state(self, ckpt: dict) -> None:
+        self.mean, self.std = float(ckpt["target_mean"]), float(ckpt["target_std"])
+
+    heatmap_pick = "alternating targets above and below the median of the fold's test slides"
+
+    def heatmap_groups(self, rows: pd.DataFrame) -> tuple[pd.Series, tuple]:
+        y = pd.to_numeric(rows["label"], errors="coerce")
+        return (y > y.median()).astype(int), (1, 0)
+
+    def heatmap_label(self, row: pd.Series):
+        return float(row["label"])
+
+    def bag_summary(self, outputs: np.ndarray) -> tuple[float, str]:
+        """The prediction, in the target's units."""
+        pred = float(outputs[0])
+        return pred, f"predicted {pred:.4g}"
 
 
 class Survival(Task):
@@ -340,6 +390,19 @@ class Survival(Task):
     def state(self) -> dict:
         return {**super().state(), "time_cuts": self.cuts}
 
+    def load_state(self, ckpt: dict) -> None:
+        self.cuts = [float(c) for c in ckpt["time_cuts"]]
+
+    heatmap_pick = "alternating patients with an event and censored ones"
+
+    def heatmap_label(self, row: pd.Series):
+        return f"{'event' if int(row['label']) == 1 else 'censored'} at {float(row['time']):g}"
+
+    def bag_summary(self, outputs: np.ndarray) -> tuple[float, str]:
+        """The risk, -sum_k S_k, between -SURVIVAL_BINS and 0."""
+        risk = float(outputs[0])
+        return risk, f"risk {risk:.3f} (-{SURVIVAL_BINS} to 0, higher: earlier event)"
+
 
 def discrete_time_nll(logits, bins, events):
     """Per-bag discrete-time survival NLL (Zadeh and Schmid 2020; Patch-GCN's NLLSurvLoss with alpha 0).
@@ -380,12 +443,8 @@ def make_task(name: str = BINARY, class_names: list | None = None, class_weighte
     return _TASKS[name](class_names, class_weighted)
 
 
-def task_from_state(state: dict) -> Task:
-    """The task a checkpoint was trained for (``Task.state``; checkpoints from before tasks are binary), with
-    what its outputs need: a regression checkpoint's target mean and std, a survival one's time cuts."""
-    task = make_task(state.get("task") or BINARY, state.get("class_names"))
-    if isinstance(task, Regression):
-        task.mean, task.std = float(state["target_mean"]), float(state["target_std"])
-    elif isinstance(task, Survival):
-        task.cuts = list(state.get("time_cuts") or [])
+def task_from_checkpoint(ckpt: dict) -> Task:
+    """The task a training checkpoint was trained for, with what its outputs need (target scale, time cuts)."""
+    task = make_task(ckpt.get("task") or BINARY, ckpt.get("class_names"))
+    task.load_state(ckpt)
     return task

@@ -320,12 +320,12 @@ def report_has_comparison():
 
 def report_has_encoder_comparison():
     # Every MIL model trains on every extractor's features: two extractors give each model a comparison.
-    return len(EXTRACTORS) > 1 and bool(trained_models())
+    # The report compares encoders on the binary AUC only (slidemil.report.page): other tasks draw none.
+    return config["task"] == "binary" and len(EXTRACTORS) > 1 and bool(trained_models())
 
 
 def report_has_heatmaps():
-    # Heatmap pages title a slide with P(positive): binary models only, for now.
-    return not PRECOMPUTED and config["report"]["heatmaps_per_model"] > 0 and config["task"] == "binary"
+    return not PRECOMPUTED and config["report"]["heatmaps_per_model"] > 0
 
 
 def report_heatmap_pairs():

@@ -2,8 +2,9 @@
 
 Each model is rebuilt from its model.pt (``slidemil.files.checkpoint``) and sees the features standardised with
 the statistics recorded there (the training cohort's); its outputs are those of the task it was trained for
-(``slidemil.tasks.task_from_state``): binary P(class 1), multiclass class probabilities, survival risk,
-regression the prediction in the target's units (de-standardised with that checkpoint's target mean and std). A
+(``slidemil.tasks.task_from_checkpoint``): binary P(class 1), multiclass class probabilities, survival
+risk, regression the prediction in the target's units (de-standardised with that checkpoint's target mean
+and std). A
 patient's outputs are the mean of its slides' (as in training); the ensemble is the mean of the fold models'
 outputs and its spread their standard deviation (ddof 0), for slides and patients alike; multiclass adds the
 ensemble's predicted class.
@@ -36,7 +37,7 @@ from slidemil.files.deploy import (PREDICTED_CLASS, REFIT, ensemble_column, fold
                                    outcome_columns, output_names, spread_column)
 from slidemil.files.features import read_features
 from slidemil.names import BINARY, EVENT_COLUMN, TIME_COLUMN
-from slidemil.tasks import Task, task_from_state
+from slidemil.tasks import Task, task_from_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ def load_models(checkpoints: list[str], device) -> list[FoldModel]:
     if len(dims) > 1:
         raise FeatureFileError(f"the checkpoints take features of different sizes ({sorted(dims)}): deploy the "
                                "models of one extractor together")
-    tasks = [task_from_state(c) for _, c in loaded]
+    tasks = [task_from_checkpoint(c) for _, c in loaded]
     kinds = {(t.name, tuple(t.class_names or ())) for t in tasks}
     if len(kinds) > 1:
         shown = "; ".join(f"{p}: {t.name}{' ' + ', '.join(t.class_names) if t.class_names else ''}"

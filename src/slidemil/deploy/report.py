@@ -232,9 +232,9 @@ def build_deploy_report(cohort: str, runs: list[dict], out_dir: str | os.PathLik
 def deploy_task(runs: list[dict]):
     """The task the deployed models were trained for, from the first run's checkpoint (its class names too)."""
     from slidemil.files.checkpoint import read_checkpoint
-    from slidemil.tasks import task_from_state
+    from slidemil.tasks import task_from_checkpoint
 
-    return task_from_state(read_checkpoint(runs[0]["checkpoint"]))
+    return task_from_checkpoint(read_checkpoint(runs[0]["checkpoint"]))
 
 
 def task_patient_rows(patients: pd.DataFrame, task) -> list[dict]:

@@ -6,7 +6,9 @@ are standardised with the checkpoint's ``feature_mean``/``feature_std`` exactly
 as in training, and the attention is the ``attention`` output of the model's
 own forward pass over the whole bag (for MHIM-MIL checkpoints, which hold the
 student, that is the student's attention). Models without instance attention
-(max pooling) return None and get no heatmap.
+(max pooling) return None and get no heatmap. The attention map does not depend on the task; the title gives the
+bag's score as its task (slidemil.tasks' ``bag_summary``) says it: P(positive), the predicted class and its
+probability, the risk, or the predicted value in the target's units.
 
 Colours are attention *percentiles* within the slide (as CLAM draws them):
 raw attention sums to one over thousands of tiles, so its scale says little,
@@ -46,6 +48,7 @@ from slidemil.files.tiles import read_tiles  # noqa: E402
 from slidemil.errors import CheckpointError  # noqa: E402
 from slidemil.mil.models import create_model  # noqa: E402
 from slidemil.slides.reader import open_slide, read_rgb, resize_tile  # noqa: E402
+from slidemil.tasks import task_from_checkpoint  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -71,25 +74,34 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
 
 
 @torch.inference_mode()
-def tile_attention(
+def bag_forward(
     model: torch.nn.Module, ckpt: dict, features: np.ndarray, device: str | torch.device = "cpu"
-) -> tuple[np.ndarray | None, float]:
-    """Attention of every tile ([N], or None for a model without attention) and the slide's P(class 1)."""
+) -> tuple[np.ndarray | None, np.ndarray]:
+    """Attention of every tile ([N], or None for a model without attention) and the bag's outputs, the row its
+    task (slidemil.tasks, as the checkpoint records it) writes to the predictions."""
     if features.ndim != 2 or features.shape[1] != int(ckpt["in_dim"]):
         raise ValueError(f"features of shape {features.shape} do not match the model's in_dim {ckpt['in_dim']}")
     x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
     if ckpt.get("feature_mean") is not None:
         x = (x - ckpt["feature_mean"].float()) / ckpt["feature_std"].float()
     out = model(x[None].to(device), None)
-    prob = float(torch.softmax(out["logits"].float(), dim=1)[0, 1])
+    outputs = task_from_checkpoint(ckpt).outputs(out["logits"])[0]
     attention = out.get("attention")
     if attention is None:
-        return None, prob
+        return None, outputs
     attention = attention.float()[0]
     if attention.ndim == 2:
         # Multi-head attention [H, N]: the heads' mean, as a single map.
         attention = attention.mean(0)
-    return attention.cpu().numpy().astype(np.float64), prob
+    return attention.cpu().numpy().astype(np.float64), outputs
+
+
+def tile_attention(
+    model: torch.nn.Module, ckpt: dict, features: np.ndarray, device: str | torch.device = "cpu"
+) -> tuple[np.ndarray | None, float]:
+    """Attention of every tile (or None) and the bag's score (binary: P(class 1); slidemil.tasks' bag_summary)."""
+    attention, outputs = bag_forward(model, ckpt, features, device)
+    return attention, task_from_checkpoint(ckpt).bag_summary(outputs)[0]
 
 
 def attention_percentiles(attention: np.ndarray) -> np.ndarray:
@@ -155,7 +167,8 @@ def _tile_crop(slide, slide_path, xy, level: int, read_px: int, size0: int) -> n
 class Heatmap:
     slide_id: str
     model: str
-    prob: float
+    score: float  # the task's score of the bag (slidemil.tasks' bag_summary; binary: P(positive))
+    prediction: str  # the score in words, as the title gives it
     n_tiles: int
     top: list[dict] = field(default_factory=list)  # rank, x, y (level 0), attention, percentile
     png: str | None = None
@@ -184,7 +197,7 @@ def make_heatmap(
     tiles_h5: str | os.PathLike | None = None,
     top_k: int = 8,
     slide_id: str | None = None,
-    label: int | None = None,
+    label: int | str | float | None = None,
     device: str = "cpu",
 ) -> Heatmap:
     """Draw the model's attention over the slide thumbnail, with its ``top_k`` tiles as crops.
@@ -205,8 +218,10 @@ def make_heatmap(
             raise ValueError(f"{features_h5}: tile coordinates differ from those in {tiles_h5}")
     if len(features) == 0:
         raise ValueError(f"{features_h5}: slide {slide_id} has no tiles, so there is no attention to draw")
-    attention, prob = tile_attention(model, ckpt, features, device)
-    result = Heatmap(slide_id=slide_id, model=str(ckpt["model"]), prob=prob, n_tiles=len(features))
+    attention, outputs = bag_forward(model, ckpt, features, device)
+    score, words = task_from_checkpoint(ckpt).bag_summary(outputs)
+    result = Heatmap(slide_id=slide_id, model=str(ckpt["model"]), score=score, prediction=words,
+                     n_tiles=len(features))
     if attention is None:
         result.note = f"model {ckpt['model']!r} has no instance attention (its forward returns attention None)"
         logger.info("%s: %s; no heatmap", slide_id, result.note)
@@ -227,7 +242,7 @@ def make_heatmap(
         crops = [_tile_crop(slide, slide_path, coords[i], level, read_px, size0) for i in order]
     finally:
         slide.close()
-    title = f"{slide_id}: {ckpt['model']} (fold {ckpt.get('fold', '?')}), P(positive) {prob:.3f}"
+    title = f"{slide_id}: {ckpt['model']} (fold {ckpt.get('fold', '?')}), {words}"
     if label is not None:
         title += f", label {label}"
     _draw(thumb, canvas, crops, result.top, coords[order], size0, scale, title, out_png)

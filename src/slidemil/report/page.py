@@ -160,7 +160,7 @@ def _task_results(task, runs: list[dict], cfg: dict, seed: int, out: Path) -> di
     doc["settings"] = {**cfg, "seed": seed}
     titles = {n: metric_title(n) for n in names}
     doc["task"] = {"name": task.name, "metric": task.metric, "metrics": names, "class_names": task.class_names,
-                   "titles": titles, "metric_titles": [titles[n] for n in names]}
+                   "titles": titles, "metric_titles": [titles[n] for n in names], "heatmap_pick": task.heatmap_pick}
     doc["figures"]["task"] = tables["figures"]
     return doc
 
