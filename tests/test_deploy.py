@@ -12,7 +12,7 @@ from slidemil.cohort.deploy import leakage_problems, load_deploy_sheet
 from slidemil.cohort.sheet import load_sheet
 from slidemil.config import ConfigError, check_config
 from slidemil.deploy.predict import ENSEMBLE, SPREAD, patient_probabilities, predict_cohort
-from slidemil.deploy.report import build_deploy_report, extreme_slides
+from slidemil.deploy.report import build_deploy_report, extreme_slides, slide_scores
 from slidemil.demo.external import plan_external_cohort, shift_colours
 from slidemil.features.extract import extract_features
 from slidemil.files.features import read_features
@@ -170,9 +170,12 @@ def test_labelled_report_numbers_match_a_direct_computation(trained, tmp_path):
 
 
 def test_extreme_slides_are_the_highest_and_lowest_without_repeats():
-    slides = pd.DataFrame({"slide_id": list("abcde"), ENSEMBLE: [0.5, 0.9, np.nan, 0.1, 0.3]})
-    assert extreme_slides(slides, 2) == [("b", "highest"), ("a", "highest"), ("d", "lowest"), ("e", "lowest")]
-    assert extreme_slides(slides.head(2), 2) == [("b", "highest"), ("a", "highest")]
+    slides = pd.DataFrame({"slide_id": list("abcde"), ENSEMBLE: [0.5, 0.9, np.nan, 0.1, 0.3],
+                           SPREAD: [0.0, 0.1, np.nan, 0.2, 0.3]})
+    scores = slide_scores(slides)
+    assert scores["slide_id"].tolist() == list("abde") and scores["spread"].tolist() == [0.0, 0.1, 0.2, 0.3]
+    assert extreme_slides(scores, 2) == [("b", "highest"), ("a", "highest"), ("d", "lowest"), ("e", "lowest")]
+    assert extreme_slides(scores.head(2), 2) == [("b", "highest"), ("a", "highest")]
 
 
 # ---- the demo's second cohort ----

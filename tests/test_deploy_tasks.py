@@ -16,7 +16,7 @@ from slidemil.cohort.deploy import load_deploy_sheet
 from slidemil.cohort.sheet import Endpoint
 from slidemil.config import ConfigError, check_config
 from slidemil.deploy.predict import predict_cohort
-from slidemil.deploy.report import build_deploy_report
+from slidemil.deploy.report import build_deploy_report, extreme_slides, slide_scores
 from slidemil.errors import SheetError
 from slidemil.files.deploy import ensemble_column, fold_column, spread_column
 
@@ -149,6 +149,25 @@ def test_unlabelled_cohort_gets_each_tasks_predictions(deployed, tmp_path):
     assert ensembles == sorted(ensembles, reverse=True)
     html = (tmp_path / "report" / "report.html").read_text()
     assert "Predictions per patient" in html and (task != "multiclass" or "P(fox), ensemble" in html)
+
+
+def test_unlabelled_heatmaps_pick_the_slides_the_tasks_score_ranks_first_and_last(deployed):
+    """Heatmaps of an unlabelled cohort show its extreme slides: by the ensemble's risk or predicted value, and
+    for multiclass by the ensemble's probability of its predicted class (most and least confident)."""
+    slides = deployed["slides"].copy()
+    slides.loc[0, [ensemble_column(o) for o in OUTPUTS[deployed["task"]]]] = np.nan  # an excluded slide
+    ensemble = slides[[ensemble_column(o) for o in OUTPUTS[deployed["task"]]]].to_numpy(float)
+    spread = slides[[spread_column(o) for o in OUTPUTS[deployed["task"]]]].to_numpy(float)
+    kept = ~np.isnan(ensemble[:, 0])
+    best = np.argmax(np.nan_to_num(ensemble, nan=-np.inf), axis=1)
+    scores = slide_scores(slides)
+    assert scores["slide_id"].tolist() == slides.loc[kept, "slide_id"].tolist()
+    assert np.allclose(scores["score"], ensemble[kept, best[kept]])
+    assert np.allclose(scores["spread"], spread[kept, best[kept]])
+    picked = extreme_slides(scores, 2)
+    order = scores.sort_values("score", ascending=False)["slide_id"].tolist()
+    assert [s for s, which in picked if which == "highest"] == order[:2]
+    assert [s for s, which in picked if which == "lowest"] == order[::-1][:2]
 
 
 def test_command_line_predicts_every_task(deployed, tmp_path):

@@ -134,9 +134,23 @@ def labelled_section(tables: dict, out: Path, settings: dict, seed: int) -> dict
     return {"metrics": metrics.to_dict("records"), "comparison": compared.to_dict("records"), "figures": figures}
 
 
-def extreme_slides(slides: pd.DataFrame, n: int) -> list[tuple[str, str]]:
-    """(slide_id, "highest"/"lowest") of the ``n`` highest- and ``n`` lowest-scored usable slides (ensemble)."""
-    ranked = slides.dropna(subset=[ENSEMBLE]).sort_values([ENSEMBLE, "slide_id"], ascending=[False, True])
+def slide_scores(slides: pd.DataFrame) -> pd.DataFrame:
+    """slide_id, score and spread of each scored slide: the ensemble of the task's one output (binary P(positive),
+    risk, predicted value) and its spread over folds; with several outputs (multiclass), the ensemble's
+    probability of its predicted class, so the extremes are the most and the least confident slides."""
+    outputs = output_names(slides)
+    ensemble = slides[[ensemble_column(o) for o in outputs]].to_numpy(float)
+    spread = slides[[spread_column(o) for o in outputs]].to_numpy(float)
+    scored = ~np.isnan(ensemble).all(axis=1)
+    pick = np.nanargmax(np.where(scored[:, None], ensemble, 0.0), axis=1)
+    rows = np.arange(len(slides))
+    return pd.DataFrame({"slide_id": slides["slide_id"].to_numpy(), "score": ensemble[rows, pick],
+                         "spread": spread[rows, pick]})[scored]
+
+
+def extreme_slides(scores: pd.DataFrame, n: int) -> list[tuple[str, str]]:
+    """(slide_id, "highest"/"lowest") of the ``n`` highest- and ``n`` lowest-scored slides (``slide_scores``)."""
+    ranked = scores.sort_values(["score", "slide_id"], ascending=[False, True])
     top = ranked["slide_id"].head(n).tolist()
     bottom = [s for s in ranked["slide_id"].tail(n).tolist()[::-1] if s not in top]
     return [(s, "highest") for s in top] + [(s, "lowest") for s in bottom]
@@ -148,18 +162,27 @@ def draw_heatmaps(run: dict, slides: pd.DataFrame, paths: dict, out: Path, setti
     from slidemil.report.heatmap import make_heatmap
 
     features, tiles = read_manifest(run["features"]), read_manifest(run["tiles"])
+    scores = slide_scores(slides).set_index("slide_id")
     drawn = []
-    for slide_id, which in extreme_slides(slides, settings["heatmaps_per_model"]):
+    for slide_id, which in extreme_slides(scores.reset_index(), settings["heatmaps_per_model"]):
         png = f"heatmaps/{run['extractor']}_{run['model']}_{slide_id}.png"
         heat = make_heatmap(paths[slide_id], features[slide_id], run["checkpoint"], out / png, tiles[slide_id],
                             top_k=settings["heatmap_top_k"], slide_id=slide_id, device=device)
         if heat.png is None:
             logger.info("%s: %s", run["model"], heat.note)
             return []
-        row = slides.set_index("slide_id").loc[slide_id]
-        drawn.append({"slide_id": slide_id, "which": which, "png": png, "prob": float(row[ENSEMBLE]),
-                      "spread": float(row[SPREAD])})
+        drawn.append({"slide_id": slide_id, "which": which, "png": png, "score": float(scores.at[slide_id, "score"]),
+                      "spread": float(scores.at[slide_id, "spread"]), "prediction": heat.prediction})
     return drawn
+
+
+def unlabelled_heatmaps(runs: list[dict], slides: dict, sheet: pd.DataFrame, out: Path, settings: dict,
+                        device: str) -> list[dict]:
+    """Each run's heatmaps of its extreme slides (runs with tiles, when heatmaps_per_model > 0)."""
+    paths = dict(zip(sheet["slide_id"], sheet["path"]))
+    return [{"extractor": r["extractor"], "model": r["model"],
+             "slides": draw_heatmaps(r, slides[(r["extractor"], r["model"])], paths, out, settings, device)}
+            for r in runs if r.get("tiles") and settings["heatmaps_per_model"] > 0]
 
 
 def read_runs(runs: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, dict, dict]:
@@ -217,13 +240,10 @@ def build_deploy_report(cohort: str, runs: list[dict], out_dir: str | os.PathLik
         doc.update(task_section(task, patients, training, out, settings, seed))
     elif task.name == "binary":
         doc["patients"] = _patient_rows(all_patients)
-        paths = dict(zip(sheet["slide_id"], sheet["path"]))
-        doc["heatmaps"] = [{"extractor": r["extractor"], "model": r["model"],
-                            "slides": draw_heatmaps(r, slides[(r["extractor"], r["model"])], paths, out, settings,
-                                                    device)}
-                           for r in runs if r.get("tiles") and settings["heatmaps_per_model"] > 0]
+        doc["heatmaps"] = unlabelled_heatmaps(runs, slides, sheet, out, settings, device)
     else:
-        doc |= {"task": task.name, "patients": task_patient_rows(all_patients, task), "heatmaps": []}
+        doc |= {"task": task.name, "patients": task_patient_rows(all_patients, task),
+                "heatmaps": unlabelled_heatmaps(runs, slides, sheet, out, settings, device)}
     write_json(out / "report.json", doc)
     write_text(out / "report.html", render_page(doc, out))
     return doc
