@@ -602,13 +602,12 @@ def write_task_run(folder: Path, task: str, model: str, fold: int, n_test: int =
 
 # ---- deploy for every task (issue 24 on issue 23's endpoints) ----
 
-def train_task_folds(root: Path, task: str, model: str = "abmil", n_patients: int = 24) -> dict:
-    """task_cohort's bags under ``root``, splits with two folds and ``model`` trained on both: the model.pt
-    paths and the training runs' predictions_patients.csv."""
+def task_feature_files(root: Path, task: str, n_patients: int = 24) -> dict[str, str]:
+    """task_cohort's bags as feature files under ``root`` and ``root/splits.csv`` with two folds (seed 0);
+    returns slide_id -> feature file."""
     from slidemil.cohort.sheet import Endpoint
     from slidemil.cohort.splits import make_splits
     from slidemil.config import Splits
-    from slidemil.mil.train import train_fold
 
     root.mkdir(parents=True, exist_ok=True)
     bags, sheet = task_cohort(task, n_patients)
@@ -618,6 +617,15 @@ def train_task_folds(root: Path, task: str, model: str = "abmil", n_patients: in
         write_h5(features[slide], {"features": feats, "coords": np.zeros((len(feats), 2), np.int64)}, {})
     splits = make_splits(sheet.assign(path="x"), Splits(folds=2), seed=0, endpoint=Endpoint(task, 2))
     splits.to_csv(root / "splits.csv", index=False)
+    return features
+
+
+def train_task_folds(root: Path, task: str, model: str = "abmil", n_patients: int = 24) -> dict:
+    """task_feature_files under ``root`` and ``model`` trained on both folds: the model.pt paths and the
+    training runs' predictions_patients.csv."""
+    from slidemil.mil.train import train_fold
+
+    features = task_feature_files(root, task, n_patients)
     checkpoints, predictions = [], []
     for fold in (0, 1):
         out = root / "runs" / model / f"fold_{fold}"

@@ -20,7 +20,7 @@ from slidemil.mil.models import create_model
 from slidemil.mil.train import checkpoint, collate, train_bags, train_fold
 from slidemil.names import MIL_MODELS, base_model
 from slidemil.tasks import c_index, class_order, discrete_time_nll, macro_auc, make_task
-from factories import DIM, TASK_CLASSES, task_cohort
+from factories import DIM, TASK_CLASSES, task_cohort, task_feature_files
 
 TASKS = ("binary", "multiclass", "survival", "regression")
 FAST_TASK = {"epochs": 6, "lr": 1e-3, "patience": 6}
@@ -167,15 +167,7 @@ def test_abmil_finds_the_planted_signal_on_test_patients(task_name, metric, floo
 
 @pytest.mark.parametrize("task_name", ["multiclass", "survival", "regression"])
 def test_train_fold_records_the_task_in_checkpoint_history_and_predictions(tmp_path, task_name):
-    bags, sheet = task_cohort(task_name, 24)
-    features = {}
-    from slidemil.files import write_h5
-
-    for slide, feats in bags.items():
-        features[slide] = str(tmp_path / f"{slide}.h5")
-        write_h5(features[slide], {"features": feats, "coords": np.zeros((len(feats), 2), np.int64)}, {})
-    splits = make_splits(sheet.assign(path="x"), Splits(folds=2), seed=0, endpoint=Endpoint(task_name, 2))
-    splits.to_csv(tmp_path / "splits.csv", index=False)
+    features = task_feature_files(tmp_path, task_name, 24)
     summary = train_fold(features, str(tmp_path / "splits.csv"), 1, "meanpool", SMALL, {"epochs": 2}, 0,
                          str(tmp_path / "run"), device="cpu")
     task = make_task(task_name, list(TASK_CLASSES) if task_name == "multiclass" else None)

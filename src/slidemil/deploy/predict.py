@@ -96,19 +96,11 @@ def load_refit(checkpoint: str, fold: FoldModel, device) -> FoldModel:
     return refit
 
 
-def bag_outputs(fold: FoldModel, features: np.ndarray, device) -> np.ndarray:
-    """The task's outputs of one bag (``Task.output_columns``), with the checkpoint's standardisation."""
-    import torch
-
-    x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
-    if fold.ckpt.get("feature_mean") is not None:
-        x = (x - fold.ckpt["feature_mean"].float()) / fold.ckpt["feature_std"].float()
-    with torch.inference_mode():
-        return fold.task.outputs(fold.model(x[None].to(device), None)["logits"])[0]
-
-
 def slide_probabilities(models: list[FoldModel], features: dict[str, str], device="cpu") -> pd.DataFrame:
-    """One row per slide: slide_id, n_tiles, excluded and each model's outputs, their ensemble and spread."""
+    """One row per slide: slide_id, n_tiles, excluded and each model's outputs, their ensemble and spread.
+    A bag's outputs come from the heatmaps' forward pass (the checkpoint's standardisation, the task's outputs)."""
+    from slidemil.report.heatmap import bag_forward
+
     in_dim = int(models[0].ckpt["in_dim"])
     outputs = models[0].task.output_columns
     columns = [member_column(o, m.name) for o in outputs for m in models]
@@ -124,7 +116,8 @@ def slide_probabilities(models: list[FoldModel], features: dict[str, str], devic
             raise FeatureFileError(f"{path}: features of shape {feats.shape}, but the models were trained on "
                                    f"{in_dim}-d features; extract this cohort with the training cohort's extractor")
         for m in models:
-            row |= {member_column(o, m.name): float(v) for o, v in zip(outputs, bag_outputs(m, feats, device))}
+            values = bag_forward(m.model, m.ckpt, feats, device)[1]
+            row |= {member_column(o, m.name): float(v) for o, v in zip(outputs, values)}
         rows.append(row)
     table = pd.DataFrame(rows, columns=["slide_id", "n_tiles", "excluded", *columns])
     return with_ensemble(table, outputs, models[0].task.class_names)

@@ -162,17 +162,19 @@ def draw_heatmaps(run: dict, slides: pd.DataFrame, paths: dict, out: Path, setti
     from slidemil.report.heatmap import make_heatmap
 
     features, tiles = read_manifest(run["features"]), read_manifest(run["tiles"])
-    scores = slide_scores(slides).set_index("slide_id")
+    scores = slide_scores(slides)
+    by_slide = scores.set_index("slide_id")
     drawn = []
-    for slide_id, which in extreme_slides(scores.reset_index(), settings["heatmaps_per_model"]):
+    for slide_id, which in extreme_slides(scores, settings["heatmaps_per_model"]):
         png = f"heatmaps/{run['extractor']}_{run['model']}_{slide_id}.png"
         heat = make_heatmap(paths[slide_id], features[slide_id], run["checkpoint"], out / png, tiles[slide_id],
                             top_k=settings["heatmap_top_k"], slide_id=slide_id, device=device)
         if heat.png is None:
             logger.info("%s: %s", run["model"], heat.note)
             return []
-        drawn.append({"slide_id": slide_id, "which": which, "png": png, "score": float(scores.at[slide_id, "score"]),
-                      "spread": float(scores.at[slide_id, "spread"]), "prediction": heat.prediction})
+        drawn.append({"slide_id": slide_id, "which": which, "png": png,
+                      "score": float(by_slide.at[slide_id, "score"]),
+                      "spread": float(by_slide.at[slide_id, "spread"]), "prediction": heat.prediction})
     return drawn
 
 
@@ -238,12 +240,12 @@ def build_deploy_report(cohort: str, runs: list[dict], out_dir: str | os.PathLik
         training = {(r["extractor"], r["model"]): training_predictions[k * per_run:(k + 1) * per_run]
                     for k, r in enumerate(runs)} if per_run else {}
         doc.update(task_section(task, patients, training, out, settings, seed))
-    elif task.name == "binary":
-        doc["patients"] = _patient_rows(all_patients)
-        doc["heatmaps"] = unlabelled_heatmaps(runs, slides, sheet, out, settings, device)
     else:
-        doc |= {"task": task.name, "patients": task_patient_rows(all_patients, task),
-                "heatmaps": unlabelled_heatmaps(runs, slides, sheet, out, settings, device)}
+        if task.name == "binary":
+            doc["patients"] = _patient_rows(all_patients)
+        else:
+            doc |= {"task": task.name, "patients": task_patient_rows(all_patients, task)}
+        doc["heatmaps"] = unlabelled_heatmaps(runs, slides, sheet, out, settings, device)
     write_json(out / "report.json", doc)
     write_text(out / "report.html", render_page(doc, out))
     return doc
