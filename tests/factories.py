@@ -52,7 +52,7 @@ def make_tiny_cohort(folder: Path) -> Path:
     """An 8-patient demo cohort plus unusable slides (no mpp, no tissue, unreadable); returns the sheet."""
     # The easy signal of the first demo: the workflow tests check numbers end to end, not the demo's difficulty.
     make_cohort(str(folder), n_patients=8, seed=7, slide_px=(1536, 1536), tumor_tile_fraction=[0.1, 0.3],
-                lymphoid_tile_fraction=[0.0, 0.0])
+                lymphoid_tile_fraction=[0.0, 0.0], silent_positive_fraction=0.0)
     sheet = pd.read_csv(folder / "samples.csv", dtype=str)
     extra = folder / "extra"
     extra.mkdir()
@@ -73,7 +73,7 @@ TINY = {
     "results": "results",
     # A strong signal: these runs check the numbers end to end (4 test patients), not the demo's difficulty.
     "demo": {"n_patients": 16, "slide_px": [1536, 1536], "tumor_tile_fraction": [0.3, 0.5],
-             "lymphoid_tile_fraction": [0.0, 0.0]},
+             "lymphoid_tile_fraction": [0.0, 0.0], "silent_positive_fraction": 0.0},
     "tiling": {"mpp": 1.0, "tile_px": 128},
     "features": {"extractors": ["shufflenet_v2"],
                  "settings": {"shufflenet_v2": {"weights": "random", "input_px": 128, "dtype": "float32"}}},

@@ -16,7 +16,7 @@ from slidemil.demo import plan as demo_plan
 from slidemil.demo import render as demo
 
 SIGNAL = {"tumor_tile_fraction": [0.05, 0.25], "lymphoid_tile_fraction": [0.0, 0.1], "censored_fraction": 0.3,
-          "hazard_ratio": 8.0, "score_noise": 2.0}
+          "hazard_ratio": 8.0, "score_noise": 2.0, "silent_positive_fraction": 0.0}
 
 
 def patients(task: str, n: int = 300, seed: int = 1, **signal) -> pd.DataFrame:
@@ -48,6 +48,23 @@ def test_binary_tumour_only_in_positives_within_the_range():
     # The confounding pattern is in both classes alike.
     assert p["lymphoid_tile_fraction"].between(0.0, 0.1).all()
     assert abs(pos["lymphoid_tile_fraction"].mean() - neg["lymphoid_tile_fraction"].mean()) < 0.02
+
+
+def test_silent_positives_keep_their_label_and_lose_their_tumour_only():
+    shown = patients("binary")
+    silent = {f: patients("binary", silent_positive_fraction=f) for f in (0.1, 0.25)}
+    for fraction, p in silent.items():
+        assert p["label"].equals(shown["label"]) and p["lymphoid_tile_fraction"].equals(shown["lymphoid_tile_fraction"])
+        quiet = (p["label"] == 1) & (p["tumor_tile_fraction"] == 0)
+        assert quiet.sum() == round(150 * fraction)
+        # Every other patient keeps the share the same seed gives without silent positives.
+        assert p.loc[~quiet, "tumor_tile_fraction"].equals(shown.loc[~quiet, "tumor_tile_fraction"])
+    # A larger fraction silences the same patients and more.
+    quiet_10 = set(silent[0.1].index[(silent[0.1]["label"] == 1) & (silent[0.1]["tumor_tile_fraction"] == 0)])
+    quiet_25 = set(silent[0.25].index[(silent[0.25]["label"] == 1) & (silent[0.25]["tumor_tile_fraction"] == 0)])
+    assert quiet_10 < quiet_25
+    with pytest.raises(ConfigError, match="demo.silent_positive_fraction"):
+        check_config({"demo": {"silent_positive_fraction": 1.0}})
 
 
 def test_multiclass_classes_each_have_their_own_pattern():

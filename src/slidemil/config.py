@@ -77,6 +77,8 @@ class Demo:
     censored_fraction: float = setting(0.3, minimum=0, below=1)
     hazard_ratio: float = setting(8.0, above=0)
     score_noise: float = setting(2.0, minimum=0)
+    # binary: positives whose slides show no tumour, as for a biomarker that the morphology only partly shows
+    silent_positive_fraction: float = setting(0.25, minimum=0, below=1)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,9 @@ keeping it apart from the renderer keeps ``snakemake -n`` free of OpenCV, tifffi
 Each task's target is planted in the slides through the share of tissue tiles showing a pattern, drawn per
 patient here and rendered by ``slidemil.demo.render`` (every slide of a patient gets the patient's shares):
 
-* ``binary``: positives have tumour (share drawn from ``tumor_tile_fraction``), negatives none;
+* ``binary``: positives have tumour (share drawn from ``tumor_tile_fraction``), negatives none; a
+  ``silent_positive_fraction`` of the positives have none either (a label their slides do not show, as for a
+  biomarker with imperfect morphological correlates), which caps what any model can reach;
 * ``multiclass``: three classes, each with its own pattern: ``normal`` (none), ``tumor``, ``lymphoid``
   (dense aggregates of small round lymphocytes), the pattern's share drawn from ``tumor_tile_fraction``;
 * ``regression``: ``label`` = the tumour share in percent plus Gaussian noise (``score_noise`` points);
@@ -38,7 +40,8 @@ CLASS_NAMES = ("normal", "tumor", "lymphoid")
 # Median event time (months) of a patient at the low end of the tumour range.
 _BASE_MEDIAN_MONTHS = 36.0
 # The settings that shape the targets and their patterns; defaults are slidemil.config.Demo's.
-SIGNAL_KEYS = ("tumor_tile_fraction", "lymphoid_tile_fraction", "censored_fraction", "hazard_ratio", "score_noise")
+SIGNAL_KEYS = ("tumor_tile_fraction", "lymphoid_tile_fraction", "censored_fraction", "hazard_ratio", "score_noise",
+               "silent_positive_fraction")
 
 
 def plan_cohort(
@@ -96,7 +99,12 @@ def _plan_targets(rng: np.random.Generator, task: str, labels: np.ndarray, signa
     share = rng.uniform(low, high, n)
     lymphoid = rng.uniform(*signal["lymphoid_tile_fraction"], n)
     if task == "binary":
-        out = {"label": labels.tolist(), "tumor_tile_fraction": np.where(labels == 1, share, 0.0)}
+        # Drawn after the shares, so they stay those of the seed; the first k of one order, so a larger
+        # fraction silences the same patients and more.
+        positives = rng.permutation(np.flatnonzero(labels == 1))
+        silent = positives[: int(round(len(positives) * signal["silent_positive_fraction"]))]
+        shown = (labels == 1) & ~np.isin(np.arange(n), silent)
+        out = {"label": labels.tolist(), "tumor_tile_fraction": np.where(shown, share, 0.0)}
     elif task == "multiclass":
         if n < len(CLASS_NAMES):
             raise ValueError(f"n_patients must be >= {len(CLASS_NAMES)} so that every class occurs, got {n}")

@@ -606,7 +606,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m slidemil.demo
     for name in ("tumor_tile_fraction", "lymphoid_tile_fraction"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, nargs=2, default=defaults[name],
                             metavar=("LO", "HI"), help="share of tissue tiles (default %(default)s)")
-    for name in ("two_slide_fraction", "positive_fraction", "censored_fraction", "hazard_ratio", "score_noise"):
+    for name in ("two_slide_fraction", "positive_fraction", "censored_fraction", "hazard_ratio", "score_noise",
+                 "silent_positive_fraction"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=defaults[name],
                             help="default %(default)s (see config/README.md, section demo)")
     parser.add_argument("--workers", type=int, default=1)
