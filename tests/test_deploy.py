@@ -14,6 +14,7 @@ from slidemil.config import ConfigError, check_config
 from slidemil.deploy.predict import ENSEMBLE, SPREAD, patient_probabilities, predict_cohort
 from slidemil.deploy.report import build_deploy_report, extreme_slides, slide_scores
 from slidemil.demo.external import plan_external_cohort, shift_colours
+from slidemil.demo.plan import plan_cohort
 from slidemil.features.extract import extract_features
 from slidemil.files.features import read_features
 from slidemil.report.stats import bootstrap_mean_auc
@@ -181,8 +182,12 @@ def test_extreme_slides_are_the_highest_and_lowest_without_repeats():
 # ---- the demo's second cohort ----
 
 def test_external_demo_cohort_has_its_own_patients_and_shifted_stains():
-    table = plan_external_cohort(8, seed=8)
+    table = plan_external_cohort(8, {"seed": 7})
     assert table["patient_id"].str.startswith("EXT-P").all() and table["path"].str.startswith("slides/EXT-").all()
+    # New patients: the plan of the next seed, not the training cohort's under other names.
+    training = plan_cohort(8, 7, patterns=True).drop_duplicates("patient_id")
+    planned = plan_external_cohort(8, {"seed": 7}, patterns=True).drop_duplicates("patient_id")
+    assert not np.allclose(planned["lymphoid_tile_fraction"], training["lymphoid_tile_fraction"])
     rgb = np.array([[[255, 255, 255], [180, 90, 160]]], dtype=np.uint8)
     shifted = shift_colours(rgb)
     assert (shifted[0, 0] == 255).all()   # white stays white: background is still background

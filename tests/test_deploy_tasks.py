@@ -17,6 +17,7 @@ from slidemil.cohort.sheet import Endpoint
 from slidemil.config import ConfigError, check_config
 from slidemil.deploy.predict import predict_cohort
 from slidemil.deploy.report import build_deploy_report, extreme_slides, slide_scores
+from slidemil.demo.external import plan_external_cohort
 from slidemil.errors import SheetError
 from slidemil.files.deploy import ensemble_column, fold_column, spread_column
 
@@ -200,13 +201,20 @@ def test_deploy_sheets_take_each_tasks_outcome(tmp_path):
     assert "time" not in unlabelled.columns and "label" not in unlabelled.columns
 
 
-def test_every_task_deploys_and_the_demo_cohort_stays_binary():
+def test_every_task_deploys_and_the_demo_second_cohort_has_the_task_and_signal():
     for task in TASKS:
         cfg = check_config({"task": task, "samples": "train.csv", "deploy": {"cohorts": {"ext": "s.csv"}}})
         assert cfg["deploy"]["cohorts"] == {"ext": {"samples": "s.csv"}}
-    with pytest.raises(ConfigError, match=r"^config: deploy.demo_patients: makes a binary demo cohort, but task is "
-                                          r"regression;"):
-        check_config({"task": "regression", "demo": {"task": "regression"}, "deploy": {"demo_patients": 4}})
+        demo = check_config({"task": task, "demo": {"task": task}, "deploy": {"demo_patients": 30}})["demo"]
+        table = plan_external_cohort(30, demo, patterns=True).drop_duplicates("patient_id")
+        target = ["time", "event"] if task == "survival" else ["label"]
+        assert table[target].notna().all().all() and (table["lymphoid_tile_fraction"] > 0).any()
+        if task == "multiclass":
+            assert set(table["label"]) == {"normal", "tumor", "lymphoid"}
+        if task == "binary":
+            # The demo's silent positives are planted here too: positives without tumour.
+            positives = table[table["label"] == 1]
+            assert (positives["tumor_tile_fraction"] == 0).sum() == round(len(positives) * demo["silent_positive_fraction"])
 
 
 # ---- through the DAG ----

@@ -541,10 +541,6 @@ def _check_rules(cfg: dict) -> None:
 
 
 def _check_deploy_rules(cfg: dict) -> None:
-    if cfg["deploy"]["demo_patients"] and cfg["task"] != BINARY:
-        # The second demo cohort is drawn with binary labels only; any task deploys on cohorts of deploy.cohorts.
-        raise ConfigError("deploy.demo_patients", f"makes a binary demo cohort, but task is {cfg['task']}",
-                          "0, and a cohort of your own in deploy.cohorts")
     if cfg["deploy"]["refit"] and cfg["splits"]["fold_column"]:
         raise ConfigError("deploy.refit", "retrains on the non-test patients, but splits.fold_column makes every "
                           "patient a test patient in some fold", "false with splits.fold_column")

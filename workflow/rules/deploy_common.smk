@@ -28,10 +28,7 @@ def _add_deploy_cohort(name, sheet_path, sheet):
 
 if DEMO and config["deploy"]["demo_patients"]:
     # Planned like the demo cohort, so its jobs are known before its slides exist.
-    _d = config["demo"]
-    _external = plan_external_cohort(
-        config["deploy"]["demo_patients"], _d["seed"] + 1, _d["two_slide_fraction"], _d["positive_fraction"]
-    )
+    _external = plan_external_cohort(config["deploy"]["demo_patients"], config["demo"])
     _external["path"] = [f"{DEMO_EXTERNAL}/{p}" for p in _external["path"]]
     _add_deploy_cohort(DEMO_DEPLOY_COHORT, f"{DEMO_EXTERNAL}/samples.csv", _external)
 for _name, _entry in config["deploy"]["cohorts"].items():

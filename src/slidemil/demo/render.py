@@ -503,7 +503,7 @@ def _write_slide(path, rendered: tuple, mpp: float | None, objective_power: floa
 
 
 def _make_slide_job(job: dict) -> dict:
-    """One slide of a planned cohort (:func:`_slide_job` plus path, mpp and objective_power), written."""
+    """One slide of a planned cohort (:func:`slide_job` plus path, mpp and objective_power), written."""
     t0 = time.perf_counter()
     rendered = render_slide(job["slide_id"], job["label"], job["seed"], job["slide_px"], patterns=job["patterns"])
     return _write_slide(job["path"], rendered, job["mpp"], job["objective_power"], t0)
@@ -529,7 +529,8 @@ def plan_slides(demo: dict) -> pd.DataFrame:
                        {k: d[k] for k in SIGNAL_KEYS}, patterns=True)
 
 
-def _slide_job(row: dict, d: dict) -> dict:
+def slide_job(row: dict, d: dict) -> dict:
+    """render_slide's arguments for a planned slide (``row``) of the cohort settings ``d``."""
     # Every slide of a patient renders the patient's planned shares, each with its own layout.
     return dict(label=row.get("label", 0), seed=d["seed"], slide_px=tuple(d["slide_px"]), slide_id=row["slide_id"],
                 patterns={"tumor": row["tumor_tile_fraction"], "lymphoid": row["lymphoid_tile_fraction"]})
@@ -540,7 +541,7 @@ def render_cohort_slide(demo: dict, slide_id: str) -> tuple[np.ndarray, dict, di
     masks, facts): the same pixels as the cohort's file, without the others."""
     d = _settings(demo)
     row = next(r for r in plan_slides(d).to_dict(orient="records") if r["slide_id"] == slide_id)
-    job = _slide_job(row, d)
+    job = slide_job(row, d)
     return render_slide(job.pop("slide_id"), **job)
 
 
@@ -554,7 +555,7 @@ def make_cohort(out_dir: str | os.PathLike, workers: int = 1, **demo) -> pd.Data
     d = _settings(demo)
     out_dir = Path(out_dir)
     table = plan_slides(d)
-    jobs = [dict(_slide_job(row, d), path=out_dir / row["path"], mpp=d["mpp"], objective_power=d["objective_power"])
+    jobs = [dict(slide_job(row, d), path=out_dir / row["path"], mpp=d["mpp"], objective_power=d["objective_power"])
             for row in table.to_dict(orient="records")]
     (out_dir / "slides").mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
