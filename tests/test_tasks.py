@@ -201,8 +201,17 @@ def test_config_task_is_checked_once_with_one_line():
     assert check_config({})["task"] == "binary"
     with pytest.raises(ConfigError, match=r"^config: task must be one of binary, multiclass, survival, regression"):
         check_config({"task": "multi"})
-    with pytest.raises(ConfigError, match=r"^config: mil.models: tile_supervised scores slides .* task survival"):
-        check_config({"task": "survival", "mil": {"models": ["abmil", "tile_supervised"]}})
+    # The tile-supervised baseline classifies tiles: binary and multiclass, and survival and regression refused.
+    for task_name in ("survival", "regression"):
+        with pytest.raises(ConfigError, match=r"^config: mil.models: tile_supervised scores slides by their tiles' "
+                                              rf"predicted classes, so it learns binary or multiclass tasks only: "
+                                              rf"task {task_name} needs a MIL model; allowed: abmil") as err:
+            check_config({"task": task_name, "demo": {"task": task_name},
+                          "mil": {"models": ["abmil", "tile_supervised"]}})
+        assert "\n" not in str(err.value)
+    multiclass = check_config({"task": "multiclass", "demo": {"task": "multiclass"},
+                               "mil": {"models": ["abmil", "tile_supervised"]}})
+    assert multiclass["mil"]["models"] == ["abmil", "tile_supervised"]
     with pytest.raises(ConfigError, match=r"^config: splits.binarize: makes two classes, but task is regression"):
         check_config({"task": "regression", "splits": {"binarize": "median"}})
 
