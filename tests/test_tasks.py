@@ -216,6 +216,25 @@ def test_config_task_is_checked_once_with_one_line():
         check_config({"task": "regression", "splits": {"binarize": "median"}})
 
 
+def test_multiclass_dag_trains_the_tile_supervised_baseline_into_the_report(tmp_path):
+    """A dry run (seconds) of the tiny multiclass demo with tile_supervised: one train_tiles job per fold, then
+    the report; the tile CNN has no heatmap job (heatmaps are of MIL models on features)."""
+    import yaml
+
+    from factories import TINY, job_counts, snakemake_cli
+
+    tile = {"init": "random", "input_px": 64, "tiles_per_slide": 4, "eval_tiles_per_slide": 8, "epochs": 1}
+    config = {**TINY, "task": "multiclass", "demo": {**TINY["demo"], "task": "multiclass"},
+              "mil": {**TINY["mil"], "models": ["abmil", "tile_supervised"], "settings": {"tile_supervised": tile}},
+              "report": {**TINY["report"], "heatmaps_per_model": 1}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    proc = snakemake_cli(tmp_path, "-n", "--cores", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    counts = job_counts(proc.stdout + proc.stderr)
+    assert counts["train_tiles"] == 2 and counts["train"] == 2 and counts["report"] == 1
+    assert counts["heatmaps"] == 1  # abmil's alone
+
+
 def _sheet(rows, columns):
     frame = pd.DataFrame(rows, columns=columns)
     return frame.assign(path=[f"{s}.svs" for s in frame["slide_id"]])
