@@ -5,7 +5,7 @@
   parser of a dry run's job table); TINY (the demo cohort, tiny) and TINY_SHEET_CONFIG + make_tiny_cohort
   (a user sample sheet with unusable slides);
 - MIL bags: write_dataset (feature files + splits.csv with two folds), FAST, MODEL_KWARGS;
-- tiled slides: make_tiled_cohort, tiled_slide (one slide and its tiles);
+- tiled slides: make_tiled_cohort (binary or multiclass), tiled_slide (one slide and its tiles);
 - sample sheets: write_sheet (rows plus placeholder slide files);
 - report inputs: write_run / shared_runs (prediction and history files), test_rows;
 - deploy: train_two_folds, write_deploy_cohort (binary); train_task_folds, write_task_deploy_cohort, direct_outputs
@@ -202,17 +202,36 @@ def write_dataset(root):
 
 # ---- tiled slides ----
 
-def make_tiled_cohort(d, parts: list[str]) -> dict:
-    """One 1024 px slide per patient under ``d``, tiled, and a splits CSV whose fold 0 is ``parts``."""
+# The multiclass demo's classes (slidemil.demo.plan) and the pattern each one's slides show.
+TILED_CLASS_PATTERNS = {"normal": {}, "tumor": {"tumor": 0.3}, "lymphoid": {"lymphoid": 0.3}}
+
+
+def make_tiled_cohort(d, parts: list[str], task: str = "binary") -> dict:
+    """One 1024 px slide per patient under ``d``, tiled, and a splits CSV whose fold 0 is ``parts``.
+
+    Binary: slide k has label k % 2. Multiclass: slide k is of class k % 3 of TILED_CLASS_PATTERNS (normal, tumor,
+    lymphoid) and shows that class's demo pattern; splits.csv numbers the classes in slidemil.tasks.class_order
+    (``classes`` in the result) and names them in label_value."""
+    from slidemil.demo.render import render_slide, write_pyramidal_tiff
+    from slidemil.tasks import class_order
+
+    classes = class_order(list(TILED_CLASS_PATTERNS)) if task == "multiclass" else None
     slides, tiles, rows = {}, {}, []
     for k, part in enumerate(parts):
         slide_id = f"S{k}"
         slides[slide_id], tiles[slide_id] = str(d / f"{slide_id}.tiff"), str(d / f"{slide_id}.h5")
-        make_slide(slides[slide_id], label=k % 2, seed=k, slide_px=(1024, 1024))
+        row = {"slide_id": slide_id, "patient_id": f"P{k}", "label": k % 2, "fold_0": part}
+        if classes is None:
+            make_slide(slides[slide_id], label=k % 2, seed=k, slide_px=(1024, 1024))
+        else:
+            name = list(TILED_CLASS_PATTERNS)[k % 3]
+            rgb = render_slide(slide_id, name, k, (1024, 1024), patterns=TILED_CLASS_PATTERNS[name])[0]
+            write_pyramidal_tiff(slides[slide_id], rgb, 0.5, 20)
+            row.update(label=classes.index(name), label_value=name, task=task)
         tile_slide(slides[slide_id], tiles[slide_id], None, {"tile_px": 64, "mpp": 1.0})
-        rows.append({"slide_id": slide_id, "patient_id": f"P{k}", "label": k % 2, "fold_0": part})
+        rows.append(row)
     pd.DataFrame(rows).to_csv(d / "splits.csv", index=False)
-    return {"dir": d, "slides": slides, "tiles": tiles, "splits": str(d / "splits.csv")}
+    return {"dir": d, "slides": slides, "tiles": tiles, "splits": str(d / "splits.csv"), "classes": classes}
 
 
 

@@ -201,10 +201,38 @@ def test_config_task_is_checked_once_with_one_line():
     assert check_config({})["task"] == "binary"
     with pytest.raises(ConfigError, match=r"^config: task must be one of binary, multiclass, survival, regression"):
         check_config({"task": "multi"})
-    with pytest.raises(ConfigError, match=r"^config: mil.models: tile_supervised scores slides .* task survival"):
-        check_config({"task": "survival", "mil": {"models": ["abmil", "tile_supervised"]}})
+    # The tile-supervised baseline classifies tiles: binary and multiclass, and survival and regression refused.
+    for task_name in ("survival", "regression"):
+        with pytest.raises(ConfigError, match=r"^config: mil.models: tile_supervised scores slides by their tiles' "
+                                              rf"predicted classes, so it learns binary or multiclass tasks only: "
+                                              rf"task {task_name} needs a MIL model; allowed: abmil") as err:
+            check_config({"task": task_name, "demo": {"task": task_name},
+                          "mil": {"models": ["abmil", "tile_supervised"]}})
+        assert "\n" not in str(err.value)
+    multiclass = check_config({"task": "multiclass", "demo": {"task": "multiclass"},
+                               "mil": {"models": ["abmil", "tile_supervised"]}})
+    assert multiclass["mil"]["models"] == ["abmil", "tile_supervised"]
     with pytest.raises(ConfigError, match=r"^config: splits.binarize: makes two classes, but task is regression"):
         check_config({"task": "regression", "splits": {"binarize": "median"}})
+
+
+def test_multiclass_dag_trains_the_tile_supervised_baseline_into_the_report(tmp_path):
+    """A dry run (seconds) of the tiny multiclass demo with tile_supervised: one train_tiles job per fold, then
+    the report; the tile CNN has no heatmap job (heatmaps are of MIL models on features)."""
+    import yaml
+
+    from factories import TINY, job_counts, snakemake_cli
+
+    tile = {"init": "random", "input_px": 64, "tiles_per_slide": 4, "eval_tiles_per_slide": 8, "epochs": 1}
+    config = {**TINY, "task": "multiclass", "demo": {**TINY["demo"], "task": "multiclass"},
+              "mil": {**TINY["mil"], "models": ["abmil", "tile_supervised"], "settings": {"tile_supervised": tile}},
+              "report": {**TINY["report"], "heatmaps_per_model": 1}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    proc = snakemake_cli(tmp_path, "-n", "--cores", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    counts = job_counts(proc.stdout + proc.stderr)
+    assert counts["train_tiles"] == 2 and counts["train"] == 2 and counts["report"] == 1
+    assert counts["heatmaps"] == 1  # abmil's alone
 
 
 def _sheet(rows, columns):

@@ -518,8 +518,9 @@ def _check_rules(cfg: dict) -> None:
         _check_encoder_rules(name, features["settings"][name], cfg["tiling"])
     tile = cfg["mil"]["settings"].get(TILE_MODEL) or {}
     if TILE_MODEL in models and cfg["task"] not in TILE_MODEL_TASKS:
-        raise ConfigError("mil.models", f"{TILE_MODEL} scores slides by their fraction of positive tiles: "
-                          f"task {cfg['task']} needs a MIL model", ", ".join(MIL_MODELS))
+        raise ConfigError("mil.models", f"{TILE_MODEL} scores slides by their tiles' predicted classes, so it "
+                          f"learns {' or '.join(TILE_MODEL_TASKS)} tasks only: task {cfg['task']} needs a MIL model",
+                          ", ".join(MIL_MODELS))
     if cfg["task"] != BINARY and (cfg["splits"]["binarize"] or cfg["splits"]["positive_class"] is not None):
         key = "splits.binarize" if cfg["splits"]["binarize"] else "splits.positive_class"
         raise ConfigError(key, f"makes two classes, but task is {cfg['task']}", "null, or task: binary")

@@ -94,10 +94,11 @@ TILE_ARCHITECTURES = ("shufflenet_v2", "resnet18")
 SIMCLR_ARCHITECTURES = tuple(dict.fromkeys(SIMCLR_EXTRACTORS.values()))
 # Endpoints (``task:`` in the config; their losses, heads and metrics live in slidemil.tasks; the demo generates a
 # cohort for each, config demo.task). The sheet carries `label` (binary, multiclass, regression) or `time` and
-# `event` (survival). The tile-supervised baseline scores a slide as its fraction of positive tiles: binary only.
+# `event` (survival). The tile-supervised baseline classifies tiles and scores a slide by the fraction of its tiles
+# predicted in each class: classification tasks only.
 TASKS = ("binary", "multiclass", "survival", "regression")
 BINARY = "binary"
-TILE_MODEL_TASKS = (BINARY,)
+TILE_MODEL_TASKS = (BINARY, "multiclass")
 # The report's figure of each (extractor, model), by task: {kind}_{extractor}_{model}.png, and its section title.
 RESULT_FIGURES = {BINARY: ("roc", "ROC curves"), "multiclass": ("confusion", "Confusion matrices and ROC curves"),
                   "survival": ("km", "Kaplan-Meier curves"), "regression": ("scatter", "Predicted against true")}

@@ -1,9 +1,10 @@
 """model.pt, a trained classifier: a dict saved with ``torch.save``, loadable with ``weights_only``.
 
 Every model.pt holds state_dict (the weights), model (its name), n_classes, epoch (the selected one),
-val_auc, seed, fold and ``format_version``. MIL models add model_kwargs, in_dim, training (the resolved
-settings) and feature_mean / feature_std (None, or the standardisation the model was trained with); the
-tile-supervised baseline adds settings and init_digest.
+val_auc (the task's validation metric), seed, fold, ``format_version`` and the task's record
+(``slidemil.tasks.Task.state``: task, class_names and what its outputs need; older files lack it: binary).
+MIL models add model_kwargs, in_dim, training (the resolved settings) and feature_mean / feature_std (None, or
+the standardisation the model was trained with); the tile-supervised baseline adds settings and init_digest.
 
 Written by MIL training and the tile-supervised baseline (``write_checkpoint``); read by MIL training
 (a model that starts from another one's) and the heatmaps (``read_checkpoint``).

@@ -2,13 +2,17 @@
 
 A CNN (a registered extractor architecture, ShuffleNetV2 or ResNet-18,
 initialised from ImageNet weights in a local file, the cohort's SimCLR backbone
-or at random) gets a new He-initialised linear layer and is fine-tuned
-end to end on a fixed subsample of each training slide's tiles with
-class-weighted cross-entropy (Adam, betas 0.9/0.99, no schedule). A slide's
-score is the fraction of its tiles predicted positive (DeepSMILE eq. 4), a
-patient's the mean of its slides'. The epoch with the best validation patient
-AUC is kept, as in the MIL training, and the same four outputs are written:
-model.pt, history.csv, predictions_slides.csv, predictions_patients.csv.
+or at random) gets a new He-initialised linear layer with one output per class
+and is fine-tuned end to end on a fixed subsample of each training slide's tiles
+with cross-entropy weighted by the classes' tile counts (Adam, betas 0.9/0.99,
+no schedule). Tasks ``binary`` and ``multiclass`` (slidemil.names.TILE_MODEL_TASKS):
+a slide's probability of class k is the fraction of its tiles whose argmax is k
+(DeepSMILE eq. 4, where binary ``prob`` is the fraction predicted positive), a
+patient's the mean of its slides'. The epoch with the best validation metric of
+the task (patient AUC; multiclass macro one-vs-rest AUC) is kept, as in the MIL
+training, and the same four outputs are written in the same form
+(slidemil.tasks): model.pt, history.csv, predictions_slides.csv,
+predictions_patients.csv.
 """
 
 from __future__ import annotations
@@ -23,21 +27,23 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 from tqdm import tqdm
 
 from slidemil.config import TileSupervised, field_defaults, resolve
-from slidemil.names import TILE_ARCHITECTURES
+from slidemil.names import BINARY, TILE_ARCHITECTURES, TILE_MODEL, TILE_MODEL_TASKS
 from slidemil.runtime import Precision, resolve_device, resolve_precision, warn_if_bf16_emulated
 from slidemil.features.extractors import create_extractor, get_spec
-from slidemil.files.splits import read_fold
+from slidemil.files.splits import read_fold, read_splits, split_task
 from slidemil.slides.reader import one_opencv_thread
 from slidemil.pretrain.tilepool import (SlideTiles, TilePool, add_cli_arguments, cli_cohort, epoch_generator,
                        normalizer, sample_slide_tiles)
-from slidemil.training import (N_CLASSES, Loop, Stepper, auc_or_none, class_weights, fit_epochs, patient_auc,
-                               patient_predictions, validation_has_both_classes, weighted_loss, write_outputs)
+from slidemil.tasks import Task, make_task
+from slidemil.training import (N_CLASSES, Loop, Selection, Stepper, class_weights, fit_epochs, fmt_metric,
+                               weighted_loss, write_outputs)
 
 logger = logging.getLogger(__name__)
 
@@ -54,10 +60,10 @@ def resolve_settings(settings: dict | None) -> dict:
 class TileClassifier(nn.Module):
     """Extractor backbone + a fresh linear layer: tile -> class logits."""
 
-    def __init__(self, arch: str, init: str, seed: int = 0):
+    def __init__(self, arch: str, init: str, seed: int = 0, n_classes: int = N_CLASSES):
         super().__init__()
         self.backbone, self.init_digest = create_extractor(arch, init, seed)
-        self.fc = nn.Linear(get_spec(arch).dim, N_CLASSES)
+        self.fc = nn.Linear(get_spec(arch).dim, n_classes)
         nn.init.kaiming_normal_(self.fc.weight, nonlinearity="relu")  # He, as the paper's re-initialised layers
         nn.init.zeros_(self.fc.bias)
 
@@ -65,10 +71,22 @@ class TileClassifier(nn.Module):
         return self.fc(self.backbone(x))
 
 
-def slide_scores(tile_slides: list[str], tile_logits: torch.Tensor) -> pd.Series:
-    """Fraction of each slide's tiles whose argmax is the positive class (DeepSMILE eq. 4)."""
-    positive = (tile_logits.argmax(dim=1) == 1).double().cpu().numpy()
-    return pd.Series(positive).groupby(pd.Series(tile_slides)).mean()
+def tile_task(splits_csv: str) -> Task:
+    """The task of the splits file, if the baseline can learn it (a classification); else one line."""
+    name, class_names = split_task(read_splits(splits_csv), splits_csv)
+    if name not in TILE_MODEL_TASKS:
+        raise ValueError(f"{splits_csv}: task {name}: {TILE_MODEL} classifies tiles, so it learns "
+                         f"{' or '.join(TILE_MODEL_TASKS)} tasks only; train a MIL model for {name}")
+    return make_task(name, class_names)
+
+
+def slide_outputs(task: Task, tile_slides: list[str], tile_logits: torch.Tensor) -> pd.DataFrame:
+    """Each slide's outputs (index: slide id; the task's output columns): the fraction of its tiles whose
+    argmax is each class (DeepSMILE eq. 4; binary ``prob``: the fraction predicted class 1)."""
+    votes = F.one_hot(tile_logits.argmax(dim=1), task.head_size).double().cpu().numpy()
+    fractions = pd.DataFrame(votes).groupby(pd.Series(tile_slides)).mean()
+    kept = fractions[[1]] if task.name == BINARY else fractions  # binary: as Task.outputs, class 1 alone
+    return kept.set_axis(task.output_columns, axis=1)
 
 
 class _Augment:
@@ -92,12 +110,13 @@ class Run:
     weights: torch.Tensor
     labels: dict[str, int]
     cfg: dict
+    task: Task
     workers: int = 0
 
 
 @torch.inference_mode()
-def predict_tiles(run: Run, pool: TilePool) -> tuple[pd.Series, float]:
-    """Slide scores over the pool's slides and the mean weighted tile loss."""
+def predict_tiles(run: Run, pool: TilePool) -> tuple[pd.DataFrame, float]:
+    """Slide outputs over the pool's slides (``slide_outputs``) and the mean weighted tile loss."""
     run.model.eval()
     normalize = normalizer(run.device)
     loader = DataLoader(pool, batch_size=run.cfg["batch_size"], shuffle=False, num_workers=run.workers)
@@ -110,7 +129,7 @@ def predict_tiles(run: Run, pool: TilePool) -> tuple[pd.Series, float]:
     logits = torch.cat(logits)
     y = torch.tensor([labels[s] for s in item_slides], dtype=torch.long)
     loss = weighted_loss(logits, y, weights.cpu(), reduction="sum").item() / max(len(y), 1)
-    return slide_scores(item_slides, logits), loss
+    return slide_outputs(run.task, item_slides, logits), loss
 
 
 def train_epoch(run: Run, pool: TilePool, epoch: int, stepper: Stepper, seed: int, desc: str) -> float:
@@ -151,7 +170,8 @@ def sample_fold(split: pd.DataFrame, slides: dict[str, str], tiles: dict[str, st
 
 
 def fit(run: Run, sampled: dict[str, SlideTiles], split: pd.DataFrame, seed: int, fold: int):
-    """Train with early stopping on the validation patients' AUC; returns (Selection, history, train tiles)."""
+    """Train with early stopping on the validation patients' metric of the task (AUC, macro AUC); returns
+    (Selection, history, train tiles)."""
     cfg = run.cfg
     train_pool = TilePool([sampled[s] for s in split.loc[split["partition"] == "train", "slide_id"]], _Augment(), seed,
                           resize_px=cfg["input_px"])
@@ -168,13 +188,18 @@ def fit(run: Run, sampled: dict[str, SlideTiles], split: pd.DataFrame, seed: int
         return train_epoch(run, train_pool, epoch, stepper, seed, desc), cfg["lr"]  # no schedule: lr is constant
 
     def validate() -> tuple[float | None, float]:
-        scores, val_loss = predict_tiles(run, val_pool)
-        return patient_auc(val.assign(prob=val["slide_id"].map(scores))), val_loss
+        outputs, val_loss = predict_tiles(run, val_pool)
+        return run.task.score(with_outputs(val, outputs)), val_loss
 
     # The epoch's tiles show a progress bar of their own.
     loop = Loop(train, validate, cfg["epochs"], cfg["patience"], desc, progress=False)
-    best, history = fit_epochs(run.model, loop, validation_has_both_classes(val))
+    best, history = fit_epochs(run.model, loop, run.task.can_select(val))
     return best, history, len(train_pool)
+
+
+def with_outputs(slides: pd.DataFrame, outputs: pd.DataFrame) -> pd.DataFrame:
+    """``slides`` with each slide's outputs (``slide_outputs``) as columns."""
+    return slides.assign(**{c: slides["slide_id"].map(outputs[c]) for c in outputs.columns})
 
 
 @one_opencv_thread()  # the loader workers are the parallelism (see slides.one_opencv_thread)
@@ -198,39 +223,54 @@ def train_tile_supervised(
     dev = resolve_device(device)
     warn_if_bf16_emulated(dev, cfg["precision"], "tile_supervised.precision")
 
+    task = tile_task(splits_csv)
     sampled, split, skipped = sample_fold(read_fold(splits_csv, fold), slides, tiles, cfg, seed, fold)
     ids = {p: split.loc[split["partition"] == p, "slide_id"].tolist() for p in ("train", "val", "test")}
-    labels = dict(zip(split["slide_id"], split["label"]))
-    # Weighted by tiles, as the loss is: slides of one class may have more tiles than the other's.
+    labels = task.targets(split)
+    # Weighted by tiles, as the loss is: slides of one class may have more tiles than another's.
     tile_labels = np.array([labels[s] for s in ids["train"] for _ in range(len(sampled[s].coords))])
-    weights = class_weights(tile_labels, cfg["class_weighted"]).to(dev)
+    weights = class_weights(tile_labels, cfg["class_weighted"], n_classes=task.head_size).to(dev)
 
     torch.manual_seed(seed)
-    model = TileClassifier(cfg["arch"], cfg["init"], seed).to(dev, memory_format=torch.channels_last)
-    run = Run(model, dev, resolve_precision(dev, cfg["precision"], need="training"), weights, labels, cfg, workers)
+    model = TileClassifier(cfg["arch"], cfg["init"], seed, task.head_size).to(dev, memory_format=torch.channels_last)
+    amp = resolve_precision(dev, cfg["precision"], need="training")
+    run = Run(model, dev, amp, weights, labels, cfg, task, workers)
     best, history, n_train_tiles = fit(run, sampled, split, seed, fold)
 
     model.load_state_dict(best.state)
-    evaluated = split[split["partition"].isin(["val", "test"])].reset_index(drop=True)
-    eval_pool = TilePool([sampled[s] for s in evaluated["slide_id"]], None, seed, resize_px=cfg["input_px"])
-    scores, _ = predict_tiles(run, eval_pool)
-    slides_out = evaluated.assign(prob=evaluated["slide_id"].map(scores))[
-        ["slide_id", "patient_id", "label", "partition", "prob"]]
-    patients = patient_predictions(slides_out)
-    test = patients[patients["partition"] == "test"]
-
-    write_outputs(out_dir, {"state_dict": best.state, "model": "tile_supervised", "settings": cfg,
-                            "init_digest": model.init_digest, "epoch": best.epoch, "val_auc": best.auc,
-                            "seed": seed, "fold": fold, "n_classes": N_CLASSES}, history, slides_out, patients)
+    slides_out = final_predictions(run, sampled, split, seed)
+    write_outputs(out_dir, checkpoint(run, best, seed, fold), history, slides_out, task.patients(slides_out),
+                  metric_column=task.history_column)
+    test = slides_out[slides_out["partition"] == "test"]
+    metric = "auc" if task.name == BINARY else task.metric  # binary keeps its summary keys, as MIL training does
     summary = {
-        "model": "tile_supervised", "fold": fold, "seed": seed, "best_epoch": best.epoch,
-        "epochs_run": len(history), "val_auc": best.auc,
-        "test_auc": auc_or_none(test["label"], test["prob"]) if len(test) else None,
+        "model": TILE_MODEL, "fold": fold, "seed": seed, "best_epoch": best.epoch,
+        "epochs_run": len(history), f"val_{metric}": best.auc,
+        f"test_{metric}": task.score(test) if len(test) else None,
         "n_slides": {p: len(v) for p, v in ids.items()}, "skipped_slides": skipped,
         "train_tiles": n_train_tiles, "device": str(dev), "seconds": round(time.monotonic() - started, 2),
     }
-    logger.info("fold %d done: best epoch %d, val auc %s, test auc %s", fold, best.epoch, best.auc, summary["test_auc"])
+    logger.info("fold %d done: best epoch %d, val %s %s, test %s %s", fold, best.epoch, metric, fmt_metric(best.auc),
+                metric, fmt_metric(summary[f"test_{metric}"]))
     return summary
+
+
+def final_predictions(run: Run, sampled: dict[str, SlideTiles], split: pd.DataFrame, seed: int) -> pd.DataFrame:
+    """The validation and test slides with the model's outputs: slide_id, patient_id, label, partition and the
+    task's output columns (predictions_slides.csv, as MIL training writes it)."""
+    evaluated = split[split["partition"].isin(["val", "test"])].reset_index(drop=True)
+    eval_pool = TilePool([sampled[s] for s in evaluated["slide_id"]], None, seed, resize_px=run.cfg["input_px"])
+    outputs, _ = predict_tiles(run, eval_pool)
+    columns = ["slide_id", "patient_id", "label", "partition", *run.task.output_columns]
+    return with_outputs(evaluated, outputs)[columns]
+
+
+def checkpoint(run: Run, best: Selection, seed: int, fold: int) -> dict:
+    """The model.pt content: the keys every training checkpoint has (slidemil.files.checkpoint), the task's
+    record (slidemil.tasks.Task.state, which task_from_checkpoint reads), the settings and the init digest."""
+    return {"state_dict": best.state, "model": TILE_MODEL, "settings": run.cfg, "init_digest": run.model.init_digest,
+            "epoch": best.epoch, "val_auc": best.auc, "seed": seed, "fold": fold, "n_classes": run.task.head_size,
+            **run.task.state()}
 
 
 def main(argv=None, prog: str = "python -m slidemil.pretrain.tile_supervised") -> None:
