@@ -1,5 +1,6 @@
 """The report's encoder comparison (issue 22): each model's extractors against the first, checked against a
-direct paired bootstrap written here as a plain loop over replicates with sklearn's AUC."""
+direct paired bootstrap written here as a plain loop over replicates with sklearn's AUC; for multiclass, survival
+and regression (issue 23), on the task's primary metric, checked against sklearn's and lifelines' metrics."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
-from sklearn.metrics import roc_auc_score
+from lifelines.utils import concordance_index
+from sklearn.metrics import r2_score, roc_auc_score
 
-from factories import shared_runs, test_rows
+from factories import shared_runs, test_rows, write_task_run
+from slidemil.report import endpoints
 from slidemil.report import page as report_page
 from slidemil.report import stats as report
 
@@ -137,3 +140,103 @@ def test_one_extractor_says_there_is_nothing_to_compare(tmp_path):
     assert list(pd.read_csv(out / "encoder_comparison.csv").columns) == report.ENCODER_COMPARISON_COLUMNS
     assert not (out / "encoder_comparison.png").exists()
     assert "One extractor: nothing to compare" in (out / "report.html").read_text()
+
+
+# ---------------------------------------------------------------- multiclass, survival, regression
+
+TASK_BOOT, REFERENCE, OTHER = 60, "resnet50_trunc", "uni2_h"
+TASK_COLUMNS = ["model", "extractor", "reference", *endpoints.PAIRED_COLUMNS]
+
+
+def direct_metric(task_name: str, test: pd.DataFrame) -> float:
+    """The task's primary metric written out: mean one-vs-rest AUC, Harrell's C (higher risk, earlier event), R²."""
+    if task_name == "multiclass":
+        probs = test.filter(like="prob_").to_numpy()
+        return float(np.mean([roc_auc_score(test["label"] == k, probs[:, k]) for k in range(probs.shape[1])]))
+    if task_name == "survival":
+        return concordance_index(test["time"], -test["risk"], test["label"])
+    return r2_score(test["label"], test["pred"])
+
+
+def _task_study(tmp_path, task_name: str, extractors: dict[str, float]) -> list[dict]:
+    """Two folds of abmil and meanpool on every extractor (signal per extractor, the same test patients, another seed
+    per run), and transmil on the last extractor only."""
+    runs = []
+    for e, (extractor, signal) in enumerate(extractors.items()):
+        models = ["abmil", "meanpool"] + (["transmil"] if e == len(extractors) - 1 and e else [])
+        runs += [dict(write_task_run(tmp_path / extractor, task_name, model, fold, signal=signal,
+                                     seed=100 * e + 10 * m + fold), extractor=extractor)
+                 for m, model in enumerate(models) for fold in (0, 1)]
+    return runs
+
+
+def _task_test(run) -> pd.DataFrame:
+    frame = pd.read_csv(run["predictions"], dtype={"patient_id": str})
+    return frame[frame["partition"] == "test"]
+
+
+@pytest.mark.parametrize("task_name", ["multiclass", "survival", "regression"])
+def test_task_encoder_comparison_on_the_primary_metric(tmp_path, task_name):
+    # The first extractor of the runs (the workflow's order: features.extractors) is the reference.
+    # write_task_run's regression prediction is label * signal / 2 + noise: R² is best at signal 2.
+    strong = 2.0 if task_name == "regression" else 3.0
+    runs = _task_study(tmp_path, task_name, {REFERENCE: 0.2, OTHER: strong})
+    out = tmp_path / "report"
+    doc = report_page.build_report(runs, out, {"n_bootstrap": TASK_BOOT}, seed=SEED)
+
+    table = pd.read_csv(out / "encoder_comparison.csv", dtype={"fold": str})
+    assert list(table.columns) == TASK_COLUMNS
+    assert json.loads((out / "report.json").read_text())["encoder_comparison"] == doc["encoder_comparison"]
+    assert len(doc["encoder_comparison"]) == len(table)
+    # transmil has one extractor only; abmil and meanpool: a row per fold and the mean.
+    assert list(zip(table["model"], table["fold"])) == [(m, f) for m in ("abmil", "meanpool") for f in ("0", "1", "mean")]
+    assert set(table["extractor"]) == {OTHER} and set(table["reference"]) == {REFERENCE}
+    page = (out / "report.html").read_text()
+    assert "<a href='#encoders'>" in page and doc["figures"]["encoder_comparison"] == "encoder_comparison.png"
+    assert (out / "encoder_comparison.png").is_file()
+    for model, rows in table.groupby("model"):
+        tests = {e: {str(r["fold"]): _task_test(r) for r in runs if (r["extractor"], r["model"]) == (e, model)}
+                 for e in (OTHER, REFERENCE)}
+        expected = {f: (direct_metric(task_name, tests[OTHER][f]), direct_metric(task_name, tests[REFERENCE][f]))
+                    for f in ("0", "1")}
+        expected["mean"] = tuple(np.mean([expected[f][k] for f in ("0", "1")]) for k in (0, 1))
+        for row in rows.itertuples():
+            candidate, reference = expected[row.fold]
+            assert (row.metric_model, row.metric_reference) == pytest.approx((candidate, reference), abs=1e-12)
+            assert row.difference == pytest.approx(candidate - reference, abs=1e-12)
+            assert row.n_test_patients == 30 and 0 < row.n_bootstrap_used <= TASK_BOOT
+            cells = _row(page, f"encoders-{model}-{OTHER}-{row.fold}")
+            assert cells[4:7] == [f"{candidate:.3f}", f"{reference:.3f}", f"{row.difference:+.3f}"]
+            assert cells[7] == f"{row.ci_low:+.3f} – {row.ci_high:+.3f}"
+        mean = rows[rows["fold"] == "mean"].iloc[0]
+        assert mean.ci_low <= mean.difference <= mean.ci_high
+        assert mean.difference > 0  # the strong encoder beats the weak reference
+    assert f"{endpoints.METRIC_NAMES[doc['task']['metric']]} {REFERENCE}</th>" in page
+
+
+@pytest.mark.parametrize("task_name", ["multiclass", "survival", "regression"])
+def test_task_with_one_extractor_has_nothing_to_compare(tmp_path, task_name):
+    runs = _task_study(tmp_path, task_name, {REFERENCE: 1.0})
+    out = tmp_path / "report"
+    doc = report_page.build_report(runs, out, {"n_bootstrap": 20}, seed=0)
+    assert doc["encoder_comparison"] == [] and doc["figures"]["encoder_comparison"] is None
+    assert (out / "encoder_comparison.csv").read_text().strip() == ",".join(TASK_COLUMNS)
+    assert not (out / "encoder_comparison.png").exists()
+    page = (out / "report.html").read_text()
+    assert "<a href='#encoders'>" in page and "One extractor: nothing to compare" in page
+
+
+def test_task_compare_is_the_same_pairing_with_roles_swapped(tmp_path):
+    """endpoints.compare varies the model or the extractor with one implementation: the same two prediction sets
+    give the same numbers either way."""
+    task = endpoints.make_task("regression")
+    _, tests = endpoints.load_runs(_task_study(tmp_path, "regression", {REFERENCE: 0.5, OTHER: 2.5}), task)
+    as_models = {(REFERENCE, "abmil"): tests[(REFERENCE, "abmil")], (REFERENCE, "uni"): tests[(OTHER, "abmil")]}
+    by_model = endpoints.compare(task, as_models, "abmil", 40, SEED)
+    by_encoder = endpoints.compare(task, tests, REFERENCE, 40, SEED, vary="extractor")
+    assert list(by_model.columns[:3]) == ["extractor", "model", "reference"]
+    pd.testing.assert_frame_equal(by_model[endpoints.PAIRED_COLUMNS],
+                                  by_encoder[by_encoder["model"] == "abmil"][endpoints.PAIRED_COLUMNS]
+                                  .reset_index(drop=True))
+    with pytest.raises(ValueError, match="vary"):
+        endpoints.compare(task, tests, "0", 40, SEED, vary="fold")

@@ -319,9 +319,9 @@ def report_has_comparison():
 
 
 def report_has_encoder_comparison():
-    # Every MIL model trains on every extractor's features: two extractors give each model a comparison.
-    # The report compares encoders on the binary AUC only (slidemil.report.page): other tasks draw none.
-    return config["task"] == "binary" and len(EXTRACTORS) > 1 and bool(trained_models())
+    # Every MIL model trains on every extractor's features: two extractors give each model a comparison, on the
+    # task's first metric (slidemil.report.page, slidemil.report.endpoints).
+    return len(EXTRACTORS) > 1 and bool(trained_models())
 
 
 def report_has_heatmaps():

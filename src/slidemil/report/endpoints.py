@@ -1,10 +1,11 @@
 """The report of a multiclass, survival or regression task: metrics per fold, mean ± std over folds, bootstrap
-CIs over test patients, the paired comparison with the reference model, and each task's figures.
+CIs over test patients, the paired comparisons with the reference model and with the first extractor (on the
+task's primary metric), and each task's figures.
 
 The metrics are slidemil.tasks' (one home for training's validation metric and the report's). Protocols as the
 binary report's (slidemil.report.stats): every model's bootstrap starts from ``default_rng(seed)``; when all
 folds share the test patients, one resample of them per replicate serves every fold (and, in the comparison,
-both models: a paired bootstrap); a replicate where a metric is undefined is skipped for that metric.
+both run groups: a paired bootstrap); a replicate where a metric is undefined is skipped for that metric.
 
 Figures: multiclass, the confusion matrix (test patients of all folds, rows normalised to the true class) and
 one-vs-rest ROC curves per class (all folds' test patients pooled); survival, Kaplan-Meier curves of each fold's
@@ -29,7 +30,7 @@ from sklearn.metrics import confusion_matrix, roc_curve  # noqa: E402
 
 from slidemil.files import save_png, write_csv, write_text  # noqa: E402
 from slidemil.names import RESULT_FIGURES  # noqa: E402
-from slidemil.report.stats import _draws, _fmt, best_val_auc, square_axes  # noqa: E402
+from slidemil.report.stats import _draws, _fmt, best_val_auc, pair_columns, run_pairs, square_axes  # noqa: E402
 from slidemil.tasks import Task, make_task  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,10 @@ logger = logging.getLogger(__name__)
 # What each task's report calls its metrics (the first is the primary one: selection, ranking, comparison).
 METRIC_NAMES = {"macro_auc": "macro AUC (one-vs-rest)", "balanced_accuracy": "balanced accuracy",
                 "c_index": "C-index (Harrell)", "r2": "R²", "pearson_r": "Pearson r", "mae": "MAE"}
+# One row of paired_difference; a comparison table puts the name it holds fixed, the name it varies and the reference
+# in front (slidemil.report.stats.PAIR_KEYS).
+PAIRED_COLUMNS = ["fold", "n_test_patients", "metric_model", "metric_reference", "difference", "ci_low", "ci_high",
+                  "n_bootstrap_used"]
 
 
 def detect_task(prediction_files: list, class_names: list | None = None) -> Task | None:
@@ -179,16 +184,15 @@ def paired_difference(task: Task, model_folds: dict, reference_folds: dict, n_bo
     return rows + [mean]
 
 
-def compare(task: Task, tests: dict, reference: str, n_bootstrap: int, seed: int) -> pd.DataFrame:
+def compare(task: Task, tests: dict, reference: str, n_bootstrap: int, seed: int, vary: str = "model") -> pd.DataFrame:
+    """Every run group against the one differing only in ``vary`` ("model": ``reference`` is the reference model,
+    trained on the same extractor; "extractor": the reference extractor, under the same model), paired on the
+    primary metric (:func:`paired_difference`). Columns: the name held fixed, the name varied, ``reference``, then
+    :data:`PAIRED_COLUMNS` (``metric_model`` is the compared run group's, whatever it varies)."""
     rows = []
-    for (extractor, model), items in sorted(tests.items()):
-        ref = tests.get((extractor, reference))
-        if model == reference or ref is None:
-            continue
-        diff = paired_difference(task, {f: t for f, t, _ in items}, {f: t for f, t, _ in ref}, n_bootstrap, seed)
-        rows += [{"extractor": extractor, "model": model, "reference": reference, **row} for row in diff]
-    frame = pd.DataFrame(rows, columns=["extractor", "model", "reference", "fold", "n_test_patients", "metric_model",
-                                        "metric_reference", "difference", "ci_low", "ci_high", "n_bootstrap_used"])
+    for names, folds, ref in run_pairs(tests, vary, reference):
+        rows += [{**names, **row} for row in paired_difference(task, folds, ref, n_bootstrap, seed)]
+    frame = pd.DataFrame(rows, columns=[*pair_columns(vary), *PAIRED_COLUMNS])
     frame["fold"] = frame["fold"].astype(str)
     return frame
 
@@ -307,12 +311,15 @@ def draw_figure(task: Task, items: list, title: str, png: Path) -> None:
 
 def write_task_summary(task: Task, runs: list[dict], out_dir: str | os.PathLike, reference: str, n_bootstrap: int,
                        seed: int) -> dict:
-    """per_fold.csv, summary.csv, summary.md, comparison.csv and each model's figure; returns their tables."""
+    """per_fold.csv, summary.csv, summary.md, comparison.csv, encoder_comparison.csv and each model's figure;
+    returns their tables."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     per_fold, tests = load_runs(runs, task)
     summary = summary_rows(task, per_fold, tests, n_bootstrap, seed)
     comparison = compare(task, tests, reference, n_bootstrap, seed)
+    # The encoders' reference: the first extractor of the runs (the workflow's order, features.extractors), as binary.
+    encoders = compare(task, tests, next(iter(tests))[0], n_bootstrap, seed, vary="extractor")
     figures = []
     for (extractor, model), items in sorted(tests.items()):
         name = figure_name(task, extractor, model)
@@ -321,9 +328,11 @@ def write_task_summary(task: Task, runs: list[dict], out_dir: str | os.PathLike,
     write_csv(out / "per_fold.csv", per_fold)
     write_csv(out / "summary.csv", summary)
     write_csv(out / "comparison.csv", comparison)
+    write_csv(out / "encoder_comparison.csv", encoders)
     write_text(out / "summary.md", markdown(task, summary, n_bootstrap))
     logger.info("%s report: %d model(s), %d fold run(s)", task.name, len(summary), len(per_fold))
-    return {"per_fold": per_fold, "summary": summary, "comparison": comparison, "figures": figures}
+    return {"per_fold": per_fold, "summary": summary, "comparison": comparison, "encoder_comparison": encoders,
+            "figures": figures}
 
 
 def metric_title(name: str) -> str:

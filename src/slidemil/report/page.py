@@ -79,24 +79,20 @@ def _fold_key(fold) -> tuple:
 
 
 def _results(runs: list[dict], summary: pd.DataFrame, per_fold: pd.DataFrame, tests: dict, cfg: dict, seed: int,
-             out: Path, comparison: pd.DataFrame | None = None) -> dict:
-    """The report.json document's results part; writes comparison.csv and the comparison and training figures.
-    ``comparison``: another task's (slidemil.report.endpoints), already written; then ``tests`` is empty."""
+             out: Path, written: dict | None = None) -> dict:
+    """The report.json document's results part; writes comparison.csv, encoder_comparison.csv and the comparison
+    and training figures. ``written``: another task's tables (slidemil.report.endpoints.write_task_summary), its
+    comparison and encoder comparison already written; then ``tests`` is empty."""
     n_bootstrap, reference = int(cfg["n_bootstrap"]), str(cfg["reference_model"])
     notes: list[str] = []
-    pairs = sorted(tests) if comparison is None else sorted(zip(summary["extractor"], summary["model"]))
-    if comparison is None:
-        comparison = compare_models(tests, reference, n_bootstrap, seed)
-        write_csv(out / "comparison.csv", comparison)
-    comparison_png = None
-    if len(comparison):
-        other = "difference" in comparison.columns  # another task's comparison: its primary metric
-        plot_comparison(comparison, out / "comparison.png", *(("difference", cfg.get("metric_title")) if other else ()))
-        comparison_png = "comparison.png"
-    elif len(pairs) > 1:
+    pairs = sorted(tests) if written is None else sorted(zip(summary["extractor"], summary["model"]))
+    if written is None:
+        written = _binary_comparisons(tests, reference, n_bootstrap, seed, out)
+    comparison, encoders = written["comparison"], written["encoder_comparison"]
+    comparison_png = _forest(comparison, "comparison.png", cfg, out)
+    if comparison_png is None and len(pairs) > 1:
         notes.append(f"no comparison: the reference model {reference!r} is not among the trained models")
-
-    encoders, encoders_png = _encoder_comparison(tests, n_bootstrap, seed, out)
+    encoders_png = _forest(encoders, "encoder_comparison.png", cfg, out)
     figures = {"roc": [], "history": []}
     for extractor, model in pairs:
         if tests:  # other tasks draw their own figures instead of ROC curves
@@ -118,16 +114,24 @@ def _results(runs: list[dict], summary: pd.DataFrame, per_fold: pd.DataFrame, te
     }
 
 
-def _encoder_comparison(tests: dict, n_bootstrap: int, seed: int, out: Path) -> tuple[pd.DataFrame, str | None]:
-    """Each model's extractors against the first extractor of the runs (the first of ``features.extractors``), on the
-    same test patients; writes encoder_comparison.csv (empty with one extractor) and its figure."""
-    reference = next(iter(tests))[0] if tests else ""
-    table = compare_encoders(tests, reference, n_bootstrap, seed)
-    write_csv(out / "encoder_comparison.csv", table)
+def _binary_comparisons(tests: dict, reference: str, n_bootstrap: int, seed: int, out: Path) -> dict:
+    """comparison.csv (every model against ``reference``) and encoder_comparison.csv (each model's extractors
+    against the first extractor of the runs, the first of ``features.extractors``; empty with one extractor)."""
+    tables = {"comparison": compare_models(tests, reference, n_bootstrap, seed),
+              "encoder_comparison": compare_encoders(tests, next(iter(tests))[0] if tests else "", n_bootstrap, seed)}
+    for name, table in tables.items():
+        write_csv(out / f"{name}.csv", table)
+    return tables
+
+
+def _forest(table: pd.DataFrame, name: str, cfg: dict, out: Path) -> str | None:
+    """The forest figure ``name`` of a comparison table (None when the table is empty): ΔAUC, or another task's
+    difference on its primary metric (``cfg["metric_title"]``)."""
     if not len(table):
-        return table, None
-    plot_comparison(table, out / "encoder_comparison.png")
-    return table, "encoder_comparison.png"
+        return None
+    other = "difference" in table.columns
+    plot_comparison(table, out / name, *(("difference", cfg.get("metric_title")) if other else ()))
+    return name
 
 
 def _report_task(runs: list[dict], splits):
@@ -156,7 +160,7 @@ def _task_results(task, runs: list[dict], cfg: dict, seed: int, out: Path) -> di
     tables = write_task_summary(task, runs, out, str(cfg["reference_model"]), int(cfg["n_bootstrap"]), seed)
     names = metric_names(task, tables["summary"])
     titled = {**cfg, "metric_title": f"test {METRIC_NAMES[task.metric]}"}
-    doc = _results(runs, tables["summary"], tables["per_fold"], {}, titled, seed, out, tables["comparison"])
+    doc = _results(runs, tables["summary"], tables["per_fold"], {}, titled, seed, out, tables)
     doc["settings"] = {**cfg, "seed": seed}
     titles = {n: metric_title(n) for n in names}
     doc["task"] = {"name": task.name, "metric": task.metric, "metrics": names, "class_names": task.class_names,

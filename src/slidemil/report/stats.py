@@ -49,8 +49,10 @@ SUMMARY_COLUMNS = [
 PAIRED_COLUMNS = [
     "fold", "n_test_patients", "auc_model", "auc_reference", "auc_diff", "ci_low", "ci_high", "n_bootstrap_used",
 ]
-COMPARISON_COLUMNS = ["extractor", "model", "reference", *PAIRED_COLUMNS]
-ENCODER_COMPARISON_COLUMNS = ["model", "extractor", "reference", *PAIRED_COLUMNS]
+# A comparison table's leading columns by the name it varies: the name held fixed, the name varied, the reference.
+PAIR_KEYS = {"model": ["extractor", "model", "reference"], "extractor": ["model", "extractor", "reference"]}
+COMPARISON_COLUMNS = [*PAIR_KEYS["model"], *PAIRED_COLUMNS]
+ENCODER_COMPARISON_COLUMNS = [*PAIR_KEYS["extractor"], *PAIRED_COLUMNS]
 # Bootstrap AUCs are computed on this many replicates at a time so that the
 # (replicates x patients) rank matrices stay small for large cohorts.
 _BOOTSTRAP_CHUNK = 256
@@ -341,20 +343,34 @@ def compare_runs(
     bootstrap from ``seed``, so its CI does not depend on which other runs are in the report. Columns:
     the name held fixed, the name varied, ``reference``, then :data:`PAIRED_COLUMNS`.
     """
-    if vary not in ("model", "extractor"):
-        raise ValueError(f"vary must be 'model' or 'extractor', got {vary!r}")
-    fixed = "extractor" if vary == "model" else "model"
     rows = []
+    for names, folds, ref in run_pairs(tests, vary, reference):
+        rows += [{**names, **row} for row in paired_auc_difference(folds, ref, n_bootstrap, seed)]
+    frame = pd.DataFrame(rows, columns=[*pair_columns(vary), *PAIRED_COLUMNS])
+    frame["fold"] = frame["fold"].astype(str)
+    return frame
+
+
+def pair_columns(vary: str) -> list[str]:
+    """:data:`PAIR_KEYS` of ``vary`` ("model" or "extractor"), checked."""
+    if vary not in PAIR_KEYS:
+        raise ValueError(f"vary must be 'model' or 'extractor', got {vary!r}")
+    return list(PAIR_KEYS[vary])
+
+
+def run_pairs(tests: dict, vary: str, reference: str):
+    """Each run group of ``tests`` ((extractor, model) -> (fold, test table, ...) items) that has a partner differing
+    only in ``vary``, where that name is ``reference``: ({fixed, varied, reference names}, {fold: test table},
+    {fold: the partner's test table}), ordered by the fixed name, then the varied one. One home for the pairing
+    of the binary comparisons and of the other tasks' (slidemil.report.endpoints)."""
+    fixed = pair_columns(vary)[0]
     for (extractor, model), folds in sorted(tests.items(), key=lambda item: _names(item[0], fixed, vary)):
         names = {"extractor": extractor, "model": model}
         ref = tests.get(tuple({**names, vary: reference}[k] for k in ("extractor", "model")))
         if names[vary] == reference or ref is None:
             continue
-        diff = paired_auc_difference({f: t for f, t, _ in folds}, {f: t for f, t, _ in ref}, n_bootstrap, seed)
-        rows += [{fixed: names[fixed], vary: names[vary], "reference": reference, **row} for row in diff]
-    frame = pd.DataFrame(rows, columns=[fixed, vary, "reference", *PAIRED_COLUMNS])
-    frame["fold"] = frame["fold"].astype(str)
-    return frame
+        yield ({fixed: names[fixed], vary: names[vary], "reference": reference}, {f: t for f, t, _ in folds},
+               {f: t for f, t, _ in ref})
 
 
 def _names(key: tuple[str, str], *order: str) -> tuple[str, ...]:
