@@ -189,7 +189,8 @@ def test_task_encoder_comparison_on_the_primary_metric(tmp_path, task_name):
     assert json.loads((out / "report.json").read_text())["encoder_comparison"] == doc["encoder_comparison"]
     assert len(doc["encoder_comparison"]) == len(table)
     # transmil has one extractor only; abmil and meanpool: a row per fold and the mean.
-    assert list(zip(table["model"], table["fold"])) == [(m, f) for m in ("abmil", "meanpool") for f in ("0", "1", "mean")]
+    expected_rows = [(m, f) for m in ("abmil", "meanpool") for f in ("0", "1", "mean")]
+    assert list(zip(table["model"], table["fold"])) == expected_rows
     assert set(table["extractor"]) == {OTHER} and set(table["reference"]) == {REFERENCE}
     page = (out / "report.html").read_text()
     assert "<a href='#encoders'>" in page and doc["figures"]["encoder_comparison"] == "encoder_comparison.png"
