@@ -142,6 +142,18 @@ def test_one_extractor_says_there_is_nothing_to_compare(tmp_path):
     assert "One extractor: nothing to compare" in (out / "report.html").read_text()
 
 
+def test_the_missing_reference_note_only_when_the_reference_model_is_missing(tmp_path):
+    note = "is not among the trained models"
+    # One model (the reference) on two extractors: no model comparison, and nothing missing either.
+    one_model = _study(tmp_path / "a", {"uni2_h": 0.5, "resnet50_trunc": 2.0}, models=("abmil",))
+    doc = report_page.build_report(one_model, tmp_path / "ra", {"n_bootstrap": 50}, seed=0)
+    assert doc["comparison"] == [] and not any(note in n for n in doc["notes"])
+    # Two models, neither the reference: the note says so.
+    others = _study(tmp_path / "b", {"resnet50_trunc": 1.0}, models=("abmil_gated", "meanpool"))
+    doc = report_page.build_report(others, tmp_path / "rb", {"n_bootstrap": 50}, seed=0)
+    assert any(note in n and "'abmil'" in n for n in doc["notes"])
+
+
 # ---------------------------------------------------------------- multiclass, survival, regression
 
 TASK_BOOT, REFERENCE, OTHER = 60, "resnet50_trunc", "uni2_h"

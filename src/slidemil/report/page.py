@@ -90,7 +90,8 @@ def _results(runs: list[dict], summary: pd.DataFrame, per_fold: pd.DataFrame, te
         written = _binary_comparisons(tests, reference, n_bootstrap, seed, out)
     comparison, encoders = written["comparison"], written["encoder_comparison"]
     comparison_png = _forest(comparison, "comparison.png", cfg, out)
-    if comparison_png is None and len(pairs) > 1:
+    models = {model for _, model in pairs}
+    if comparison_png is None and len(models) > 1 and reference not in models:
         notes.append(f"no comparison: the reference model {reference!r} is not among the trained models")
     encoders_png = _forest(encoders, "encoder_comparison.png", cfg, out)
     figures = {"roc": [], "history": []}
