@@ -386,11 +386,14 @@ def test_survival_demo_draws_heatmaps_titled_with_the_risk(tmp_path):
 
     from factories import TINY, snakemake_cli
 
+    # With the demo's second cohort (deploy.demo_patients), planned as a survival cohort too.
     config = {**TINY, "task": "survival", "demo": {**TINY["demo"], "task": "survival"},
-              "mil": {**TINY["mil"], "models": ["abmil"]}, "report": {**TINY["report"], "heatmaps_per_model": 2}}
+              "mil": {**TINY["mil"], "models": ["abmil"]}, "report": {**TINY["report"], "heatmaps_per_model": 2},
+              "deploy": {"demo_patients": 8}}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    proc = snakemake_cli(tmp_path, "--cores", "2")
+    proc = snakemake_cli(tmp_path, "--cores", "2", timeout=1800)
     assert proc.returncode == 0, proc.stderr[-5000:]
+    _check_survival_demo_deployed(tmp_path / "results")
     report = tmp_path / "results" / "report"
     index = json.loads((report / "heatmaps" / "shufflenet_v2" / "abmil.json").read_text())
     preds = pd.read_csv(tmp_path / "results" / "train" / "shufflenet_v2" / "abmil" / "fold_0"
@@ -404,6 +407,22 @@ def test_survival_demo_draws_heatmaps_titled_with_the_risk(tmp_path):
         assert item["score"] == pytest.approx(row["risk"], abs=1e-4)
         assert item["prediction"].startswith(f"risk {item['score']:.3f}") and item["prediction"] in page
         assert (report / "heatmaps" / "shufflenet_v2" / item["file"]).stat().st_size > 20000
+
+
+def _check_survival_demo_deployed(results):
+    """The second demo cohort has survival targets, and its deploy report's ensemble C-index is lifelines' on
+    the ensemble risks it wrote."""
+    from lifelines.utils import concordance_index
+
+    sheet = pd.read_csv(results / "demo_external" / "samples.csv", dtype={"patient_id": str})
+    assert {"time", "event"} <= set(sheet.columns) and sheet["patient_id"].str.startswith("EXT-").all()
+    patients = pd.read_csv(results / "deploy" / "demo_external" / "predictions" / "shufflenet_v2" / "abmil"
+                           / "predictions_patients.csv")
+    metrics = pd.read_csv(results / "report" / "deploy" / "demo_external" / "metrics.csv", dtype={"fold": str})
+    ensemble = metrics[metrics["fold"] == "ensemble"].iloc[0]
+    # Deploy predictions carry the event as `label` (slidemil.files.deploy.OUTCOME_COLUMNS), beside `time`.
+    direct = concordance_index(patients["time"], -patients["risk_ensemble"], patients["label"])
+    assert ensemble["c_index"] == pytest.approx(direct, abs=1e-9)
 
 
 # ---------------------------------------------------------------- bring your own features
