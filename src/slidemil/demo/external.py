@@ -1,9 +1,10 @@
 """The demo's second cohort: new patients scanned elsewhere, to deploy the demo's trained models on.
 
 The same generator and plan as the demo cohort (``slidemil.demo.plan``, ``slidemil.demo.render``: the same task,
-tumour and lymphoid shares, silent positives) with its own patients (``EXT-P001``...) and seed, and every slide's stains shifted the way another scanner's colour response shifts
-them: each channel's optical density is scaled (``OD_GAINS``), so white background stays white and tissue
-changes hue slightly. Labelled, so the models' external metrics can be measured, for every task.
+tumour and lymphoid shares, silent positives) with its own patients (``EXT-P001``...) and seed, and every
+slide's stains shifted the way another scanner's colour response shifts them: each channel's optical density
+is scaled (``OD_GAINS``), so white background stays white and tissue changes hue slightly.
+Labelled, so the models' external metrics can be measured, for every task.
 """
 
 from __future__ import annotations

@@ -102,8 +102,8 @@ def _plan_targets(rng: np.random.Generator, task: str, labels: np.ndarray, signa
         # Drawn after the shares, so they stay those of the seed; the first k of one order, so a larger
         # fraction silences the same patients and more.
         positives = rng.permutation(np.flatnonzero(labels == 1))
-        silent = positives[: int(round(len(positives) * signal["silent_positive_fraction"]))]
-        shown = (labels == 1) & ~np.isin(np.arange(n), silent)
+        shown = labels == 1
+        shown[positives[: int(round(len(positives) * signal["silent_positive_fraction"]))]] = False
         out = {"label": labels.tolist(), "tumor_tile_fraction": np.where(shown, share, 0.0)}
     elif task == "multiclass":
         if n < len(CLASS_NAMES):
