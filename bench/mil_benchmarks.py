@@ -19,6 +19,9 @@ published numbers (``--references``, default ``bench/mil_references.csv``); writ
 
 ``--repetitions 1 --max-folds 2`` measures a per-fold time to extrapolate from.
 ``--precision bf16 --out /tmp/bf16.md`` reruns the same folds under ``training.precision: bf16``.
+``--refit`` trains each fold's model on all of its training bags, the validation share included, for the
+recipe's fixed epochs (``selection: last`` only), as ``deploy.refit`` retrains for deployment and as
+Ilse et al. 2018 trained; nothing is chosen on held-out bags then, so there is no validation threshold.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from slidemil.cohort.splits import make_splits, validation_fraction  # noqa: E40
 from slidemil.config import Splits  # noqa: E402
 from slidemil.names import base_model  # noqa: E402
 from slidemil.runtime import TRAIN_PRECISIONS  # noqa: E402
+from slidemil.mil.refit import refit_split  # noqa: E402
 from slidemil.mil.train import checkpoint, resolve_training, train_bags  # noqa: E402
 from slidemil.report.stats import binary_metrics, validation_threshold  # noqa: E402
 
@@ -117,10 +121,17 @@ def load_dataset(path: str, seed: int = 0) -> tuple[dict[str, torch.Tensor], pd.
     return _CACHE[path]
 
 
-def fold_split(sheet: pd.DataFrame, masks: np.ndarray, repetition: int, fold: int, seed: int, source: str) -> pd.DataFrame:
+def fold_split(sheet: pd.DataFrame, masks: np.ndarray, repetition: int, fold: int, seed: int, source: str,
+               refit: bool = False) -> pd.DataFrame:
+    """One fold's partition per bag. ``refit``: the workflow's refit split of that fold (``refit_split``): its
+    validation bags train too, and its test bags take the validation partition, so that they are predicted
+    (``train_bags`` needs one) while a fixed epoch count (``selection: last``) chooses nothing on them."""
     sheet = sheet.assign(fold=cv_test_folds(masks, repetition, source))
     splits = make_splits(sheet, Splits(fold_column="fold"), seed=seed + 1000 * repetition)
-    split = splits[["slide_id", "patient_id", "label", f"fold_{fold}"]].rename(columns={f"fold_{fold}": "partition"})
+    one = splits[["slide_id", "patient_id", "label", f"fold_{fold}"]]
+    if refit:
+        one = refit_split(one).rename(columns={"fold_0": f"fold_{fold}"})
+    split = one.rename(columns={f"fold_{fold}": "partition"})
     split["label"] = split["label"].astype(int)
     return split
 
@@ -130,20 +141,20 @@ def fold_split(sheet: pd.DataFrame, masks: np.ndarray, repetition: int, fold: in
 
 def run_fold(task: tuple) -> list[dict]:
     """Train the task's models on one fold; one result row per model."""
-    path, models, repetition, fold, seed, training, settings = task
+    path, models, repetition, fold, seed, training, settings, refit = task
     dataset = Path(path).stem
     torch.set_num_threads(1)
     quiet = logging.root.manager.disable
     logging.disable(logging.WARNING)  # per-epoch logs of thousands of runs drown the summary
     try:
-        return _run_models(path, dataset, models, repetition, fold, seed, training, settings)
+        return _run_models(path, dataset, models, repetition, fold, seed, training, settings, refit)
     finally:
         logging.disable(quiet)  # in-process (--jobs 1) the caller's logging comes back
 
 
-def _run_models(path, dataset, models, repetition, fold, seed, training, settings) -> list[dict]:
+def _run_models(path, dataset, models, repetition, fold, seed, training, settings, refit) -> list[dict]:
     bags, sheet, masks = load_dataset(path, seed)
-    split = fold_split(sheet, masks, repetition, fold, seed, dataset)
+    split = fold_split(sheet, masks, repetition, fold, seed, dataset, refit)
     rows, baselines = [], {}
     for model in models:
         started, cpu_started = time.monotonic(), time.process_time()
@@ -157,19 +168,23 @@ def _run_models(path, dataset, models, repetition, fold, seed, training, setting
         run = train_bags(bags, split, model, kwargs, training, seed, "cpu", init_state=init)
         baselines.setdefault(model, run)
         rows.append({"dataset": dataset, "model": model, "repetition": repetition, "fold": fold,
-                     "n_train": int((split["partition"] == "train").sum()), **test_metrics(run.slides),
+                     "n_train": int((split["partition"] == "train").sum()), **test_metrics(run.slides, refit),
                      "best_epoch": run.best.epoch, "epochs_run": len(run.history),
                      "seconds": round(time.monotonic() - started, 2),
                      "cpu_seconds": round(time.process_time() - cpu_started, 2)})
     return rows
 
 
-def test_metrics(slides: pd.DataFrame) -> dict:
-    """AUC, and accuracy / balanced accuracy at 0.5 and at the threshold chosen on the validation bags."""
+def test_metrics(slides: pd.DataFrame, refit: bool = False) -> dict:
+    """AUC, and accuracy / balanced accuracy at 0.5 and at the threshold chosen on the validation bags (none
+    with ``refit``, whose test bags are in the validation partition: see ``fold_split``)."""
     val, test = (slides[slides["partition"] == p] for p in ("val", "test"))
+    if refit:
+        val, test = val.iloc[:0], val
     y, p = test["label"].to_numpy(), test["prob"].to_numpy()
-    threshold = validation_threshold(val["label"], val["prob"])
-    at_half, at_val = binary_metrics(y, p, 0.5), binary_metrics(y, p, threshold)
+    threshold = validation_threshold(val["label"], val["prob"]) if len(val) else float("nan")
+    at_half = binary_metrics(y, p, 0.5)
+    at_val = binary_metrics(y, p, threshold) if len(val) else dict.fromkeys(at_half, float("nan"))
     return {"n_val": len(val), "n_test": len(test), "accuracy": at_half["accuracy"],
             "balanced_accuracy": at_half["balanced_accuracy"],
             "auc": float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else float("nan"),
@@ -255,7 +270,7 @@ def write_doc(path: Path, summary: pd.DataFrame, meta: dict, notes: str, refs: p
     per_model = cpu.sum() / n_models / 60
     kwargs = "; ".join(f"`{m}`: {model_kwargs(m, settings)}" for m in summary["model"].drop_duplicates())
     extra = results_table(summary, refs, ("accuracy_val_threshold", "balanced_accuracy")) \
-        if "accuracy_val_threshold_mean" in summary else []
+        if summary.get("accuracy_val_threshold_mean", pd.Series(dtype=float)).notna().any() else []
     text = f"""# MIL benchmarks: {", ".join(d.upper() for d in datasets)}
 
 Multiple-instance benchmarks (MUSK1, FOX, TIGER: Dietterich et al. 1997; Andrews et al. 2002; files and
@@ -291,11 +306,7 @@ as the workflow report uses) and balanced accuracy at 0.5:
 
 - Test folds: the file's (`{CV_MASKS}`; drawn stratified from the seed when absent); a bag's test fold is the
   one whose train mask leaves it out.
-- Validation: inside each training fold, a label-stratified draw of {validation_fraction(10):.3f} of
-  the training bags (the size of one fold), seeded, held out for model selection (`training.selection`)
-  and the accuracy threshold. This is `slidemil.cohort.splits.make_splits(..., Splits(fold_column="fold"))`, the same
-  rule the pipeline applies to a sample sheet with `splits.fold_column`. The test fold is used only for the
-  final numbers.
+- Validation: {_validation_line(meta)}
 - Recipe: `{meta["preset"]}`{" with overrides " + json.dumps(meta["overrides"]) if meta.get("overrides") else ""}.
   Training (all models): {training}; class-weighted cross-entropy; cosine learning-rate schedule; CPU,
   one thread per process, seed {meta.get("seed", 0)}.
@@ -313,6 +324,19 @@ whole table, so about {per_model / 2:.1f} min per model on 2 free cores with `--
 """
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+
+
+def _validation_line(meta: dict) -> str:
+    share = f"a label-stratified draw of {validation_fraction(10):.3f} of the training bags (the size of one fold)"
+    if meta.get("refit"):
+        return (f"none (`--refit`): every training bag trains, {share} included, for the recipe's fixed epochs "
+                "(`selection: last`), the split `slidemil.mil.refit.refit_split` gives the deployed refit model. "
+                "The test bags are predicted after every epoch but nothing is chosen on them; there is no "
+                "validation threshold.")
+    return (f"inside each training fold, {share}, seeded, held out for model selection (`training.selection`) "
+            "and the accuracy threshold. This is `slidemil.cohort.splits.make_splits(..., "
+            "Splits(fold_column=\"fold\"))`, the same rule the pipeline applies to a sample sheet with "
+            "`splits.fold_column`. The test fold is used only for the final numbers.")
 
 
 # --------------------------------------------------------------------------- main
@@ -341,6 +365,8 @@ def _parse(argv) -> argparse.Namespace:
     ap.add_argument("--max-folds", type=int, default=10, help="folds per repetition (fewer: a timing run)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--precision", choices=TRAIN_PRECISIONS, default=None, help="overrides training.precision")
+    ap.add_argument("--refit", action="store_true",
+                    help="train on all training bags, validation share included (needs selection: last)")
     ap.add_argument("--jobs", type=int, default=1, help="worker processes (one thread each)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     ap.add_argument("--notes", help="Markdown file whose text goes under the comparison in the doc")
@@ -373,17 +399,19 @@ def _command(args) -> str:
             + (f" --max-folds {args.max_folds}" if args.max_folds != 10 else "")
             + (f" --seed {args.seed}" if args.seed else "")
             + (f" --precision {args.precision}" if args.precision else "")
+            + (" --refit" if args.refit else "")
             + (f" --out {args.out}" if Path(args.out).resolve() != (ROOT / "docs" / "benchmarks.md") else "")
             + (f" --notes {args.notes}" if args.notes else ""))
 
 
 def run_all(args, training: dict, settings: dict, folds_csv: Path, meta_json: Path) -> tuple[pd.DataFrame, dict]:
     # Repetition by repetition over all datasets, so an interrupted run still covers every dataset.
-    tasks = [(p, tuple(args.models), r, k, args.seed, training, settings)
+    tasks = [(p, tuple(args.models), r, k, args.seed, training, settings, args.refit)
              for r in range(args.first_repetition, args.repetitions)
              for p in args.paths for k in range(args.max_folds)]
     started = time.monotonic()
     base_meta = {"jobs": args.jobs, "command": _command(args), "preset": args.preset, "seed": args.seed,
+                 "refit": args.refit,
                  "overrides": {k: v for k, v in (("training", args.training), ("settings", args.settings)) if v},
                  "training": training, "settings": settings}
     rows = []
@@ -418,6 +446,9 @@ def main(argv=None) -> None:
         training, settings = load_preset(args.preset, args.training, args.settings)
         if args.precision:
             training["precision"] = args.precision
+        if args.refit and training.get("selection") != "last":
+            sys.exit(f"--refit trains a fixed number of epochs: the recipe needs mil.training.selection: last, "
+                     f"not {training.get('selection', 'the default')!r} (--training '{{\"selection\": \"last\"}}')")
         folds, meta = run_all(args, training, settings, folds_csv, meta_json)
         folds.to_csv(folds_csv, index=False)
         meta_json.write_text(json.dumps(meta, indent=2) + "\n")

@@ -162,6 +162,27 @@ def test_benchmark_script_runs_any_npz_with_a_reference_table(tmp_path):
     assert "`abmil` on TOY" in doc and "(Some paper)" in doc
 
 
+def test_benchmark_refit_trains_on_the_validation_share_too(tmp_path):
+    npz = write_mil_npz(tmp_path / "toy.npz", n_bags=40, signal=4.0)
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("mil:\n  training: {epochs: 3, patience: 3, lr: 0.005, batch_size: 4, selection: last}\n"
+                      "  settings:\n    meanpool: {embed_dim: 16}\n")
+    runs = {}
+    for name, extra in (("held_out", []), ("refit", ["--refit"])):
+        out = tmp_path / name / "toy.md"
+        _bench().main(["--data", str(npz), "--models", "meanpool", "--preset", str(preset), "--repetitions", "1",
+                       "--max-folds", "2", "--out", str(out), *extra])
+        runs[name] = (pd.read_csv(out.with_name("toy_folds.csv")), out.read_text())
+    (held, _), (refit, doc) = runs["held_out"], runs["refit"]
+    assert (refit["n_test"] == held["n_test"]).all() and (refit["n_val"] == 0).all()
+    assert (refit["n_train"] == held["n_train"] + held["n_val"]).all() and (held["n_val"] > 0).all()
+    assert refit["threshold"].isna().all() and refit["accuracy"].between(0, 1).all()
+    assert "--refit" in doc and "none (`--refit`)" in doc
+    with pytest.raises(SystemExit, match="selection: last"):
+        _bench().main(["--data", str(npz), "--models", "meanpool", "--preset", str(preset), "--refit",
+                       "--training", '{"selection": "val_auc"}', "--out", str(tmp_path / "x" / "toy.md")])
+
+
 def test_benchmark_preset_rejects_other_sections(tmp_path):
     preset = tmp_path / "preset.yaml"
     preset.write_text("mil:\n  models: [abmil]\n")
