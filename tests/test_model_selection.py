@@ -233,3 +233,16 @@ def test_ablation_effects_are_paired_over_the_common_folds():
     assert effect["n"] == 6
     assert effect["accuracy"] == pytest.approx(0.05) and effect["accuracy_se"] == pytest.approx(0, abs=1e-12)
     assert effect["auc"] == pytest.approx(-0.02)
+
+
+@pytest.mark.parametrize("selection, words", [(None, "best validation AUC"), ("val_loss", "lowest\nvalidation loss"),
+                                               ("last", "the last one's model was kept")])
+def test_training_curve_caption_names_the_selection_rule(selection, words):
+    """`snakemake --report`'s caption of the training curves says which epoch's model was tested."""
+    import jinja2
+
+    training = {} if selection is None else {"selection": selection}
+    snakemake = type("Snakemake", (), {"config": {"task": "binary", "mil": {"training": training}}})
+    caption = jinja2.Template((ROOT / "workflow" / "report" / "history.rst").read_text()).render(snakemake=snakemake)
+    assert words in caption
+    assert ("best validation" in caption) == (selection is None)
