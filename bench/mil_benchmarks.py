@@ -129,9 +129,8 @@ def fold_split(sheet: pd.DataFrame, masks: np.ndarray, repetition: int, fold: in
     sheet = sheet.assign(fold=cv_test_folds(masks, repetition, source))
     splits = make_splits(sheet, Splits(fold_column="fold"), seed=seed + 1000 * repetition)
     one = splits[["slide_id", "patient_id", "label", f"fold_{fold}"]]
-    if refit:
-        one = refit_split(one).rename(columns={"fold_0": f"fold_{fold}"})
-    split = one.rename(columns={f"fold_{fold}": "partition"})
+    split = refit_split(one) if refit else one
+    split = split.rename(columns={"fold_0" if refit else f"fold_{fold}": "partition"})
     split["label"] = split["label"].astype(int)
     return split
 
