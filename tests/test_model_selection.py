@@ -241,8 +241,13 @@ def test_training_curve_caption_names_the_selection_rule(selection, words):
     """`snakemake --report`'s caption of the training curves says which epoch's model was tested."""
     import jinja2
 
+    from slidemil.names import METRIC_NAMES, PRIMARY_METRICS
+
     training = {} if selection is None else {"selection": selection}
-    snakemake = type("Snakemake", (), {"config": {"task": "binary", "mil": {"training": training}}})
+    # what the report rule passes (workflow/rules/common.smk report_captions)
+    captions = {"metric": METRIC_NAMES[PRIMARY_METRICS["binary"]]}
+    snakemake = type("Snakemake", (), {"config": {"task": "binary", "mil": {"training": training}},
+                                       "params": type("Params", (), {"captions": captions})})
     caption = jinja2.Template((ROOT / "workflow" / "report" / "history.rst").read_text()).render(snakemake=snakemake)
     assert words in caption
     assert ("best validation" in caption) == (selection is None)

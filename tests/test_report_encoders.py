@@ -14,6 +14,7 @@ from lifelines.utils import concordance_index
 from sklearn.metrics import r2_score, roc_auc_score
 
 from factories import shared_runs, test_rows, write_task_run
+from slidemil import names
 from slidemil.report import endpoints
 from slidemil.report import page as report_page
 from slidemil.report import stats as report
@@ -224,7 +225,7 @@ def test_task_encoder_comparison_on_the_primary_metric(tmp_path, task_name):
         mean = rows[rows["fold"] == "mean"].iloc[0]
         assert mean.ci_low <= mean.difference <= mean.ci_high
         assert mean.difference > 0  # the strong encoder beats the weak reference
-    assert f"{endpoints.METRIC_NAMES[doc['task']['metric']]} {REFERENCE}</th>" in page
+    assert f"{names.METRIC_NAMES[doc['task']['metric']]} {REFERENCE}</th>" in page
 
 
 @pytest.mark.parametrize("task_name", ["multiclass", "survival", "regression"])

@@ -99,6 +99,11 @@ SIMCLR_ARCHITECTURES = tuple(dict.fromkeys(SIMCLR_EXTRACTORS.values()))
 TASKS = ("binary", "multiclass", "survival", "regression")
 BINARY = "binary"
 TILE_MODEL_TASKS = (BINARY, "multiclass")
+# Each task's primary metric (checkpoint selection, ranking, comparisons; slidemil.tasks computes them) and what the
+# report and its `snakemake --report` captions call each metric.
+PRIMARY_METRICS = {BINARY: "auc", "multiclass": "macro_auc", "survival": "c_index", "regression": "r2"}
+METRIC_NAMES = {"auc": "AUC", "macro_auc": "macro AUC (one-vs-rest)", "balanced_accuracy": "balanced accuracy",
+                "c_index": "C-index (Harrell)", "r2": "R²", "pearson_r": "Pearson r", "mae": "MAE"}
 # The report's figure of each (extractor, model), by task: {kind}_{extractor}_{model}.png, and its section title.
 RESULT_FIGURES = {BINARY: ("roc", "ROC curves"), "multiclass": ("confusion", "Confusion matrices and ROC curves"),
                   "survival": ("km", "Kaplan-Meier curves"), "regression": ("scatter", "Predicted against true")}

@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import balanced_accuracy_score, mean_absolute_error, r2_score, roc_auc_score
 
-from slidemil.names import BINARY, TASKS
+from slidemil.names import BINARY, PRIMARY_METRICS, TASKS
 
 SURVIVAL_BINS = 4
 # Discrete-time likelihood terms are clamped away from log(0).
@@ -107,7 +107,7 @@ class Task:
     """The binary task, and the interface of the others. Subclasses override what differs."""
 
     name = BINARY
-    metric = "auc"  # the validation metric that selects the checkpoint (higher is better)
+    metric = PRIMARY_METRICS[BINARY]  # the validation metric that selects the checkpoint (higher is better)
     extra_columns: tuple[str, ...] = ()  # split columns that predictions keep (survival: time)
 
     def __init__(self, class_names: list | None = None, class_weighted: bool = True):
@@ -205,7 +205,7 @@ class Task:
 
 class Multiclass(Task):
     name = "multiclass"
-    metric = "macro_auc"
+    metric = PRIMARY_METRICS["multiclass"]
 
     @property
     def head_size(self) -> int:
@@ -257,7 +257,7 @@ class Multiclass(Task):
 
 class Regression(Task):
     name = "regression"
-    metric = "r2"
+    metric = PRIMARY_METRICS["regression"]
 
     def __init__(self, class_names=None, class_weighted: bool = True):
         super().__init__(None, class_weighted)
@@ -331,7 +331,7 @@ class Regression(Task):
 
 class Survival(Task):
     name = "survival"
-    metric = "c_index"
+    metric = PRIMARY_METRICS["survival"]
     extra_columns = ("time",)
 
     def __init__(self, class_names=None, class_weighted: bool = True):

@@ -96,5 +96,7 @@ rule report:
         runs=[{"extractor": e, "model": m, "fold": f} for e, m, f in train_runs()],
         # the deploy cohorts whose pages the report links to (deploy_common.smk)
         deploy_cohorts=report_deploy_cohorts,
+        # the metric's name in the figures' captions, from slidemil.names (a caption cannot import it)
+        captions=report_captions(),
     script:
         "../scripts/report.py"

@@ -29,15 +29,12 @@ import pandas as pd  # noqa: E402
 from sklearn.metrics import confusion_matrix, roc_curve  # noqa: E402
 
 from slidemil.files import save_png, write_csv, write_text  # noqa: E402
-from slidemil.names import RESULT_FIGURES  # noqa: E402
+from slidemil.names import METRIC_NAMES, RESULT_FIGURES  # noqa: E402
 from slidemil.report.stats import _draws, _fmt, best_val_auc, pair_columns, run_pairs, square_axes  # noqa: E402
 from slidemil.tasks import Task, make_task  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-# What each task's report calls its metrics (the first is the primary one: selection, ranking, comparison).
-METRIC_NAMES = {"macro_auc": "macro AUC (one-vs-rest)", "balanced_accuracy": "balanced accuracy",
-                "c_index": "C-index (Harrell)", "r2": "R²", "pearson_r": "Pearson r", "mae": "MAE"}
 # One row of paired_difference; a comparison table puts the name it holds fixed, the name it varies and the reference
 # in front (slidemil.report.stats.PAIR_KEYS).
 PAIRED_COLUMNS = ["fold", "n_test_patients", "metric_model", "metric_reference", "difference", "ci_low", "ci_high",

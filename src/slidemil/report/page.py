@@ -156,7 +156,8 @@ def _endpoint(task, run_settings: dict | None):
 
 def _task_results(task, runs: list[dict], cfg: dict, seed: int, out: Path) -> dict:
     """report.json's results part for a multiclass, survival or regression task; writes its tables and figures."""
-    from slidemil.report.endpoints import METRIC_NAMES, metric_names, metric_title, write_task_summary
+    from slidemil.names import METRIC_NAMES
+    from slidemil.report.endpoints import metric_names, metric_title, write_task_summary
 
     tables = write_task_summary(task, runs, out, str(cfg["reference_model"]), int(cfg["n_bootstrap"]), seed)
     names = metric_names(task, tables["summary"])
