@@ -190,7 +190,7 @@ def test_benchmark_preset_rejects_other_sections(tmp_path):
         _bench().load_preset(preset)
 
 
-@pytest.mark.parametrize("name", ["mil_benchmarks.yaml", "mil_benchmarks_baseline.yaml"])
+@pytest.mark.parametrize("name", ["mil_benchmarks.yaml", "mil_benchmarks_baseline.yaml", "mil_benchmarks_ilse.yaml"])
 def test_benchmark_presets_are_valid_workflow_configs(name):
     import yaml
 
