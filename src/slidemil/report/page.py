@@ -156,12 +156,11 @@ def _endpoint(task, run_settings: dict | None):
 
 def _task_results(task, runs: list[dict], cfg: dict, seed: int, out: Path) -> dict:
     """report.json's results part for a multiclass, survival or regression task; writes its tables and figures."""
-    from slidemil.names import METRIC_NAMES
     from slidemil.report.endpoints import metric_names, metric_title, write_task_summary
 
     tables = write_task_summary(task, runs, out, str(cfg["reference_model"]), int(cfg["n_bootstrap"]), seed)
     names = metric_names(task, tables["summary"])
-    titled = {**cfg, "metric_title": f"test {METRIC_NAMES[task.metric]}"}
+    titled = {**cfg, "metric_title": f"test {metric_title(task.metric)}"}
     doc = _results(runs, tables["summary"], tables["per_fold"], {}, titled, seed, out, tables)
     doc["settings"] = {**cfg, "seed": seed}
     titles = {n: metric_title(n) for n in names}
