@@ -241,11 +241,10 @@ def test_training_curve_caption_names_the_selection_rule(selection, words):
     """`snakemake --report`'s caption of the training curves says which epoch's model was tested."""
     import jinja2
 
-    from slidemil.names import METRIC_NAMES, PRIMARY_METRICS
+    from slidemil.names import report_captions
 
     training = {} if selection is None else {"selection": selection}
-    # what the report rule passes (workflow/rules/common.smk report_captions)
-    captions = {"metric": METRIC_NAMES[PRIMARY_METRICS["binary"]]}
+    captions = report_captions("binary")  # what the report rule passes as its `captions` param
     snakemake = type("Snakemake", (), {"config": {"task": "binary", "mil": {"training": training}},
                                        "params": type("Params", (), {"captions": captions})})
     caption = jinja2.Template((ROOT / "workflow" / "report" / "history.rst").read_text()).render(snakemake=snakemake)

@@ -104,6 +104,13 @@ TILE_MODEL_TASKS = (BINARY, "multiclass")
 PRIMARY_METRICS = {BINARY: "auc", "multiclass": "macro_auc", "survival": "c_index", "regression": "r2"}
 METRIC_NAMES = {"auc": "AUC", "macro_auc": "macro AUC (one-vs-rest)", "balanced_accuracy": "balanced accuracy",
                 "c_index": "C-index (Harrell)", "r2": "R²", "pearson_r": "Pearson r", "mae": "MAE"}
+
+
+def report_captions(task: str) -> dict[str, str]:
+    """What the report rule's `snakemake --report` captions (workflow/report/*.rst) call the task's primary metric."""
+    return {"metric": METRIC_NAMES[PRIMARY_METRICS[task]]}
+
+
 # The report's figure of each (extractor, model), by task: {kind}_{extractor}_{model}.png, and its section title.
 RESULT_FIGURES = {BINARY: ("roc", "ROC curves"), "multiclass": ("confusion", "Confusion matrices and ROC curves"),
                   "survival": ("km", "Kaplan-Meier curves"), "regression": ("scatter", "Predicted against true")}

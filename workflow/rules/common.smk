@@ -10,14 +10,13 @@ from slidemil.cohort.sheet import Endpoint, SheetError, check_sheet, load_sheet
 from slidemil.config import ConfigError, TileSupervised, check_config
 from slidemil.demo.plan import SIGNAL_KEYS as DEMO_SIGNAL_KEYS, plan_cohort
 from slidemil.names import (
-    METRIC_NAMES,
-    PRIMARY_METRICS,
     RESULT_FIGURES,
     SIMCLR_EXTRACTORS,
     SIMCLR_WEIGHTS,
     TILE_MODEL,
     TILE_SLOT,
     base_model,
+    report_captions,
 )
 from slidemil.weights import is_local, missing_weights, weights_files
 
@@ -352,11 +351,6 @@ def report_heatmaps(wildcards):
 
 def report_settings():
     return {k: v for k, v in config["report"].items() if k not in HEATMAP_SETTINGS}
-
-
-def report_captions():
-    """What the report rule's `snakemake --report` captions (workflow/report/*.rst) call the task's primary metric."""
-    return {"metric": METRIC_NAMES[PRIMARY_METRICS[config["task"]]]}
 
 
 def report_heatmap_settings():

@@ -97,6 +97,6 @@ rule report:
         # the deploy cohorts whose pages the report links to (deploy_common.smk)
         deploy_cohorts=report_deploy_cohorts,
         # the metric's name in the figures' captions, from slidemil.names (a caption cannot import it)
-        captions=report_captions(),
+        captions=report_captions(config["task"]),
     script:
         "../scripts/report.py"
