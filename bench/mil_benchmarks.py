@@ -53,7 +53,7 @@ from slidemil.config import Splits  # noqa: E402
 from slidemil.names import base_model  # noqa: E402
 from slidemil.runtime import TRAIN_PRECISIONS  # noqa: E402
 from slidemil.mil.refit import refit_split  # noqa: E402
-from slidemil.mil.train import checkpoint, resolve_training, train_bags  # noqa: E402
+from slidemil.mil.train import Recipe, checkpoint, resolve_training, train_bags  # noqa: E402
 from slidemil.report.stats import binary_metrics, validation_threshold  # noqa: E402
 
 DATASETS = ("musk1", "fox", "tiger")
@@ -159,12 +159,13 @@ def _run_models(path, dataset, models, repetition, fold, seed, training, setting
         started, cpu_started = time.monotonic(), time.process_time()
         init = None
         base = base_model(model)
-        kwargs = model_kwargs(model, settings)
         if base:
             if base not in baselines:
-                baselines[base] = train_bags(bags, split, base, model_kwargs(base, settings), training, seed, "cpu")
-            init = checkpoint(baselines[base], base, model_kwargs(base, settings), seed, fold)
-        run = train_bags(bags, split, model, kwargs, training, seed, "cpu", init_state=init)
+                baselines[base] = train_bags(bags, split, Recipe(base, model_kwargs(base, settings), training, seed),
+                                             "cpu")
+            init = checkpoint(baselines[base], fold)
+        run = train_bags(bags, split, Recipe(model, model_kwargs(model, settings), training, seed), "cpu",
+                         init_state=init)
         baselines.setdefault(model, run)
         rows.append({"dataset": dataset, "model": model, "repetition": repetition, "fold": fold,
                      "n_train": int((split["partition"] == "train").sum()), **test_metrics(run.slides, refit),

@@ -59,7 +59,8 @@ t0 = time.perf_counter()
 fold, model, epochs, features_dir, splits, out = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6]
 from pathlib import Path
 features = {p.stem: str(p) for p in sorted(Path(features_dir).glob("*.h5"))}
-train.train_fold(features, splits, fold, model, {}, {"epochs": epochs, "patience": epochs}, 0, out, device="cpu", num_threads=1)
+recipe = train.Recipe(model, {}, {"epochs": epochs, "patience": epochs}, 0)
+train.train_fold(features, splits, fold, recipe, out, device="cpu", num_threads=1)
 total = time.perf_counter() - t0
 done.set()
 for k, v in status().items():

@@ -41,7 +41,7 @@ from slidemil.config import Splits  # noqa: E402
 from slidemil.features.byof import bag_ids, load_mil_npz  # noqa: E402
 from slidemil.files.splits import split_task  # noqa: E402
 from slidemil.mil.models import model_kwargs_defaults  # noqa: E402
-from slidemil.mil.train import checkpoint, train_bags  # noqa: E402
+from slidemil.mil.train import Recipe, checkpoint, train_bags  # noqa: E402
 from slidemil.names import base_model  # noqa: E402
 from slidemil.tasks import make_task  # noqa: E402
 
@@ -128,11 +128,11 @@ def run(task_name: str, bags: dict, sheet: pd.DataFrame, models: list[str], repe
             base, init = base_model(model), None
             if base:
                 if base not in trained:
-                    trained[base] = train_bags(bags, split, base, model_kwargs(base), TRAINING, seed, "cpu",
+                    trained[base] = train_bags(bags, split, Recipe(base, model_kwargs(base), TRAINING, seed), "cpu",
                                                task=make_task(name, classes))
-                init = checkpoint(trained[base], base, model_kwargs(base), seed, fold)
-            result = train_bags(bags, split, model, model_kwargs(model), TRAINING, seed, "cpu", init_state=init,
-                                task=make_task(name, classes))
+                init = checkpoint(trained[base], fold)
+            result = train_bags(bags, split, Recipe(model, model_kwargs(model), TRAINING, seed), "cpu",
+                                init_state=init, task=make_task(name, classes))
             trained.setdefault(model, result)
             patients = result.task.patients(result.slides)
             rows.append({"model": model, "repetition": repetition, "fold": fold,

@@ -444,13 +444,13 @@ def make_odd_files_cohort(folder: Path, dicom: bool = True) -> Path:
 
 def train_two_folds(root: Path, model: str = "abmil") -> list[str]:
     """write_dataset under ``root`` and ``model`` trained on its folds 0 and 1; the two model.pt paths."""
-    from slidemil.mil.train import train_fold
+    from slidemil.mil.train import Recipe, train_fold
 
     data = write_dataset(root)
     paths = []
     for fold in (0, 1):
         out = root / "runs" / model / f"fold_{fold}"
-        train_fold(data["features"], data["splits"], fold, model, MODEL_KWARGS, FAST, seed=0, out_dir=str(out),
+        train_fold(data["features"], data["splits"], fold, Recipe(model, MODEL_KWARGS, FAST, seed=0), str(out),
                    device="cpu")
         paths.append(str(out / "model.pt"))
     return paths
@@ -648,7 +648,7 @@ def train_task_folds(root: Path, task: str, model: str = "abmil", n_patients: in
     checkpoints, predictions = [], []
     for fold in (0, 1):
         out = root / "runs" / model / f"fold_{fold}"
-        train_fold(features, str(root / "splits.csv"), fold, model, MODEL_KWARGS, FAST, seed=0, out_dir=str(out),
+        train_fold(features, str(root / "splits.csv"), fold, Recipe(model, MODEL_KWARGS, FAST, seed=0), str(out),
                    device="cpu")
         checkpoints.append(str(out / "model.pt"))
         predictions.append(str(out / "predictions_patients.csv"))

@@ -321,7 +321,7 @@ def test_workflow_on_musk1_with_predefined_folds(tmp_path):
 
 
 def test_train_bags_in_memory_leaves_caller_bags_alone():
-    from slidemil.mil.train import train_bags
+    from slidemil.mil.train import Recipe, train_bags
 
     rng = np.random.default_rng(0)
     ids = [f"b{i}" for i in range(24)]
@@ -331,11 +331,12 @@ def test_train_bags_in_memory_leaves_caller_bags_alone():
     before = {b: t.clone() for b, t in bags.items()}
     split = pd.DataFrame({"slide_id": ids, "patient_id": ids, "label": labels,
                           "partition": ["train"] * 16 + ["val"] * 4 + ["test"] * 4})
-    run = train_bags(bags, split, "abmil", {"embed_dim": 16, "attn_dim": 8}, {"epochs": 3, "batch_size": 4}, 0, "cpu")
+    run = train_bags(bags, split, Recipe("abmil", {"embed_dim": 16, "attn_dim": 8}, {"epochs": 3, "batch_size": 4}),
+                     "cpu")
     assert all(torch.equal(bags[b], before[b]) for b in ids)          # standardised copies, not the caller's
     assert sorted(run.slides["partition"].unique()) == ["test", "val"] and len(run.slides) == 8
     assert run.in_dim == 6 and run.norm is not None and 1 <= run.best.epoch <= len(run.history) == 3
     with pytest.raises(ValueError, match="does not start from a checkpoint"):
-        train_bags(bags, split, "abmil", {}, {"epochs": 1}, 0, "cpu", init_state={"state_dict": {}})
+        train_bags(bags, split, Recipe("abmil", {}, {"epochs": 1}), "cpu", init_state={"state_dict": {}})
     with pytest.raises(ValueError, match="no bag for slide"):
-        train_bags({b: bags[b] for b in ids[1:]}, split, "abmil", {}, {"epochs": 1}, 0, "cpu")
+        train_bags({b: bags[b] for b in ids[1:]}, split, Recipe("abmil", {}, {"epochs": 1}), "cpu")

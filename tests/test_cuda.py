@@ -62,8 +62,8 @@ def bags(tmp_path_factory):
 @pytest.mark.parametrize("model", ["abmil", "transmil"])
 def test_mil_trained_on_cuda_learns_and_predicts_the_same_on_a_cpu(bags, tmp_path, model):
     kwargs = MODEL_KWARGS if model == "abmil" else {}
-    summary = train.train_fold(bags["features"], bags["splits"], 0, model, kwargs, FAST, 0, str(tmp_path),
-                               device="cuda", num_threads=1)
+    summary = train.train_fold(bags["features"], bags["splits"], 0, train.Recipe(model, kwargs, FAST, 0),
+                               str(tmp_path), device="cuda", num_threads=1)
     assert summary["device"].startswith("cuda") and summary["test_auc"] >= 0.9
     # Every tensor of the checkpoint is on the CPU: it loads where there is no GPU (report, heatmaps).
     ckpt = torch.load(tmp_path / "model.pt", weights_only=True)
@@ -80,11 +80,11 @@ def test_mil_trained_on_cuda_learns_and_predicts_the_same_on_a_cpu(bags, tmp_pat
 
 def test_mhim_on_cuda_starts_from_the_base_model(bags, tmp_path):
     base = tmp_path / "abmil"
-    train.train_fold(bags["features"], bags["splits"], 0, "abmil", {}, {**FAST, "epochs": 3}, 0, str(base),
-                     device="cuda", num_threads=1)
-    summary = train.train_fold(bags["features"], bags["splits"], 0, "mhim_abmil", {}, {**FAST, "epochs": 3}, 0,
-                               str(tmp_path / "mhim"), device="cuda", num_threads=1,
-                               init_checkpoint=str(base / "model.pt"))
+    train.train_fold(bags["features"], bags["splits"], 0, train.Recipe("abmil", {}, {**FAST, "epochs": 3}, 0),
+                     str(base), device="cuda", num_threads=1)
+    summary = train.train_fold(bags["features"], bags["splits"], 0,
+                               train.Recipe("mhim_abmil", {}, {**FAST, "epochs": 3}, 0), str(tmp_path / "mhim"),
+                               device="cuda", num_threads=1, init_checkpoint=str(base / "model.pt"))
     assert summary["test_auc"] is not None and summary["device"].startswith("cuda")
 
 

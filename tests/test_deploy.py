@@ -237,6 +237,7 @@ def test_refit_trains_the_median_fold_epoch_count_on_all_non_test_patients(train
     from slidemil.files.checkpoint import read_checkpoint, write_checkpoint
     from slidemil.files.splits import read_splits
     from slidemil.mil.refit import SPLITS_NAME, refit_epochs, refit_model
+    from slidemil.mil.train import Recipe
 
     epochs = [read_checkpoint(p)["epoch"] for p in trained["checkpoints"]]
     odd = []
@@ -246,8 +247,9 @@ def test_refit_trains_the_median_fold_epoch_count_on_all_non_test_patients(train
     assert refit_epochs(odd) == 3 and refit_epochs(odd[:2]) == 3  # the median; 2.5 rounds up
     root = trained["root"] / "train"
     features = {p.stem: str(p) for p in root.glob("S*.h5")}
-    summary = refit_model(features, str(root / "splits.csv"), trained["checkpoints"], "abmil", MODEL_KWARGS,
-                          {**FAST, "patience": 1}, 0, str(tmp_path / "refit"), device="cpu")
+    summary = refit_model(features, str(root / "splits.csv"), trained["checkpoints"],
+                          Recipe("abmil", MODEL_KWARGS, {**FAST, "patience": 1}, 0), str(tmp_path / "refit"),
+                          device="cpu")
     expected = int(np.floor(np.median(epochs) + 0.5))
     assert summary["refit_epochs"] == expected
     assert len(pd.read_csv(tmp_path / "refit" / "history.csv")) == expected  # no early stopping (patience 1)

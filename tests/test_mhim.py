@@ -201,17 +201,17 @@ def test_training_step_uses_teacher_attention_and_decays_high_ratio():
 def base_run(tmp_path_factory):
     data = write_dataset(tmp_path_factory.mktemp("data"))
     out = tmp_path_factory.mktemp("abmil")
-    train.train_fold(data["features"], data["splits"], 0, "abmil", {}, {**FAST, "epochs": 3}, 0, str(out),
-                     device="cpu", num_threads=1)
+    train.train_fold(data["features"], data["splits"], 0, train.Recipe("abmil", {}, {**FAST, "epochs": 3}, 0),
+                     str(out), device="cpu", num_threads=1)
     return data, out
 
 
 def test_mhim_trains_from_baseline(base_run, tmp_path):
     data, base_out = base_run
     settings = {"preset": "tcga", "mask_ratio_h": 0.1}
-    summary = train.train_fold(data["features"], data["splits"], 0, "mhim_abmil", settings, {**FAST, "epochs": 3},
-                               0, str(tmp_path), device="cpu", num_threads=1,
-                               init_checkpoint=str(base_out / "model.pt"))
+    recipe = train.Recipe("mhim_abmil", settings, {**FAST, "epochs": 3}, 0)
+    summary = train.train_fold(data["features"], data["splits"], 0, recipe, str(tmp_path), device="cpu",
+                               num_threads=1, init_checkpoint=str(base_out / "model.pt"))
     assert summary["model"] == "mhim_abmil" and summary["test_auc"] is not None
     history = pd.read_csv(tmp_path / "history.csv")
     assert list(history.columns) == ["epoch", "train_loss", "val_loss", "val_auc", "lr"]
@@ -247,11 +247,11 @@ def test_mhim_transmil_trains(base_run, tmp_path):
     data, _ = base_run
     base_out = tmp_path / "transmil"
     small = {"embed_dim": 32, "n_heads": 4}
-    train.train_fold(data["features"], data["splits"], 0, "transmil", small, {**FAST, "epochs": 1}, 0,
+    train.train_fold(data["features"], data["splits"], 0, train.Recipe("transmil", small, {**FAST, "epochs": 1}, 0),
                      str(base_out), device="cpu", num_threads=1)
-    summary = train.train_fold(data["features"], data["splits"], 0, "mhim_transmil", {"base_kwargs": small},
-                               {**FAST, "epochs": 2}, 0, str(tmp_path / "mhim"), device="cpu", num_threads=1,
-                               init_checkpoint=str(base_out / "model.pt"))
+    recipe = train.Recipe("mhim_transmil", {"base_kwargs": small}, {**FAST, "epochs": 2}, 0)
+    summary = train.train_fold(data["features"], data["splits"], 0, recipe, str(tmp_path / "mhim"), device="cpu",
+                               num_threads=1, init_checkpoint=str(base_out / "model.pt"))
     assert summary["epochs_run"] == 2
     assert pd.read_csv(tmp_path / "mhim" / "predictions_slides.csv")["prob"].between(0, 1).all()
 
@@ -259,8 +259,9 @@ def test_mhim_transmil_trains(base_run, tmp_path):
 def test_mhim_checkpoint_errors(base_run, tmp_path):
     data, base_out = base_run
     run = lambda model, **kw: train.train_fold(  # noqa: E731
-        data["features"], data["splits"], kw.pop("fold", 0), model, kw.pop("settings", {}), {**FAST, "epochs": 1},
-        0, str(tmp_path), device="cpu", num_threads=1, **kw)
+        data["features"], data["splits"], kw.pop("fold", 0),
+        train.Recipe(model, kw.pop("settings", {}), {**FAST, "epochs": 1}, 0), str(tmp_path), device="cpu",
+        num_threads=1, **kw)
     with pytest.raises(ValueError, match="pass init_checkpoint"):
         run("mhim_abmil")
     with pytest.raises(ValueError, match="not fold 1"):

@@ -17,7 +17,7 @@ from slidemil.errors import SplitError
 from slidemil.files.checkpoint import read_checkpoint
 from slidemil.files.splits import read_fold, split_task
 from slidemil.mil.models import create_model
-from slidemil.mil.train import checkpoint, collate, train_bags, train_fold
+from slidemil.mil.train import Recipe, checkpoint, collate, train_bags, train_fold
 from slidemil.names import MIL_MODELS, base_model
 from slidemil.tasks import c_index, class_order, discrete_time_nll, macro_auc, make_task
 from factories import DIM, TASK_CLASSES, task_cohort, task_feature_files
@@ -133,7 +133,7 @@ def _split(task_name: str, n_patients: int = 24, seed: int = 0):
 @pytest.mark.parametrize("model", [m for m in MIL_MODELS if not base_model(m)])
 def test_every_model_learns_each_tasks_planted_signal(model, task_name):
     bags, split, task = _split(task_name)
-    run = train_bags(bags, split, model, _model_kwargs(model), FAST_TASK, 0, "cpu", task=task)
+    run = train_bags(bags, split, Recipe(model, _model_kwargs(model), FAST_TASK, 0), "cpu", task=task)
     losses = [h["train_loss"] for h in run.history]
     assert min(losses[-3:]) < losses[0], losses  # the loss falls
     assert run.best.auc is not None and np.isfinite(run.best.auc)
@@ -143,9 +143,9 @@ def test_every_model_learns_each_tasks_planted_signal(model, task_name):
 @pytest.mark.parametrize("task_name", ["multiclass", "survival", "regression"])
 def test_mhim_trains_on_each_task_from_its_baseline(task_name):
     bags, split, task = _split(task_name)
-    base = train_bags(bags, split, "abmil", SMALL, FAST_TASK, 0, "cpu", task=task)
-    state = checkpoint(base, "abmil", SMALL, 0, 0)
-    mhim = train_bags(bags, split, "mhim_abmil", {"base_kwargs": SMALL}, FAST_TASK, 0, "cpu",
+    base = train_bags(bags, split, Recipe("abmil", SMALL, FAST_TASK, 0), "cpu", task=task)
+    state = checkpoint(base, 0)
+    mhim = train_bags(bags, split, Recipe("mhim_abmil", {"base_kwargs": SMALL}, FAST_TASK, 0), "cpu",
                       init_state=state, task=_split(task_name)[2])
     assert np.isfinite([h["train_loss"] for h in mhim.history]).all()
     assert mhim.net.student.classifier.out_features == task.head_size
@@ -157,7 +157,8 @@ def test_mhim_trains_on_each_task_from_its_baseline(task_name):
                          [("multiclass", "macro_auc", 0.9), ("regression", "pearson_r", 0.7)])
 def test_abmil_finds_the_planted_signal_on_test_patients(task_name, metric, floor):
     bags, split, task = _split(task_name, n_patients=60, seed=4)
-    run = train_bags(bags, split, "abmil", SMALL, {"epochs": 20, "lr": 1e-3, "patience": 20}, 0, "cpu", task=task)
+    run = train_bags(bags, split, Recipe("abmil", SMALL, {"epochs": 20, "lr": 1e-3, "patience": 20}, 0), "cpu",
+                     task=task)
     patients = task.patients(run.slides)
     assert task.metrics(patients[patients["partition"] == "test"])[metric] > floor
 
@@ -168,7 +169,7 @@ def test_abmil_finds_the_planted_signal_on_test_patients(task_name, metric, floo
 @pytest.mark.parametrize("task_name", ["multiclass", "survival", "regression"])
 def test_train_fold_records_the_task_in_checkpoint_history_and_predictions(tmp_path, task_name):
     features = task_feature_files(tmp_path, task_name, 24)
-    summary = train_fold(features, str(tmp_path / "splits.csv"), 1, "meanpool", SMALL, {"epochs": 2}, 0,
+    summary = train_fold(features, str(tmp_path / "splits.csv"), 1, Recipe("meanpool", SMALL, {"epochs": 2}, 0),
                          str(tmp_path / "run"), device="cpu")
     task = make_task(task_name, list(TASK_CLASSES) if task_name == "multiclass" else None)
     ckpt = read_checkpoint(tmp_path / "run" / "model.pt")

@@ -25,8 +25,8 @@ def dataset(tmp_path_factory):
 
 def run(dataset, out, fold=0, training=None, seed=0, model="abmil", features=None, splits=None):
     return train.train_fold(
-        features or dataset["features"], splits or dataset["splits"], fold, model, MODEL_KWARGS,
-        {**FAST, **(training or {})}, seed, str(out), device="cpu", num_threads=1,
+        features or dataset["features"], splits or dataset["splits"], fold,
+        train.Recipe(model, MODEL_KWARGS, {**FAST, **(training or {})}, seed), str(out), device="cpu", num_threads=1,
     )
 
 
@@ -213,7 +213,8 @@ def test_bad_settings_fail_clearly(dataset, tmp_path):
     with pytest.raises(ValueError, match="epoch"):
         run(dataset, tmp_path, training={"epoch": 3})
     with pytest.raises(TypeError, match="'abmil'.*width"):
-        train.train_fold(dataset["features"], dataset["splits"], 0, "abmil", {"width": 3}, FAST, 0, str(tmp_path))
+        train.train_fold(dataset["features"], dataset["splits"], 0, train.Recipe("abmil", {"width": 3}, FAST, 0),
+                         str(tmp_path))
     with pytest.raises(ValueError, match="fold_5"):
         run(dataset, tmp_path, fold=5)
 

@@ -10,17 +10,23 @@ from __future__ import annotations
 import os
 
 
-def train_from_manifest(features_manifest: str | os.PathLike, **kwargs) -> dict:
-    """:func:`slidemil.mil.train.train_fold` on the feature files a feature manifest lists."""
+def train_from_manifest(features_manifest: str | os.PathLike, model: str, model_kwargs: dict, training: dict,
+                        seed: int, **kwargs) -> dict:
+    """:func:`slidemil.mil.train.train_fold` of the recipe that the rule's params give (model, its settings,
+    training, seed) on the feature files a feature manifest lists."""
     from slidemil.cohort.manifest import read_manifest
-    from slidemil.mil.train import train_fold
+    from slidemil.mil.train import Recipe, train_fold
 
-    return train_fold(features=read_manifest(features_manifest), **kwargs)
+    recipe = Recipe(model, model_kwargs, training, seed)
+    return train_fold(features=read_manifest(features_manifest), recipe=recipe, **kwargs)
 
 
-def refit_from_manifest(features_manifest: str | os.PathLike, **kwargs) -> dict:
-    """:func:`slidemil.mil.refit.refit_model` on the feature files a feature manifest lists."""
+def refit_from_manifest(features_manifest: str | os.PathLike, model: str, model_kwargs: dict, training: dict,
+                        seed: int, **kwargs) -> dict:
+    """:func:`slidemil.mil.refit.refit_model` of the rule's recipe on the feature files a feature manifest lists."""
     from slidemil.cohort.manifest import read_manifest
     from slidemil.mil.refit import refit_model
+    from slidemil.mil.train import Recipe
 
-    return refit_model(features=read_manifest(features_manifest), **kwargs)
+    recipe = Recipe(model, model_kwargs, training, seed)
+    return refit_model(features=read_manifest(features_manifest), recipe=recipe, **kwargs)

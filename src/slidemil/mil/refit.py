@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ import pandas as pd
 
 from slidemil.files.checkpoint import read_checkpoint
 from slidemil.files.splits import fold_columns, read_splits, write_splits_csv
+from slidemil.mil.train import Recipe, train_fold
 
 logger = logging.getLogger(__name__)
 
@@ -52,17 +54,16 @@ def refit_split(splits: pd.DataFrame) -> pd.DataFrame:
     return splits.drop(columns=columns).assign(fold_0=fold)
 
 
-def refit_model(features: dict[str, str], splits_csv: str, fold_checkpoints: list[str], model: str,
-                model_kwargs: dict, training: dict, seed: int, out_dir: str, **train_kwargs) -> dict:
-    """Train the refit model into ``out_dir`` (the four training outputs plus its split); ``train_kwargs`` go to
-    ``slidemil.mil.train.train_fold`` (device, num_threads, init_checkpoint)."""
-    from slidemil.mil.train import train_fold
-
+def refit_model(features: dict[str, str], splits_csv: str, fold_checkpoints: list[str], recipe: Recipe,
+                out_dir: str, **train_kwargs) -> dict:
+    """Train the refit model (``recipe``, trained for the refit epochs) into ``out_dir`` (the four training
+    outputs plus its split); ``train_kwargs`` go to ``slidemil.mil.train.train_fold`` (device, num_threads,
+    init_checkpoint)."""
     epochs = refit_epochs(fold_checkpoints)
     split_csv = Path(out_dir) / SPLITS_NAME
     write_splits_csv(split_csv, refit_split(read_splits(splits_csv)))
-    settings = {**training, "epochs": epochs, "selection": "last", "patience": epochs}
+    settings = {**recipe.training, "epochs": epochs, "selection": "last", "patience": epochs}
     logger.info("refit %s: %d epochs (the median of its %d folds' selected epochs), all non-test patients",
-                model, epochs, len(fold_checkpoints))
-    summary = train_fold(features, str(split_csv), 0, model, model_kwargs, settings, seed, out_dir, **train_kwargs)
+                recipe.model, epochs, len(fold_checkpoints))
+    summary = train_fold(features, str(split_csv), 0, replace(recipe, training=settings), out_dir, **train_kwargs)
     return {**summary, "refit_epochs": epochs}

@@ -26,7 +26,7 @@ import logging
 import math
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -261,6 +261,17 @@ def _with_outputs(slides: pd.DataFrame, outputs: pd.DataFrame) -> pd.DataFrame:
 # --------------------------------------------------------------------------- stage
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """What is trained, as a training rule's params give it: the registered model, its keyword arguments,
+    the training settings (``slidemil.config.Training``; missing keys take the defaults) and the seed."""
+
+    model: str
+    model_kwargs: dict = field(default_factory=dict)
+    training: dict = field(default_factory=dict)
+    seed: int = Config.seed
+
+
 @dataclass
 class Trained:
     """What ``train_bags`` returns: the best checkpoint loaded into ``net``, and its predictions."""
@@ -271,24 +282,22 @@ class Trained:
     slides: pd.DataFrame  # val and test slides: slide_id, patient_id, label, partition, the task's outputs
     norm: tuple[torch.Tensor, torch.Tensor] | None
     in_dim: int
-    cfg: dict
+    cfg: dict  # the recipe's training settings, completed with the defaults
     task: Task
+    recipe: Recipe
 
 
 def train_bags(
     bags: dict[str, torch.Tensor],
     split: pd.DataFrame,
-    model: str,
-    model_kwargs: dict,
-    training: dict,
-    seed: int,
+    recipe: Recipe,
     device: str = "auto",
     desc: str | None = None,
     init_state: dict | None = None,
     init_source: str | None = None,
     task: Task | None = None,
 ) -> Trained:
-    """Train ``model`` on in-memory bags; the core of ``train_fold``, usable without files.
+    """Train ``recipe`` on in-memory bags; the core of ``train_fold``, usable without files.
 
     ``bags`` maps slide_id to a feature tensor [N, D] (not modified); ``split``
     has one row per slide: slide_id, patient_id, label (0/1), partition
@@ -300,8 +309,8 @@ def train_bags(
     trained on. ``init_source`` names it in errors. ``task``: the endpoint (slidemil.tasks; default binary):
     its head size, targets, loss and validation metric; survival splits carry a ``time`` column.
     """
-    cfg = resolve_training(training)
-    model_kwargs = dict(model_kwargs or {})
+    cfg = resolve_training(recipe.training)
+    model, model_kwargs, seed = recipe.model, dict(recipe.model_kwargs or {}), recipe.seed
     reserved = sorted({"in_dim", "n_classes"} & set(model_kwargs))
     if reserved:
         raise ValueError(f"model_kwargs must not set {', '.join(reserved)}: they come from the data")
@@ -332,23 +341,20 @@ def train_bags(
     best, history = fit(net, data, ids["train"], val, cfg, seed, desc=desc or model)
     net.load_state_dict(best.state)
     slides = _final_predictions(net, data, split, cfg["batch_size"])
-    return Trained(net, best, history, slides, norm, in_dim, cfg, task)
+    return Trained(net, best, history, slides, norm, in_dim, cfg, task, recipe)
 
 
 def train_fold(
     features: dict[str, str],
     splits_csv: str,
     fold: int,
-    model: str,
-    model_kwargs: dict,
-    training: dict,
-    seed: int,
+    recipe: Recipe,
     out_dir: str,
     device: str = "auto",
     num_threads: int | None = None,
     init_checkpoint: str | None = None,
 ) -> dict:
-    """Train ``model`` on fold ``fold`` and write its checkpoint, history and predictions.
+    """Train ``recipe`` on fold ``fold`` and write its checkpoint, history and predictions.
 
     ``features`` maps slide_id to its HDF5 feature file. Returns a summary dict.
     ``init_checkpoint``: the model.pt a model that starts from another one (MHIM-MIL:
@@ -356,8 +362,8 @@ def train_fold(
     standardised with that checkpoint's statistics, the ones its weights were trained on.
     """
     started = time.monotonic()
-    cfg = resolve_training(training)
-    model_kwargs = dict(model_kwargs or {})
+    cfg = resolve_training(recipe.training)
+    model, seed = recipe.model, recipe.seed
     if num_threads:
         torch.set_num_threads(num_threads)
 
@@ -377,7 +383,7 @@ def train_fold(
     )
 
     init_state = load_init_checkpoint(init_checkpoint, model, fold, task.name) if init_checkpoint else None
-    run = train_bags(bags, split, model, model_kwargs, cfg, seed, device, desc=f"{model} fold {fold}",
+    run = train_bags(bags, split, recipe, device, desc=f"{model} fold {fold}",
                      init_state=init_state, init_source=init_checkpoint, task=task)
     best, history, slides = run.best, run.history, run.slides
     patients = task.patients(slides)
@@ -397,7 +403,7 @@ def train_fold(
         "device": str(resolve_device(device)),
         "seconds": round(time.monotonic() - started, 2),
     }
-    write_outputs(out_dir, checkpoint(run, model, model_kwargs, seed, fold), history, slides, patients,
+    write_outputs(out_dir, checkpoint(run, fold), history, slides, patients,
                   metric_column=task.history_column)
     logger.info(
         "fold %d done: best epoch %d, val %s %s, test %s %s",
@@ -454,19 +460,19 @@ def _final_predictions(net, data: Data, split: pd.DataFrame, batch_size: int) ->
     return _with_outputs(slides, outputs)[columns]
 
 
-def checkpoint(run: Trained, model: str, model_kwargs: dict, seed: int, fold: int) -> dict:
+def checkpoint(run: Trained, fold: int) -> dict:
     """The model.pt content of a trained run."""
     return {
         "state_dict": run.best.state,
-        "model": model,
-        "model_kwargs": model_kwargs,
+        "model": run.recipe.model,
+        "model_kwargs": dict(run.recipe.model_kwargs or {}),
         "in_dim": run.in_dim,
         "n_classes": run.task.head_size,
         **run.task.state(),
         "epoch": run.best.epoch,
         "val_auc": run.best.auc,
         "training": run.cfg,
-        "seed": seed,
+        "seed": run.recipe.seed,
         "fold": fold,
         # Features must be standardised with these before the model sees them.
         "feature_mean": None if run.norm is None else run.norm[0],
@@ -505,11 +511,9 @@ def main(argv=None, prog: str = "python -m slidemil.mil.train") -> None:
     args = _parse_args(argv, prog)
     setup_logging(args.log)
     features = {p.stem: str(p) for p in sorted(Path(args.features_dir).glob("*.h5"))}
-    summary = train_fold(
-        features, args.splits, args.fold, args.model, args.model_kwargs, args.training,
-        args.seed, args.out, device=args.device, num_threads=args.num_threads,
-        init_checkpoint=args.init_checkpoint,
-    )
+    recipe = Recipe(args.model, args.model_kwargs, args.training, args.seed)
+    summary = train_fold(features, args.splits, args.fold, recipe, args.out, device=args.device,
+                         num_threads=args.num_threads, init_checkpoint=args.init_checkpoint)
     print(json.dumps(summary, indent=2))
 
 
