@@ -362,54 +362,61 @@ def train_fold(
     standardised with that checkpoint's statistics, the ones its weights were trained on.
     """
     started = time.monotonic()
-    cfg = resolve_training(recipe.training)
-    model, seed = recipe.model, recipe.seed
     if num_threads:
         torch.set_num_threads(num_threads)
+    cfg = resolve_training(recipe.training)
+    bags, split, skipped, task = _load_fold(features, splits_csv, fold, cfg, recipe.seed)
+    n = split["partition"].value_counts()
+    logger.info(
+        "fold %d: %d train, %d val, %d test slides (%d skipped without tiles); in_dim %d; device %s",
+        fold, n.get("train", 0), n.get("val", 0), n.get("test", 0), len(skipped),
+        next(iter(bags.values())).shape[1], resolve_device(device),
+    )
+    init_state = load_init_checkpoint(init_checkpoint, recipe.model, fold, task.name) if init_checkpoint else None
+    run = train_bags(bags, split, recipe, device, desc=f"{recipe.model} fold {fold}",
+                     init_state=init_state, init_source=init_checkpoint, task=task)
+    write_outputs(out_dir, checkpoint(run, fold), run.history, run.slides, task.patients(run.slides),
+                  metric_column=task.history_column)
+    summary = {**_summary(run, fold, split), "skipped_slides": skipped, "device": str(resolve_device(device)),
+               "seconds": round(time.monotonic() - started, 2)}
+    metric = _summary_metric(task)
+    logger.info("fold %d done: best epoch %d, val %s %s, test %s %s", fold, run.best.epoch, metric,
+                fmt_metric(run.best.auc), metric, fmt_metric(summary[f"test_{metric}"]))
+    return summary
 
+
+def _load_fold(features: dict[str, str], splits_csv: str, fold: int, cfg: dict, seed: int):
+    """The fold's bags, its split over the slides that have tiles, the slides skipped without, and the task."""
     split = read_fold(splits_csv, fold)
     task_name, class_names = split_task(read_splits(splits_csv), splits_csv)
     task = make_task(task_name, class_names, cfg["class_weighted"])
     bags, skipped = load_bags(split["slide_id"].tolist(), features, cfg["max_tiles"], seed)
     split = split[split["slide_id"].isin(bags)].reset_index(drop=True)
-    ids = {p: split.loc[split["partition"] == p, "slide_id"].tolist() for p in ("train", "val", "test")}
     for part in ("train", "val"):
-        if not ids[part]:
+        if not (split["partition"] == part).any():
             raise ValueError(f"fold {fold}: no {part} slide has tiles")
-    logger.info(
-        "fold %d: %d train, %d val, %d test slides (%d skipped without tiles); in_dim %d; device %s",
-        fold, len(ids["train"]), len(ids["val"]), len(ids["test"]), len(skipped),
-        next(iter(bags.values())).shape[1], resolve_device(device),
-    )
+    return bags, split, skipped, task
 
-    init_state = load_init_checkpoint(init_checkpoint, model, fold, task.name) if init_checkpoint else None
-    run = train_bags(bags, split, recipe, device, desc=f"{model} fold {fold}",
-                     init_state=init_state, init_source=init_checkpoint, task=task)
-    best, history, slides = run.best, run.history, run.slides
-    patients = task.patients(slides)
-    test = slides[slides["partition"] == "test"]
-    metric = "auc" if task.name == BINARY else task.metric  # binary keeps its summary keys
-    summary = {
-        "model": model,
+
+def _summary_metric(task: Task) -> str:
+    return "auc" if task.name == BINARY else task.metric  # binary keeps its summary keys
+
+
+def _summary(run: Trained, fold: int, split: pd.DataFrame) -> dict:
+    """What ``train_fold`` returns of a trained run: the selected epoch and its validation and test scores."""
+    metric = _summary_metric(run.task)
+    test = run.slides[run.slides["partition"] == "test"]
+    return {
+        "model": run.recipe.model,
         "fold": fold,
-        "seed": seed,
-        "best_epoch": best.epoch,
-        "epochs_run": len(history),
-        f"val_{metric}": best.auc,
-        "val_loss": best.loss,
-        f"test_{metric}": task.score(test) if len(test) else None,
-        "n_slides": {p: len(v) for p, v in ids.items()},
-        "skipped_slides": skipped,
-        "device": str(resolve_device(device)),
-        "seconds": round(time.monotonic() - started, 2),
+        "seed": run.recipe.seed,
+        "best_epoch": run.best.epoch,
+        "epochs_run": len(run.history),
+        f"val_{metric}": run.best.auc,
+        "val_loss": run.best.loss,
+        f"test_{metric}": run.task.score(test) if len(test) else None,
+        "n_slides": {p: int((split["partition"] == p).sum()) for p in ("train", "val", "test")},
     }
-    write_outputs(out_dir, checkpoint(run, fold), history, slides, patients,
-                  metric_column=task.history_column)
-    logger.info(
-        "fold %d done: best epoch %d, val %s %s, test %s %s",
-        fold, best.epoch, metric, fmt_metric(best.auc), metric, fmt_metric(summary[f"test_{metric}"]),
-    )
-    return summary
 
 
 def load_init_checkpoint(path: str, model: str, fold: int, task: str = BINARY) -> dict:
