@@ -102,6 +102,12 @@ def test_same_seed_same_predictions(dataset, tmp_path):
     history = [pd.read_csv(tmp_path / name / "history.csv") for name in "ab"]
     pd.testing.assert_frame_equal(history[0], history[1])
     assert runs[0]["val_auc"] == runs[1]["val_auc"]
+    # Each run's checkpoint and summary record its own recipe: model, settings, seed and training.
+    for name, summary, seed in zip("ac", runs[::2], (3, 4)):
+        ckpt = torch.load(tmp_path / name / "model.pt", weights_only=False)
+        assert (ckpt["model"], ckpt["model_kwargs"], ckpt["seed"]) == ("abmil", MODEL_KWARGS, seed) == (
+            summary["model"], MODEL_KWARGS, summary["seed"])
+        assert ckpt["training"] == train.resolve_training({**FAST, **settings})
 
 
 def test_max_tiles_subset_fixed_per_slide(dataset):
