@@ -642,7 +642,7 @@ def task_feature_files(root: Path, task: str, n_patients: int = 24) -> dict[str,
 def train_task_folds(root: Path, task: str, model: str = "abmil", n_patients: int = 24) -> dict:
     """task_feature_files under ``root`` and ``model`` trained on both folds: the model.pt paths and the
     training runs' predictions_patients.csv."""
-    from slidemil.mil.train import train_fold
+    from slidemil.mil.train import Recipe, train_fold
 
     features = task_feature_files(root, task, n_patients)
     checkpoints, predictions = [], []
