@@ -202,11 +202,13 @@ def test_benchmark_presets_are_valid_workflow_configs(name):
 # --------------------------------------------------------------------------- projection depth
 
 
-@pytest.mark.parametrize("model", ["abmil", "abmil_gated", "meanpool", "maxpool"])
+@pytest.mark.parametrize("model", ["abmil", "abmil_gated", "meanpool", "maxpool", "varmil"])
 def test_n_layers_stacks_halving_projections(model):
-    net = create_model(model, in_dim=10, embed_dim=32, n_layers=3, **({"attn_dim": 8} if "abmil" in model else {}))
+    attention = {"attn_dim": 8} if model in ("abmil", "abmil_gated", "varmil") else {}
+    net = create_model(model, in_dim=10, embed_dim=32, n_layers=3, **attention)
     widths = [m.out_features for m in net.project if isinstance(m, torch.nn.Linear)]
-    assert widths == [32, 16, 8] and net.classifier.in_features == 8
+    # VarMIL classifies the attention-weighted mean and variance side by side.
+    assert widths == [32, 16, 8] and net.classifier.in_features == 8 * (2 if model == "varmil" else 1)
     x, mask = torch.randn(2, 5, 10), torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
     net.eval()
     padded = net(x, mask)["logits"][1]
@@ -218,6 +220,9 @@ def test_n_layers_too_deep_is_refused():
     with pytest.raises(ValueError, match="n_layers"):
         create_model("abmil", in_dim=4, embed_dim=4, n_layers=4)
     assert math.isfinite(create_model("abmil", in_dim=4, embed_dim=4, n_layers=3)(torch.randn(1, 2, 4))["logits"].sum().item())
+    # VarMIL without a projection (DeepSMILE's default) has no layers to stack.
+    with pytest.raises(ValueError, match="varmil: n_layers needs an integer embed_dim"):
+        create_model("varmil", in_dim=4, embed_dim=None, n_layers=2)
 
 
 def test_ablation_effects_are_paired_over_the_common_folds():

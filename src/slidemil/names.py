@@ -80,7 +80,7 @@ MODEL_PARAMS = {
     "abmil_gated": ("embed_dim", "attn_dim", "dropout", "n_layers"),
     "meanpool": ("embed_dim", "dropout", "n_layers"),
     "maxpool": ("embed_dim", "dropout", "n_layers"),
-    "varmil": ("embed_dim", "attn_dim", "dropout", "gated", "variance_n"),
+    "varmil": ("embed_dim", "attn_dim", "dropout", "gated", "variance_n", "n_layers"),
     "transmil": ("embed_dim", "n_heads", "dropout", "attn_dropout"),
     **{mhim_name(base): _MHIM_PARAMS for base in MHIM_BASES},
 }

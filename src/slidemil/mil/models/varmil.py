@@ -7,7 +7,9 @@
 
 DeepSMILE applies the attention to the extractor's features directly
 (``embed_dim: null``); an integer ``embed_dim`` adds AB-MIL's projection
-(Linear + ReLU + dropout) first. N is the number of real (non-padded)
+(Linear + ReLU + dropout) first, ``n_layers`` such layers of halving width as in
+``slidemil.mil.models.abmil.projection`` (``embed_dim: 256, n_layers: 3`` is Ilse
+et al.'s fc-256, fc-128, fc-64). N is the number of real (non-padded)
 instances (``variance_n: real``, the paper) or, as in the reference code, the
 number of non-zero attention weights (``variance_n: nonzero``; they differ
 only where a softmax weight underflows to 0). A bag with N = 1 has S = 0.
@@ -20,7 +22,7 @@ import torch
 from torch import nn
 
 from slidemil.mil.models import register_model
-from slidemil.mil.models.abmil import AttentionPool
+from slidemil.mil.models.abmil import AttentionPool, projection
 
 VARIANCE_N = ("real", "nonzero")
 
@@ -36,16 +38,19 @@ class VarMIL(nn.Module):
         dropout: float = 0.0,
         gated: bool = False,
         variance_n: str = "real",
+        n_layers: int = 1,
     ):
         super().__init__()
         if variance_n not in VARIANCE_N:
             raise ValueError(f"varmil: variance_n must be one of {', '.join(VARIANCE_N)}, got {variance_n!r}")
         self.variance_n = variance_n
         if embed_dim is None:
+            if n_layers != 1:
+                raise ValueError(f"varmil: n_layers needs an integer embed_dim (the projection), got {n_layers}")
             self.project = nn.Dropout(dropout)
             embed_dim = in_dim
         else:
-            self.project = nn.Sequential(nn.Linear(in_dim, embed_dim), nn.ReLU(), nn.Dropout(dropout))
+            self.project, embed_dim = projection(in_dim, embed_dim, dropout, n_layers)
         self.pool = AttentionPool(embed_dim, attn_dim, gated)
         self.classifier = nn.Linear(2 * embed_dim, n_classes)
         self.apply(_init_he)
