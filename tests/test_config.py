@@ -38,6 +38,11 @@ TYPOS = [
     ({"results": ""}, "config: results: '' would plan every output at the filesystem root"),
     ({"results": "/"}, "config: results: '/' would plan every output at the filesystem root"),
     ({"seed": -1}, "config: seed must be an integer at least 0, got -1"),
+    # model-setting values, not only their names, fail before any job (the train job would fail the same way)
+    ({"mil": {"settings": {"abmil": {"dropout": 1.5}}}},
+     "config: mil.settings.abmil.dropout must be a number at least 0 and below 1, got 1.5"),
+    ({"mil": {"settings": {"transmil": {"embed_dim": 500}}}},
+     "config: mil.settings.transmil.embed_dim must be divisible by n_heads 8, got 500"),
 ]
 
 
@@ -67,6 +72,58 @@ def test_coercion_of_strings():
     # a string setting keeps its string; an integer stays an integer where a number is allowed (params repr)
     assert cfg.check_config({"splits": {"positive_class": "1"}})["splits"]["positive_class"] == "1"
     assert repr(cfg.check_config({"tiling": {"sobel_threshold": 20}})["tiling"]["sobel_threshold"]) == "20"
+    # a word where a number or null is allowed is refused, not read as null
+    with pytest.raises(cfg.ConfigError, match="max_tiles must be an integer at least 1 or null, got 'lots'"):
+        cfg.check_config({"mil": {"training": {"max_tiles": "lots"}}})
+    assert cfg.check_config({"mil": {"settings": {"varmil": {"gated": "true", "embed_dim": "null"}}}})[
+        "mil"]["settings"]["varmil"]["gated"] is True
+
+
+BAD_MODEL_SETTINGS = [
+    ("abmil", {"n_layers": 11}, "abmil.n_layers must be at most 10 with embed_dim 512 (each layer halves the width)"),
+    ("meanpool", {"embed_dim": 4, "n_layers": 4}, "meanpool.n_layers must be at most 3 with embed_dim 4"),
+    ("abmil_gated", {"embed_dim": None}, "abmil_gated.embed_dim must be an integer >= 1, got None"),
+    ("abmil", {"attn_dim": 0}, "abmil.attn_dim must be an integer at least 1, got 0"),
+    ("varmil", {"n_layers": 2}, "varmil.n_layers must be 1 without a projection (embed_dim: null), got 2"),
+    ("varmil", {"variance_n": "all"}, "varmil.variance_n must be one of real, nonzero, got 'all'"),
+    ("varmil", {"gated": "yes"}, "varmil.gated must be true or false, got 'yes'"),
+    ("transmil", {"embed_dim": 96, "n_heads": 5}, "transmil.embed_dim must be divisible by n_heads 5, got 96"),
+    ("transmil", {"attn_dropout": -0.1}, "transmil.attn_dropout must be a number at least 0 and below 1"),
+    ("mhim_abmil", {"preset": "c17"}, "mhim_abmil.preset must be one of camelyon16, tcga, null, got 'c17'"),
+    ("mhim_abmil", {"mask_ratio_r": 1.0}, "mhim_abmil.mask_ratio_r must be a number at least 0 and below 1"),
+    ("mhim_abmil", {"mask_ratio_hr": 0}, "mhim_abmil.mask_ratio_hr must be a number above 0 and at most 1"),
+    ("mhim_transmil", {"mask_attention": "median"}, "mhim_transmil.mask_attention must be one of vote, mean, split"),
+    ("mhim_transmil", {"momentum": 1.5}, "mhim_transmil.momentum must be a number at least 0 and at most 1"),
+    ("mhim_abmil", {"temp_t": 0}, "mhim_abmil.temp_t must be a number above 0"),
+    ("mhim_abmil", {"init_student": "teacher"}, "mhim_abmil.init_student must be one of projection, full, none"),
+]
+
+
+@pytest.mark.parametrize("model,settings,line", BAD_MODEL_SETTINGS, ids=[t[2].split(" must")[0]
+                                                                          for t in BAD_MODEL_SETTINGS])
+def test_model_setting_values_fail_the_config_check_and_the_model_build_alike(model, settings, line):
+    from slidemil.mil.models import create_model
+
+    with pytest.raises(cfg.ConfigError) as checked:
+        cfg.check_config({"mil": {"settings": {model: settings}}})
+    assert str(checked.value).startswith(f"config: mil.settings.{line}"), str(checked.value)
+    # The bench and the Python API build models from the same rules, naming the model instead of the config key.
+    with pytest.raises(ValueError) as built:
+        create_model(model, in_dim=8, **settings)
+    assert str(built.value).startswith(f"config: {line}"), str(built.value)
+
+
+def test_model_settings_within_the_rules_build():
+    from slidemil.mil.models import create_model
+
+    # The deepest stack embed_dim allows, and an MHIM model whose base settings come from the workflow.
+    assert create_model("abmil", in_dim=8, embed_dim=4, n_layers=3).classifier.in_features == 1
+    assert cfg.check_model_settings("mhim_abmil", {"base_kwargs": {"embed_dim": 4, "n_layers": 3}}, "m")
+    with pytest.raises(cfg.ConfigError, match=r"^config: m\.base_kwargs\.n_layers must be at most 3"):
+        cfg.check_model_settings("mhim_abmil", {"base_kwargs": {"embed_dim": 4, "n_layers": 4}}, "m")
+    # The config's view leaves out what the workflow sets itself.
+    with pytest.raises(cfg.ConfigError, match="mhim_abmil.base_kwargs: unknown setting"):
+        cfg.check_config({"mil": {"settings": {"mhim_abmil": {"base_kwargs": {}}}}})
 
 
 def test_partial_config_gets_every_default():

@@ -168,7 +168,7 @@ def test_presets_and_explicit_settings():
     assert (c16["mask_ratio_r"], c16["mask_ratio_l"], c16["mask_ratio_h"], c16["mask_ratio_hr"], c16["alpha"]) \
         == (0.5, 0.0, 0.01, 0.5, 0.1)
     assert create_model("mhim_abmil", in_dim=8, preset=None).settings["alpha"] == 0.0
-    with pytest.raises(ValueError, match="preset 'c17'"):
+    with pytest.raises(ValueError, match="preset must be one of camelyon16, tcga, null, got 'c17'"):
         create_model("mhim_abmil", in_dim=8, preset="c17")
     with pytest.raises(ValueError, match="mask_attention"):
         create_model("mhim_transmil", in_dim=8, mask_attention="median")

@@ -221,7 +221,7 @@ def test_n_layers_too_deep_is_refused():
         create_model("abmil", in_dim=4, embed_dim=4, n_layers=4)
     assert math.isfinite(create_model("abmil", in_dim=4, embed_dim=4, n_layers=3)(torch.randn(1, 2, 4))["logits"].sum().item())
     # VarMIL without a projection (DeepSMILE's default) has no layers to stack.
-    with pytest.raises(ValueError, match="varmil: n_layers needs an integer embed_dim"):
+    with pytest.raises(ValueError, match=r"varmil\.n_layers must be 1 without a projection \(embed_dim: null\), got 2"):
         create_model("varmil", in_dim=4, embed_dim=None, n_layers=2)
 
 

@@ -23,10 +23,11 @@ from dataclasses import dataclass, field, fields
 from functools import cache
 from pathlib import Path
 
-from slidemil.names import (ENCODER_CARDS, ENCODER_POOLS, EXTRACTORS, FEATURE_PRECISIONS, MIL_MODELS, MODEL_PARAMS,
-                            SELECTIONS, SIMCLR_ARCHITECTURES, SIMCLR_EXTRACTORS, SIMCLR_WEIGHTS, TASKS,
-                            TILE_ARCHITECTURES, TILE_MODEL, TILE_MODEL_TASKS, TIMM_EXTRACTOR, TIMM_OPTIONS,
-                            TRAIN_PRECISIONS, BINARY, EVENT_COLUMN, TIME_COLUMN)
+from slidemil.names import (ENCODER_CARDS, ENCODER_POOLS, EXTRACTORS, FEATURE_PRECISIONS, MHIM_EVALUATE, MHIM_FUSIONS,
+                            MHIM_INIT_STUDENT, MHIM_PRESETS, MIL_MODELS, MODEL_PARAMS, SELECTIONS, SIMCLR_ARCHITECTURES,
+                            SIMCLR_EXTRACTORS, SIMCLR_WEIGHTS, TASKS, TILE_ARCHITECTURES, TILE_MODEL, TILE_MODEL_TASKS,
+                            TIMM_EXTRACTOR, TIMM_OPTIONS, TRAIN_PRECISIONS, VARMIL_VARIANCE_N, BINARY, EVENT_COLUMN,
+                            TIME_COLUMN, base_model)
 
 MODELS = (*MIL_MODELS, TILE_MODEL)
 # The demo's second cohort (deploy.demo_patients), deployed like any cohort of deploy.cohorts.
@@ -174,6 +175,67 @@ def _check_extractor_settings(value, key: str) -> dict:
     return out
 
 
+@dataclass(frozen=True)
+class MILSettings:
+    """The value rules of every MIL model's settings: which model takes which is slidemil.names.MODEL_PARAMS, their
+    defaults are the builders' signatures (slidemil.mil.models), and ``check_model_settings`` adds the rules
+    between settings. Checked at the dry run and again when a model is built, so both say the same line."""
+    embed_dim: int | None = setting(minimum=1)   # null: varmil's no-projection default only
+    attn_dim: int = setting(minimum=1)
+    dropout: float = setting(minimum=0, below=1)
+    n_layers: int = setting(minimum=1)
+    gated: bool = setting()
+    variance_n: str = setting(choices=VARMIL_VARIANCE_N)
+    n_heads: int = setting(minimum=1)
+    attn_dropout: float = setting(minimum=0, below=1)
+    # MHIM-MIL; null ratios, alpha and schedule come from the preset
+    preset: str | None = setting(choices=(*MHIM_PRESETS, None))
+    mask_ratio_r: float | None = setting(minimum=0, below=1)
+    mask_ratio_l: float | None = setting(minimum=0, below=1)
+    mask_ratio_h: float | None = setting(minimum=0, below=1)
+    mask_ratio_hr: float | None = setting(above=0, maximum=1)
+    alpha: float | None = setting(minimum=0)
+    momentum_schedule: bool | None = setting()
+    mask_ratio_h_decay: bool = setting()
+    mask_attention: str = setting(choices=MHIM_FUSIONS)
+    temp_t: float = setting(above=0)
+    temp_s: float = setting(above=0)
+    momentum: float = setting(minimum=0, maximum=1)
+    init_student: str = setting(choices=MHIM_INIT_STUDENT)
+    evaluate: str = setting(choices=MHIM_EVALUATE)
+
+
+def check_model_settings(model: str, settings: dict | None, key: str, workflow: bool = False) -> dict:
+    """MIL model ``model``'s ``settings`` checked (names, types, ranges and the rules between them) and returned,
+    coerced as the config is; ``workflow``: the config's view, which leaves out the settings the workflow sets itself
+    (an MHIM model's ``base_kwargs``, checked here as the base model's settings otherwise)."""
+    allowed = [p for p in MODEL_PARAMS[model] if not (workflow and p in WORKFLOW_MODEL_PARAMS)]
+    given = _mapping(settings, key, ", ".join(allowed))
+    for param in given:
+        if param not in allowed:
+            raise ConfigError(f"{key}.{param}", "unknown setting", ", ".join(sorted(allowed)))
+    checked = check_section(MILSettings, {k: v for k, v in given.items() if k != "base_kwargs"}, key, fill=False)
+    if "base_kwargs" in given:
+        checked["base_kwargs"] = check_model_settings(base_model(model), given["base_kwargs"], f"{key}.base_kwargs")
+    _check_model_shapes(model, checked, key)
+    return {k: checked[k] for k in given}
+
+
+def _check_model_shapes(model: str, settings: dict, key: str) -> None:
+    # A setting left out takes its builder default, which fits; so each rule is checked where its settings are given.
+    embed_dim, n_layers = settings.get("embed_dim"), settings.get("n_layers", 1)
+    if "embed_dim" in settings and embed_dim is None and model != "varmil":
+        raise ConfigError(f"{key}.embed_dim", "must be an integer >= 1, got None")
+    if "embed_dim" in settings and embed_dim is None and n_layers != 1:
+        raise ConfigError(f"{key}.n_layers", f"must be 1 without a projection (embed_dim: null), got {n_layers}")
+    if embed_dim is not None and n_layers > embed_dim.bit_length():
+        # Each layer halves the width: embed_dim / 2^(n_layers-1) must stay >= 1.
+        raise ConfigError(f"{key}.n_layers", f"must be at most {embed_dim.bit_length()} with embed_dim {embed_dim} "
+                          f"(each layer halves the width), got {n_layers}")
+    if embed_dim is not None and "n_heads" in settings and embed_dim % settings["n_heads"]:
+        raise ConfigError(f"{key}.embed_dim", f"must be divisible by n_heads {settings['n_heads']}, got {embed_dim}")
+
+
 def _check_model_settings(value, key: str) -> dict:
     out = {}
     for name, entry in _mapping(value, key, "model names").items():
@@ -185,11 +247,7 @@ def _check_model_settings(value, key: str) -> dict:
             # Checked, not completed: the job's params stay the settings given (the stage fills the rest).
             out[name] = check_section(TileSupervised, entry, f"{key}.{name}", fill=False)
         else:
-            allowed = [p for p in MODEL_PARAMS[name] if p not in WORKFLOW_MODEL_PARAMS]
-            for param in _mapping(entry, f"{key}.{name}", ", ".join(allowed)):
-                if param not in allowed:
-                    raise ConfigError(f"{key}.{name}.{param}", "unknown setting", ", ".join(sorted(allowed)))
-            out[name] = entry
+            out[name] = check_model_settings(name, entry, f"{key}.{name}", workflow=True)
     return out
 
 
@@ -419,7 +477,8 @@ def _coerce(value, hint):
     parsed = _parse_scalar(value)
     if parsed is None and type(None) in _args(hint) and value in ("null", "~"):
         return None
-    return parsed if not _is_type(value, hint) and _is_type(parsed, hint) else value
+    # A word that parses as nothing stays a word (and fails the type check), not null.
+    return parsed if parsed is not None and not _is_type(value, hint) and _is_type(parsed, hint) else value
 
 
 def _parse_scalar(text: str):

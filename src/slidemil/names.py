@@ -62,6 +62,27 @@ MHIM_BASES = ("abmil", "transmil")
 _MHIM_PARAMS = ("base_kwargs", "preset", "mask_ratio_r", "mask_ratio_l", "mask_ratio_h", "mask_ratio_hr", "alpha",
                 "momentum_schedule", "mask_ratio_h_decay", "mask_attention", "temp_t", "temp_s", "momentum",
                 "init_student", "evaluate")
+# MHIM-MIL's published settings per base (METHODS section 5; the authors' README for mask_ratio_hr and the momentum
+# schedule), ``preset:``; settings given explicitly win (slidemil.mil.models.mhim).
+MHIM_PRESETS = {
+    "camelyon16": {
+        "abmil": {"mask_ratio_r": 0.5, "mask_ratio_l": 0.0, "mask_ratio_h": 0.01, "mask_ratio_hr": 0.5,
+                  "alpha": 0.1, "momentum_schedule": False},
+        "transmil": {"mask_ratio_r": 0.0, "mask_ratio_l": 0.8, "mask_ratio_h": 0.03, "mask_ratio_hr": 0.5,
+                     "alpha": 0.1, "momentum_schedule": True},
+    },
+    "tcga": {
+        "abmil": {"mask_ratio_r": 0.7, "mask_ratio_l": 0.2, "mask_ratio_h": 0.02, "mask_ratio_hr": 1.0,
+                  "alpha": 0.5, "momentum_schedule": True},
+        "transmil": {"mask_ratio_r": 0.6, "mask_ratio_l": 0.2, "mask_ratio_h": 0.02, "mask_ratio_hr": 1.0,
+                     "alpha": 0.5, "momentum_schedule": False},
+    },
+}
+# The choices of the MIL models' string settings (their value rules: slidemil.config.MILSettings).
+MHIM_FUSIONS = ("vote", "mean", "split")          # mhim_transmil's mask_attention: fusing the heads' attention
+MHIM_INIT_STUDENT = ("projection", "full", "none")
+MHIM_EVALUATE = ("student", "teacher")
+VARMIL_VARIANCE_N = ("real", "nonzero")           # varmil's variance_n: divide by the real or the nonzero tiles
 
 
 def mhim_name(base: str) -> str:

@@ -34,6 +34,9 @@ from typing import Callable
 
 from torch import nn
 
+from slidemil.config import check_model_settings
+from slidemil.names import MODEL_PARAMS
+
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
 # Arguments create_model passes itself, not part of a model's own kwargs.
@@ -69,12 +72,15 @@ def model_kwargs_defaults(name: str) -> dict:
 def create_model(name: str, in_dim: int, n_classes: int = 2, **kwargs) -> nn.Module:
     """Build model ``name`` for ``in_dim``-dimensional instances and ``n_classes`` classes.
 
-    Raises ValueError for an unknown name and TypeError for keyword arguments
+    Raises ValueError for an unknown name, TypeError for keyword arguments
     the model does not take (a typo in a config should fail loudly, not be
-    silently ignored).
+    silently ignored) and slidemil.config.ConfigError (a ValueError) for a
+    value outside its rules, in the same line as the workflow's dry run.
     """
     builder = _builder(name)
     _check_kwargs(name, builder, kwargs)
+    if name in MODEL_PARAMS:  # the package's models; one registered elsewhere checks its own settings
+        check_model_settings(name, {**model_kwargs_defaults(name), **kwargs}, key=name)
     return builder(in_dim=in_dim, n_classes=n_classes, **kwargs)
 
 

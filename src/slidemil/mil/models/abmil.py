@@ -84,9 +84,8 @@ class ABMIL(nn.Module):
 
 
 def projection(in_dim: int, embed_dim: int, dropout: float, n_layers: int = 1) -> tuple[nn.Sequential, int]:
-    """``n_layers`` x (Linear, ReLU, Dropout) of widths embed_dim, embed_dim/2, ...; returns it and its output width."""
-    if n_layers < 1 or embed_dim >> (n_layers - 1) < 1:
-        raise ValueError(f"n_layers must be 1 or more and leave embed_dim / 2^(n_layers-1) >= 1, got {n_layers}")
+    """``n_layers`` x (Linear, ReLU, Dropout) of widths embed_dim, embed_dim/2, ...; returns it and its output width.
+    (create_model checks that the widths stay >= 1: slidemil.config.check_model_settings.)"""
     layers, width = [], in_dim
     for i in range(n_layers):
         layers += [nn.Linear(width, embed_dim >> i), nn.ReLU(), nn.Dropout(dropout)]

@@ -33,40 +33,18 @@ import torch
 from torch import nn
 
 from slidemil.mil.models import mhim_blocks as mhim
-from slidemil.names import MHIM_BASES, mhim_name
+from slidemil.names import MHIM_BASES, MHIM_PRESETS, mhim_name
 from slidemil.mil.models import _REGISTRY, create_model, model_kwargs_defaults, register_model
 
 PRESET_KEYS = ("mask_ratio_r", "mask_ratio_l", "mask_ratio_h", "mask_ratio_hr", "alpha", "momentum_schedule")
-PRESETS = {
-    "camelyon16": {
-        "abmil": {"mask_ratio_r": 0.5, "mask_ratio_l": 0.0, "mask_ratio_h": 0.01, "mask_ratio_hr": 0.5,
-                  "alpha": 0.1, "momentum_schedule": False},
-        "transmil": {"mask_ratio_r": 0.0, "mask_ratio_l": 0.8, "mask_ratio_h": 0.03, "mask_ratio_hr": 0.5,
-                     "alpha": 0.1, "momentum_schedule": True},
-    },
-    "tcga": {
-        "abmil": {"mask_ratio_r": 0.7, "mask_ratio_l": 0.2, "mask_ratio_h": 0.02, "mask_ratio_hr": 1.0,
-                  "alpha": 0.5, "momentum_schedule": True},
-        "transmil": {"mask_ratio_r": 0.6, "mask_ratio_l": 0.2, "mask_ratio_h": 0.02, "mask_ratio_hr": 1.0,
-                     "alpha": 0.5, "momentum_schedule": False},
-    },
-}
+PRESETS = MHIM_PRESETS
 # Without a preset: no masking, as the authors' code defaults.
 NO_PRESET = {"mask_ratio_r": 0.0, "mask_ratio_l": 0.0, "mask_ratio_h": 0.0, "mask_ratio_hr": 1.0,
              "alpha": 0.0, "momentum_schedule": False}
-INIT_STUDENT = ("projection", "full", "none")
-EVALUATE = ("student", "teacher")
 
 
 def resolve_settings(base: str, preset: str | None, explicit: dict) -> dict:
-    if preset is None:
-        values = dict(NO_PRESET)
-    else:
-        try:
-            values = dict(PRESETS[preset][base])
-        except KeyError:
-            known = ", ".join(p for p in PRESETS if base in PRESETS[p])
-            raise ValueError(f"{mhim_name(base)}: unknown preset {preset!r}; known: {known} (or null)") from None
+    values = dict(NO_PRESET if preset is None else PRESETS[preset][base])
     values.update({k: v for k, v in explicit.items() if v is not None})
     return values
 
@@ -78,19 +56,8 @@ class MHIM(nn.Module):
                  mask_ratio_h_decay: bool, mask_attention: str, temp_t: float, temp_s: float,
                  momentum: float, init_student: str, evaluate: str):
         super().__init__()
-        name = mhim_name(base)
-        for key, value, allowed in (("mask_attention", mask_attention, mhim.FUSIONS),
-                                    ("init_student", init_student, INIT_STUDENT), ("evaluate", evaluate, EVALUATE)):
-            if value not in allowed:
-                raise ValueError(f"{name}: {key} must be one of {', '.join(allowed)}, got {value!r}")
-        for key in ("mask_ratio_r", "mask_ratio_l", "mask_ratio_h"):
-            if not 0 <= settings[key] < 1:
-                raise ValueError(f"{name}: {key} must be in [0, 1), got {settings[key]}")
-        if not 0 < settings["mask_ratio_hr"] <= 1:
-            raise ValueError(f"{name}: mask_ratio_hr must be in (0, 1], got {settings['mask_ratio_hr']}")
-        if not 0 <= momentum <= 1:
-            raise ValueError(f"{name}: momentum must be in [0, 1], got {momentum}")
-        self.base, self.name = base, name
+        # The settings' values were checked by create_model (slidemil.config.check_model_settings).
+        self.base, self.name = base, mhim_name(base)
         self.base_kwargs = {**model_kwargs_defaults(base), **(base_kwargs or {})}
         self.settings = settings
         self.mask_ratio_h_decay = mask_ratio_h_decay

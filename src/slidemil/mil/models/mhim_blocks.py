@@ -31,7 +31,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-FUSIONS = ("vote", "mean", "split")
+from slidemil.names import MHIM_FUSIONS
+
+FUSIONS = MHIM_FUSIONS
 _EPS = 1e-9
 
 

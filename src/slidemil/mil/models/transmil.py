@@ -42,8 +42,6 @@ class SelfAttention(nn.Module):
 
     def __init__(self, dim: int, n_heads: int, dropout: float):
         super().__init__()
-        if dim % n_heads:
-            raise ValueError(f"transmil: embed_dim {dim} is not divisible by n_heads {n_heads}")
         self.n_heads = n_heads
         self.norm = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
