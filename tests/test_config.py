@@ -219,6 +219,11 @@ def test_names_equal_the_real_registries():
     assert names.TRAIN_PRECISIONS == TRAIN_PRECISIONS and names.FEATURE_PRECISIONS == PRECISIONS
     assert [names.base_model(m) for m in ("mhim_abmil", "abmil")] == ["abmil", None]
     assert all(names.mhim_name(b) in list_models() for b in names.MHIM_BASES)
+    # Every model setting has its value rule, and every model's own defaults keep to the rules.
+    ruled = {f.name for f in dataclasses.fields(cfg.MILSettings)}
+    assert {p for params in names.MODEL_PARAMS.values() for p in params} - ruled == set(cfg.WORKFLOW_MODEL_PARAMS)
+    for model in names.MIL_MODELS:
+        assert cfg.check_model_settings(model, model_kwargs_defaults(model), model) is not None
 
 
 def test_stage_defaults_are_the_configs():

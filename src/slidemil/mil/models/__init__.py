@@ -24,7 +24,9 @@ Parameters with ``requires_grad=False`` (a teacher) are left out of the optimise
 Adding a model is one file defining a builder decorated with
 ``@register_model("name")`` whose signature is ``(in_dim, n_classes=2, **its
 own keyword arguments with defaults)``, plus one import line at the bottom of
-this file.
+this file; a model of the package also declares its arguments in
+slidemil.names.MODEL_PARAMS and their value rules in slidemil.config.MILSettings
+(the dry run checks them without importing torch).
 """
 
 from __future__ import annotations
