@@ -168,7 +168,7 @@ def direct_score(task, logits: torch.Tensor) -> tuple[float, str]:
 def test_each_tasks_heatmap_draws_the_same_attention_and_titles_its_score(cohort, tmp_path, task):
     net = save_checkpoint(tmp_path / "model.pt", task=task)
     result = heatmap.make_heatmap(cohort["slide"], cohort["feats"], tmp_path / "model.pt", tmp_path / "h.png",
-                                  top_k=3)
+                                  settings=heatmap.HeatmapSettings(top_k=3))
     x = (torch.from_numpy(cohort["features"]) - 5.0) / 3.0
     with torch.no_grad():
         out = net(x[None], None)

@@ -32,7 +32,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -112,48 +112,65 @@ def write_pyramidal_tiff(
         raise ValueError(f"expected an (H, W, 3) uint8 array, got {rgb.shape} {rgb.dtype}")
     if n_levels < 1 or downsample < 2:
         raise ValueError("need n_levels >= 1 and downsample >= 2")
-    height, width = rgb.shape[:2]
-
-    header = f"Aperio Image Library v12.0.0\r\n{width}x{height} [0,0 {width}x{height}] ({tile}x{tile}) JPEG/RGB Q={jpeg_quality}"
-    fields = []
-    if objective_power is not None:
-        fields.append(f"AppMag = {objective_power:g}")
-    if mpp is not None:
-        fields.append(f"MPP = {mpp:g}")
-    base_description = "|".join([header, *fields])
-
-    resolution = {}
-    if mpp is not None:
-        per_cm = 1e4 / mpp
-        resolution = {"resolution": (per_cm, per_cm), "resolutionunit": "CENTIMETER"}
-
+    pyramid = _AperioPyramid(rgb.shape[1], rgb.shape[0], tile, jpeg_quality, mpp, objective_power)
     with atomic_output(path) as tmp:
         with tifffile.TiffWriter(tmp, bigtiff=rgb.nbytes > 2**31) as tw:
-            level = rgb
-            for i in range(n_levels):
-                h, w = level.shape[:2]
-                if i == 0:
-                    description = base_description
-                else:
-                    description = f"Aperio Image Library v12.0.0\r\n{width}x{height} -> {w}x{h} - ({tile}x{tile}) JPEG/RGB Q={jpeg_quality}"
-                level_resolution = resolution
-                if mpp is not None and i > 0:
-                    per_cm = 1e4 / (mpp * width / w)
-                    level_resolution = {"resolution": (per_cm, per_cm), "resolutionunit": "CENTIMETER"}
+            for i, level in enumerate(_pyramid_levels(rgb, n_levels, downsample)):
                 tw.write(
                     level,
                     tile=(tile, tile),
                     photometric="rgb",
                     compression="jpeg",
                     compressionargs={"level": jpeg_quality},
-                    description=description,
                     metadata=None,  # no tifffile JSON: the description must stay Aperio's
-                    subfiletype=0 if i == 0 else 1,
-                    **level_resolution,
+                    **pyramid.level_tags(i, level),
                 )
-                if i + 1 < n_levels:
-                    size = (max(1, w // downsample), max(1, h // downsample))
-                    level = cv2.resize(level, size, interpolation=cv2.INTER_AREA)
+
+
+def _pyramid_levels(rgb: np.ndarray, n_levels: int, downsample: int) -> Iterator[np.ndarray]:
+    """Yield level 0, then each level ``downsample`` times smaller than the one before (made from it)."""
+    level = rgb
+    for i in range(n_levels):
+        yield level
+        if i + 1 < n_levels:
+            h, w = level.shape[:2]
+            size = (max(1, w // downsample), max(1, h // downsample))
+            level = cv2.resize(level, size, interpolation=cv2.INTER_AREA)
+
+
+@dataclass(frozen=True)
+class _AperioPyramid:
+    """What the tags of every pyramid level derive from: the level-0 size, tiling and scanner metadata."""
+
+    level0_width_px: int
+    level0_height_px: int
+    tile_px: int
+    jpeg_quality: int
+    mpp: float | None  # microns per pixel at level 0
+    objective_power: float | None
+
+    def level_tags(self, i: int, level: np.ndarray) -> dict:
+        """tifffile arguments of level ``i`` (pixels ``level``): description, subfile type, resolution."""
+        h, w = level.shape[:2]
+        tags = {"description": self._description(i, w, h), "subfiletype": 0 if i == 0 else 1}
+        if self.mpp is not None:
+            level_mpp = self.mpp if i == 0 else self.mpp * self.level0_width_px / w
+            per_cm = 1e4 / level_mpp
+            tags.update(resolution=(per_cm, per_cm), resolutionunit="CENTIMETER")
+        return tags
+
+    def _description(self, i: int, width_px: int, height_px: int) -> str:
+        # Only level 0 carries the AppMag and MPP fields that OpenSlide reads.
+        width, height = self.level0_width_px, self.level0_height_px
+        tiling = f"({self.tile_px}x{self.tile_px}) JPEG/RGB Q={self.jpeg_quality}"
+        if i > 0:
+            return f"Aperio Image Library v12.0.0\r\n{width}x{height} -> {width_px}x{height_px} - {tiling}"
+        fields = []
+        if self.objective_power is not None:
+            fields.append(f"AppMag = {self.objective_power:g}")
+        if self.mpp is not None:
+            fields.append(f"MPP = {self.mpp:g}")
+        return "|".join([f"Aperio Image Library v12.0.0\r\n{width}x{height} [0,0 {width}x{height}] {tiling}", *fields])
 
 
 # --------------------------------------------------------------------------
@@ -326,14 +343,43 @@ def _draw_nuclei(
     return n
 
 
+@dataclass
+class _Planes:
+    """A layout upsampled to full resolution (float32 planes, boolean masks)."""
+
+    tissue_field: np.ndarray  # >_TISSUE_CUT inside tissue
+    faint_field: np.ndarray  # >0 inside faint tissue
+    lesion_weight: np.ndarray  # lesion membership times tissue weight
+    lymphoid_weight: np.ndarray  # lymphoid membership times tissue weight
+    amount: np.ndarray  # stain amount: 1 in tissue, little in faint tissue, 0 in background
+    lesion: np.ndarray  # bool
+    lymphoid: np.ndarray  # bool, never overlapping lesion
+
+
 def _render(rng: np.random.Generator, layout: _Layout, width: int, height: int) -> tuple[np.ndarray, dict]:
-    """RGB image and full-resolution masks (tissue, faint, lesion) for a planned layout.
+    """RGB image and full-resolution masks (tissue, faint, lesion, lymphoid) for a planned layout.
 
     Works on whole-slide float32 planes with cv2/numpy in-place operations:
     a 3072 x 3072 slide is ~10 M pixels, so every extra temporary costs.
     """
     t0 = time.perf_counter()
     shape = (height, width)
+    planes = _upsample_layout(layout, width, height)
+    grain = _uniform_noise(rng, shape)
+    fibres = _collagen_fibres(rng, grain, layout.tissue_field.shape)
+    t1 = time.perf_counter()
+    nuclei = _draw_all_nuclei(rng, planes)
+    t2 = time.perf_counter()
+    hema, eosin = _stain_concentrations(planes, grain, fibres, nuclei)
+    rgb = _transmitted_rgb(hema, eosin, grain)
+    t3 = time.perf_counter()
+    logger.debug("render: fields %.2fs nuclei %.2fs compose %.2fs", t1 - t0, t2 - t1, t3 - t2)
+    masks = {"tissue": planes.tissue_field > _TISSUE_CUT, "faint": planes.faint_field > 0.0,
+             "lesion": planes.lesion, "lymphoid": planes.lymphoid}
+    return rgb, masks
+
+
+def _upsample_layout(layout: _Layout, width: int, height: int) -> _Planes:
     tissue_f = _upsample(layout.tissue_field, width, height)
     faint_f = _upsample(layout.faint_field, width, height)
     lesion_w = _upsample(layout.lesion_weight, width, height)
@@ -346,20 +392,25 @@ def _render(rng: np.random.Generator, layout: _Layout, width: int, height: int) 
     lymphoid = (lymph_w > 0.5) & (tissue_f > _TISSUE_CUT) & ~lesion
     lesion_w *= tissue_w
     lymph_w *= tissue_w
+    return _Planes(tissue_f, faint_f, lesion_w, lymph_w, amount, lesion, lymphoid)
 
-    grain = _uniform_noise(rng, shape)
+
+def _collagen_fibres(rng: np.random.Generator, grain: np.ndarray, coarse_shape: tuple[int, int]) -> np.ndarray:
     # Collagen fibres: noise smeared along rows or columns, the mix of the two
     # directions varying slowly across the slide.
-    mix_coarse = 1.0 / (1.0 + np.exp(-3.0 * _smooth_field(rng, layout.tissue_field.shape, 3.0)))
+    height, width = grain.shape
+    mix_coarse = 1.0 / (1.0 + np.exp(-3.0 * _smooth_field(rng, coarse_shape, 3.0)))
     mix = _upsample(mix_coarse.astype(np.float32), width, height)
     fib_h = cv2.blur(grain, (15, 1))
     fib_v = cv2.blur(grain, (1, 15))
-    fibres = cv2.add(fib_v, cv2.multiply(mix, cv2.subtract(fib_h, fib_v)))
-    del fib_h, fib_v, mix
-    t1 = time.perf_counter()
+    return cv2.add(fib_v, cv2.multiply(mix, cv2.subtract(fib_h, fib_v)))
 
-    # Nuclei: scattered small ones in normal and faint tissue, crowded large
-    # dark pleomorphic ones in lesions, packed small round ones in lymphoid aggregates.
+
+def _draw_all_nuclei(rng: np.random.Generator, planes: _Planes) -> np.ndarray:
+    """uint8 nucleus map: scattered small nuclei in normal and faint tissue, crowded large dark
+    pleomorphic ones in lesions, packed small round ones in lymphoid aggregates."""
+    tissue_f, faint_f, lesion, lymphoid = planes.tissue_field, planes.faint_field, planes.lesion, planes.lymphoid
+    shape = tissue_f.shape
     nuclei = np.zeros(shape, np.uint8)
     in_stroma = lambda ys, xs: (tissue_f[ys, xs] > _TISSUE_CUT) & ~lesion[ys, xs] & ~lymphoid[ys, xs]
     in_faint = lambda ys, xs: faint_f[ys, xs] > 0.0
@@ -370,23 +421,33 @@ def _render(rng: np.random.Generator, layout: _Layout, width: int, height: int) 
         _draw_nuclei(nuclei, rng, in_lesion, shape, 1 / 330, (5.0, 8.0), (1.0, 1.6), (190, 255))
     if lymphoid.any():
         _draw_nuclei(nuclei, rng, lambda ys, xs: lymphoid[ys, xs], shape, 1 / 60, (2.2, 3.2), (1.0, 1.25), (200, 255))
-    t2 = time.perf_counter()
+    return nuclei
 
-    # Haematoxylin: a little everywhere in tissue, more in tumour cytoplasm,
-    # most in nuclei (with chromatin grain). Eosin: fibrous stroma, less in tumour.
-    # (cv2.addWeighted(a, x, b, y, z) = x*a + y*b + z in one pass, no temporaries.)
+
+def _stain_concentrations(planes: _Planes, grain: np.ndarray, fibres: np.ndarray,
+                          nuclei: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Haematoxylin and eosin concentration planes (non-negative float32).
+
+    Haematoxylin: a little everywhere in tissue, more in tumour cytoplasm,
+    most in nuclei (with chromatin grain). Eosin: fibrous stroma, less in tumour.
+    (cv2.addWeighted(a, x, b, y, z) = x*a + y*b + z in one pass, no temporaries.)
+    """
+    lesion_w, lymph_w = planes.lesion_weight, planes.lymphoid_weight
     chromatin = cv2.addWeighted(grain, 0.35 * 1.1 / 255.0, grain, 0.0, 1.1 / 255.0)
     hema = cv2.addWeighted(grain, 0.04, lesion_w, 0.35, 0.08)
     # Aggregates get tumour's cytoplasm colour: only nuclear size and crowding tell the two apart.
     hema += lymph_w * 0.3
     hema += cv2.multiply(nuclei.astype(np.float32), chromatin)
-    hema *= amount
+    hema *= planes.amount
     eosin = cv2.addWeighted(fibres, 0.22, grain, 0.12, 0.75)
     eosin *= cv2.addWeighted(lesion_w, -0.6, lymph_w, -0.6, 1.0)
-    eosin *= amount
+    eosin *= planes.amount
     np.maximum(hema, 0.0, out=hema)
     np.maximum(eosin, 0.0, out=eosin)
+    return hema, eosin
 
+
+def _transmitted_rgb(hema: np.ndarray, eosin: np.ndarray, grain: np.ndarray) -> np.ndarray:
     # Beer-Lambert per channel: I = I0 * exp(-(h * OD_h + e * OD_e)), with a
     # slightly noisy illumination I0 (the flipped grain, so no new draw).
     illumination = cv2.flip(grain, -1)
@@ -396,11 +457,7 @@ def _render(rng: np.random.Generator, layout: _Layout, width: int, height: int) 
     for c in range(3):
         transmitted = cv2.exp(cv2.addWeighted(hema, -float(_H_OD[c]), eosin, -float(_E_OD[c]), 0.0))
         channels.append(cv2.convertScaleAbs(cv2.multiply(transmitted, illumination)))
-    rgb = cv2.merge(channels)
-    t3 = time.perf_counter()
-    logger.debug("render: fields %.2fs nuclei %.2fs compose %.2fs", t1 - t0, t2 - t1, t3 - t2)
-    masks = {"tissue": tissue_f > _TISSUE_CUT, "faint": faint_f > 0.0, "lesion": lesion, "lymphoid": lymphoid}
-    return rgb, masks
+    return cv2.merge(channels)
 
 
 def render_slide(

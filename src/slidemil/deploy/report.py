@@ -159,16 +159,17 @@ def extreme_slides(scores: pd.DataFrame, n: int) -> list[tuple[str, str]]:
 def draw_heatmaps(run: dict, slides: pd.DataFrame, paths: dict, out: Path, settings: dict, device: str) -> list:
     """Heatmaps of the extreme slides with the run's first checkpoint; [] for models without attention."""
     from slidemil.cohort.manifest import read_manifest
-    from slidemil.report.heatmap import make_heatmap
+    from slidemil.report.heatmap import HeatmapSettings, make_heatmap
 
     features, tiles = read_manifest(run["features"]), read_manifest(run["tiles"])
+    drawing = HeatmapSettings(top_k=settings["heatmap_top_k"], device=device)
     scores = slide_scores(slides)
     by_slide = scores.set_index("slide_id")
     drawn = []
     for slide_id, which in extreme_slides(scores, settings["heatmaps_per_model"]):
         png = f"heatmaps/{run['extractor']}_{run['model']}_{slide_id}.png"
         heat = make_heatmap(paths[slide_id], features[slide_id], run["checkpoint"], out / png, tiles[slide_id],
-                            top_k=settings["heatmap_top_k"], slide_id=slide_id, device=device)
+                            slide_id=slide_id, settings=drawing)
         if heat.png is None:
             logger.info("%s: %s", run["model"], heat.note)
             return []

@@ -189,35 +189,49 @@ def _tile_geometry(tile_attrs: dict, feature_attrs: dict) -> tuple[int, int, int
     return size0, level, read_px
 
 
+@dataclass(frozen=True)
+class HeatmapSettings:
+    """How :func:`make_heatmap` draws, the same for every slide of a run."""
+
+    top_k: int = 8  # most attended tiles shown as crops
+    device: str = "cpu"  # auto (cuda if available), cpu, cuda
+
+
+@dataclass(frozen=True)
+class _Panels:
+    """What :func:`_draw` shows: the thumbnail with its attention canvas (``scale``: level-0 -> thumbnail
+    pixels) and the top tiles: their crops, their rows of ``Heatmap.top`` and level-0 corners, ``size0`` wide."""
+
+    thumb: np.ndarray
+    canvas: np.ndarray
+    scale: float
+    crops: list[np.ndarray]
+    top: list[dict]
+    top_coords: np.ndarray
+    size0: int
+
+
 def make_heatmap(
     slide_path: str | os.PathLike,
     features_h5: str | os.PathLike,
     checkpoint: str | os.PathLike,
     out_png: str | os.PathLike,
     tiles_h5: str | os.PathLike | None = None,
-    top_k: int = 8,
     slide_id: str | None = None,
     label: int | str | float | None = None,
-    device: str = "cpu",
+    settings: HeatmapSettings | None = None,
 ) -> Heatmap:
-    """Draw the model's attention over the slide thumbnail, with its ``top_k`` tiles as crops.
+    """Draw the model's attention over the slide thumbnail, with its ``settings.top_k`` tiles as crops.
 
     Writes ``out_png`` unless the model has no attention (then ``png`` is None
     and ``note`` says why). Returns what was drawn, top tiles included.
     """
+    settings = settings or HeatmapSettings()
     slide_id = slide_id or Path(slide_path).name.split(".")[0]
     open_slide(slide_path).close()  # a wrong slide path fails at once, not after the model has run
-    device = resolve_device(device)
+    device = resolve_device(settings.device)
     model, ckpt = load_checkpoint(checkpoint, device)
-    data, feature_attrs = read_features(features_h5, ("features", "coords"))
-    features, coords = data["features"], data["coords"].astype(np.int64)
-    tile_attrs = {}
-    if tiles_h5 is not None:
-        tile_coords, tile_attrs = read_tiles(tiles_h5)
-        if not np.array_equal(tile_coords, coords):
-            raise ValueError(f"{features_h5}: tile coordinates differ from those in {tiles_h5}")
-    if len(features) == 0:
-        raise ValueError(f"{features_h5}: slide {slide_id} has no tiles, so there is no attention to draw")
+    features, coords, attrs = _read_bag(features_h5, tiles_h5, slide_id)
     attention, outputs = bag_forward(model, ckpt, features, device)
     score, words = task_from_checkpoint(ckpt).bag_summary(outputs)
     result = Heatmap(slide_id=slide_id, model=str(ckpt["model"]), score=score, prediction=words,
@@ -227,14 +241,43 @@ def make_heatmap(
         logger.info("%s: %s; no heatmap", slide_id, result.note)
         return result
 
-    size0, level, read_px = _tile_geometry(tile_attrs, feature_attrs)
+    geometry = _tile_geometry(*attrs)
     percent = attention_percentiles(attention)
-    order = np.argsort(-attention, kind="stable")[: max(0, top_k)]
+    order = np.argsort(-attention, kind="stable")[: max(0, settings.top_k)]
     result.top = [
         {"rank": r + 1, "x": int(coords[i, 0]), "y": int(coords[i, 1]),
          "attention": float(attention[i]), "percentile": float(percent[i])}
         for r, i in enumerate(order)
     ]
+    panels = _panels(slide_path, coords, percent, order, result.top, geometry)
+    title = f"{slide_id}: {ckpt['model']} (fold {ckpt.get('fold', '?')}), {words}"
+    if label is not None:
+        title += f", label {label}"
+    _draw(panels, title, out_png)
+    result.png = str(out_png)
+    logger.info("%s: heatmap of %d tiles -> %s", slide_id, len(features), out_png)
+    return result
+
+
+def _read_bag(features_h5, tiles_h5, slide_id: str) -> tuple[np.ndarray, np.ndarray, tuple[dict, dict]]:
+    """The slide's features, their level-0 coordinates and (tiles file attrs, features file attrs); the tiles
+    file, when given, must list the same coordinates."""
+    data, feature_attrs = read_features(features_h5, ("features", "coords"))
+    features, coords = data["features"], data["coords"].astype(np.int64)
+    tile_attrs = {}
+    if tiles_h5 is not None:
+        tile_coords, tile_attrs = read_tiles(tiles_h5)
+        if not np.array_equal(tile_coords, coords):
+            raise ValueError(f"{features_h5}: tile coordinates differ from those in {tiles_h5}")
+    if len(features) == 0:
+        raise ValueError(f"{features_h5}: slide {slide_id} has no tiles, so there is no attention to draw")
+    return features, coords, (tile_attrs, feature_attrs)
+
+
+def _panels(slide_path, coords: np.ndarray, percent: np.ndarray, order: np.ndarray, top: list[dict],
+            geometry: tuple[int, int, int]) -> _Panels:
+    """Read the thumbnail and the ``order`` tiles' crops from the slide; paint the percentiles on a canvas."""
+    size0, level, read_px = geometry
     slide = open_slide(slide_path)
     try:
         thumb, scale = _thumbnail(slide, slide_path, THUMB_MAX_PX)
@@ -242,18 +285,12 @@ def make_heatmap(
         crops = [_tile_crop(slide, slide_path, coords[i], level, read_px, size0) for i in order]
     finally:
         slide.close()
-    title = f"{slide_id}: {ckpt['model']} (fold {ckpt.get('fold', '?')}), {words}"
-    if label is not None:
-        title += f", label {label}"
-    _draw(thumb, canvas, crops, result.top, coords[order], size0, scale, title, out_png)
-    result.png = str(out_png)
-    logger.info("%s: heatmap of %d tiles -> %s", slide_id, len(features), out_png)
-    return result
+    return _Panels(thumb, canvas, scale, crops, top, coords[order], size0)
 
 
-def _draw(thumb, canvas, crops, top, top_coords, size0, scale, title, out_png) -> None:
-    h, w = thumb.shape[:2]
-    n_crops = len(crops)
+def _draw(panels: _Panels, title: str, out_png) -> None:
+    h, w = panels.thumb.shape[:2]
+    n_crops = len(panels.crops)
     per_row = min(max(n_crops, 1), 8)
     crop_rows = math.ceil(n_crops / per_row) if n_crops else 0
     map_w_in = 6.0
@@ -266,22 +303,13 @@ def _draw(thumb, canvas, crops, top, top_coords, size0, scale, title, out_png) -
         half = per_row // 2
         ax_raw = fig.add_subplot(grid[0, :half])
         ax_map = fig.add_subplot(grid[0, half:])
-        ax_raw.imshow(thumb)
+        ax_raw.imshow(panels.thumb)
         ax_raw.set_title("slide", fontsize=10)
-        ax_map.imshow(overlay(thumb, canvas))
-        ax_map.set_title("attention (percentile within slide)", fontsize=10)
-        for item, xy in zip(top, top_coords):
-            x, y = xy[0] * scale, xy[1] * scale
-            ax_map.add_patch(Rectangle((x, y), size0 * scale, size0 * scale, fill=False, lw=1.2, ec="white"))
-            ax_map.text(x, y, str(item["rank"]), color="white", fontsize=7, va="bottom", ha="left",
-                        bbox={"boxstyle": "square,pad=0.1", "fc": "black", "ec": "none", "alpha": 0.6})
-        # The drawn image is RGB, so the colour bar gets its own mappable of the same map.
-        sm = matplotlib.cm.ScalarMappable(norm=matplotlib.colors.Normalize(0, 1), cmap=COLORMAP)
-        fig.colorbar(sm, ax=ax_map, fraction=0.046, pad=0.02, label="attention percentile")
+        _draw_map(fig, ax_map, panels)
         for ax in (ax_raw, ax_map):
             ax.set_xticks([])
             ax.set_yticks([])
-        for k, (crop, item) in enumerate(zip(crops, top)):
+        for k, (crop, item) in enumerate(zip(panels.crops, panels.top)):
             ax = fig.add_subplot(grid[1 + k // per_row, k % per_row])
             ax.imshow(crop)
             ax.set_title(f"#{item['rank']}  a={item['attention']:.2g}", fontsize=8)
@@ -291,6 +319,21 @@ def _draw(thumb, canvas, crops, top, top_coords, size0, scale, title, out_png) -
         save_png(fig, out_png)
     finally:
         plt.close(fig)
+
+
+def _draw_map(fig, ax_map, panels: _Panels) -> None:
+    """The attention overlay on ``ax_map``, each top tile boxed and numbered by its rank, with a colour bar."""
+    scale, side = panels.scale, panels.size0 * panels.scale
+    ax_map.imshow(overlay(panels.thumb, panels.canvas))
+    ax_map.set_title("attention (percentile within slide)", fontsize=10)
+    for item, xy in zip(panels.top, panels.top_coords):
+        x, y = xy[0] * scale, xy[1] * scale
+        ax_map.add_patch(Rectangle((x, y), side, side, fill=False, lw=1.2, ec="white"))
+        ax_map.text(x, y, str(item["rank"]), color="white", fontsize=7, va="bottom", ha="left",
+                    bbox={"boxstyle": "square,pad=0.1", "fc": "black", "ec": "none", "alpha": 0.6})
+    # The drawn image is RGB, so the colour bar gets its own mappable of the same map.
+    sm = matplotlib.cm.ScalarMappable(norm=matplotlib.colors.Normalize(0, 1), cmap=COLORMAP)
+    fig.colorbar(sm, ax=ax_map, fraction=0.046, pad=0.02, label="attention percentile")
 
 
 # --------------------------------------------------------------------------- CLI
@@ -316,7 +359,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m slidemil.report.h
     setup_logging()
     try:
         result = make_heatmap(args.slide, args.features, args.checkpoint, args.out, tiles_h5=args.tiles,
-                              top_k=args.top_k, slide_id=args.slide_id, device=args.device)
+                              slide_id=args.slide_id, settings=HeatmapSettings(top_k=args.top_k, device=args.device))
     except (*USER_ERRORS, ValueError) as err:
         raise SystemExit(f"error: {command_line_message(err)}")
     print(json.dumps(result.to_dict(), indent=2))

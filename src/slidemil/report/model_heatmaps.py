@@ -99,7 +99,7 @@ def draw_model_heatmaps(checkpoint: str | os.PathLike, extractor: str, model: st
     ``features`` / ``tiles``: the extractor's feature manifest and the tile
     manifest. ``settings``: keys of HEATMAP_DEFAULTS. Returns the index.
     """
-    from slidemil.report.heatmap import make_heatmap  # torch: only this job needs it
+    from slidemil.report.heatmap import HeatmapSettings, make_heatmap  # torch: only this job needs it
 
     cfg = {**HEATMAP_DEFAULTS, **(settings or {})}
     out, index = Path(out_dir), Path(index)
@@ -113,10 +113,11 @@ def draw_model_heatmaps(checkpoint: str | os.PathLike, extractor: str, model: st
         doc["notes"].append(f"{extractor} / {model}: no test slide with tiles in fold {fold}")
     feature_files = dict(zip(feature_table["slide_id"], feature_table["path"]))
     tile_files = dict(zip(tile_table["slide_id"], tile_table["path"]))
+    drawing = HeatmapSettings(top_k=int(cfg["heatmap_top_k"]), device=device)
     for slide, label in picked:
         png = out / f"{slide}.png"
         result = make_heatmap(slide_paths[slide], feature_files[slide], checkpoint, png, tiles_h5=tile_files.get(slide),
-                              top_k=int(cfg["heatmap_top_k"]), slide_id=slide, label=label, device=device)
+                              slide_id=slide, label=label, settings=drawing)
         if result.png is None:
             doc["notes"].append(f"{extractor} / {model}: {result.note}; no heatmaps")
             break

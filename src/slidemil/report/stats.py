@@ -289,44 +289,59 @@ def paired_auc_difference(
     folds = sorted(set(model_folds) & set(reference_folds), key=lambda f: (str(type(f)), f))
     rows, aligned = [], []
     for fold in folds:
-        both = model_folds[fold].merge(reference_folds[fold], on="patient_id", suffixes=("_model", "_ref"))
-        if (both["label_model"] != both["label_ref"]).any():
-            raise ValueError(f"fold {fold}: the two runs' prediction files give different labels "
-                             "for the same patient(s)")
-        both = both.sort_values("patient_id").reset_index(drop=True)
-        y = both["label_model"].to_numpy(int)
-        pm, pr = both["prob_model"].to_numpy(float), both["prob_ref"].to_numpy(float)
-        defined = 0 < y.sum() < len(y)
-        auc_m = float(_auc_rows(y[None], pm[None])[0]) if defined else math.nan
-        auc_r = float(_auc_rows(y[None], pr[None])[0]) if defined else math.nan
-        rows.append({"fold": fold, "n_test_patients": len(both), "auc_model": auc_m, "auc_reference": auc_r,
-                     "auc_diff": auc_m - auc_r, "ci_low": math.nan, "ci_high": math.nan, "n_bootstrap_used": 0})
-        if defined:
-            aligned.append((len(rows) - 1, both["patient_id"].to_numpy(), y, pm, pr))
-
-    mean_row = {"fold": "mean", "n_test_patients": int(np.mean([r["n_test_patients"] for r in rows])) if rows else 0,
+        row, scored = _paired_fold(fold, model_folds[fold], reference_folds[fold])
+        rows.append(row)
+        if scored is not None:
+            aligned.append((len(rows) - 1, *scored))
+    if not rows:
+        return []
+    mean_row = {"fold": "mean", "n_test_patients": int(np.mean([r["n_test_patients"] for r in rows])),
                 "ci_low": math.nan, "ci_high": math.nan, "n_bootstrap_used": 0}
     for key in ("auc_model", "auc_reference", "auc_diff"):
         mean_row[key] = float(np.mean([rows[i][key] for i, *_ in aligned])) if aligned else math.nan
     if aligned and n_bootstrap > 0:
-        rng = np.random.default_rng(seed)
-        shared = all(np.array_equal(a[1], aligned[0][1]) for a in aligned[1:])
-        draws = _draws(rng, [len(a[2]) for a in aligned], shared, n_bootstrap)
-        diffs = np.stack([
-            _auc_rows(y[idx], pm[idx]) - _auc_rows(y[idx], pr[idx])
-            for (_, _, y, pm, pr), idx in zip(aligned, draws)
-        ])  # [folds, replicates], NaN where a resample has one class
-        for (i, *_), fold_diffs in zip(aligned, diffs):
-            ok = fold_diffs[~np.isnan(fold_diffs)]
-            if len(ok):
-                rows[i].update(ci_low=float(np.percentile(ok, 2.5)), ci_high=float(np.percentile(ok, 97.5)),
-                               n_bootstrap_used=len(ok))
-        usable = ~np.isnan(diffs).any(axis=0)
-        if usable.any():
-            means = diffs[:, usable].mean(axis=0)
-            mean_row.update(ci_low=float(np.percentile(means, 2.5)), ci_high=float(np.percentile(means, 97.5)),
-                            n_bootstrap_used=int(usable.sum()))
-    return rows + [mean_row] if rows else []
+        _paired_bootstrap(rows, mean_row, aligned, n_bootstrap, seed)
+    return rows + [mean_row]
+
+
+def _paired_fold(fold, model: pd.DataFrame, reference: pd.DataFrame) -> tuple[dict, tuple | None]:
+    """A fold's row of :func:`paired_auc_difference`, CI not yet drawn, and, when both AUCs are defined, the
+    scored patients sorted by id: (patient ids, labels, model probs, reference probs)."""
+    both = model.merge(reference, on="patient_id", suffixes=("_model", "_ref"))
+    if (both["label_model"] != both["label_ref"]).any():
+        raise ValueError(f"fold {fold}: the two runs' prediction files give different labels "
+                         "for the same patient(s)")
+    both = both.sort_values("patient_id").reset_index(drop=True)
+    y = both["label_model"].to_numpy(int)
+    pm, pr = both["prob_model"].to_numpy(float), both["prob_ref"].to_numpy(float)
+    defined = 0 < y.sum() < len(y)
+    auc_m = float(_auc_rows(y[None], pm[None])[0]) if defined else math.nan
+    auc_r = float(_auc_rows(y[None], pr[None])[0]) if defined else math.nan
+    row = {"fold": fold, "n_test_patients": len(both), "auc_model": auc_m, "auc_reference": auc_r,
+           "auc_diff": auc_m - auc_r, "ci_low": math.nan, "ci_high": math.nan, "n_bootstrap_used": 0}
+    return row, ((both["patient_id"].to_numpy(), y, pm, pr) if defined else None)
+
+
+def _paired_bootstrap(rows: list[dict], mean_row: dict, aligned: list[tuple], n_bootstrap: int, seed: int) -> None:
+    """Fill in the CIs of ``rows`` and ``mean_row`` from the paired replicates of the ``aligned`` folds
+    ((row index, patient ids, labels, model probs, reference probs) each), as :func:`paired_auc_difference` says."""
+    rng = np.random.default_rng(seed)
+    shared = all(np.array_equal(a[1], aligned[0][1]) for a in aligned[1:])
+    draws = _draws(rng, [len(a[2]) for a in aligned], shared, n_bootstrap)
+    diffs = np.stack([
+        _auc_rows(y[idx], pm[idx]) - _auc_rows(y[idx], pr[idx])
+        for (_, _, y, pm, pr), idx in zip(aligned, draws)
+    ])  # [folds, replicates], NaN where a resample has one class
+    for (i, *_), fold_diffs in zip(aligned, diffs):
+        ok = fold_diffs[~np.isnan(fold_diffs)]
+        if len(ok):
+            rows[i].update(ci_low=float(np.percentile(ok, 2.5)), ci_high=float(np.percentile(ok, 97.5)),
+                           n_bootstrap_used=len(ok))
+    usable = ~np.isnan(diffs).any(axis=0)
+    if usable.any():
+        means = diffs[:, usable].mean(axis=0)
+        mean_row.update(ci_low=float(np.percentile(means, 2.5)), ci_high=float(np.percentile(means, 97.5)),
+                        n_bootstrap_used=int(usable.sum()))
 
 
 def compare_runs(

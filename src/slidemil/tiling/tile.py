@@ -32,8 +32,8 @@ from slidemil.config import ConfigError, Tiling, check_section, field_defaults
 from slidemil.files import atomic_output
 from slidemil.files.tiles import read_tiles, slide_identity, write_tiles
 from slidemil.logs import setup_logging
-from slidemil.slides.reader import (SlideError, open_slide, pick_level, read_gray, read_rgb, read_thumbnail, resize_tile,
-                     slide_mpp)
+from slidemil.slides.reader import (SlideError, SlideMpp, open_slide, pick_level, read_gray, read_rgb, read_thumbnail,
+                     resize_tile, slide_mpp)
 
 logger = logging.getLogger(__name__)
 
@@ -249,13 +249,48 @@ def colour_warning(overview_rgb: np.ndarray, slide_path) -> str:
     return warning
 
 
+@dataclass(frozen=True)
+class _Tiling:
+    """One slide being tiled: the open slide, its names, the parameters and its grid on level 0."""
+    slide: openslide.OpenSlide
+    slide_path: typing.Any
+    slide_id: str
+    p: TilingParams
+    base: SlideMpp       # level-0 mpp and where it came from
+    level: int           # the level tiles are read from
+    level_mpp: float
+    step0: int           # grid step (= tile edge) at level 0
+    read_px: int         # tile edge read on ``level``
+    nx: int
+    ny: int
+
+
 def _tile(slide_path, out_h5, out_qc, p: TilingParams, slide_id: str, mpp_override, threads) -> dict:
+    t = _open_tiling(slide_path, p, slide_id, mpp_override)
+    sources = overview_sources(t.slide)
+    candidates, mask_source, mask_img = tissue_candidates(t.slide, slide_path, p, t.step0, sources)
+    warning = colour_warning(mask_img, slide_path)
+    logger.info("%s: %.4g mpp (%s), level %d (%.4g mpp), grid %dx%d of %d px at level 0, %d candidates",
+                slide_id, t.base.mpp, t.base.source, t.level, t.level_mpp, t.nx, t.ny, t.step0, len(candidates))
+
+    # A slide with neither a coarser level nor a thumbnail: the mask decoded every pixel at the tile level.
+    level_img = mask_img if mask_source == t.level == 0 else None
+    to_read = candidates
+    if p.precheck_brightness and level_img is None and len(candidates):
+        to_read = _skip_white(t, candidates, sources, mask_source, mask_img)
+    del mask_img
+    coords = _judge_tiles(t, to_read, level_img, threads)
+    if len(coords) == 0:
+        _raise_no_tissue(t, candidates, warning)
+    return _write_outputs(t, out_h5, out_qc, (candidates, to_read, coords), warning)
+
+
+def _open_tiling(slide_path, p: TilingParams, slide_id: str, mpp_override) -> _Tiling:
+    """Open the slide and lay its grid; a slide smaller than one tile is closed and refused."""
     slide = open_slide(slide_path)
     base = slide_mpp(slide, slide_path, mpp_override)
     level = pick_level(slide, slide_path, base.mpp, p.mpp)
-    level_mpp = base.mpp * slide.level_downsamples[level]
-    step0 = int(round(p.tile_px * p.mpp / base.mpp))  # grid step (= tile edge) at level 0
-    read_px = int(round(step0 / slide.level_downsamples[level]))
+    step0 = int(round(p.tile_px * p.mpp / base.mpp))
     w0, h0 = slide.dimensions
     nx, ny = w0 // step0, h0 // step0
     if nx == 0 or ny == 0:
@@ -263,43 +298,58 @@ def _tile(slide_path, out_h5, out_qc, p: TilingParams, slide_id: str, mpp_overri
         raise SlideError(f"{slide_path}: slide {slide_id} is {w0} x {h0} px at {base.mpp:.4g} mpp, smaller than one "
                          f"{p.tile_px} px tile at {p.mpp:g} mpp ({step0} x {step0} px of this slide); leave it out "
                          "of the sample sheet, or tile at a smaller tiling.tile_px")
+    downsample = slide.level_downsamples[level]
+    return _Tiling(slide, slide_path, slide_id, p, base, level, level_mpp=base.mpp * downsample, step0=step0,
+                   read_px=int(round(step0 / downsample)), nx=nx, ny=ny)
 
-    sources = overview_sources(slide)
-    candidates, mask_source, mask_img = tissue_candidates(slide, slide_path, p, step0, sources)
-    warning = colour_warning(mask_img, slide_path)
-    logger.info("%s: %.4g mpp (%s), level %d (%.4g mpp), grid %dx%d of %d px at level 0, %d candidates",
-                slide_id, base.mpp, base.source, level, level_mpp, nx, ny, step0, len(candidates))
 
-    # A slide with neither a coarser level nor a thumbnail: the mask decoded every pixel at the tile level.
-    level_img = mask_img if mask_source == level == 0 else None
-    to_read, check_source = candidates, None
-    if p.precheck_brightness and level_img is None and len(candidates):
-        check_source = pick_check_source(sources, slide.dimensions, step0, len(candidates) * read_px ** 2)
-    if check_source is not None:
-        if check_source == mask_source:
-            check_gray = cv2.cvtColor(mask_img, cv2.COLOR_RGB2GRAY)
-        elif check_source == "thumbnail":
-            check_gray = cv2.cvtColor(read_thumbnail(slide, slide_path), cv2.COLOR_RGB2GRAY)
-        else:  # straight to gray: no RGB copy of a whole level
-            check_gray = read_gray(slide, slide_path, (0, 0), check_source, slide.level_dimensions[check_source])
-        bright = bright_fractions(check_gray, slide.dimensions, step0, nx, ny, p.bright_threshold)
-        bright = bright[candidates[:, 1] // step0, candidates[:, 0] // step0]
-        passed = bright <= p.max_bright_fraction
-        to_read = candidates[passed]
-        del check_gray
-        logger.info("%s: %d candidates mostly white on the %s overview (%.0f px per tile), not read",
-                    slide_id, len(candidates) - len(to_read), _source_name(check_source),
-                    step0 / sources[check_source])
-        refine_level = pick_refine_level(slide.level_downsamples, level, sources[check_source], step0)
-        if refine_level is not None:
-            doubtful = bright[passed] > REFINE_FROM * p.max_bright_fraction
-            white = mostly_white(slide, slide_path, to_read[doubtful], refine_level, step0, p)
-            logger.info("%s: %d of %d doubtful candidates mostly white on level %d (%.0f px per tile), not read",
-                        slide_id, int(white.sum()), int(doubtful.sum()), refine_level,
-                        step0 / slide.level_downsamples[refine_level])
-            doubtful[doubtful] = white
-            to_read = to_read[~doubtful]
-    del mask_img
+def _skip_white(t: _Tiling, candidates: np.ndarray, sources: dict, mask_source, mask_img: np.ndarray) -> np.ndarray:
+    """The candidates left to read after the brightness pre-check: not mostly white on an overview, nor, where
+    the overview leaves them in doubt, on a finer level."""
+    dims, step0 = t.slide.dimensions, t.step0
+    check_source = pick_check_source(sources, dims, step0, len(candidates) * t.read_px ** 2)
+    if check_source is None:
+        return candidates
+    check_gray = _check_gray(t, check_source, mask_source, mask_img)
+    bright = bright_fractions(check_gray, dims, step0, t.nx, t.ny, t.p.bright_threshold)
+    bright = bright[candidates[:, 1] // step0, candidates[:, 0] // step0]
+    passed = bright <= t.p.max_bright_fraction
+    to_read = candidates[passed]
+    del check_gray
+    logger.info("%s: %d candidates mostly white on the %s overview (%.0f px per tile), not read",
+                t.slide_id, len(candidates) - len(to_read), _source_name(check_source),
+                step0 / sources[check_source])
+    refine_level = pick_refine_level(t.slide.level_downsamples, t.level, sources[check_source], step0)
+    if refine_level is None:
+        return to_read
+    return _second_look(t, to_read, bright[passed], refine_level)
+
+
+def _check_gray(t: _Tiling, check_source, mask_source, mask_img: np.ndarray) -> np.ndarray:
+    """The pre-check's overview in gray; the mask's image when it is the same one."""
+    if check_source == mask_source:
+        return cv2.cvtColor(mask_img, cv2.COLOR_RGB2GRAY)
+    if check_source == "thumbnail":
+        return cv2.cvtColor(read_thumbnail(t.slide, t.slide_path), cv2.COLOR_RGB2GRAY)
+    # Straight to gray: no RGB copy of a whole level.
+    return read_gray(t.slide, t.slide_path, (0, 0), check_source, t.slide.level_dimensions[check_source])
+
+
+def _second_look(t: _Tiling, to_read: np.ndarray, bright: np.ndarray, refine_level: int) -> np.ndarray:
+    """``to_read`` less the doubtful candidates (nearly too white on the overview, ``bright``) that are mostly
+    white on ``refine_level``."""
+    doubtful = bright > REFINE_FROM * t.p.max_bright_fraction
+    white = mostly_white(t.slide, t.slide_path, to_read[doubtful], refine_level, t.step0, t.p)
+    logger.info("%s: %d of %d doubtful candidates mostly white on level %d (%.0f px per tile), not read",
+                t.slide_id, int(white.sum()), int(doubtful.sum()), refine_level,
+                t.step0 / t.slide.level_downsamples[refine_level])
+    doubtful[doubtful] = white
+    return to_read[~doubtful]
+
+
+def _judge_tiles(t: _Tiling, to_read: np.ndarray, level_img: np.ndarray | None, threads) -> np.ndarray:
+    """The tiles of ``to_read`` that the per-tile rule keeps, cut from ``level_img`` when it holds the tile level."""
+    slide, slide_path, p, read_px = t.slide, t.slide_path, t.p, t.read_px
 
     def judge(xy):
         # The rule only looks at gray levels, so the tile is resized after the gray conversion:
@@ -308,38 +358,48 @@ def _tile(slide_path, out_h5, out_qc, p: TilingParams, slide_id: str, mpp_overri
         if level_img is not None:
             gray = cv2.cvtColor(level_img[y:y + read_px, x:x + read_px], cv2.COLOR_RGB2GRAY)
         else:
-            gray = read_gray(slide, slide_path, (x, y), level, (read_px, read_px))
+            gray = read_gray(slide, slide_path, (x, y), t.level, (read_px, read_px))
         return is_tissue_gray(resize_tile(gray, p.tile_px), p)
 
-    progress = dict(total=len(to_read), desc=f"tiling {slide_id}", mininterval=2, disable=None)
+    progress = dict(total=len(to_read), desc=f"tiling {t.slide_id}", mininterval=2, disable=None)
     if threads <= 1:
         keep = [judge(xy) for xy in tqdm(to_read, **progress)]
     else:
         # OpenSlide handles are thread-safe and ctypes drops the GIL while decoding.
         with ThreadPoolExecutor(max_workers=threads) as pool:
             keep = list(tqdm(pool.map(judge, to_read), **progress))
-    coords = to_read[np.asarray(keep, dtype=bool)] if len(to_read) else np.zeros((0, 2), np.int64)
-    if len(coords) == 0:
-        # Blank, or tissue too faint for the thresholds: nothing to learn from.
-        problem = (f"{slide_path}: no tissue tiles found ({len(candidates)} candidate tiles in the tissue mask, "
-                   "none kept); check the slide and its QC picture, or lower ")
-        err = SlideError(problem + "tiling.mask_min_saturation", command_line=problem + "--mask-min-saturation")
-        err.qc_picture = mask_picture(slide, slide_path, p, step0, candidates)
-        err.warning = warning  # false colours are a likely cause: the excluded slide's file keeps the warning
-        slide.close()
-        raise err
+    return to_read[np.asarray(keep, dtype=bool)] if len(to_read) else np.zeros((0, 2), np.int64)
 
+
+def _raise_no_tissue(t: _Tiling, candidates: np.ndarray, warning: str) -> typing.NoReturn:
+    """Blank, or tissue too faint for the thresholds: nothing to learn from. The error carries the mask picture
+    a user checks, and the colour warning."""
+    problem = (f"{t.slide_path}: no tissue tiles found ({len(candidates)} candidate tiles in the tissue mask, "
+               "none kept); check the slide and its QC picture, or lower ")
+    err = SlideError(problem + "tiling.mask_min_saturation", command_line=problem + "--mask-min-saturation")
+    err.qc_picture = mask_picture(t.slide, t.slide_path, t.p, t.step0, candidates)
+    err.warning = warning  # false colours are a likely cause: the excluded slide's file keeps the warning
+    t.slide.close()
+    raise err
+
+
+def _write_outputs(t: _Tiling, out_h5, out_qc, tiles: tuple[np.ndarray, np.ndarray, np.ndarray],
+                   warning: str) -> dict:
+    """Write the tiles file and the QC picture, close the slide, and return the summary; ``tiles`` is
+    (candidates, those read, those kept)."""
+    candidates, to_read, coords = tiles
     attrs = {
-        "slide_id": slide_id, "slide_path": str(slide_path), "level": level,
-        "tile_px": p.tile_px, "tile_size_level0": step0, "read_px": read_px,
-        "target_mpp": p.mpp, "slide_mpp": base.mpp, "mpp_source": base.source, "level_mpp": level_mpp,
-        "n_grid": nx * ny, "n_candidates": len(candidates), "n_read": len(to_read), "n_tiles": len(coords),
-        "params": asdict(p), "excluded": "", "warning": warning, **slide_identity(slide_path, slide.dimensions),
+        "slide_id": t.slide_id, "slide_path": str(t.slide_path), "level": t.level,
+        "tile_px": t.p.tile_px, "tile_size_level0": t.step0, "read_px": t.read_px,
+        "target_mpp": t.p.mpp, "slide_mpp": t.base.mpp, "mpp_source": t.base.source, "level_mpp": t.level_mpp,
+        "n_grid": t.nx * t.ny, "n_candidates": len(candidates), "n_read": len(to_read), "n_tiles": len(coords),
+        "params": asdict(t.p), "excluded": "", "warning": warning,
+        **slide_identity(t.slide_path, t.slide.dimensions),
     }
     write_tiles(out_h5, coords, attrs)
     if out_qc:
-        write_qc(slide, slide_path, out_qc, coords, candidates, step0)
-    slide.close()
+        write_qc(t.slide, t.slide_path, out_qc, coords, candidates, t.step0)
+    t.slide.close()
     return {k: attrs[k] for k in ("slide_id", "level", "tile_size_level0", "n_grid", "n_candidates", "n_read",
                                   "n_tiles")}
 
