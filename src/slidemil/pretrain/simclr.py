@@ -23,6 +23,9 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +39,7 @@ from tqdm import tqdm
 
 from slidemil.config import Simclr, field_defaults, resolve
 from slidemil.names import SIMCLR_ARCHITECTURES
-from slidemil.runtime import resolve_device, resolve_precision, warn_if_bf16_emulated
+from slidemil.runtime import Precision, resolve_device, resolve_precision, warn_if_bf16_emulated
 from slidemil.features.extractors import get_spec, variance_preserving_init, weights_digest
 from slidemil.files import atomic_output, save_png, write_csv
 from slidemil.slides.reader import one_opencv_thread
@@ -122,6 +125,23 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> tor
 # --------------------------------------------------------------------------- stage
 
 
+@dataclass(frozen=True)
+class _Run:
+    """What the epochs of one pre-training share: the model, how it steps, where and how it computes, its tiles."""
+
+    model: SimCLRModel
+    optimizer: torch.optim.Optimizer
+    stepper: Stepper
+    amp: Precision
+    device: torch.device
+    normalize: Callable[[torch.Tensor], torch.Tensor]
+    pool: TilePool
+    batch_size: int
+    workers: int
+    seed: int
+    cfg: dict
+
+
 @one_opencv_thread()  # the loader workers are the parallelism (see slides.one_opencv_thread)
 def pretrain_simclr(
     slides: dict[str, str],
@@ -146,58 +166,14 @@ def pretrain_simclr(
     dev = resolve_device(device)
     out = Path(out_dir)
 
-    ids = pretraining_slides(splits_csv)
-    missing = [s for s in ids if s not in slides or s not in tiles]
-    if missing:
-        raise ValueError(f"no slide or tiles file for slide(s) {', '.join(missing[:20])}")
-    sampled = [sample_slide_tiles(s, slides[s], tiles[s], cfg["tiles_per_slide"], seed) for s in ids]
-    pool = TilePool(sampled, TwoViews(cfg["input_px"], cfg["color_strength"], cfg["min_crop_scale"]), seed)
-    if len(pool) < 2:
-        raise ValueError(f"SimCLR needs at least 2 tiles; the {len(ids)} non-test slides have {len(pool)}")
+    pool, n_ids = _pretraining_pool(slides, tiles, splits_csv, cfg, seed)
     batch_size = min(cfg["batch_size"], len(pool))
     logger.info("SimCLR %s: %d tiles from %d non-test slides (%d without tiles), batch %d, %d epochs, device %s",
-                arch, len(pool), len(pool.slide_ids), len(ids) - len(pool.slide_ids), batch_size, cfg["epochs"], dev)
-
-    torch.manual_seed(seed)
-    model = SimCLRModel(arch, cfg["proj_dim"]).to(dev, memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"], betas=tuple(cfg["betas"]),
-                                 weight_decay=cfg["weight_decay"])
-    warn_if_bf16_emulated(dev, cfg["precision"], "simclr.precision")
-    amp = resolve_precision(dev, cfg["precision"], need="training")
-    stepper = Stepper(optimizer, amp.grad_scaler(dev))
-    normalize = normalizer(dev)
-
-    # Everything but the number of epochs must match for a checkpoint to be continued. precision joins
-    # only when set, so checkpoints written before the setting existed still continue.
-    signature = {"arch": arch, "seed": seed, "slides": pool.slide_ids, "n_tiles": len(pool),
-                 **{k: v for k, v in cfg.items() if k != "epochs" and (k, v) != ("precision", "auto")}}
-    first_epoch, history = _resume(out / CHECKPOINT, signature, cfg["epochs"], model, optimizer, stepper.scaler)
-
-    def train_epoch(epoch: int) -> tuple[float, float]:
-        pool.epoch = epoch
-        loader = DataLoader(pool, batch_size=batch_size, shuffle=True, generator=epoch_generator(seed, epoch),
-                            drop_last=True, num_workers=workers, pin_memory=dev.type == "cuda",
-                            prefetch_factor=4 if workers else None)
-        model.train()
-        batches = tqdm(loader, desc=f"simclr epoch {epoch}", mininterval=2, file=sys.stderr)
-        for step, (views, _) in enumerate(batches, 1):
-            x = normalize(views.flatten(0, 1))  # [2B, 3, px, px]: tile k's views at 2k and 2k+1
-            with amp.autocast(dev):
-                z = model(x).view(-1, 2, cfg["proj_dim"])
-            loss = nt_xent(z[:, 0], z[:, 1], cfg["temperature"])
-            stepper.step(loss)
-            history.append({"epoch": epoch, "step": step, "loss": loss.item()})  # loss.csv keeps every step
-        return float(np.mean([h["loss"] for h in history if h["epoch"] == epoch])), stepper.lr
-
-    def save_checkpoint(epoch: int) -> None:
-        _save_checkpoint(out / CHECKPOINT, epoch, signature, model, optimizer, stepper.scaler, history)
-
-    # The shared loop without validation: SimCLR has no labels to select or stop on, so every epoch runs (patience
-    # never stops it), from the one after the checkpoint, and each epoch ends with a checkpoint to continue from.
-    fit_epochs(model, Loop(train_epoch, None, cfg["epochs"], cfg["epochs"], f"SimCLR {arch}", progress=False,
-                           first_epoch=first_epoch, after_epoch=save_checkpoint), use_auc=False)
+                arch, len(pool), len(pool.slide_ids), n_ids - len(pool.slide_ids), batch_size, cfg["epochs"], dev)
+    run = _setup_run(arch, cfg, seed, dev, pool, batch_size, workers)
+    first_epoch, history = _train(run, arch, out / CHECKPOINT)
     curve = pd.DataFrame(history, columns=["epoch", "step", "loss"])
-    digest = _write_outputs(out, model, arch, cfg, seed, pool.slide_ids, curve, batch_size)
+    digest = _write_outputs(out, run.model, arch, cfg, seed, pool.slide_ids, curve, batch_size)
     summary = {
         "arch": arch, "first_epoch": first_epoch, "epochs": cfg["epochs"], "n_tiles": len(pool),
         "slides": pool.slide_ids, "weights_digest": digest, "device": str(dev),
@@ -206,6 +182,78 @@ def pretrain_simclr(
     }
     logger.info("SimCLR done: %s, digest %s, %.1f s", out / "backbone.pt", digest, summary["seconds"])
     return summary
+
+
+def _pretraining_pool(slides: dict[str, str], tiles: dict[str, str], splits_csv: str, cfg: dict,
+                      seed: int) -> tuple[TilePool, int]:
+    """The sampled tiles of the non-test slides, each giving two views, and the number of non-test slides."""
+    ids = pretraining_slides(splits_csv)
+    missing = [s for s in ids if s not in slides or s not in tiles]
+    if missing:
+        raise ValueError(f"no slide or tiles file for slide(s) {', '.join(missing[:20])}")
+    sampled = [sample_slide_tiles(s, slides[s], tiles[s], cfg["tiles_per_slide"], seed) for s in ids]
+    pool = TilePool(sampled, TwoViews(cfg["input_px"], cfg["color_strength"], cfg["min_crop_scale"]), seed)
+    if len(pool) < 2:
+        raise ValueError(f"SimCLR needs at least 2 tiles; the {len(ids)} non-test slides have {len(pool)}")
+    return pool, len(ids)
+
+
+def _setup_run(arch: str, cfg: dict, seed: int, dev: torch.device, pool: TilePool, batch_size: int,
+               workers: int) -> _Run:
+    """The seeded, He-initialised model and its optimizer, in the precision ``cfg`` asks for on ``dev``."""
+    torch.manual_seed(seed)
+    model = SimCLRModel(arch, cfg["proj_dim"]).to(dev, memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"], betas=tuple(cfg["betas"]),
+                                 weight_decay=cfg["weight_decay"])
+    warn_if_bf16_emulated(dev, cfg["precision"], "simclr.precision")
+    amp = resolve_precision(dev, cfg["precision"], need="training")
+    stepper = Stepper(optimizer, amp.grad_scaler(dev))
+    return _Run(model, optimizer, stepper, amp, dev, normalizer(dev), pool, batch_size, workers, seed, cfg)
+
+
+def _signature(arch: str, seed: int, pool: TilePool, cfg: dict) -> dict:
+    """What must match for a checkpoint to be continued: everything but the number of epochs.
+
+    precision joins only when set, so checkpoints written before the setting existed still continue.
+    """
+    return {"arch": arch, "seed": seed, "slides": pool.slide_ids, "n_tiles": len(pool),
+            **{k: v for k, v in cfg.items() if k != "epochs" and (k, v) != ("precision", "auto")}}
+
+
+def _train(run: _Run, arch: str, checkpoint: Path) -> tuple[int, list[dict]]:
+    """Train from after a matching ``checkpoint`` (or from scratch) to the last epoch; returns the first epoch
+    run and the loss of every step, those before the checkpoint included."""
+    signature = _signature(arch, run.seed, run.pool, run.cfg)
+    epochs = run.cfg["epochs"]
+    first_epoch, history = _resume(checkpoint, signature, epochs, run.model, run.optimizer, run.stepper.scaler)
+
+    def save_checkpoint(epoch: int) -> None:
+        _save_checkpoint(checkpoint, epoch, signature, run.model, run.optimizer, run.stepper.scaler, history)
+
+    # The shared loop without validation: SimCLR has no labels to select or stop on, so every epoch runs (patience
+    # never stops it), from the one after the checkpoint, and each epoch ends with a checkpoint to continue from.
+    fit_epochs(run.model, Loop(partial(_train_epoch, run, history), None, epochs, epochs, f"SimCLR {arch}",
+                               progress=False, first_epoch=first_epoch, after_epoch=save_checkpoint), use_auc=False)
+    return first_epoch, history
+
+
+def _train_epoch(run: _Run, history: list[dict], epoch: int) -> tuple[float, float]:
+    """One pass over the pool in an order drawn from (seed, epoch); appends every step's loss to ``history``
+    and returns the epoch's mean loss and the learning rate."""
+    run.pool.epoch = epoch
+    loader = DataLoader(run.pool, batch_size=run.batch_size, shuffle=True, generator=epoch_generator(run.seed, epoch),
+                        drop_last=True, num_workers=run.workers, pin_memory=run.device.type == "cuda",
+                        prefetch_factor=4 if run.workers else None)
+    run.model.train()
+    batches = tqdm(loader, desc=f"simclr epoch {epoch}", mininterval=2, file=sys.stderr)
+    for step, (views, _) in enumerate(batches, 1):
+        x = run.normalize(views.flatten(0, 1))  # [2B, 3, px, px]: tile k's views at 2k and 2k+1
+        with run.amp.autocast(run.device):
+            z = run.model(x).view(-1, 2, run.cfg["proj_dim"])
+        loss = nt_xent(z[:, 0], z[:, 1], run.cfg["temperature"])
+        run.stepper.step(loss)
+        history.append({"epoch": epoch, "step": step, "loss": loss.item()})  # loss.csv keeps every step
+    return float(np.mean([h["loss"] for h in history if h["epoch"] == epoch])), run.stepper.lr
 
 
 def _write_outputs(out: Path, model: SimCLRModel, arch: str, cfg: dict, seed: int, slide_ids: list[str],
