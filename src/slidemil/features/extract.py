@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +23,9 @@ from tqdm import tqdm
 
 from slidemil.config import Compute, Config, ExtractorSettings, Features, extractor_defaults, field_defaults
 from slidemil.names import FEATURE_PRECISIONS as PRECISIONS
-from slidemil.runtime import resolve_device, resolve_precision, warn_if_bf16_emulated
-from slidemil.features.extractors import create_extractor, get_spec
+from slidemil.runtime import Precision, resolve_device, resolve_precision, warn_if_bf16_emulated
+from slidemil.features.encoders import EncoderSpec
+from slidemil.features.extractors import ExtractorSpec, create_extractor, get_spec
 from slidemil.files.features import write_features
 from slidemil.logs import setup_logging
 from slidemil.slides.reader import decode_scale, one_opencv_thread, open_slide, read_rgb, resize_tile
@@ -91,14 +93,7 @@ def extract_features(
     pool). A local weights file's sha256 is recorded as ``weights_sha256`` (Hugging Face lists the same digest).
     """
     coords, tile_attrs = read_tiles(tiles_h5)
-    if slide_path and not tile_attrs.get("excluded"):
-        # A slide given with the tiles (the command line): coordinates of another slide would read wrong pixels.
-        slide = open_slide(slide_path)
-        check_tiles_slide(tiles_h5, tile_attrs, slide_path, slide.dimensions)
-        slide.close()
-    # The DAG passes no slide: the tiles file names the one it was cut from.
-    slide_path = slide_path or str(tile_attrs["slide_path"])
-    slide_id = slide_id or Path(slide_path).stem
+    slide_path, slide_id = _slide_of_tiles(slide_path, tiles_h5, tile_attrs, slide_id)
     if tile_attrs.get("excluded"):
         return write_excluded_features(out_h5, slide_id, extractor, weights, input_px, dtype, tile_attrs,
                                        get_spec(extractor, options).dim)
@@ -106,52 +101,96 @@ def extract_features(
     if threads:
         torch.set_num_threads(threads)
     spec = get_spec(extractor, options)
-    model, digest = create_extractor(extractor, weights, seed, options)
-    model = model.to(dev, memory_format=torch.channels_last)
-    amp = resolve_precision(dev, precision, need="inference")
-    precision = amp.name
-    warn_if_bf16_emulated(dev, precision, f"features.settings.{extractor}.precision")
+    model, digest, amp = _load_model(extractor, weights, seed, options, dev, precision)
     if torch_compile and len(coords):
         with torch.inference_mode(), amp.autocast(dev):
             model = compile_model(model, torch.zeros((min(batch_size, len(coords)), 3, input_px, input_px), device=dev))
-    mean = torch.tensor(spec.mean, device=dev).view(1, 3, 1, 1) * 255
-    std = torch.tensor(spec.std, device=dev).view(1, 3, 1, 1) * 255
-
-    dim = spec.dim
     read_px = int(tile_attrs["read_px"])
     scale = decode_scale(read_px, input_px) if scaled_decode else 1
-    feats = torch.zeros((len(coords), dim), dtype=torch.float32, device=dev)
-    if len(coords) == 0:
-        logger.warning("%s: no tiles in %s; writing an empty feature file", slide_id, tiles_h5)
-    else:
-        dataset = TileDataset(slide_path, coords, int(tile_attrs["level"]), read_px, input_px, scale)
-        loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False,
-                            pin_memory=dev.type == "cuda", persistent_workers=False,
-                            prefetch_factor=4 if workers else None)
-        start, next_log = 0, 0
-        with one_opencv_thread(), torch.inference_mode(), amp.autocast(dev):
-            for batch in tqdm(loader, desc=f"features {slide_id}", mininterval=2, disable=None):
-                x = batch.to(dev, non_blocking=True).float().sub_(mean).div_(std)
-                out = model(x.contiguous(memory_format=torch.channels_last))
-                feats[start:start + len(out)] = out  # stays on the device: no per-batch sync
-                start += len(out)
-                # tqdm is silent in log files (no terminal): cluster logs get a line per tenth instead.
-                if start >= next_log:
-                    logger.info("%s: %d/%d tiles", slide_id, start, len(coords))
-                    next_log = start + max(1, len(coords) // 10)
-    feats = feats.cpu().numpy()
+    dataset = TileDataset(slide_path, coords, int(tile_attrs["level"]), read_px, input_px, scale)
+    feats = _tile_features(model, spec, dataset, _Run(dev, amp, batch_size, workers), slide_id, tiles_h5)
     if not np.isfinite(feats).all():
         raise RuntimeError(f"{slide_id}: non-finite features from {extractor} ({weights}); check the weights")
-    attrs = {
+    attrs = _feature_attrs(slide_id, extractor, weights, digest, input_px, tile_attrs, amp.name, scale)
+    write_features(out_h5, feats.astype(dtype), coords.reshape(-1, 2), attrs)
+    logger.info("%s: %d tiles -> %s (%s, digest %s)", slide_id, len(coords), out_h5, extractor, digest)
+    return {"slide_id": slide_id, "n_tiles": len(coords), "dim": spec.dim, "weights_digest": digest}
+
+
+@dataclass(frozen=True)
+class _Run:
+    """Where and how the extractor runs over one slide's tiles."""
+
+    dev: torch.device
+    amp: Precision
+    batch_size: int
+    workers: int
+
+
+def _slide_of_tiles(slide_path: str | None, tiles_h5: str, tile_attrs: dict, slide_id: str | None) -> tuple[str, str]:
+    """(path, id) of the slide the tiles are read from."""
+    if slide_path and not tile_attrs.get("excluded"):
+        # A slide given with the tiles (the command line): coordinates of another slide would read wrong pixels.
+        slide = open_slide(slide_path)
+        check_tiles_slide(tiles_h5, tile_attrs, slide_path, slide.dimensions)
+        slide.close()
+    # The DAG passes no slide: the tiles file names the one it was cut from.
+    slide_path = slide_path or str(tile_attrs["slide_path"])
+    return slide_path, slide_id or Path(slide_path).stem
+
+
+def _load_model(extractor: str, weights: str, seed: int, options: dict | None, dev: torch.device,
+                precision: str) -> tuple[torch.nn.Module, str, Precision]:
+    """(model on ``dev`` in channels-last, weights digest, the inference precision ``precision`` resolves to)."""
+    model, digest = create_extractor(extractor, weights, seed, options)
+    model = model.to(dev, memory_format=torch.channels_last)
+    amp = resolve_precision(dev, precision, need="inference")
+    warn_if_bf16_emulated(dev, amp.name, f"features.settings.{extractor}.precision")
+    return model, digest, amp
+
+
+def _tile_features(model: torch.nn.Module, spec: ExtractorSpec | EncoderSpec, dataset: TileDataset, run: _Run,
+                   slide_id: str, tiles_h5: str) -> np.ndarray:
+    """The features of every tile of ``dataset``, [N, dim] float32; an empty slide gives 0 rows and a warning."""
+    feats = torch.zeros((len(dataset), spec.dim), dtype=torch.float32, device=run.dev)
+    if len(dataset) == 0:
+        logger.warning("%s: no tiles in %s; writing an empty feature file", slide_id, tiles_h5)
+    else:
+        _fill_features(model, spec, dataset, run, slide_id, feats)
+    return feats.cpu().numpy()
+
+
+def _fill_features(model: torch.nn.Module, spec: ExtractorSpec | EncoderSpec, dataset: TileDataset, run: _Run,
+                   slide_id: str, feats: torch.Tensor) -> None:
+    """Run the model over ``dataset`` in batches, normalising on the device, into ``feats`` (one row a tile)."""
+    mean = torch.tensor(spec.mean, device=run.dev).view(1, 3, 1, 1) * 255
+    std = torch.tensor(spec.std, device=run.dev).view(1, 3, 1, 1) * 255
+    loader = DataLoader(dataset, batch_size=run.batch_size, num_workers=run.workers, shuffle=False,
+                        pin_memory=run.dev.type == "cuda", persistent_workers=False,
+                        prefetch_factor=4 if run.workers else None)
+    n, start, next_log = len(feats), 0, 0
+    with one_opencv_thread(), torch.inference_mode(), run.amp.autocast(run.dev):
+        for batch in tqdm(loader, desc=f"features {slide_id}", mininterval=2, disable=None):
+            x = batch.to(run.dev, non_blocking=True).float().sub_(mean).div_(std)
+            out = model(x.contiguous(memory_format=torch.channels_last))
+            feats[start:start + len(out)] = out  # stays on the device: no per-batch sync
+            start += len(out)
+            # tqdm is silent in log files (no terminal): cluster logs get a line per tenth instead.
+            if start >= next_log:
+                logger.info("%s: %d/%d tiles", slide_id, start, n)
+                next_log = start + max(1, n // 10)
+
+
+def _feature_attrs(slide_id: str, extractor: str, weights: str, digest: str, input_px: int, tile_attrs: dict,
+                   precision: str, scale: int) -> dict:
+    """The attributes of an extracted slide's feature file."""
+    return {
         "slide_id": slide_id, "extractor": extractor, "weights": str(weights), "weights_digest": digest,
         "weights_sha256": weights_sha256(weights) if is_local(weights) else "", "excluded": "",
         "input_px": input_px, "tile_px": int(tile_attrs["tile_px"]), "target_mpp": float(tile_attrs["target_mpp"]),
         "level": int(tile_attrs["level"]), "tile_size_level0": int(tile_attrs["tile_size_level0"]),
         "precision": precision, "decode_scale": scale,
     }
-    write_features(out_h5, feats.astype(dtype), coords.reshape(-1, 2), attrs)
-    logger.info("%s: %d tiles -> %s (%s, digest %s)", slide_id, len(coords), out_h5, extractor, digest)
-    return {"slide_id": slide_id, "n_tiles": len(coords), "dim": dim, "weights_digest": digest}
 
 
 def write_excluded_features(out_h5, slide_id, extractor, weights, input_px, dtype, tile_attrs, dim: int) -> dict:
