@@ -82,7 +82,7 @@ def test_coercion_of_strings():
 BAD_MODEL_SETTINGS = [
     ("abmil", {"n_layers": 11}, "abmil.n_layers must be at most 10 with embed_dim 512 (each layer halves the width)"),
     ("meanpool", {"embed_dim": 4, "n_layers": 4}, "meanpool.n_layers must be at most 3 with embed_dim 4"),
-    ("abmil_gated", {"embed_dim": None}, "abmil_gated.embed_dim must be an integer >= 1, got None"),
+    ("abmil_gated", {"embed_dim": None}, "abmil_gated.embed_dim must be an integer at least 1, got None"),
     ("abmil", {"attn_dim": 0}, "abmil.attn_dim must be an integer at least 1, got 0"),
     ("varmil", {"n_layers": 2}, "varmil.n_layers must be 1 without a projection (embed_dim: null), got 2"),
     ("varmil", {"variance_n": "all"}, "varmil.variance_n must be one of real, nonzero, got 'all'"),

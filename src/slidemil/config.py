@@ -180,7 +180,7 @@ class MILSettings:
     """The value rules of every MIL model's settings: which model takes which is slidemil.names.MODEL_PARAMS, their
     defaults are the builders' signatures (slidemil.mil.models), and ``check_model_settings`` adds the rules
     between settings. Checked at the dry run and again when a model is built, so both say the same line."""
-    embed_dim: int | None = setting(minimum=1)   # null: varmil's no-projection default only
+    embed_dim: int = setting(minimum=1)   # or null for varmil only: no projection (DeepSMILE's default)
     attn_dim: int = setting(minimum=1)
     dropout: float = setting(minimum=0, below=1)
     n_layers: int = setting(minimum=1)
@@ -214,18 +214,19 @@ def check_model_settings(model: str, settings: dict | None, key: str, workflow: 
     for param in given:
         if param not in allowed:
             raise ConfigError(f"{key}.{param}", "unknown setting", ", ".join(sorted(allowed)))
-    checked = check_section(MILSettings, {k: v for k, v in given.items() if k != "base_kwargs"}, key, fill=False)
+    no_projection = model == "varmil" and given.get("embed_dim", 0) in (None, "null", "~")
+    skipped = ("base_kwargs", "embed_dim") if no_projection else ("base_kwargs",)
+    checked = check_section(MILSettings, {k: v for k, v in given.items() if k not in skipped}, key, fill=False)
+    checked |= {"embed_dim": None} if no_projection else {}
     if "base_kwargs" in given:
         checked["base_kwargs"] = check_model_settings(base_model(model), given["base_kwargs"], f"{key}.base_kwargs")
-    _check_model_shapes(model, checked, key)
+    _check_model_shapes(checked, key)
     return {k: checked[k] for k in given}
 
 
-def _check_model_shapes(model: str, settings: dict, key: str) -> None:
+def _check_model_shapes(settings: dict, key: str) -> None:
     # A setting left out takes its builder default, which fits; so each rule is checked where its settings are given.
     embed_dim, n_layers = settings.get("embed_dim"), settings.get("n_layers", 1)
-    if "embed_dim" in settings and embed_dim is None and model != "varmil":
-        raise ConfigError(f"{key}.embed_dim", "must be an integer >= 1, got None")
     if "embed_dim" in settings and embed_dim is None and n_layers != 1:
         raise ConfigError(f"{key}.n_layers", f"must be 1 without a projection (embed_dim: null), got {n_layers}")
     if embed_dim is not None and n_layers > embed_dim.bit_length():
