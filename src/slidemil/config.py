@@ -214,7 +214,8 @@ def check_model_settings(model: str, settings: dict | None, key: str, workflow: 
     for param in given:
         if param not in allowed:
             raise ConfigError(f"{key}.{param}", "unknown setting", ", ".join(sorted(allowed)))
-    no_projection = model == "varmil" and given.get("embed_dim", 0) in (None, "null", "~")
+    # Null (the config's spellings of it, as _coerce reads them) is varmil's no-projection embed_dim alone.
+    no_projection = model == "varmil" and "embed_dim" in given and _coerce(given["embed_dim"], int | None) is None
     skipped = ("base_kwargs", "embed_dim") if no_projection else ("base_kwargs",)
     checked = check_section(MILSettings, {k: v for k, v in given.items() if k not in skipped}, key, fill=False)
     checked |= {"embed_dim": None} if no_projection else {}

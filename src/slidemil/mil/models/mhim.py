@@ -37,14 +37,13 @@ from slidemil.names import MHIM_BASES, MHIM_PRESETS, mhim_name
 from slidemil.mil.models import _REGISTRY, create_model, model_kwargs_defaults, register_model
 
 PRESET_KEYS = ("mask_ratio_r", "mask_ratio_l", "mask_ratio_h", "mask_ratio_hr", "alpha", "momentum_schedule")
-PRESETS = MHIM_PRESETS
 # Without a preset: no masking, as the authors' code defaults.
 NO_PRESET = {"mask_ratio_r": 0.0, "mask_ratio_l": 0.0, "mask_ratio_h": 0.0, "mask_ratio_hr": 1.0,
              "alpha": 0.0, "momentum_schedule": False}
 
 
 def resolve_settings(base: str, preset: str | None, explicit: dict) -> dict:
-    values = dict(NO_PRESET if preset is None else PRESETS[preset][base])
+    values = dict(NO_PRESET if preset is None else MHIM_PRESETS[preset][base])
     values.update({k: v for k, v in explicit.items() if v is not None})
     return values
 
