@@ -9,6 +9,9 @@ it minus accuracy at 0.5). Prints a Markdown table:
 
     PYTHONPATH=src python bench/mil_ablations.py --baseline docs/benchmarks_folds.csv \\
         docs/ablations/selection_val_loss_folds.csv docs/ablations/selection_last_folds.csv
+
+``--baseline`` repeats for a run split over files (by dataset or repetition), ``--join NAME`` reads the variants'
+files as one variant, and ``--baseline-model MODEL`` pairs every variant model with that model of the baseline.
 """
 
 from __future__ import annotations
@@ -22,9 +25,15 @@ import pandas as pd
 KEYS = ["dataset", "model", "repetition", "fold"]
 
 
-def paired_effects(baseline: pd.DataFrame, variant: pd.DataFrame, metrics=("accuracy", "auc")) -> pd.DataFrame:
-    """Per dataset and model: n folds, and mean ± s.e. of variant - baseline for each metric."""
-    both = variant.merge(baseline, on=KEYS, suffixes=("", "_base"))
+def paired_effects(baseline: pd.DataFrame, variant: pd.DataFrame, metrics=("accuracy", "auc"),
+                   baseline_model: str | None = None) -> pd.DataFrame:
+    """Per dataset and model: n folds, and mean ± s.e. of variant - baseline for each metric. ``baseline_model``:
+    every variant model against that one model of the baseline (e.g. against mean pooling), not against itself."""
+    keys = KEYS
+    if baseline_model:
+        baseline = baseline[baseline["model"] == baseline_model].drop(columns="model")
+        keys = [k for k in KEYS if k != "model"]
+    both = variant.merge(baseline, on=keys, suffixes=("", "_base"))
     rows = []
     for (dataset, model), group in both.groupby(["dataset", "model"], sort=False):
         row = {"dataset": dataset, "model": model, "n": len(group)}
@@ -89,22 +98,27 @@ def before_after(baseline: pd.DataFrame, runs: list[pd.DataFrame], references: s
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("variants", nargs="+", help="*_folds.csv of the variants (named by the file: NAME_folds.csv)")
-    ap.add_argument("--baseline", required=True, help="*_folds.csv of the baseline")
+    ap.add_argument("--baseline", required=True, action="append",
+                    help="*_folds.csv of the baseline; repeat it for a run split over files (read as one)")
     ap.add_argument("--models", nargs="+", help="only these models")
+    ap.add_argument("--join", metavar="NAME", help="read the variants' files as one variant called NAME")
+    ap.add_argument("--baseline-model", metavar="MODEL",
+                    help="pair every variant model with this model of the baseline instead of with itself")
     ap.add_argument("--before-after", metavar="REFERENCES_CSV",
                     help="instead: the variants' runs as one results table next to the baseline on the same folds")
     args = ap.parse_args(argv)
-    baseline = pd.read_csv(args.baseline)
+    baseline = pd.concat([pd.read_csv(p) for p in args.baseline], ignore_index=True)
     if args.before_after:
         print(before_after(baseline, [pd.read_csv(p) for p in args.variants], args.before_after))
         return
+    variants = {Path(p).name.removesuffix("_folds.csv"): pd.read_csv(p) for p in args.variants}
+    if args.join:
+        variants = {args.join: pd.concat(variants.values(), ignore_index=True)}
     effects, thresholds = {}, {}
-    for path in args.variants:
-        folds = pd.read_csv(path)
+    for name, folds in variants.items():
         if args.models:
             folds = folds[folds["model"].isin(args.models)]
-        name = Path(path).name.removesuffix("_folds.csv")
-        effects[name] = paired_effects(baseline, folds)
+        effects[name] = paired_effects(baseline, folds, baseline_model=args.baseline_model)
         if "accuracy_val_threshold" in folds:
             thresholds[name] = threshold_effects(folds)
     print("Paired effect against the baseline (variant - baseline, mean ± s.e. over the folds both ran):\n")

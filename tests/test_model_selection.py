@@ -238,6 +238,10 @@ def test_ablation_effects_are_paired_over_the_common_folds():
     assert effect["n"] == 6
     assert effect["accuracy"] == pytest.approx(0.05) and effect["accuracy_se"] == pytest.approx(0, abs=1e-12)
     assert effect["auc"] == pytest.approx(-0.02)
+    # Against another model of the baseline: each variant model paired with that model on the same folds.
+    other = base.assign(model="pool", accuracy=lambda f: f["accuracy"] - 0.1)
+    against = ablations.paired_effects(pd.concat([base, other]), variant, baseline_model="pool").iloc[0]
+    assert (against["model"], against["n"]) == ("m", 6) and against["accuracy"] == pytest.approx(0.15)
 
 
 @pytest.mark.parametrize("selection, words", [(None, "best validation AUC"), ("val_loss", "lowest\nvalidation loss"),
