@@ -11,8 +11,10 @@ pipeline's train stage uses, with the recipe of a workflow config file (``--pres
 
 Reports per fold accuracy (probability >= 0.5 and at the validation-chosen threshold), balanced accuracy
 and AUC, and their mean +- standard error (std / sqrt(n)) over the folds, per model and dataset, next to
-published numbers (``--references``, default ``bench/mil_references.csv``); writes ``docs/benchmarks.md``,
-``docs/benchmarks.csv`` (summary) and ``docs/benchmarks_folds.csv`` (every fold).
+published numbers (``--references``, default ``bench/mil_references.csv``); writes ``--out`` (default
+``results/mil_benchmarks/benchmarks.md``), its summary ``.csv``, ``_folds.csv`` (every fold) and ``_run.json``.
+Rewriting an existing ``--out`` keeps the text below its ``NOTES_MARKER`` line (or puts ``--notes`` there), so
+a document's own findings (``docs/benchmarks.md``) survive a rerun.
 
     PYTHONPATH=src OMP_NUM_THREADS=1 python bench/mil_benchmarks.py --jobs 2
     PYTHONPATH=src python bench/mil_benchmarks.py --data my.npz --models abmil meanpool --out /tmp/my.md
@@ -62,6 +64,9 @@ DATA_DIR = ROOT.parent / "shared" / "data" / "mil"
 PRESET = ROOT / "config" / "mil_benchmarks.yaml"
 # Published numbers to print next to ours: --references, a CSV of name, metric, dataset, mean, se, model.
 REFERENCES = ROOT / "bench" / "mil_references.csv"
+OUT = ROOT / "results" / "mil_benchmarks" / "benchmarks.md"
+# Everything below this line of a written doc is its authors' text, kept when the doc is rewritten.
+NOTES_MARKER = "<!-- Written by hand from here on: bench/mil_benchmarks.py keeps this text when it rewrites the file. -->"
 
 
 def load_preset(path: str | Path, training: dict | None = None, settings: dict | None = None) -> tuple[dict, dict]:
@@ -300,8 +305,6 @@ as the workflow report uses) and balanced accuracy at 0.5:
 
 {chr(10).join(reference_comparison(summary, refs)) or "- (no model of this run has a published counterpart)"}
 
-{notes}
-
 ## Protocol
 
 - Test folds: the file's (`{CV_MASKS}`; drawn stratified from the seed when absent); a bag's test fold is the
@@ -321,9 +324,17 @@ as the workflow report uses) and balanced accuracy at 0.5:
 the folds of all {n_models} model(s) per dataset: {time_line}; {per_model:.1f} CPU-minutes per model for the
 whole table, so about {per_model / 2:.1f} min per model on 2 free cores with `--jobs 2`
 (models with more parameters or a baseline to train first, e.g. `mhim_*`, take longer).
-"""
+
+{NOTES_MARKER}
+""" + (f"\n{notes}\n" if notes else "")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+
+
+def kept_notes(path: Path) -> str:
+    """The hand-written text below ``NOTES_MARKER`` in an existing doc ("" when there is none)."""
+    text = path.read_text() if path.is_file() else ""
+    return text.partition(NOTES_MARKER + "\n")[2].strip() if NOTES_MARKER in text else ""
 
 
 def _validation_line(meta: dict) -> str:
@@ -368,8 +379,10 @@ def _parse(argv) -> argparse.Namespace:
     ap.add_argument("--refit", action="store_true",
                     help="train on all training bags, validation share included (needs selection: last)")
     ap.add_argument("--jobs", type=int, default=1, help="worker processes (one thread each)")
-    ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
-    ap.add_argument("--notes", help="Markdown file whose text goes under the comparison in the doc")
+    ap.add_argument("--out", default=str(OUT.relative_to(ROOT)),
+                    help="the doc; its summary, folds and run files go next to it")
+    ap.add_argument("--notes", help="Markdown file whose text goes at the end of the doc, in place of the text "
+                                    "an existing --out keeps below its notes marker")
     ap.add_argument("--rewrite-doc", action="store_true",
                     help="no training: rebuild the summary and the doc from the last run's files next to --out")
     args = ap.parse_args(argv)
@@ -400,8 +413,7 @@ def _command(args) -> str:
             + (f" --seed {args.seed}" if args.seed else "")
             + (f" --precision {args.precision}" if args.precision else "")
             + (" --refit" if args.refit else "")
-            + (f" --out {args.out}" if Path(args.out).resolve() != (ROOT / "docs" / "benchmarks.md") else "")
-            + (f" --notes {args.notes}" if args.notes else ""))
+            + (f" --out {args.out}" if Path(args.out).resolve() != OUT else ""))
 
 
 def run_all(args, training: dict, settings: dict, folds_csv: Path, meta_json: Path) -> tuple[pd.DataFrame, dict]:
@@ -433,15 +445,14 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     out = Path(args.out)
     folds_csv, meta_json = out.with_name(out.stem + "_folds.csv"), out.with_name(out.stem + "_run.json")
-    notes = Path(args.notes).read_text().strip() if args.notes else ""
+    notes = Path(args.notes).read_text().strip() if args.notes else kept_notes(out)
     refs = load_references(args.references)
     if args.rewrite_doc:
         folds, meta = pd.read_csv(folds_csv), json.loads(meta_json.read_text())
         if "training" not in meta:  # a run from before presets: it used the preset given now
             meta["preset"] = args.preset
             meta["training"], meta["settings"] = load_preset(args.preset, args.training, args.settings)
-        if args.notes and "--notes" not in meta["command"]:
-            meta["command"] += f" --notes {args.notes}"
+            meta_json.write_text(json.dumps(meta, indent=2) + "\n")  # the next rewrite needs no --preset
     else:
         training, settings = load_preset(args.preset, args.training, args.settings)
         if args.precision:

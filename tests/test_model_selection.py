@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -181,6 +182,27 @@ def test_benchmark_refit_trains_on_the_validation_share_too(tmp_path):
     with pytest.raises(SystemExit, match="selection: last"):
         _bench().main(["--data", str(npz), "--models", "meanpool", "--preset", str(preset), "--refit",
                        "--training", '{"selection": "val_auc"}', "--out", str(tmp_path / "x" / "toy.md")])
+
+
+def test_benchmark_doc_is_its_run_files_plus_the_notes_it_keeps(tmp_path):
+    bench = _bench()
+    for name in ("benchmarks.md", "benchmarks_folds.csv", "benchmarks_run.json"):
+        shutil.copy(ROOT / "docs" / name, tmp_path / name)
+    doc = tmp_path / "benchmarks.md"
+    rewrite = ["--rewrite-doc", "--out", str(doc)]
+    bench.main(rewrite)
+    # docs/benchmarks.md is exactly what its own run files give, with its findings kept below the marker
+    assert doc.read_text() == (ROOT / "docs" / "benchmarks.md").read_text()
+    assert "## What costs the accuracy" in bench.kept_notes(doc)
+    notes = tmp_path / "notes.md"
+    notes.write_text("A new finding.\n")
+    bench.main([*rewrite, "--notes", str(notes)])
+    replaced = doc.read_text()
+    assert replaced.endswith(bench.NOTES_MARKER + "\n\nA new finding.\n") and "What costs the accuracy" not in replaced
+    bench.main(rewrite)
+    assert doc.read_text() == replaced
+    # a run without --out writes under results/, never over the project's docs
+    assert not (ROOT / bench._parse(["--rewrite-doc"]).out).resolve().is_relative_to(ROOT / "docs")
 
 
 def test_benchmark_preset_rejects_other_sections(tmp_path):
