@@ -38,6 +38,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TQDM_DISABLE", "1")  # per-epoch bars of thousands of runs drown the summary
@@ -140,27 +141,52 @@ def fold_split(sheet: pd.DataFrame, masks: np.ndarray, repetition: int, fold: in
     return split
 
 
+def flip_labels(split: pd.DataFrame, rate: float, seed: int, repetition: int, fold: int) -> pd.DataFrame:
+    """The fold's split with each training and validation bag's label flipped with probability ``rate`` (label
+    noise, as a cohort whose labels the features do not always show); test labels stay true. The flips depend
+    on the seed, repetition and fold only, so every model and recipe of a fold sees the same noisy labels."""
+    if rate <= 0:
+        return split
+    flip = np.random.default_rng((seed, repetition, fold, 1)).random(len(split)) < rate
+    flip &= (split["partition"] != "test").to_numpy()
+    return split.assign(label=np.where(flip, 1 - split["label"], split["label"]))
+
+
 # --------------------------------------------------------------------------- one fold
 
 
-def run_fold(task: tuple) -> list[dict]:
+class FoldTask(NamedTuple):
+    """One fold of one dataset, for every model of the run (the unit a worker process takes)."""
+
+    path: str
+    models: tuple[str, ...]
+    repetition: int
+    fold: int
+    seed: int
+    training: dict
+    settings: dict
+    refit: bool = False
+    label_noise: float = 0.0
+
+
+def run_fold(task: FoldTask) -> list[dict]:
     """Train the task's models on one fold; one result row per model."""
-    path, models, repetition, fold, seed, training, settings, refit = task
-    dataset = Path(path).stem
     torch.set_num_threads(1)
     quiet = logging.root.manager.disable
     logging.disable(logging.WARNING)  # per-epoch logs of thousands of runs drown the summary
     try:
-        return _run_models(path, dataset, models, repetition, fold, seed, training, settings, refit)
+        return _run_models(task)
     finally:
         logging.disable(quiet)  # in-process (--jobs 1) the caller's logging comes back
 
 
-def _run_models(path, dataset, models, repetition, fold, seed, training, settings, refit) -> list[dict]:
-    bags, sheet, masks = load_dataset(path, seed)
-    split = fold_split(sheet, masks, repetition, fold, seed, dataset, refit)
-    rows, baselines = [], {}
-    for model in models:
+def _run_models(task: FoldTask) -> list[dict]:
+    dataset, seed, settings, training = Path(task.path).stem, task.seed, task.settings, task.training
+    bags, sheet, masks = load_dataset(task.path, seed)
+    split = fold_split(sheet, masks, task.repetition, task.fold, seed, dataset, task.refit)
+    split = flip_labels(split, task.label_noise, seed, task.repetition, task.fold)
+    rows, baselines, fold, refit = [], {}, task.fold, task.refit
+    for model in task.models:
         started, cpu_started = time.monotonic(), time.process_time()
         init = None
         base = base_model(model)
@@ -172,7 +198,7 @@ def _run_models(path, dataset, models, repetition, fold, seed, training, setting
         run = train_bags(bags, split, Recipe(model, model_kwargs(model, settings), training, seed), "cpu",
                          init_state=init)
         baselines.setdefault(model, run)
-        rows.append({"dataset": dataset, "model": model, "repetition": repetition, "fold": fold,
+        rows.append({"dataset": dataset, "model": model, "repetition": task.repetition, "fold": fold,
                      "n_train": int((split["partition"] == "train").sum()), **test_metrics(run.slides, refit),
                      "best_epoch": run.best.epoch, "epochs_run": len(run.history),
                      "seconds": round(time.monotonic() - started, 2),
@@ -309,7 +335,7 @@ as the workflow report uses) and balanced accuracy at 0.5:
 
 - Test folds: the file's (`{CV_MASKS}`; drawn stratified from the seed when absent); a bag's test fold is the
   one whose train mask leaves it out.
-- Validation: {_validation_line(meta)}
+- Validation: {_validation_line(meta)}{_noise_line(meta)}
 - Recipe: `{meta["preset"]}`{" with overrides " + json.dumps(meta["overrides"]) if meta.get("overrides") else ""}.
   Training (all models): {training}; class-weighted cross-entropy; cosine learning-rate schedule; CPU,
   one thread per process, seed {meta.get("seed", 0)}.
@@ -335,6 +361,13 @@ def kept_notes(path: Path) -> str:
     """The hand-written text below ``NOTES_MARKER`` in an existing doc ("" when there is none)."""
     text = path.read_text() if path.is_file() else ""
     return text.partition(NOTES_MARKER + "\n")[2].strip() if NOTES_MARKER in text else ""
+
+
+def _noise_line(meta: dict) -> str:
+    rate = meta.get("label_noise") or 0
+    return (f"\n- Label noise (`--label-noise {rate}`): each training and validation bag's label flipped with "
+            f"probability {rate}, the same bags in every model's run of a fold; test labels are the true ones."
+            if rate else "")
 
 
 def _validation_line(meta: dict) -> str:
@@ -378,6 +411,9 @@ def _parse(argv) -> argparse.Namespace:
     ap.add_argument("--precision", choices=TRAIN_PRECISIONS, default=None, help="overrides training.precision")
     ap.add_argument("--refit", action="store_true",
                     help="train on all training bags, validation share included (needs selection: last)")
+    ap.add_argument("--label-noise", type=float, default=0.0, metavar="RATE",
+                    help="flip each training and validation bag's label with this probability (seeded per fold; "
+                         "test labels stay true): how model selection copes with labels the features do not show")
     ap.add_argument("--jobs", type=int, default=1, help="worker processes (one thread each)")
     ap.add_argument("--out", default=str(OUT.relative_to(ROOT)),
                     help="the doc; its summary, folds and run files go next to it")
@@ -389,6 +425,8 @@ def _parse(argv) -> argparse.Namespace:
     unknown = sorted(set(args.models) - set(default_models))
     if unknown:
         ap.error(f"unknown model(s) {', '.join(unknown)}; registered: {', '.join(default_models)}")
+    if not 0 <= args.label_noise < 0.5:
+        ap.error(f"--label-noise must be at least 0 and below 0.5, got {args.label_noise}")
     args.paths = args.data or [str(Path(args.data_dir) / f"{d}.npz") for d in args.datasets]
     missing = [p for p in args.paths if not Path(p).is_file()]
     if missing and not args.rewrite_doc:
@@ -413,17 +451,18 @@ def _command(args) -> str:
             + (f" --seed {args.seed}" if args.seed else "")
             + (f" --precision {args.precision}" if args.precision else "")
             + (" --refit" if args.refit else "")
+            + (f" --label-noise {args.label_noise}" if args.label_noise else "")
             + (f" --out {args.out}" if Path(args.out).resolve() != OUT else ""))
 
 
 def run_all(args, training: dict, settings: dict, folds_csv: Path, meta_json: Path) -> tuple[pd.DataFrame, dict]:
     # Repetition by repetition over all datasets, so an interrupted run still covers every dataset.
-    tasks = [(p, tuple(args.models), r, k, args.seed, training, settings, args.refit)
+    tasks = [FoldTask(p, tuple(args.models), r, k, args.seed, training, settings, args.refit, args.label_noise)
              for r in range(args.first_repetition, args.repetitions)
              for p in args.paths for k in range(args.max_folds)]
     started = time.monotonic()
     base_meta = {"jobs": args.jobs, "command": _command(args), "preset": args.preset, "seed": args.seed,
-                 "refit": args.refit,
+                 "refit": args.refit, "label_noise": args.label_noise,
                  "overrides": {k: v for k, v in (("training", args.training), ("settings", args.settings)) if v},
                  "training": training, "settings": settings}
     rows = []

@@ -184,6 +184,32 @@ def test_benchmark_refit_trains_on_the_validation_share_too(tmp_path):
                        "--training", '{"selection": "val_auc"}', "--out", str(tmp_path / "x" / "toy.md")])
 
 
+def test_benchmark_label_noise_flips_training_and_validation_labels_only(tmp_path):
+    bench = _bench()
+    n = 4000
+    split = pd.DataFrame({"slide_id": [f"b{i}" for i in range(n)], "label": np.arange(n) % 2,
+                          "partition": np.array(["train", "val", "test", "train"])[np.arange(n) % 4]})
+    noisy = bench.flip_labels(split, 0.2, seed=3, repetition=1, fold=4)
+    flipped = noisy["label"] != split["label"]
+    test = split["partition"] == "test"
+    assert not flipped[test].any()
+    assert abs(flipped[~test].mean() - 0.2) < 0.03 and (noisy["label"].isin([0, 1])).all()
+    assert noisy.equals(bench.flip_labels(split, 0.2, seed=3, repetition=1, fold=4))  # same flips every model
+    assert not noisy.equals(bench.flip_labels(split, 0.2, seed=3, repetition=1, fold=5))
+    assert bench.flip_labels(split, 0.0, 3, 1, 4).equals(split)
+    npz = write_mil_npz(tmp_path / "toy.npz", n_bags=40, signal=4.0)
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("mil:\n  training: {epochs: 2, patience: 2, lr: 0.005, batch_size: 4, selection: last}\n"
+                      "  settings:\n    meanpool: {embed_dim: 16}\n")
+    out = tmp_path / "noisy" / "toy.md"
+    bench.main(["--data", str(npz), "--models", "meanpool", "--preset", str(preset), "--repetitions", "1",
+                "--max-folds", "1", "--label-noise", "0.25", "--out", str(out)])
+    doc = out.read_text()
+    assert "--label-noise 0.25" in doc and "flipped with probability 0.25" in doc
+    with pytest.raises(SystemExit):
+        bench.main(["--data", str(npz), "--label-noise", "0.5", "--out", str(out)])
+
+
 def test_benchmark_doc_is_its_run_files_plus_the_notes_it_keeps(tmp_path):
     bench = _bench()
     for name in ("benchmarks.md", "benchmarks_folds.csv", "benchmarks_run.json"):
