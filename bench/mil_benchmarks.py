@@ -181,12 +181,13 @@ def run_fold(task: FoldTask) -> list[dict]:
 
 
 def _run_models(task: FoldTask) -> list[dict]:
-    dataset, seed, settings, training = Path(task.path).stem, task.seed, task.settings, task.training
-    bags, sheet, masks = load_dataset(task.path, seed)
-    split = fold_split(sheet, masks, task.repetition, task.fold, seed, dataset, task.refit)
-    split = flip_labels(split, task.label_noise, seed, task.repetition, task.fold)
-    rows, baselines, fold, refit = [], {}, task.fold, task.refit
-    for model in task.models:
+    path, models, repetition, fold, seed, training, settings, refit, label_noise = task
+    dataset = Path(path).stem
+    bags, sheet, masks = load_dataset(path, seed)
+    split = fold_split(sheet, masks, repetition, fold, seed, dataset, refit)
+    split = flip_labels(split, label_noise, seed, repetition, fold)
+    rows, baselines = [], {}
+    for model in models:
         started, cpu_started = time.monotonic(), time.process_time()
         init = None
         base = base_model(model)
@@ -198,7 +199,7 @@ def _run_models(task: FoldTask) -> list[dict]:
         run = train_bags(bags, split, Recipe(model, model_kwargs(model, settings), training, seed), "cpu",
                          init_state=init)
         baselines.setdefault(model, run)
-        rows.append({"dataset": dataset, "model": model, "repetition": task.repetition, "fold": fold,
+        rows.append({"dataset": dataset, "model": model, "repetition": repetition, "fold": fold,
                      "n_train": int((split["partition"] == "train").sum()), **test_metrics(run.slides, refit),
                      "best_epoch": run.best.epoch, "epochs_run": len(run.history),
                      "seconds": round(time.monotonic() - started, 2),
